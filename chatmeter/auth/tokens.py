@@ -1,0 +1,170 @@
+"""Verify and mint JWTs (SPEC section 3). Supabase tokens work unchanged."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import jwt
+
+HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
+ASYMMETRIC_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "ES256", "ES384", "PS256"})
+MAX_TOKEN_CHARS = 8192
+
+
+class InvalidToken(Exception):
+    """Any reason a token is refused. The message is safe to show (it names no secret)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    user_id: str
+    email: str | None = None
+    user_type: str | None = None
+    email_verified: bool | None = None
+    is_admin: bool = False
+
+
+class TokenVerifier:
+    """Checks signature, `exp`, and `aud`/`iss` when configured.
+
+    The algorithm decides the key: HMAC tokens are checked only against the shared
+    secret, RSA/EC tokens only against the JWKS. So a token signed with HS256 using a
+    JWKS public key as the "secret" (the classic confusion attack) never verifies."""
+
+    def __init__(
+        self,
+        *,
+        secret: str | None,
+        jwks_url: str | None = None,
+        audience: str | None = None,
+        issuer: str | None = None,
+        algorithms: tuple[str, ...] = ("HS256", "RS256", "ES256"),
+    ) -> None:
+        self._secret = secret
+        self._jwks = jwt.PyJWKClient(jwks_url, cache_keys=True, lifespan=300) if jwks_url else None
+        self._audience = audience
+        self._issuer = issuer
+        self._algorithms = frozenset(algorithms)
+
+    async def verify(self, token: str) -> Principal:
+        if len(token) > MAX_TOKEN_CHARS:
+            raise InvalidToken("token too long")
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError:
+            raise InvalidToken("malformed token") from None
+        algorithm = header.get("alg")
+        if not isinstance(algorithm, str) or algorithm not in self._algorithms:
+            raise InvalidToken("token algorithm not accepted")
+        key: Any
+        if algorithm in HMAC_ALGORITHMS:
+            if not self._secret:
+                raise InvalidToken("token algorithm not accepted")
+            key = self._secret
+        elif algorithm in ASYMMETRIC_ALGORITHMS and self._jwks is not None:
+            key = await self._signing_key(token)
+        else:
+            raise InvalidToken("token algorithm not accepted")
+        claims = self._decode(token, key, algorithm)
+        return principal_from_claims(claims)
+
+    async def _signing_key(self, token: str) -> Any:
+        assert self._jwks is not None
+        try:
+            # PyJWKClient fetches over blocking urllib (cached afterwards): keep it off the loop
+            signing_key = await asyncio.to_thread(self._jwks.get_signing_key_from_jwt, token)
+        except jwt.PyJWKClientError:
+            raise InvalidToken("token signing key not found") from None
+        except jwt.PyJWTError:
+            raise InvalidToken("malformed token") from None
+        return signing_key.key
+
+    def _decode(self, token: str, key: Any, algorithm: str) -> dict[str, Any]:
+        try:
+            return jwt.decode(
+                token,
+                key,
+                algorithms=[algorithm],
+                audience=self._audience,
+                issuer=self._issuer,
+                options={"require": ["exp"], "verify_aud": self._audience is not None},
+                leeway=5,
+            )
+        except jwt.ExpiredSignatureError:
+            raise InvalidToken("token expired") from None
+        except jwt.ImmatureSignatureError:
+            raise InvalidToken("token not yet valid") from None
+        except (jwt.InvalidAudienceError, jwt.InvalidIssuerError):
+            raise InvalidToken("token not meant for this service") from None
+        except jwt.MissingRequiredClaimError:
+            raise InvalidToken("token lacks an expiry") from None
+        except (jwt.PyJWTError, ValueError, TypeError):
+            raise InvalidToken("invalid token") from None
+
+
+def principal_from_claims(claims: dict[str, Any]) -> Principal:
+    user_id = claims.get("user_id") or claims.get("sub")
+    if not isinstance(user_id, str | int) or not str(user_id).strip():
+        raise InvalidToken("token names no user")
+    user_id = str(user_id)
+    if len(user_id) > 255:
+        raise InvalidToken("token names no user")
+    user_type = claims.get("user_type")
+    user_type = user_type if isinstance(user_type, str) else None
+    email = claims.get("email")
+    verified = claims.get("email_verified")
+    return Principal(
+        user_id=user_id,
+        email=email if isinstance(email, str) else None,
+        user_type=user_type,
+        email_verified=verified if isinstance(verified, bool) else None,
+        is_admin=user_type == "admin" or claims.get("role") == "service_role",
+    )
+
+
+def mint_token(
+    secret: str,
+    user_id: str,
+    *,
+    admin: bool = False,
+    ttl_seconds: int = 3600,
+    audience: str | None = None,
+    issuer: str | None = None,
+    email: str | None = None,
+) -> str:
+    """An HS256 token as Supabase would issue it, for development and tests."""
+    now = int(time.time())
+    claims: dict[str, Any] = {
+        "sub": user_id,
+        "user_id": user_id,
+        "iat": now,
+        "exp": now + ttl_seconds,
+        "jti": uuid.uuid4().hex,
+        "role": "authenticated",
+        "user_type": "admin" if admin else "user",
+    }
+    if email:
+        claims["email"] = email
+    if audience:
+        claims["aud"] = audience
+    if issuer:
+        claims["iss"] = issuer
+    return jwt.encode(claims, secret, algorithm="HS256")
+
+
+def parse_ttl(text: str) -> int:
+    """'90', '90s', '15m', '1h', '7d' -> seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    text = text.strip().lower()
+    try:
+        number, unit = (text[:-1], text[-1]) if text[-1:] in units else (text, "s")
+        seconds = int(number) * units[unit]
+    except ValueError:
+        raise ValueError(f"bad duration {text!r}: use e.g. 90s, 15m, 1h, 7d") from None
+    if seconds <= 0:
+        raise ValueError("the duration must be positive")
+    return seconds

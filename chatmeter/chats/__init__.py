@@ -1,0 +1,1 @@
+"""Chats and their messages: storage and the REST endpoints."""

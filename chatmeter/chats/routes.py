@@ -1,0 +1,94 @@
+"""The chat endpoints: thin, they parse, check ownership and call the store."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Query, Request
+from starlette.responses import Response
+
+from chatmeter.chats import store
+from chatmeter.chats.schemas import Chat, ChatPage, ChatWithMessages, NewChat, Rename
+from chatmeter.deps import CurrentUser, ServicesDep
+from chatmeter.errors import ApiError
+from chatmeter.jsonutil import BadBody, json_response, parse_model, read_json
+from chatmeter.openapi import errors, json_body
+
+router = APIRouter(prefix="/api/chat", tags=["chats"])
+
+
+async def _body(request: Request, model: type[Any], *, optional: bool = False) -> Any:
+    try:
+        if optional and not await request.body():
+            return model()
+        return parse_model(model, await read_json(request))
+    except BadBody as exc:
+        raise ApiError(400, "INVALID_REQUEST", exc.message) from None
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=Chat,
+    responses=errors(400),
+    openapi_extra=json_body(NewChat, required=False),
+)
+async def create_chat(request: Request, user: CurrentUser, services: ServicesDep) -> Response:
+    body: NewChat = await _body(request, NewChat, optional=True)
+    model = body.model or services.settings.default_model
+    if not services.providers.has(model):
+        known = ", ".join(services.providers.names())
+        raise ApiError(400, "INVALID_REQUEST", f"model: unknown model {model!r} (known: {known})")
+    async with services.engine.begin() as conn:
+        row = await store.insert_chat(conn, user.user_id, body.title or "New chat", model)
+    return json_response(store.chat_json(row), 201)
+
+
+@router.get("", response_model=ChatPage, responses=errors(400))
+async def list_chats(
+    user: CurrentUser,
+    services: ServicesDep,
+    limit: int = Query(default=20, ge=1, le=100),
+    before: str | None = Query(default=None, max_length=200),
+) -> Response:
+    async with services.engine.connect() as conn:
+        chats, following = await store.list_chats(conn, user.user_id, limit, before)
+    return json_response({"chats": chats, "next": following})
+
+
+@router.get("/{chat_id}", response_model=ChatWithMessages, responses=errors(400, 403, 404))
+async def get_chat(chat_id: str, user: CurrentUser, services: ServicesDep) -> Response:
+    chat_uuid = store.parse_chat_id(chat_id)
+    async with services.engine.connect() as conn:
+        chat = await store.owned_chat(conn, chat_uuid, user.user_id)
+        rows = await store.chat_messages(conn, chat_uuid)
+    return json_response(
+        {**store.chat_json(chat._mapping), "messages": [store.message_json(r) for r in rows]}
+    )
+
+
+@router.patch(
+    "/{chat_id}",
+    response_model=Chat,
+    responses=errors(400, 403, 404),
+    openapi_extra=json_body(Rename),
+)
+async def rename_chat(
+    chat_id: str, request: Request, user: CurrentUser, services: ServicesDep
+) -> Response:
+    chat_uuid = store.parse_chat_id(chat_id)
+    body: Rename = await _body(request, Rename)
+    async with services.engine.begin() as conn:
+        await store.owned_chat(conn, chat_uuid, user.user_id)
+        await store.rename_chat(conn, chat_uuid, body.title)
+        chat = await store.owned_chat(conn, chat_uuid, user.user_id)
+    return json_response(store.chat_json(chat._mapping))
+
+
+@router.delete("/{chat_id}", status_code=204, responses=errors(400, 403, 404))
+async def delete_chat(chat_id: str, user: CurrentUser, services: ServicesDep) -> Response:
+    chat_uuid = store.parse_chat_id(chat_id)
+    async with services.engine.begin() as conn:
+        await store.owned_chat(conn, chat_uuid, user.user_id)
+        await store.deactivate_chat(conn, chat_uuid)
+    return Response(status_code=204)

@@ -1,0 +1,1 @@
+"""The `chatmeter` command line."""

@@ -1,0 +1,175 @@
+"""Settings, read once at start-up. The only module that reads the environment."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+ENV_PREFIX = "CHATMETER_"
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant. Answer clearly and concisely."
+DEV_SECRET_FILE = ".chatmeter/dev-jwt-secret"
+
+
+class ConfigError(Exception):
+    """A configuration problem; the message names the key."""
+
+
+class ModelConfig(BaseModel):
+    """One entry of the `[models.NAME]` table."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    provider: Literal["gemini", "openai", "local", "scripted"]
+    model: str = ""
+    api_key_env: str | None = None
+    base_url: str | None = None
+    system_prompt: str | None = None
+    max_output_tokens: int = Field(default=1024, ge=1, le=1_000_000)
+    context_window: int = Field(default=8192, ge=64, le=100_000_000)
+    timeout_seconds: float = Field(default=60.0, gt=0)
+    # scripted provider only
+    reply: str = "Hello from the scripted model."
+    chunks: int = Field(default=4, ge=1, le=100_000)
+    delay_ms: float = Field(default=0.0, ge=0)
+    # usage reporting of the scripted provider: "last" chunk, "none" (forces counting)
+    usage: Literal["last", "none"] = "last"
+    # local provider only
+    model_path: str | None = None
+    threads: int = Field(default=2, ge=1, le=256)
+    parallel: int = Field(default=4, ge=1, le=64)
+
+
+def _builtin_local() -> ModelConfig:
+    return ModelConfig(
+        provider="local",
+        model="SmolLM2-135M-Instruct",
+        max_output_tokens=512,
+        context_window=8192,
+    )
+
+
+class Settings(BaseModel):
+    """Every setting of chatmeter. Build with `load_settings()`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    database_url: str = "sqlite+aiosqlite:///./chatmeter.db"
+    jwt_secret: str | None = None
+    jwt_jwks_url: str | None = None
+    jwt_audience: str | None = None
+    jwt_issuer: str | None = None
+    jwt_algorithms: tuple[str, ...] = ("HS256", "RS256", "ES256")
+    dev_secret_file: str = DEV_SECRET_FILE
+    default_token_limit: int = Field(default=100_000, ge=0)
+    history_messages: int = Field(default=10, ge=0, le=1000)
+    max_message_chars: int = Field(default=5000, ge=1, le=1_000_000)
+    max_body_bytes: int = Field(default=64 * 1024, ge=1024)
+    default_model: str = "local"
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    models: dict[str, ModelConfig] = Field(default_factory=dict)
+    ping_interval_seconds: float = Field(default=15.0, gt=0)
+    provider_idle_timeout_seconds: float = Field(default=60.0, gt=0)
+    reservation_ttl_seconds: float = Field(default=120.0, gt=0)
+    settle_retry_seconds: float = Field(default=10.0, ge=0)
+    count_cache_size: int = Field(default=4096, ge=1)
+    log_level: str = "INFO"
+    log_content: bool = False
+
+    @field_validator("database_url")
+    @classmethod
+    def _known_database(cls, value: str) -> str:
+        if not value.startswith(("sqlite+aiosqlite://", "postgresql+asyncpg://")):
+            raise ValueError("must start with sqlite+aiosqlite:// or postgresql+asyncpg://")
+        return value
+
+    @model_validator(mode="after")
+    def _with_local_model(self) -> Settings:
+        if "local" not in self.models:
+            self.models["local"] = _builtin_local()
+        if self.default_model not in self.models:
+            raise ValueError(f"default_model {self.default_model!r} is not a configured model")
+        return self
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    def system_prompt_for(self, model_name: str) -> str:
+        return self.models[model_name].system_prompt or self.system_prompt
+
+
+_ENV_FIELDS = {name for name in Settings.model_fields if name != "models"}
+
+
+def _env_values(environ: Mapping[str, str]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for key, raw in environ.items():
+        if not key.startswith(ENV_PREFIX) or key == ENV_PREFIX + "CONFIG":
+            continue
+        name = key[len(ENV_PREFIX) :].lower()
+        if name not in _ENV_FIELDS:
+            raise ConfigError(f"unknown setting {key}")
+        values[name] = raw.split(",") if name == "jwt_algorithms" else raw
+    return values
+
+
+def _toml_values(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as handle:
+            return tomllib.load(handle)
+    except OSError as exc:
+        raise ConfigError(f"CHATMETER_CONFIG: cannot read {path}: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"CHATMETER_CONFIG: {path} is not valid TOML: {exc}") from exc
+
+
+def _describe(exc: ValidationError) -> str:
+    problems = []
+    for error in exc.errors():
+        location = ".".join(str(part) for part in error["loc"]) or "settings"
+        key = location if location.startswith("models") else ENV_PREFIX + location.upper()
+        problems.append(f"{key}: {error['msg']}")
+    return "invalid configuration: " + "; ".join(problems)
+
+
+def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+    """Read TOML (if CHATMETER_CONFIG names one), then the environment over it, then
+    `overrides` (used by tests and the CLI). Raises ConfigError naming the bad key."""
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    if config_path := env.get(ENV_PREFIX + "CONFIG"):
+        values.update(_toml_values(config_path))
+    values.update(_env_values(env))
+    values.update(overrides)
+    try:
+        return Settings.model_validate(values)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from exc
+
+
+def model_api_key(model: ModelConfig, environ: Mapping[str, str] | None = None) -> str | None:
+    """The API key a model names through `api_key_env`."""
+    if not model.api_key_env:
+        return None
+    return (os.environ if environ is None else environ).get(model.api_key_env)
+
+
+def dev_jwt_secret(settings: Settings) -> str:
+    """The configured secret, else the development secret kept in a git-ignored file
+    (created on first use) so tokens survive restarts."""
+    if settings.jwt_secret:
+        return settings.jwt_secret
+    path = Path(settings.dev_secret_file)
+    if path.exists():
+        return path.read_text().strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    secret = secrets.token_urlsafe(48)
+    path.write_text(secret + "\n")
+    path.chmod(0o600)
+    return secret

@@ -1,0 +1,123 @@
+"""The tables of SPEC section 7 (names from the seed), as SQLAlchemy Core.
+
+Core, not the ORM: every statement on the message path is written out, so the number of
+round trips per exchange is visible in the code.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Dialect
+
+metadata = sa.MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+    }
+)
+
+
+class UtcDateTime(sa.TypeDecorator[datetime]):
+    """Timestamps stored as UTC and always returned timezone-aware, on SQLite too."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> Any:
+        if value is None:
+            return None
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        assert isinstance(value, datetime)
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+chats = sa.Table(
+    "chats",
+    metadata,
+    sa.Column("chat_id", sa.Uuid, primary_key=True),
+    sa.Column("user_id", sa.String(255), nullable=False),
+    sa.Column("title", sa.String(200), nullable=False),
+    sa.Column("model", sa.String(100), nullable=False),
+    sa.Column("is_active", sa.Boolean, nullable=False, default=True),
+    sa.Column("created_at", UtcDateTime, nullable=False),
+    sa.Column("updated_at", UtcDateTime, nullable=False),
+    sa.Index(None, "user_id", "is_active", "updated_at", "chat_id"),
+)
+
+messages = sa.Table(
+    "messages",
+    metadata,
+    sa.Column("message_id", sa.Uuid, primary_key=True),
+    sa.Column("chat_id", sa.Uuid, sa.ForeignKey("chats.chat_id"), nullable=False),
+    sa.Column("role", sa.String(16), nullable=False),
+    sa.Column("content", sa.Text, nullable=False),
+    sa.Column("tokens_consumed", sa.BigInteger, nullable=False, default=0),
+    sa.Column("status", sa.String(16), nullable=False, default="complete"),
+    sa.Column("prompt_tokens", sa.BigInteger, nullable=True),
+    sa.Column("completion_tokens", sa.BigInteger, nullable=True),
+    sa.Column("metering_source", sa.String(16), nullable=True),
+    sa.Column("finish_reason", sa.String(32), nullable=True),
+    sa.Column("created_at", UtcDateTime, nullable=False),
+    sa.Index(None, "chat_id", "created_at"),
+)
+
+user_usage = sa.Table(
+    "user_usage",
+    metadata,
+    sa.Column("user_id", sa.String(255), primary_key=True),
+    sa.Column("total_tokens_used", sa.BigInteger, nullable=False, default=0),
+    sa.Column("token_limit", sa.BigInteger, nullable=False),
+    sa.Column("reserved_tokens", sa.BigInteger, nullable=False, default=0),
+    sa.Column("updated_at", UtcDateTime, nullable=False),
+)
+
+usage_events = sa.Table(
+    "usage_events",
+    metadata,
+    sa.Column("event_id", sa.Uuid, primary_key=True),
+    sa.Column("user_id", sa.String(255), nullable=False),
+    sa.Column("chat_id", sa.Uuid, nullable=False),
+    # unique: an exchange is billed once, whatever retries or replays happen
+    sa.Column("message_id", sa.Uuid, nullable=False, unique=True),
+    sa.Column("model", sa.String(100), nullable=False),
+    sa.Column("prompt_tokens", sa.BigInteger, nullable=False),
+    sa.Column("completion_tokens", sa.BigInteger, nullable=False),
+    sa.Column("thinking_tokens", sa.BigInteger, nullable=False),
+    sa.Column("cached_tokens", sa.BigInteger, nullable=False),
+    sa.Column("total_tokens", sa.BigInteger, nullable=False),
+    sa.Column("source", sa.String(16), nullable=False),
+    sa.Column("created_at", UtcDateTime, nullable=False),
+    sa.Index(None, "user_id", "created_at"),
+)
+
+# One row per reply being generated: the budget it holds, the 409 rule (one per chat,
+# across every worker) and the stop flag. A row whose lease expired belonged to a process
+# that died; it is released by the sweeper.
+reservations = sa.Table(
+    "reservations",
+    metadata,
+    sa.Column("reservation_id", sa.Uuid, primary_key=True),
+    sa.Column("user_id", sa.String(255), nullable=False),
+    sa.Column("chat_id", sa.Uuid, nullable=False, unique=True),
+    sa.Column("tokens", sa.BigInteger, nullable=False),
+    sa.Column("worker_id", sa.String(64), nullable=False),
+    sa.Column("stop_requested", sa.Boolean, nullable=False, default=False),
+    sa.Column("expires_at", UtcDateTime, nullable=False),
+    sa.Column("created_at", UtcDateTime, nullable=False),
+    sa.Index(None, "expires_at"),
+)

@@ -1,0 +1,42 @@
+"""Typed dependencies: the services, the signed-in user, an admin."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from chatmeter.auth.tokens import InvalidToken, Principal
+from chatmeter.errors import ApiError
+from chatmeter.services import Services
+
+
+def get_services(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services
+
+
+ServicesDep = Annotated[Services, Depends(get_services)]
+
+
+async def current_user(request: Request, services: ServicesDep) -> Principal:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise ApiError(401, "UNAUTHORIZED", "Sign in: send Authorization: Bearer <token>.")
+    try:
+        return await services.verifier.verify(token.strip())
+    except InvalidToken as exc:
+        raise ApiError(401, "UNAUTHORIZED", f"Sign in again: {exc}.") from None
+
+
+CurrentUser = Annotated[Principal, Depends(current_user)]
+
+
+async def admin_user(user: CurrentUser) -> Principal:
+    if not user.is_admin:
+        raise ApiError(403, "FORBIDDEN", "Only an admin may do this.")
+    return user
+
+
+AdminUser = Annotated[Principal, Depends(admin_user)]

@@ -1,0 +1,74 @@
+"""One error shape for every non-2xx answer and every stream error event:
+`{"error": true, "code": "UPPER_SNAKE_CASE", "message": "for a person"}`."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+from chatmeter.jsonutil import json_response
+
+log = logging.getLogger("chatmeter")
+
+
+class ApiError(Exception):
+    """An answer for the client: raised anywhere before a stream starts."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+def error_body(code: str, message: str, **extra: Any) -> dict[str, Any]:
+    return {"error": True, "code": code, "message": message, **extra}
+
+
+def error_response(status: int, code: str, message: str) -> Response:
+    return json_response(error_body(code, message), status)
+
+
+_HTTP_CODES = {
+    400: "INVALID_REQUEST",
+    401: "UNAUTHORIZED",
+    403: "FORBIDDEN",
+    404: "NOT_FOUND",
+    405: "METHOD_NOT_ALLOWED",
+    413: "PAYLOAD_TOO_LARGE",
+    415: "UNSUPPORTED_MEDIA_TYPE",
+}
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    async def on_api_error(_: Request, exc: Exception) -> Response:
+        assert isinstance(exc, ApiError)
+        return error_response(exc.status, exc.code, exc.message)
+
+    async def on_validation(_: Request, exc: Exception) -> Response:
+        # FastAPI would answer 422; the contract says 400 for every bad request
+        assert isinstance(exc, RequestValidationError)
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p not in ("body", "query"))
+        message = f"{where}: {first.get('msg', 'invalid')}" if where else "invalid request"
+        return error_response(400, "INVALID_REQUEST", message)
+
+    async def on_http(_: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        code = _HTTP_CODES.get(exc.status_code, "HTTP_ERROR")
+        status = 400 if exc.status_code == 422 else exc.status_code
+        return error_response(status, code, str(exc.detail))
+
+    async def on_unexpected(_: Request, exc: Exception) -> Response:
+        log.error("unexpected error", exc_info=exc)
+        return error_response(500, "INTERNAL_ERROR", "Something went wrong on our side.")
+
+    app.add_exception_handler(ApiError, on_api_error)
+    app.add_exception_handler(RequestValidationError, on_validation)
+    app.add_exception_handler(StarletteHTTPException, on_http)
+    app.add_exception_handler(Exception, on_unexpected)

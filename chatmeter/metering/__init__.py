@@ -1,0 +1,1 @@
+"""Metering: token counting, budgets (reserve and settle) and the usage ledger."""

@@ -1,0 +1,124 @@
+"""What an exchange is billed when the provider reported no usage (SPEC section 6).
+
+Best first: the provider's own usage; else `counted` with the model's tokenizer (system
+prompt + history + user message + the partial reply + a fixed overhead, seed section 2);
+else `estimated` at ceil(chars / 4 x 1.05) per text.
+
+Counts are cached (seed section 3): the system prompt's count per (model, prompt) for the
+life of the process, other texts in a bounded LRU keyed by (model, hash of the text).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from chatmeter.observability.metrics import Metrics
+from chatmeter.providers.base import GenerationRequest, Provider, ProviderError, Usage
+
+log = logging.getLogger("chatmeter.metering")
+
+Source = Literal["provider", "counted", "estimated"]
+EXCHANGE_OVERHEAD_TOKENS = 10
+# per message of the prompt: role markers and separators of chat templates
+PER_MESSAGE_OVERHEAD = 4
+
+
+def estimate_tokens(text: str) -> int:
+    """The seed's estimate of a text's tokens."""
+    return math.ceil(len(text) / 4 * 1.05)
+
+
+def prompt_upper_bound(request: GenerationRequest) -> int:
+    """A bound the prompt's real token count stays under, with no tokenizer call: the
+    byte-level BPE and SentencePiece byte-fallback tokenizers of current models never
+    make more tokens than a text has UTF-8 bytes. Used to size the reservation, so the
+    budget holds exactly; the real figure replaces it at settlement."""
+    texts = [request.system_prompt, *(turn.content for turn in request.history), request.message]
+    return (
+        sum(len(text.encode("utf-8")) + PER_MESSAGE_OVERHEAD for text in texts)
+        + EXCHANGE_OVERHEAD_TOKENS
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Metered:
+    usage: Usage
+    source: Source
+
+
+class TokenCounter:
+    """Counts with the provider's tokenizer, through the two caches of the seed."""
+
+    def __init__(self, metrics: Metrics, max_entries: int = 4096) -> None:
+        self._metrics = metrics
+        self._system: dict[tuple[str, str], int] = {}
+        self._texts: OrderedDict[tuple[str, bytes], int] = OrderedDict()
+        self._max = max_entries
+
+    async def count(self, provider: Provider, system_prompt: str, texts: Sequence[str]) -> int:
+        """Tokens of the system prompt plus each of `texts`, cached."""
+        total = await self._count_system(provider, system_prompt)
+        keys = [
+            (provider.name, hashlib.blake2b(t.encode(), digest_size=16).digest()) for t in texts
+        ]
+        missing: dict[tuple[str, bytes], str] = {}
+        for key, text in zip(keys, texts, strict=True):
+            if key in self._texts:
+                self._texts.move_to_end(key)
+                self._metrics.count_cache_hits.inc()
+            elif text:
+                missing[key] = text
+        if missing:
+            self._metrics.count_calls.inc(len(missing))
+            counts = await provider.count_tokens(list(missing.values()))
+            for key, value in zip(missing, counts, strict=True):
+                self._remember(key, value)
+        return total + sum(self._texts.get(key, 0) for key in keys)
+
+    async def _count_system(self, provider: Provider, system_prompt: str) -> int:
+        key = (provider.name, system_prompt)
+        if key in self._system:
+            self._metrics.count_cache_hits.inc()
+            return self._system[key]
+        if not system_prompt:
+            return 0
+        self._metrics.count_calls.inc()
+        (value,) = await provider.count_tokens([system_prompt])
+        self._system[key] = value
+        return value
+
+    def _remember(self, key: tuple[str, bytes], value: int) -> None:
+        self._texts[key] = value
+        self._texts.move_to_end(key)
+        while len(self._texts) > self._max:
+            self._texts.popitem(last=False)
+
+    async def meter(
+        self,
+        provider: Provider,
+        request: GenerationRequest,
+        reply: str,
+        reported: Usage | None,
+    ) -> Metered:
+        """The figure to bill for one exchange, and where it came from."""
+        if reported is not None:
+            return Metered(reported, "provider")
+        prompt_texts = [*(turn.content for turn in request.history), request.message]
+        try:
+            prompt = await self.count(provider, request.system_prompt, prompt_texts)
+            completion = await self.count(provider, "", [reply]) if reply else 0
+            usage = Usage(prompt + EXCHANGE_OVERHEAD_TOKENS, completion)
+            return Metered(usage, "counted")
+        except ProviderError as exc:
+            log.warning("token counting failed for %s (%s); estimating", provider.name, exc)
+        except Exception:
+            log.exception("token counting failed for %s; estimating", provider.name)
+        prompt = sum(estimate_tokens(t) for t in [request.system_prompt, *prompt_texts])
+        usage = Usage(prompt + EXCHANGE_OVERHEAD_TOKENS, estimate_tokens(reply) if reply else 0)
+        return Metered(usage, "estimated")

@@ -1,0 +1,99 @@
+"""Usage endpoints: the caller's budget and ledger, and the admin's view and limits."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Query, Request
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.responses import Response
+
+from chatmeter.deps import AdminUser, CurrentUser, ServicesDep
+from chatmeter.errors import ApiError
+from chatmeter.jsonutil import BadBody, json_response, parse_model, read_json
+from chatmeter.metering import accounts
+from chatmeter.openapi import errors, json_body
+
+router = APIRouter(tags=["usage"])
+
+
+class UsageOut(BaseModel):
+    user_id: str
+    total_tokens_used: int
+    token_limit: int
+    reserved_tokens: int
+    tokens_remaining: int
+
+
+class UsageEvent(BaseModel):
+    event_id: str
+    chat_id: str
+    message_id: str
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+    thinking_tokens: int
+    cached_tokens: int
+    total_tokens: int
+    source: str
+    created_at: str
+
+
+class EventPage(BaseModel):
+    events: list[UsageEvent]
+    next: str | None
+
+
+class NewLimit(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    token_limit: int = Field(ge=0, le=2**62)
+
+
+@router.get("/api/usage", response_model=UsageOut, responses=errors())
+async def my_usage(user: CurrentUser, services: ServicesDep) -> Response:
+    async with services.engine.begin() as conn:
+        row = await accounts.read_usage(conn, user.user_id, services.settings.default_token_limit)
+    return json_response(accounts.usage_json(row))
+
+
+@router.get("/api/usage/events", response_model=EventPage, responses=errors(400))
+async def my_events(
+    user: CurrentUser,
+    services: ServicesDep,
+    limit: int = Query(default=50, ge=1, le=500),
+    before: str | None = Query(default=None, max_length=200),
+) -> Response:
+    async with services.engine.connect() as conn:
+        events, following = await accounts.list_events(conn, user.user_id, limit, before)
+    return json_response({"events": events, "next": following})
+
+
+def _user_id(raw: str) -> str:
+    if not raw.strip() or len(raw) > 255 or "\x00" in raw:
+        raise ApiError(400, "INVALID_REQUEST", "user_id: must be 1 to 255 characters")
+    return raw
+
+
+@router.put(
+    "/api/admin/users/{user_id}/limit",
+    response_model=UsageOut,
+    responses=errors(400, 403),
+    openapi_extra=json_body(NewLimit),
+)
+async def set_limit(
+    user_id: str, request: Request, _: AdminUser, services: ServicesDep
+) -> Response:
+    user_id = _user_id(user_id)
+    try:
+        body = parse_model(NewLimit, await read_json(request))
+    except BadBody as exc:
+        raise ApiError(400, "INVALID_REQUEST", exc.message) from None
+    async with services.engine.begin() as conn:
+        row = await accounts.set_limit(conn, user_id, body.token_limit)
+    return json_response(accounts.usage_json(row))
+
+
+@router.get("/api/admin/users/{user_id}/usage", response_model=UsageOut, responses=errors(400, 403))
+async def user_usage(user_id: str, _: AdminUser, services: ServicesDep) -> Response:
+    user_id = _user_id(user_id)
+    async with services.engine.begin() as conn:
+        row = await accounts.read_usage(conn, user_id, services.settings.default_token_limit)
+    return json_response(accounts.usage_json(row))

@@ -1,0 +1,44 @@
+"""Prometheus metrics, in a registry of the app's own (no process-global state)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.exchanges = Counter(
+            "chatmeter_exchanges",
+            "Exchanges by final status and metering source",
+            ["status", "source"],
+            registry=r,
+        )
+        self.tokens_billed = Counter(
+            "chatmeter_tokens_billed", "Tokens billed to users", ["model", "kind"], registry=r
+        )
+        self.count_calls = Counter(
+            "chatmeter_count_token_calls", "Texts sent to a count-tokens API", registry=r
+        )
+        self.count_cache_hits = Counter(
+            "chatmeter_count_cache_hits", "Token counts served from the cache", registry=r
+        )
+        self.budget_refusals = Counter(
+            "chatmeter_budget_refusals", "Exchanges refused for a spent budget", registry=r
+        )
+        self.settle_failures = Counter(
+            "chatmeter_settle_failures", "Settlement attempts that failed", registry=r
+        )
+        self.active_streams = Gauge(
+            "chatmeter_active_streams", "Replies being generated now", registry=r
+        )
+        self.first_piece_seconds = Histogram(
+            "chatmeter_first_piece_seconds",
+            "Request to first piece from the provider",
+            registry=r,
+            buckets=(0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,100 @@
+"""The one small interface every model provider implements.
+
+A provider streams text pieces and, when the stream ends, knows the usage the provider
+reported (if any). It never touches the database or the web framework.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+Role = Literal["system", "user", "assistant"]
+
+
+@dataclass(frozen=True, slots=True)
+class ChatTurn:
+    """One message of the conversation as sent to the provider."""
+
+    role: Role
+    content: str
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Token usage as the provider reported it (or as counted or estimated)."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    thinking_tokens: int = 0
+    cached_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        # cached tokens are part of prompt_tokens already (Gemini and OpenAI alike)
+        return self.prompt_tokens + self.completion_tokens + self.thinking_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationRequest:
+    """Everything a provider needs for one reply."""
+
+    system_prompt: str
+    history: tuple[ChatTurn, ...]
+    message: str
+    max_output_tokens: int
+
+    def turns(self) -> list[ChatTurn]:
+        """History then the user message (the system prompt is kept apart)."""
+        return [*self.history, ChatTurn("user", self.message)]
+
+
+@dataclass(slots=True)
+class StreamOutcome:
+    """What a finished (or aborted) stream left behind: filled in while streaming."""
+
+    usage: Usage | None = None
+    finish_reason: str | None = None
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+ErrorCode = Literal[
+    "PROVIDER_ERROR", "PROVIDER_RATE_LIMITED", "PROVIDER_TIMEOUT", "CONTENT_BLOCKED"
+]
+
+
+class ProviderError(Exception):
+    """A provider failure, already mapped to a stream error code of the contract."""
+
+    def __init__(self, code: ErrorCode, message: str, *, before_output: bool = False) -> None:
+        super().__init__(message)
+        self.code: ErrorCode = code
+        self.message = message
+        # True when the provider refused the request before generating anything:
+        # such an exchange bills nothing (SPEC section 5).
+        self.before_output = before_output
+
+
+class Provider(Protocol):
+    """A model behind chatmeter. One instance per configured model."""
+
+    name: str
+
+    def stream(self, request: GenerationRequest, outcome: StreamOutcome) -> AsyncIterator[str]:
+        """Yield the reply's text pieces as they arrive; set `outcome.usage` (when the
+        provider reports usage) and `outcome.finish_reason` before finishing.
+
+        Raises ProviderError for failures. Cancelling the iteration (aclose) must end the
+        upstream call."""
+        ...
+
+    async def count_tokens(self, texts: list[str]) -> list[int]:
+        """Exact token counts of each text with the model's own tokenizer.
+
+        Raises ProviderError when counting is not available."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release clients and processes."""
+        ...

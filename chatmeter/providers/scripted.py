@@ -1,0 +1,68 @@
+"""A deterministic provider with no model behind it, for tests and benchmarks (SPEC §2).
+
+It streams `reply` in `chunks` pieces with `delay_ms` before each, and reports usage as
+ceil(len(text) / 4) per text: the prompt (system prompt, history, message) and the reply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import AsyncIterator
+
+from chatmeter.config import ModelConfig
+from chatmeter.providers.base import GenerationRequest, StreamOutcome, Usage
+
+
+def scripted_count(text: str) -> int:
+    return math.ceil(len(text) / 4)
+
+
+def split_into(text: str, pieces: int) -> list[str]:
+    """`text` cut into at most `pieces` non-empty pieces of near-equal length."""
+    pieces = max(1, min(pieces, len(text)))
+    size, extra = divmod(len(text), pieces)
+    out, start = [], 0
+    for index in range(pieces):
+        end = start + size + (1 if index < extra else 0)
+        out.append(text[start:end])
+        start = end
+    return [piece for piece in out if piece]
+
+
+class ScriptedProvider:
+    def __init__(self, name: str, config: ModelConfig) -> None:
+        self.name = name
+        self._config = config
+        self._pieces = split_into(config.reply, config.chunks)
+        self._delay = config.delay_ms / 1000
+
+    async def stream(
+        self, request: GenerationRequest, outcome: StreamOutcome
+    ) -> AsyncIterator[str]:
+        texts = [request.system_prompt, *(t.content for t in request.history), request.message]
+        prompt_tokens = sum(scripted_count(t) for t in texts)
+        sent = 0
+        reply_tokens_cap = request.max_output_tokens
+        for piece in self._pieces:
+            # honour the output cap the way a real model does: stop at the limit
+            if scripted_count(self._config.reply[: sent + len(piece)]) > reply_tokens_cap:
+                outcome.finish_reason = "length"
+                break
+            if self._delay:
+                await asyncio.sleep(self._delay)
+            sent += len(piece)
+            yield piece
+        else:
+            outcome.finish_reason = "stop"
+        if self._config.usage == "last":
+            outcome.usage = Usage(
+                prompt_tokens=prompt_tokens,
+                completion_tokens=scripted_count(self._config.reply[:sent]),
+            )
+
+    async def count_tokens(self, texts: list[str]) -> list[int]:
+        return [scripted_count(text) for text in texts]
+
+    async def aclose(self) -> None:
+        return None

@@ -1,0 +1,86 @@
+"""Everything a request needs, made once in the app's lifespan (no module-level state)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import uuid
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from chatmeter.auth.tokens import TokenVerifier
+from chatmeter.config import Settings, dev_jwt_secret
+from chatmeter.db.engine import make_engine
+from chatmeter.metering.counting import TokenCounter
+from chatmeter.observability.metrics import Metrics
+from chatmeter.providers.factories import default_factories
+from chatmeter.providers.registry import ProviderRegistry
+from chatmeter.streaming.replies import ReplyRegistry
+
+log = logging.getLogger("chatmeter")
+
+
+@dataclass(slots=True)
+class Services:
+    settings: Settings
+    engine: AsyncEngine
+    verifier: TokenVerifier
+    providers: ProviderRegistry
+    counter: TokenCounter
+    metrics: Metrics
+    replies: ReplyRegistry
+    worker_id: str
+    _background: set[asyncio.Task[Any]] = field(default_factory=set)
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        """Run `coro` to completion even if the request that started it goes away;
+        shutdown waits for it."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    async def aclose(self) -> None:
+        for task in list(self._background):
+            if task.get_name().startswith("housekeeping"):
+                task.cancel()
+        pending = [t for t in self._background if not t.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=30)
+        await self.providers.aclose()
+        await self.engine.dispose()
+
+
+def new_worker_id() -> str:
+    return f"{socket.gethostname()[:32]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+async def start_services(settings: Settings, engine: AsyncEngine | None = None) -> Services:
+    metrics = Metrics()
+    engine = engine or make_engine(settings.database_url)
+    worker_id = new_worker_id()
+    secret = dev_jwt_secret(settings) if not settings.jwt_jwks_url else settings.jwt_secret
+    services = Services(
+        settings=settings,
+        engine=engine,
+        verifier=TokenVerifier(
+            secret=secret,
+            jwks_url=settings.jwt_jwks_url,
+            audience=settings.jwt_audience,
+            issuer=settings.jwt_issuer,
+            algorithms=settings.jwt_algorithms,
+        ),
+        providers=ProviderRegistry(settings, default_factories()),
+        counter=TokenCounter(metrics, settings.count_cache_size),
+        metrics=metrics,
+        replies=ReplyRegistry(engine, worker_id, settings.reservation_ttl_seconds),
+        worker_id=worker_id,
+    )
+    housekeeping = services.spawn(services.replies.run_housekeeping())
+    housekeeping.set_name("housekeeping")
+    return services

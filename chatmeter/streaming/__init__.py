@@ -1,0 +1,1 @@
+"""The exchange: one message in, a streamed and metered reply out."""

@@ -1,0 +1,329 @@
+"""One exchange, start to end (SPEC section 5), as one readable path:
+
+    open_exchange:   verify chat -> load history -> reserve budget -> save user message
+                     (one write transaction; every refusal is a JSON error, nothing saved)
+    Exchange.events: stream pieces from the provider as they arrive -> settle -> end event
+
+Settlement runs on every path: the end, a stop, the client leaving, a provider failure.
+It runs in a task of its own, so a cancellation cannot cut it short.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from chatmeter.auth.tokens import Principal
+from chatmeter.chats.store import owned_chat
+from chatmeter.config import ModelConfig
+from chatmeter.db.engine import IMMEDIATE
+from chatmeter.db.tables import messages, utcnow
+from chatmeter.errors import ApiError
+from chatmeter.metering.budget import Reservation, reserve_budget
+from chatmeter.metering.counting import Metered, prompt_upper_bound
+from chatmeter.metering.settlement import Settlement, settle_with_retries
+from chatmeter.providers.base import (
+    ChatTurn,
+    GenerationRequest,
+    ProviderError,
+    StreamOutcome,
+    Usage,
+)
+from chatmeter.services import Services
+
+log = logging.getLogger("chatmeter.exchange")
+
+STREAM_ERROR_MESSAGES = {
+    "PROVIDER_ERROR": "The model failed while answering. Try again.",
+    "PROVIDER_RATE_LIMITED": "The model is busy right now. Try again in a moment.",
+    "PROVIDER_TIMEOUT": "The model stopped responding.",
+    "CONTENT_BLOCKED": "The model declined to answer this.",
+    "DATABASE_ERROR": "The reply could not be saved yet; it will be recorded shortly.",
+    "INTERNAL_ERROR": "Something went wrong on our side.",
+}
+
+
+async def _recent_history(conn: AsyncConnection, chat_id: uuid.UUID, count: int) -> list[ChatTurn]:
+    if count == 0:
+        return []
+    query = (
+        sa.select(messages.c.role, messages.c.content)
+        .where(messages.c.chat_id == chat_id, messages.c.content != "")
+        .order_by(messages.c.created_at.desc(), messages.c.role)
+        .limit(count)
+    )
+    rows = (await conn.execute(query)).all()
+    return [ChatTurn(row.role, row.content) for row in reversed(rows)]
+
+
+def fit_to_context(
+    system_prompt: str, history: Sequence[ChatTurn], message: str, config: ModelConfig
+) -> GenerationRequest:
+    """Drop the oldest history until the prompt and the output cap fit the model's
+    context window; lower the cap if even the bare message leaves too little room."""
+    turns = list(history)
+    cap = config.max_output_tokens
+
+    def request() -> GenerationRequest:
+        return GenerationRequest(system_prompt, tuple(turns), message, cap)
+
+    while turns and prompt_upper_bound(request()) + cap > config.context_window:
+        turns.pop(0)
+    room = config.context_window - prompt_upper_bound(request())
+    if room < 1:
+        raise ApiError(400, "INVALID_MESSAGE", "The message is too long for this chat's model.")
+    cap = min(cap, room)
+    return request()
+
+
+@dataclass(eq=False)
+class Exchange:
+    """An exchange whose checks passed: budget reserved, user message saved."""
+
+    services: Services
+    user_id: str
+    chat_id: uuid.UUID
+    model: str
+    request: GenerationRequest
+    reservation: Reservation
+    user_message_id: uuid.UUID
+    user_message_at: datetime
+    message_id: uuid.UUID = field(default_factory=uuid.uuid4)
+    started: bool = False
+
+    async def events(self) -> AsyncGenerator[dict[str, Any], None]:
+        """Chunk events as the provider produces them, then the end (or error) event."""
+        self.started = True
+        services = self.services
+        reply = services.replies.register(self.chat_id)
+        pieces: list[str] = []
+        outcome = StreamOutcome()
+        failure: ProviderError | None = None
+        try:
+            stream: AsyncGenerator[str, None] | None = None
+            try:
+                provider = await services.providers.get(self.model)
+                stream = aiter_provider(provider.stream(self.request, outcome))
+                idle = services.settings.provider_idle_timeout_seconds
+                while not reply.stop_requested:
+                    reply.waiting = True
+                    try:
+                        async with asyncio.timeout(idle):
+                            piece = await anext(stream)
+                    except StopAsyncIteration:
+                        break
+                    finally:
+                        reply.waiting = False
+                    if piece:
+                        pieces.append(piece)
+                        yield {"chunk": piece, "done": False}
+            except asyncio.CancelledError:
+                if not reply.stop_requested:
+                    raise  # the client left
+                _uncancel()  # a stop: end normally
+            except TimeoutError:
+                failure = ProviderError("PROVIDER_TIMEOUT", "the provider sent nothing in time")
+            except ProviderError as exc:
+                failure = exc
+            except Exception as exc:
+                log.exception("provider %s failed unexpectedly", self.model)
+                failure = ProviderError("PROVIDER_ERROR", type(exc).__name__)
+            finally:
+                services.replies.unregister(reply)
+                if stream is not None:
+                    await stream.aclose()  # ends the upstream call
+        except BaseException:
+            # the client went away: cancelled while waiting on the provider, or closed
+            # at a yield; the partial reply is saved and billed all the same
+            await self._finish("".join(pieces), "interrupted", outcome, None)
+            raise
+        if failure is not None:
+            status = "failed"
+        else:
+            status = "stopped" if reply.stop_requested else "complete"
+        yield await self._finish("".join(pieces), status, outcome, failure)
+
+    async def close_unstarted(self) -> None:
+        """The response never ran (the client left before it began): release the
+        reservation. The provider was never called, so nothing is billed."""
+        if not self.started:
+            self.started = True
+            metered = Metered(Usage(0, 0), "provider")
+            await self._write(self._settlement("", "interrupted", None, metered))
+
+    async def _finish(
+        self, content: str, status: str, outcome: StreamOutcome, failure: ProviderError | None
+    ) -> dict[str, Any]:
+        # a task of its own: a second cancellation (shutdown) cannot cut settlement short
+        task = self.services.spawn(self._meter_and_settle(content, status, outcome, failure))
+        return await asyncio.shield(task)
+
+    async def _meter_and_settle(
+        self, content: str, status: str, outcome: StreamOutcome, failure: ProviderError | None
+    ) -> dict[str, Any]:
+        services = self.services
+        refused = failure is not None and failure.before_output and not content
+        if refused and outcome.usage is None:
+            metered = Metered(Usage(0, 0), "provider")  # refused up front: nothing to bill
+        else:
+            provider = await services.providers.get(self.model)
+            metered = await services.counter.meter(provider, self.request, content, outcome.usage)
+        finish = _finish_reason(status, outcome)
+        settlement = self._settlement(content, status, finish, metered)
+        saved = await self._write(settlement)
+        usage = metered.usage
+        if not saved:
+            return self._error_event("DATABASE_ERROR", usage.total_tokens)
+        if failure is not None:
+            return self._error_event(failure.code, usage.total_tokens)
+        return {
+            "chunk": "",
+            "done": True,
+            "tokens_used": usage.total_tokens,
+            "message_id": str(self.message_id),
+            "user_message_id": str(self.user_message_id),
+            "finish_reason": finish,
+            "usage": {
+                "prompt_tokens": usage.prompt_tokens,
+                "completion_tokens": usage.completion_tokens,
+                "thinking_tokens": usage.thinking_tokens,
+                "cached_tokens": usage.cached_tokens,
+                "total_tokens": usage.total_tokens,
+                "source": metered.source,
+            },
+        }
+
+    def _error_event(self, code: str, tokens_used: int) -> dict[str, Any]:
+        return {
+            "error": True,
+            "code": code,
+            "message": STREAM_ERROR_MESSAGES.get(code, STREAM_ERROR_MESSAGES["INTERNAL_ERROR"]),
+            "message_id": str(self.message_id),
+            "tokens_used": tokens_used,
+        }
+
+    def _settlement(
+        self, content: str, status: str, finish: str | None, metered: Metered
+    ) -> Settlement:
+        # strictly after the user message, so history keeps its order
+        created_at = max(utcnow(), self.user_message_at + timedelta(microseconds=1))
+        return Settlement(
+            user_id=self.user_id,
+            chat_id=self.chat_id,
+            model=self.model,
+            reservation_id=self.reservation.reservation_id,
+            message_id=self.message_id,
+            content=content,
+            status=status,
+            finish_reason=finish,
+            usage=metered.usage,
+            source=metered.source,
+            created_at=created_at,
+        )
+
+    async def _write(self, settlement: Settlement) -> bool:
+        services = self.services
+        try:
+            await settle_with_retries(
+                services.engine, settlement, within_seconds=services.settings.settle_retry_seconds
+            )
+        except Exception:
+            services.metrics.settle_failures.inc()
+            log.error("settlement of message %s could not be written", settlement.message_id)
+            return False
+        services.metrics.exchanges.labels(settlement.status, settlement.source).inc()
+        services.metrics.tokens_billed.labels(self.model, "total").inc(
+            settlement.usage.total_tokens
+        )
+        return True
+
+
+def _finish_reason(status: str, outcome: StreamOutcome) -> str:
+    if status == "complete":
+        return outcome.finish_reason or "stop"
+    return {"stopped": "stopped", "interrupted": "interrupted"}.get(status, "error")
+
+
+def _uncancel() -> None:
+    task = asyncio.current_task()
+    if task is not None:
+        task.uncancel()
+
+
+def aiter_provider(stream: AsyncIterator[str]) -> AsyncGenerator[str, None]:
+    """The provider's stream as an async generator (so it can be closed)."""
+    if isinstance(stream, AsyncGenerator):
+        return stream
+
+    async def wrap() -> AsyncGenerator[str, None]:
+        async for piece in stream:
+            yield piece
+
+    return wrap()
+
+
+async def open_exchange(
+    services: Services, user: Principal, chat_id: uuid.UUID, message: str
+) -> Exchange:
+    """The checks of the contract in order (chat 404/403, budget 403, reply 409), the
+    history, the reservation and the user message: one write transaction, so a refusal
+    leaves nothing behind."""
+    settings = services.settings
+    async with services.engine.connect() as conn:
+        conn = await conn.execution_options(**IMMEDIATE)
+        async with conn.begin():
+            chat = await owned_chat(conn, chat_id, user.user_id)
+            if not services.providers.has(chat.model):
+                raise ApiError(400, "INVALID_REQUEST", f"model {chat.model!r} is not configured")
+            history = await _recent_history(conn, chat_id, settings.history_messages)
+            request = fit_to_context(
+                settings.system_prompt_for(chat.model),
+                history,
+                message,
+                services.providers.config(chat.model),
+            )
+            try:
+                reservation = await reserve_budget(
+                    conn,
+                    user_id=user.user_id,
+                    chat_id=chat_id,
+                    prompt_estimate=prompt_upper_bound(request),
+                    max_output_tokens=request.max_output_tokens,
+                    default_limit=settings.default_token_limit,
+                    worker_id=services.worker_id,
+                    ttl_seconds=settings.reservation_ttl_seconds,
+                )
+            except ApiError as exc:
+                if exc.code == "TOKEN_BUDGET_EXCEEDED":
+                    services.metrics.budget_refusals.inc()
+                raise
+            user_message_id, now = uuid.uuid4(), utcnow()
+            await conn.execute(
+                messages.insert().values(
+                    message_id=user_message_id,
+                    chat_id=chat_id,
+                    role="user",
+                    content=message,
+                    tokens_consumed=0,
+                    status="complete",
+                    created_at=now,
+                )
+            )
+    return Exchange(
+        services=services,
+        user_id=user.user_id,
+        chat_id=chat_id,
+        model=chat.model,
+        request=replace(request, max_output_tokens=reservation.output_cap),
+        reservation=reservation,
+        user_message_id=user_message_id,
+        user_message_at=now,
+    )

@@ -1,0 +1,114 @@
+"""The replies this process is generating, and how a stop reaches them.
+
+A stop for a reply held here cancels its task at once. A stop for a reply held by
+another worker (or host) is a flag on its reservation row; each process polls for flags
+on its own reservations, one query for all of them, and renews their leases in one
+statement: housekeeping does not grow with the number of open streams.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from chatmeter.db.engine import IMMEDIATE
+from chatmeter.db.tables import reservations, utcnow
+from chatmeter.metering.budget import release_expired
+
+log = logging.getLogger("chatmeter.replies")
+
+
+@dataclass(eq=False, slots=True)
+class ActiveReply:
+    chat_id: uuid.UUID
+    task: asyncio.Task[object] | None = None
+    stop_requested: bool = False
+    # True while the exchange awaits the provider: only then is a stop a cancellation;
+    # otherwise the exchange sees the flag before its next read
+    waiting: bool = False
+
+    def stop(self) -> None:
+        """Stop the reply; its exchange ends the stream with finish_reason "stopped"."""
+        if self.stop_requested:
+            return
+        self.stop_requested = True
+        if self.waiting and self.task is not None:
+            self.task.cancel()
+
+
+@dataclass(slots=True)
+class ReplyRegistry:
+    engine: AsyncEngine
+    worker_id: str
+    lease_seconds: float
+    poll_seconds: float = 0.5
+    _replies: dict[uuid.UUID, ActiveReply] = field(default_factory=dict)
+
+    def register(self, chat_id: uuid.UUID) -> ActiveReply:
+        reply = ActiveReply(chat_id, asyncio.current_task())
+        self._replies[chat_id] = reply
+        return reply
+
+    def unregister(self, reply: ActiveReply) -> None:
+        if self._replies.get(reply.chat_id) is reply:
+            del self._replies[reply.chat_id]
+
+    def stop_local(self, chat_id: uuid.UUID) -> bool:
+        reply = self._replies.get(chat_id)
+        if reply is None:
+            return False
+        reply.stop()
+        return True
+
+    def __len__(self) -> int:
+        return len(self._replies)
+
+    async def run_housekeeping(self) -> None:
+        """Poll stop flags, renew leases, release reservations of dead processes."""
+        since_renewal = 0.0
+        while True:
+            await asyncio.sleep(self.poll_seconds)
+            since_renewal += self.poll_seconds
+            try:
+                if self._replies:
+                    await self._poll_stops()
+                if since_renewal >= self.lease_seconds / 3:
+                    since_renewal = 0.0
+                    await self._renew_and_sweep()
+            except Exception:
+                log.exception("reply housekeeping failed; retrying")
+
+    async def _poll_stops(self) -> None:
+        query = sa.select(reservations.c.chat_id).where(
+            reservations.c.worker_id == self.worker_id, reservations.c.stop_requested.is_(True)
+        )
+        async with self.engine.connect() as conn:
+            flagged = (await conn.execute(query)).scalars().all()
+        for chat_id in flagged:
+            self.stop_local(chat_id)
+
+    async def _renew_and_sweep(self) -> None:
+        async with self.engine.connect() as conn:
+            conn = await conn.execution_options(**IMMEDIATE)
+            async with conn.begin():
+                if self._replies:
+                    await conn.execute(
+                        reservations.update()
+                        .where(reservations.c.worker_id == self.worker_id)
+                        .values(expires_at=utcnow() + timedelta(seconds=self.lease_seconds))
+                    )
+                released = await release_expired(conn)
+        if released:
+            log.warning("released %d reservations left by stopped processes", released)
+
+    async def stop_all(self) -> None:
+        for reply in list(self._replies.values()):
+            with contextlib.suppress(Exception):
+                reply.stop()

@@ -1,0 +1,84 @@
+"""POST /api/chat/{chat_id}/message (the stream) and POST /api/chat/{chat_id}/stop."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from chatmeter.chats.schemas import NewMessage
+from chatmeter.chats.store import owned_chat, parse_chat_id
+from chatmeter.db.engine import IMMEDIATE
+from chatmeter.deps import CurrentUser, ServicesDep
+from chatmeter.errors import ApiError
+from chatmeter.jsonutil import BadBody, json_response, read_json
+from chatmeter.metering.budget import request_stop
+from chatmeter.openapi import errors, json_body
+from chatmeter.streaming.exchange import open_exchange
+from chatmeter.streaming.sse import EventStream
+
+router = APIRouter(prefix="/api/chat", tags=["stream"])
+
+STREAM_DOC: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "The reply as server-sent events: chunk events, then an end event "
+        "(or an error event).",
+        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+    }
+}
+
+
+def _message(body: object, max_chars: int) -> str:
+    if not isinstance(body, dict):
+        raise ApiError(400, "INVALID_REQUEST", "the request body must be a JSON object")
+    message = body.get("message")
+    if not isinstance(message, str) or not message.strip():
+        raise ApiError(400, "INVALID_MESSAGE", "message: a non-blank string is required")
+    if len(message) > max_chars:
+        raise ApiError(400, "INVALID_MESSAGE", f"message: at most {max_chars} characters")
+    if "\x00" in message:
+        raise ApiError(400, "INVALID_MESSAGE", "message: must not contain NUL characters")
+    return message
+
+
+@router.post(
+    "/{chat_id}/message",
+    response_class=Response,
+    responses={**STREAM_DOC, **errors(400, 403, 404, 409)},
+    openapi_extra=json_body(NewMessage),
+)
+async def send_message(
+    chat_id: str, request: Request, user: CurrentUser, services: ServicesDep
+) -> Response:
+    chat_uuid = parse_chat_id(chat_id)
+    try:
+        body = await read_json(request)
+    except BadBody as exc:
+        raise ApiError(400, "INVALID_REQUEST", exc.message) from None
+    message = _message(body, services.settings.max_message_chars)
+    exchange = await open_exchange(services, user, chat_uuid, message)
+    return EventStream(
+        exchange.events(),
+        ping_interval=services.settings.ping_interval_seconds,
+        on_close=exchange.close_unstarted,
+    )
+
+
+@router.post(
+    "/{chat_id}/stop",
+    status_code=202,
+    responses={202: {"description": "The reply is being stopped."}, **errors(400, 403, 404)},
+)
+async def stop_reply(chat_id: str, user: CurrentUser, services: ServicesDep) -> Response:
+    chat_uuid = parse_chat_id(chat_id)
+    async with services.engine.connect() as conn:
+        conn = await conn.execution_options(**IMMEDIATE)
+        async with conn.begin():
+            await owned_chat(conn, chat_uuid, user.user_id)
+            # the flag is set in the database too: the holder may be another worker
+            holder = await request_stop(conn, chat_uuid)
+    if holder is None:
+        raise ApiError(404, "NO_ACTIVE_REPLY", "No reply is being generated in this chat.")
+    services.replies.stop_local(chat_uuid)
+    return json_response({"stopping": True, "chat_id": str(chat_uuid)}, 202)

@@ -1,0 +1,114 @@
+"""Fixtures: every API test runs on SQLite and on a real PostgreSQL server."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from chatmeter.auth.tokens import mint_token
+from chatmeter.config import ModelConfig, Settings
+from chatmeter.db.migrate import upgrade
+from tests.support.postgres import PostgresServer
+from tests.support.server import RunningServer, serve
+
+TEST_SECRET = "test-secret-that-is-long-enough-for-hs256-0123456789"
+BACKENDS = [b for b in os.environ.get("CHATMETER_TEST_BACKENDS", "sqlite,postgres").split(",") if b]
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    server = PostgresServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("template") / "template.db"
+    upgrade(f"sqlite+aiosqlite:///{path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def postgres_template(postgres: PostgresServer) -> str:
+    postgres.createdb("chatmeter_template")
+    upgrade(postgres.url("chatmeter_template"))
+    return "chatmeter_template"
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def database_url(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh, migrated database for one test."""
+    if backend == "sqlite":
+        template: Path = request.getfixturevalue("sqlite_template")
+        path = tmp_path / "chatmeter.db"
+        shutil.copyfile(template, path)
+        return f"sqlite+aiosqlite:///{path}"
+    postgres: PostgresServer = request.getfixturevalue("postgres")
+    template_name: str = request.getfixturevalue("postgres_template")
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    postgres.createdb(name, template_name)
+    return postgres.url(name)
+
+
+def scripted(**fields: Any) -> ModelConfig:
+    return ModelConfig(provider="scripted", **fields)
+
+
+def make_settings(database_url: str, **overrides: Any) -> Settings:
+    models = {
+        "scripted": scripted(reply="Hello there, this is a scripted reply.", chunks=4),
+        **overrides.pop("models", {}),
+    }
+    values: dict[str, Any] = {
+        "database_url": database_url,
+        "jwt_secret": TEST_SECRET,
+        "default_model": "scripted",
+        "models": models,
+        "ping_interval_seconds": 15.0,
+        **overrides,
+    }
+    return Settings.model_validate(values)
+
+
+@pytest.fixture
+def settings_factory(database_url: str) -> Callable[..., Settings]:
+    def build(**overrides: Any) -> Settings:
+        return make_settings(database_url, **overrides)
+
+    return build
+
+
+@pytest.fixture
+async def server(database_url: str) -> AsyncIterator[RunningServer]:
+    async with serve(make_settings(database_url)) as running:
+        yield running
+
+
+@pytest.fixture
+async def client(server: RunningServer) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
+        yield http
+
+
+def token_for(user_id: str, **kwargs: Any) -> str:
+    return mint_token(TEST_SECRET, user_id, **kwargs)
+
+
+def auth(user_id: str, **kwargs: Any) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token_for(user_id, **kwargs)}"}

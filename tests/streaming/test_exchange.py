@@ -1,0 +1,55 @@
+"""The exchange end to end over real HTTP against the scripted provider."""
+
+from __future__ import annotations
+
+import httpx
+
+from tests.conftest import auth, token_for
+from tests.support.server import RunningServer
+from tests.support.sse import stream_message
+
+
+async def new_chat(client: httpx.AsyncClient, user: str, **body: str) -> str:
+    response = await client.post("/api/chat", json=body, headers=auth(user))
+    assert response.status_code == 201, response.text
+    return str(response.json()["chat_id"])
+
+
+async def test_reply_streams_and_is_metered(
+    client: httpx.AsyncClient, server: RunningServer
+) -> None:
+    chat_id = await new_chat(client, "alice")
+    result = await stream_message(client, chat_id, "Hi!", token_for("alice"))
+    assert result.status == 200
+    assert result.headers["content-type"].startswith("text/event-stream")
+    assert result.headers["cache-control"] == "no-cache"
+    assert result.headers["x-accel-buffering"] == "no"
+    assert result.text == "Hello there, this is a scripted reply."
+    assert len(result.chunks) == 4
+    assert result.ids == list(range(1, len(result.events) + 1))
+    end = result.last
+    assert end["done"] is True and end["chunk"] == ""
+    assert end["finish_reason"] == "stop"
+    usage = end["usage"]
+    assert usage["source"] == "provider"
+    # scripted: ceil(len/4) per prompt text (system prompt, message) and the reply
+    system = server.services.settings.system_prompt_for("scripted")
+    expected_prompt = -(-len(system) // 4) + -(-len("Hi!") // 4)
+    assert usage["prompt_tokens"] == expected_prompt
+    assert usage["completion_tokens"] == -(-len(result.text) // 4)
+    assert (
+        end["tokens_used"] == usage["total_tokens"] == expected_prompt + usage["completion_tokens"]
+    )
+
+    chat = (await client.get(f"/api/chat/{chat_id}", headers=auth("alice"))).json()
+    roles = [(m["role"], m["content"], m["status"]) for m in chat["messages"]]
+    assert roles == [("user", "Hi!", "complete"), ("assistant", result.text, "complete")]
+    assert chat["messages"][1]["message_id"] == end["message_id"]
+    assert chat["messages"][0]["message_id"] == end["user_message_id"]
+    assert chat["messages"][1]["tokens_consumed"] == end["tokens_used"]
+
+    usage_now = (await client.get("/api/usage", headers=auth("alice"))).json()
+    assert usage_now["total_tokens_used"] == end["tokens_used"]
+    assert usage_now["reserved_tokens"] == 0
+    events = (await client.get("/api/usage/events", headers=auth("alice"))).json()["events"]
+    assert [e["total_tokens"] for e in events] == [end["tokens_used"]]

@@ -1,0 +1,1 @@
+"""Test support: a real PostgreSQL server, a real HTTP server, an SSE reader."""
