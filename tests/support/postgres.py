@@ -3,6 +3,7 @@ loopback port, as the `postgres` user when running as root); always stopped."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -65,10 +66,8 @@ class PostgresServer:
         raise RuntimeError("PostgreSQL did not start")
 
     def stop(self) -> None:
-        try:
+        with contextlib.suppress(subprocess.SubprocessError, OSError):
             self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop")
-        except (subprocess.SubprocessError, OSError):
-            pass
         shutil.rmtree(self.root, ignore_errors=True)
 
     def createdb(self, name: str, template: str | None = None) -> None:
