@@ -77,6 +77,8 @@ class Settings(BaseModel):
     provider_idle_timeout_seconds: float = Field(default=60.0, gt=0)
     reservation_ttl_seconds: float = Field(default=120.0, gt=0)
     settle_retry_seconds: float = Field(default=10.0, ge=0)
+    outbox_dir: str = ".chatmeter/outbox"
+    sqlite_busy_timeout_ms: int = Field(default=30_000, ge=0)
     count_cache_size: int = Field(default=4096, ge=1)
     log_level: str = "INFO"
     log_content: bool = False

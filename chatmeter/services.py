@@ -17,6 +17,7 @@ from chatmeter.auth.tokens import TokenVerifier
 from chatmeter.config import Settings, dev_jwt_secret
 from chatmeter.db.engine import make_engine
 from chatmeter.metering.counting import TokenCounter
+from chatmeter.metering.outbox import Outbox
 from chatmeter.observability.metrics import Metrics
 from chatmeter.providers.factories import default_factories
 from chatmeter.providers.registry import ProviderRegistry
@@ -34,6 +35,7 @@ class Services:
     counter: TokenCounter
     metrics: Metrics
     replies: ReplyRegistry
+    outbox: Outbox
     worker_id: str
     _background: set[asyncio.Task[Any]] = field(default_factory=set)
 
@@ -62,7 +64,9 @@ def new_worker_id() -> str:
 
 async def start_services(settings: Settings, engine: AsyncEngine | None = None) -> Services:
     metrics = Metrics()
-    engine = engine or make_engine(settings.database_url)
+    engine = engine or make_engine(
+        settings.database_url, sqlite_busy_timeout_ms=settings.sqlite_busy_timeout_ms
+    )
     worker_id = new_worker_id()
     secret = dev_jwt_secret(settings) if not settings.jwt_jwks_url else settings.jwt_secret
     services = Services(
@@ -79,8 +83,9 @@ async def start_services(settings: Settings, engine: AsyncEngine | None = None) 
         counter=TokenCounter(metrics, settings.count_cache_size),
         metrics=metrics,
         replies=ReplyRegistry(engine, worker_id, settings.reservation_ttl_seconds),
+        outbox=Outbox(settings.outbox_dir, worker_id),
         worker_id=worker_id,
     )
-    housekeeping = services.spawn(services.replies.run_housekeeping())
-    housekeeping.set_name("housekeeping")
+    services.spawn(services.replies.run_housekeeping()).set_name("housekeeping:replies")
+    services.spawn(services.outbox.run(engine, 1.0)).set_name("housekeeping:outbox")
     return services

@@ -13,9 +13,11 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 IMMEDIATE = {"sqlite_immediate": True}
 
 
-def make_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
+def make_engine(
+    url: str, *, pool_size: int = 10, sqlite_busy_timeout_ms: int = 30_000
+) -> AsyncEngine:
     if url.startswith("sqlite"):
-        return _sqlite_engine(url)
+        return _sqlite_engine(url, sqlite_busy_timeout_ms)
     return create_async_engine(
         url,
         pool_size=pool_size,
@@ -25,8 +27,10 @@ def make_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
     )
 
 
-def _sqlite_engine(url: str) -> AsyncEngine:
-    engine = create_async_engine(url, pool_size=8, max_overflow=8, connect_args={"timeout": 30})
+def _sqlite_engine(url: str, busy_timeout_ms: int) -> AsyncEngine:
+    engine = create_async_engine(
+        url, pool_size=8, max_overflow=8, connect_args={"timeout": busy_timeout_ms / 1000}
+    )
 
     @sa.event.listens_for(engine.sync_engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -36,7 +40,7 @@ def _sqlite_engine(url: str) -> AsyncEngine:
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
         cursor.close()
 
     @sa.event.listens_for(engine.sync_engine, "begin")

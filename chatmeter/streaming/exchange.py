@@ -237,7 +237,8 @@ class Exchange:
             )
         except Exception:
             services.metrics.settle_failures.inc()
-            log.error("settlement of message %s could not be written", settlement.message_id)
+            # never dropped: spooled to disk and replayed when the database is back
+            services.outbox.append(settlement)
             return False
         services.metrics.exchanges.labels(settlement.status, settlement.source).inc()
         services.metrics.tokens_billed.labels(self.model, "total").inc(

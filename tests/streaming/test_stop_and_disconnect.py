@@ -12,18 +12,9 @@ from tests.streaming.test_exchange import new_chat
 from tests.support.db import books, chat_rows, ledger_row, open_reservations
 from tests.support.server import RunningServer, serve
 from tests.support.sse import StreamResult, parse_events, stream_message
+from tests.support.waiting import eventually
 
 SLOW = scripted(reply=" ".join(f"word{i}" for i in range(40)), chunks=40, delay_ms=50)
-
-
-async def wait_for(predicate: object, timeout: float = 10.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while loop.time() < deadline:
-        if await predicate():  # type: ignore[operator]
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError("condition not reached in time")
 
 
 async def test_stop_ends_with_stopped_and_bills_partial(database_url: str) -> None:
@@ -78,7 +69,7 @@ async def test_client_leaving_saves_interrupted_reply(database_url: str) -> None
             async def saved() -> bool:
                 return len(await chat_rows(engine, chat_id)) == 2
 
-            await wait_for(saved)
+            await eventually(saved)
             rows = await chat_rows(engine, chat_id)
             assistant = rows[1]
             assert assistant.status == "interrupted"
@@ -104,7 +95,7 @@ async def test_second_message_while_streaming_is_409(database_url: str) -> None:
             async def streaming() -> bool:
                 return await open_reservations(engine, "dan") == 1
 
-            await wait_for(streaming)
+            await eventually(streaming)
             second = await client.post(
                 f"/api/chat/{chat_id}/message", json={"message": "two"}, headers=auth("dan")
             )

@@ -1,0 +1,119 @@
+"""The database goes away at settlement: the stream ends with DATABASE_ERROR, and the
+usage is recorded once the database is back, exactly once (SPEC section 5, issue 7)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+
+from chatmeter.db.engine import make_engine
+from chatmeter.metering.outbox import Outbox
+from chatmeter.metering.settlement import Settlement
+from chatmeter.providers.base import Usage
+from tests.conftest import auth, make_settings, scripted, token_for
+from tests.streaming.test_exchange import new_chat
+from tests.support.db import books, chat_rows, ledger_row
+from tests.support.outage import DatabaseOutage
+from tests.support.server import serve
+from tests.support.sse import StreamResult, parse_events, stream_message
+from tests.support.waiting import eventually
+
+SLOW = scripted(reply="one two three four five six seven eight", chunks=8, delay_ms=60)
+
+
+async def test_settlement_survives_a_database_outage(database_url: str, tmp_path: Path) -> None:
+    async with DatabaseOutage(database_url) as outage:
+        settings = make_settings(
+            outage.url,
+            models={"slow": SLOW},
+            settle_retry_seconds=0.3,
+            sqlite_busy_timeout_ms=100,
+            outbox_dir=str(tmp_path / "outbox"),
+        )
+        async with serve(settings) as server:
+            services = server.services
+            async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+                chat_id = await new_chat(client, "olga", model="slow")
+                result = StreamResult(0, httpx.Headers())
+                async with client.stream(
+                    "POST",
+                    f"/api/chat/{chat_id}/message",
+                    json={"message": "hi"},
+                    headers=auth("olga"),
+                ) as response:
+                    async for event in parse_events(response.aiter_lines(), result):
+                        if len(result.chunks) == 2 and not outage_started(outage):
+                            outage.begin()
+                        if event.get("done") or event.get("error"):
+                            break
+                error = result.last
+                assert error["error"] is True and error["code"] == "DATABASE_ERROR"
+                assert error["tokens_used"] > 0
+                assert result.text == SLOW.reply  # the reply itself was complete
+                assert services.outbox.pending() == 1
+
+                outage.end()
+                await eventually(lambda: services.outbox.pending() == 0, within=15)
+
+                rows = await chat_rows(services.engine, chat_id)
+                assert [(r.role, r.status) for r in rows] == [
+                    ("user", "complete"),
+                    ("assistant", "complete"),
+                ]
+                assert str(rows[1].message_id) == error["message_id"]
+                assert rows[1].content == SLOW.reply
+                assert rows[1].tokens_consumed == error["tokens_used"]
+                state = await books(services.engine, "olga")
+                assert state.total == state.ledger == error["tokens_used"]
+                assert state.ledger_rows == 1
+                assert state.reserved == 0 and state.open_reservations == 0
+                # replaying again (a crash between replay and rewrite) bills nothing twice
+                spool = services.outbox.path.read_bytes()
+                assert spool == b""
+                # and the chat works again
+                again = await client.post(
+                    f"/api/chat/{chat_id}/message",
+                    json={"message": "again"},
+                    headers={"Authorization": f"Bearer {token_for('olga')}"},
+                )
+                assert again.status_code == 200
+
+
+def outage_started(outage: DatabaseOutage) -> bool:
+    return outage._lock is not None or (outage._proxy is not None and outage._proxy.down)
+
+
+async def test_replaying_twice_bills_once(database_url: str, tmp_path: Path) -> None:
+    async with serve(make_settings(database_url, outbox_dir=str(tmp_path / "o"))) as server:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+            chat_id = await new_chat(client, "pia")
+            done = await stream_message(client, chat_id, "hello", token_for("pia"))
+            assert done.last["done"] is True
+    # spool the same settlement a second time, as if a replay crashed before its rewrite
+    engine = make_engine(database_url)
+    try:
+        before = await books(engine, "pia")
+        row = await ledger_row(engine, done.last["message_id"])
+        assert row is not None
+        rows = await chat_rows(engine, chat_id)
+        duplicate = Settlement(
+            user_id="pia",
+            chat_id=rows[1].chat_id,
+            model="scripted",
+            reservation_id=rows[1].message_id,
+            message_id=rows[1].message_id,
+            content=rows[1].content,
+            status="complete",
+            finish_reason="stop",
+            usage=Usage(row.prompt_tokens, row.completion_tokens),
+            source="provider",
+            created_at=rows[1].created_at,
+        )
+        outbox = Outbox(str(tmp_path / "o2"), "w1")
+        outbox.append(duplicate)
+        assert await outbox.replay(engine) == 1
+        after = await books(engine, "pia")
+        assert after == before
+    finally:
+        await engine.dispose()
