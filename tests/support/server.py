@@ -29,7 +29,9 @@ class RunningServer:
 @asynccontextmanager
 async def serve(settings: Settings) -> AsyncIterator[RunningServer]:
     app = create_app(settings)
-    sock = socket.socket()
+    # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY only on sockets whose proto says
+    # TCP, and without it every response body waits ~40 ms for a delayed ACK (Nagle)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     config = uvicorn.Config(
