@@ -5,8 +5,10 @@ reserved once its lease runs out (issue 7)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
+import uuid
 from pathlib import Path
 
 import httpx
@@ -41,7 +43,7 @@ async def holder_pid(database_url: str, chat_id: str) -> int:
             worker = (
                 await conn.execute(
                     sa.select(reservations.c.worker_id).where(
-                        reservations.c.chat_id == __import__("uuid").UUID(chat_id)
+                        reservations.c.chat_id == uuid.UUID(chat_id)
                     )
                 )
             ).scalar_one()
@@ -114,10 +116,8 @@ async def test_killed_worker_releases_its_reservation(database_url: str, tmp_pat
                 pid = await holder_pid(database_url, chat_id)
                 assert pid != os.getpid()
                 os.kill(pid, signal.SIGKILL)
-                try:
+                with contextlib.suppress(httpx.HTTPError):  # the connection died with it
                     await streaming
-                except httpx.HTTPError:
-                    pass  # the connection died with the worker
                 # the surviving worker's sweeper releases the dead lease (ttl 3 s)
                 await eventually(lambda: _released(engine, "ruth"), within=20, every=0.2)
                 rows = await chat_rows(engine, chat_id)
