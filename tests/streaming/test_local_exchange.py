@@ -1,0 +1,75 @@
+"""The embedded model end to end: a real SmolLM2 reply through llama.cpp, billed with
+llama.cpp's exact usage; a stopped reply billed with its exact tokenizer counts."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from chatmeter.config import ModelConfig
+from tests.conftest import auth, make_settings, token_for
+from tests.streaming.test_exchange import new_chat
+from tests.support.db import books, chat_rows
+from tests.support.server import serve
+from tests.support.sse import StreamResult, parse_events, stream_message
+
+# one database is enough to show the model works; the exchange's database paths are
+# covered on both backends by the scripted and Gemini tests
+pytestmark = pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+
+LOCAL = ModelConfig(provider="local", model="SmolLM2-135M-Instruct", max_output_tokens=48)
+
+
+async def test_local_model_reply_is_metered_exactly(database_url: str) -> None:
+    settings = make_settings(database_url, models={"local": LOCAL}, default_model="local")
+    async with serve(settings) as server:
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
+            chat = await new_chat(client, "lena")
+            result = await stream_message(client, chat, "Name three colours.", token_for("lena"))
+            assert result.status == 200
+            end = result.last
+            assert end["done"] is True, end
+            assert result.text.strip()
+            assert len(result.chunks) > 1  # streamed in pieces, not at once
+            usage = end["usage"]
+            assert usage["source"] == "provider"
+            assert 0 < usage["completion_tokens"] <= 48
+            # llama.cpp's own prompt count equals its tokenizer on the templated prompt
+            provider = await server.services.providers.get("local")
+            system = settings.system_prompt_for("local")
+            counts = await provider.count_tokens([system, "Name three colours."])
+            assert usage["prompt_tokens"] >= sum(counts)
+            assert usage["prompt_tokens"] <= sum(counts) + 20  # template markers only
+            state = await books(server.services.engine, "lena")
+            assert state.total == state.ledger == end["tokens_used"] and state.reserved == 0
+
+
+async def test_stopping_the_local_model_bills_counted_tokens(database_url: str) -> None:
+    long_answer = LOCAL.model_copy(update={"max_output_tokens": 400})
+    settings = make_settings(database_url, models={"local": long_answer}, default_model="local")
+    async with serve(settings) as server:
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
+            chat = await new_chat(client, "mo")
+            result = StreamResult(0, httpx.Headers())
+            async with client.stream(
+                "POST",
+                f"/api/chat/{chat}/message",
+                json={"message": "Write a long story about a dragon."},
+                headers=auth("mo"),
+            ) as response:
+                async for event in parse_events(response.aiter_lines(), result):
+                    if len(result.chunks) == 5 and not event.get("done"):
+                        stop = await client.post(f"/api/chat/{chat}/stop", headers=auth("mo"))
+                        assert stop.status_code == 202, (stop.text, result.text)
+                    if event.get("done") or event.get("error"):
+                        break
+            end = result.last
+            assert end["finish_reason"] == "stopped"
+            assert end["usage"]["source"] == "counted"
+            provider = await server.services.providers.get("local")
+            (reply_tokens,) = await provider.count_tokens([result.text])
+            assert end["usage"]["completion_tokens"] == reply_tokens
+            rows = await chat_rows(server.services.engine, chat)
+            assert rows[1].status == "stopped" and rows[1].content == result.text
+            state = await books(server.services.engine, "mo")
+            assert state.total == state.ledger == end["tokens_used"] and state.reserved == 0
