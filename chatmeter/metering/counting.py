@@ -101,7 +101,7 @@ class TokenCounter:
 
     async def meter(
         self,
-        provider: Provider,
+        provider: Provider | None,
         request: GenerationRequest,
         reply: str,
         reported: Usage | None,
@@ -111,14 +111,16 @@ class TokenCounter:
             return Metered(reported, "provider")
         prompt_texts = [*(turn.content for turn in request.history), request.message]
         try:
+            if provider is None:
+                raise ProviderError("PROVIDER_ERROR", "the provider is not available")
             prompt = await self.count(provider, request.system_prompt, prompt_texts)
             completion = await self.count(provider, "", [reply]) if reply else 0
             usage = Usage(prompt + EXCHANGE_OVERHEAD_TOKENS, completion)
             return Metered(usage, "counted")
         except ProviderError as exc:
-            log.warning("token counting failed for %s (%s); estimating", provider.name, exc)
+            log.warning("token counting failed (%s); estimating", exc)
         except Exception:
-            log.exception("token counting failed for %s; estimating", provider.name)
+            log.exception("token counting failed; estimating")
         prompt = sum(estimate_tokens(t) for t in [request.system_prompt, *prompt_texts])
         usage = Usage(prompt + EXCHANGE_OVERHEAD_TOKENS, estimate_tokens(reply) if reply else 0)
         return Metered(usage, "estimated")

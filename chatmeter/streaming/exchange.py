@@ -33,6 +33,7 @@ from chatmeter.metering.settlement import Settlement, settle_with_retries
 from chatmeter.providers.base import (
     ChatTurn,
     GenerationRequest,
+    Provider,
     ProviderError,
     StreamOutcome,
     Usage,
@@ -135,7 +136,9 @@ class Exchange:
                 failure = exc
             except Exception as exc:
                 log.exception("provider %s failed unexpectedly", self.model)
-                failure = ProviderError("PROVIDER_ERROR", type(exc).__name__)
+                failure = ProviderError(
+                    "PROVIDER_ERROR", type(exc).__name__, before_output=not pieces
+                )
             finally:
                 services.replies.unregister(reply)
                 if stream is not None:
@@ -174,8 +177,9 @@ class Exchange:
         if refused and outcome.usage is None:
             metered = Metered(Usage(0, 0), "provider")  # refused up front: nothing to bill
         else:
-            provider = await services.providers.get(self.model)
-            metered = await services.counter.meter(provider, self.request, content, outcome.usage)
+            metered = await services.counter.meter(
+                await self._provider_or_none(), self.request, content, outcome.usage
+            )
         finish = _finish_reason(status, outcome)
         settlement = self._settlement(content, status, finish, metered)
         saved = await self._write(settlement)
@@ -200,6 +204,12 @@ class Exchange:
                 "source": metered.source,
             },
         }
+
+    async def _provider_or_none(self) -> Provider | None:
+        try:
+            return await self.services.providers.get(self.model)
+        except Exception:
+            return None  # it failed to start: the exchange is estimated
 
     def _error_event(self, code: str, tokens_used: int) -> dict[str, Any]:
         return {

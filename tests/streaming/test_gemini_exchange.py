@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from chatmeter.config import ModelConfig
+from chatmeter.db.engine import make_engine
 from tests.conftest import make_settings, token_for
 from tests.fakes.gemini_server import GeminiScript, GeminiServer, count_rule, running_gemini_server
 from tests.streaming.test_exchange import new_chat
@@ -183,3 +184,26 @@ async def test_safety_block_is_content_blocked(stack: Stack) -> None:
     assert result.last["code"] == "CONTENT_BLOCKED"
     state = await books(stack.server.services.engine, "abe")
     assert state.total == state.ledger and state.reserved == 0
+
+
+async def test_provider_that_cannot_start_fails_cleanly(database_url: str) -> None:
+    model = ModelConfig(
+        provider="gemini", model="gemini-2.5-flash", api_key_env="CHATMETER_TEST_NO_SUCH_KEY"
+    )
+    settings = make_settings(database_url, models={"broken": model})
+    async with serve(settings) as server:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+            chat = await new_chat(client, "bea", model="broken")
+            result = await stream_message(client, chat, "hello", token_for("bea"))
+    assert result.status == 200
+    assert result.last["error"] is True and result.last["code"] == "PROVIDER_ERROR"
+    assert result.last["tokens_used"] == 0
+    engine = make_engine(database_url)
+    try:
+        rows = await chat_rows(engine, chat)
+        assert [(r.role, r.status) for r in rows] == [("user", "complete"), ("assistant", "failed")]
+        state = await books(engine, "bea")
+        assert state.total == state.ledger == 0
+        assert state.reserved == 0 and state.open_reservations == 0
+    finally:
+        await engine.dispose()
