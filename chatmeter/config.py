@@ -9,11 +9,22 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from chatmeter.auth.tokens import ASYMMETRIC_ALGORITHMS, HMAC_ALGORITHMS
 
 ENV_PREFIX = "CHATMETER_"
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant. Answer clearly and concisely."
 DEV_SECRET_FILE = ".chatmeter/dev-jwt-secret"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 class ConfigError(Exception):
@@ -70,9 +81,10 @@ class Settings(BaseModel):
     history_messages: int = Field(default=10, ge=0, le=1000)
     max_message_chars: int = Field(default=5000, ge=1, le=1_000_000)
     max_body_bytes: int = Field(default=64 * 1024, ge=1024)
+    # before default_model, which is checked against it
+    models: dict[str, ModelConfig] = Field(default_factory=dict)
     default_model: str = "local"
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
-    models: dict[str, ModelConfig] = Field(default_factory=dict)
     ping_interval_seconds: float = Field(default=15.0, gt=0)
     provider_idle_timeout_seconds: float = Field(default=60.0, gt=0)
     reservation_ttl_seconds: float = Field(default=120.0, gt=0)
@@ -90,12 +102,35 @@ class Settings(BaseModel):
             raise ValueError("must start with sqlite+aiosqlite:// or postgresql+asyncpg://")
         return value
 
+    @field_validator("jwt_algorithms")
+    @classmethod
+    def _known_algorithms(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        known = HMAC_ALGORITHMS | ASYMMETRIC_ALGORITHMS
+        if not value or any(name not in known for name in value):
+            raise ValueError(f"each must be one of {', '.join(sorted(known))}")
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_log_level(cls, value: str) -> str:
+        if value.upper() not in LOG_LEVELS:
+            raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}")
+        return value.upper()
+
+    @field_validator("default_model")
+    @classmethod
+    def _configured_model(cls, value: str, info: ValidationInfo) -> str:
+        # here, so that the error names the key; `models` is absent when it was invalid
+        models = info.data.get("models")
+        if models is not None and value != "local" and value not in models:
+            known = ", ".join(sorted({"local", *models}))
+            raise ValueError(f"{value!r} is not a configured model (configured: {known})")
+        return value
+
     @model_validator(mode="after")
     def _with_local_model(self) -> Settings:
         if "local" not in self.models:
             self.models["local"] = _builtin_local()
-        if self.default_model not in self.models:
-            raise ValueError(f"default_model {self.default_model!r} is not a configured model")
         return self
 
     @property
@@ -117,7 +152,9 @@ def _env_values(environ: Mapping[str, str]) -> dict[str, Any]:
         name = key[len(ENV_PREFIX) :].lower()
         if name not in _ENV_FIELDS:
             raise ConfigError(f"unknown setting {key}")
-        values[name] = raw.split(",") if name == "jwt_algorithms" else raw
+        values[name] = (
+            [part.strip() for part in raw.split(",")] if name == "jwt_algorithms" else raw
+        )
     return values
 
 
@@ -131,11 +168,20 @@ def _toml_values(path: str) -> dict[str, Any]:
         raise ConfigError(f"CHATMETER_CONFIG: {path} is not valid TOML: {exc}") from exc
 
 
-def _describe(exc: ValidationError) -> str:
+def _describe(exc: ValidationError, toml_keys: set[str], toml_path: str | None) -> str:
+    """Each problem named as the person wrote it: `CHATMETER_X` for the environment,
+    `x (in FILE)` for the TOML file."""
     problems = []
     for error in exc.errors():
-        location = ".".join(str(part) for part in error["loc"]) or "settings"
-        key = location if location.startswith("models") else ENV_PREFIX + location.upper()
+        location = [str(part) for part in error["loc"]]
+        if not location:
+            key = "settings"
+        elif location[0] in toml_keys:
+            key = f"{'.'.join(location)} (in {toml_path})"
+        elif location[0] == "models":
+            key = ".".join(location)
+        else:
+            key = ENV_PREFIX + location[0].upper()
         problems.append(f"{key}: {error['msg']}")
     return "invalid configuration: " + "; ".join(problems)
 
@@ -145,14 +191,18 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) ->
     `overrides` (used by tests and the CLI). Raises ConfigError naming the bad key."""
     env = os.environ if environ is None else environ
     values: dict[str, Any] = {}
-    if config_path := env.get(ENV_PREFIX + "CONFIG"):
+    config_path = env.get(ENV_PREFIX + "CONFIG")
+    if config_path:
         values.update(_toml_values(config_path))
-    values.update(_env_values(env))
+    toml_keys = set(values)
+    from_env = _env_values(env)
+    values.update(from_env)
     values.update(overrides)
+    toml_keys -= {*from_env, *overrides}
     try:
         return Settings.model_validate(values)
     except ValidationError as exc:
-        raise ConfigError(_describe(exc)) from exc
+        raise ConfigError(_describe(exc, toml_keys, config_path)) from exc
 
 
 def model_api_key(model: ModelConfig, environ: Mapping[str, str] | None = None) -> str | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any, TypeVar
 
 import orjson
@@ -29,14 +30,38 @@ class BadBody(Exception):
         self.field = field
 
 
+def is_json_media_type(content_type: str) -> bool:
+    media_type = content_type.partition(";")[0].strip().lower()
+    return media_type == "application/json" or (
+        media_type.startswith("application/") and media_type.endswith("+json")
+    )
+
+
+def _refuse_repeated_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    value = dict(pairs)
+    if len(value) != len(pairs):
+        raise BadBody("the request body repeats a key")
+    return value
+
+
 async def read_json(request: Request) -> Any:
     body = await request.body()
     if not body:
         raise BadBody("the request body must be a JSON object")
+    if not is_json_media_type(request.headers.get("content-type", "")):
+        raise BadBody("send the body as Content-Type: application/json")
     try:
-        return orjson.loads(body)
+        value = orjson.loads(body)
     except orjson.JSONDecodeError:
         raise BadBody("the request body is not valid JSON") from None
+    if b"{" in body:
+        # orjson keeps the last of repeated keys, other parsers the first: a body that
+        # means different things to different readers (a proxy, a log) is refused
+        try:
+            json.loads(body, object_pairs_hook=_refuse_repeated_keys)
+        except (ValueError, RecursionError):
+            raise BadBody("the request body is not valid JSON") from None
+    return value
 
 
 def parse_model(model: type[ModelT], value: Any) -> ModelT:

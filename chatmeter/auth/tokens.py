@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import unicodedata
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -100,18 +101,32 @@ class TokenVerifier:
             raise InvalidToken("token not yet valid") from None
         except (jwt.InvalidAudienceError, jwt.InvalidIssuerError):
             raise InvalidToken("token not meant for this service") from None
-        except jwt.MissingRequiredClaimError:
+        except jwt.MissingRequiredClaimError as exc:
+            # a configured aud/iss that the token lacks is a token for someone else
+            if exc.claim in ("aud", "iss"):
+                raise InvalidToken("token not meant for this service") from None
             raise InvalidToken("token lacks an expiry") from None
         except (jwt.PyJWTError, ValueError, TypeError):
             raise InvalidToken("invalid token") from None
 
 
+def _storable_id(text: str) -> bool:
+    """No control characters (PostgreSQL refuses NUL in text) and no lone surrogates
+    (no UTF-8 encoder takes them): such an id could not be stored as a user."""
+    if text.isascii():
+        return text.isprintable()
+    return not any(unicodedata.category(char) in ("Cc", "Cs") for char in text)
+
+
 def principal_from_claims(claims: dict[str, Any]) -> Principal:
     user_id = claims.get("user_id") or claims.get("sub")
-    if not isinstance(user_id, str | int) or not str(user_id).strip():
+    # bool is an int to Python, but `true` names nobody
+    if isinstance(user_id, bool) or not isinstance(user_id, str | int):
+        raise InvalidToken("token names no user")
+    if not str(user_id).strip():
         raise InvalidToken("token names no user")
     user_id = str(user_id)
-    if len(user_id) > 255:
+    if len(user_id) > 255 or not _storable_id(user_id):
         raise InvalidToken("token names no user")
     user_type = claims.get("user_type")
     user_type = user_type if isinstance(user_type, str) else None

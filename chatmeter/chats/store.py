@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import base64
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from chatmeter.db.engine import IMMEDIATE
 from chatmeter.db.tables import chats, messages, utcnow
 from chatmeter.errors import ApiError
 
@@ -24,6 +26,17 @@ CHAT_COLUMNS = (
     chats.c.created_at,
     chats.c.updated_at,
 )
+
+
+@asynccontextmanager
+async def write_transaction(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
+    """A transaction that reads and then writes. On SQLite it takes the write lock at
+    BEGIN: a plain one fails at once with SQLITE_BUSY when another writer commits
+    between its read and its write, and busy_timeout does not cover that."""
+    async with engine.connect() as conn:
+        conn = await conn.execution_options(**IMMEDIATE)
+        async with conn.begin():
+            yield conn
 
 
 def chat_json(chat: Mapping[Any, Any]) -> dict[str, Any]:

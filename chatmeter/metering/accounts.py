@@ -7,9 +7,9 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from chatmeter.chats.store import decode_cursor, encode_cursor
+from chatmeter.chats.store import decode_cursor, encode_cursor, write_transaction
 from chatmeter.db.tables import usage_events, user_usage, utcnow
 
 
@@ -52,6 +52,18 @@ async def read_usage(conn: AsyncConnection, user_id: str, default_limit: int) ->
         await ensure_user(conn, user_id, default_limit)
         row = (await conn.execute(query)).one()
     return row
+
+
+async def usage_of(engine: AsyncEngine, user_id: str, default_limit: int) -> Any:
+    """The user's budget row, created with the default limit when first seen: a plain
+    read when the row exists (almost always), a write transaction only to create it."""
+    query = sa.select(user_usage).where(user_usage.c.user_id == user_id)
+    async with engine.connect() as conn:
+        row = (await conn.execute(query)).one_or_none()
+    if row is not None:
+        return row
+    async with write_transaction(engine) as conn:
+        return await read_usage(conn, user_id, default_limit)
 
 
 async def set_limit(conn: AsyncConnection, user_id: str, limit: int) -> Any:

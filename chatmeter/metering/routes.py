@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import uuid
+from datetime import datetime
+from typing import Literal
+
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
+from chatmeter.chats.store import write_transaction
 from chatmeter.deps import AdminUser, CurrentUser, ServicesDep
 from chatmeter.errors import ApiError
 from chatmeter.jsonutil import BadBody, json_response, parse_model, read_json
@@ -16,28 +21,31 @@ router = APIRouter(tags=["usage"])
 
 
 class UsageOut(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     user_id: str
-    total_tokens_used: int
-    token_limit: int
-    reserved_tokens: int
-    tokens_remaining: int
+    total_tokens_used: int = Field(ge=0)
+    token_limit: int = Field(ge=0)
+    reserved_tokens: int = Field(ge=0)
+    tokens_remaining: int = Field(ge=0)
 
 
 class UsageEvent(BaseModel):
-    event_id: str
-    chat_id: str
-    message_id: str
+    model_config = ConfigDict(extra="forbid")
+    event_id: uuid.UUID
+    chat_id: uuid.UUID
+    message_id: uuid.UUID
     model: str
-    prompt_tokens: int
-    completion_tokens: int
-    thinking_tokens: int
-    cached_tokens: int
-    total_tokens: int
-    source: str
-    created_at: str
+    prompt_tokens: int = Field(ge=0)
+    completion_tokens: int = Field(ge=0)
+    thinking_tokens: int = Field(ge=0)
+    cached_tokens: int = Field(ge=0)
+    total_tokens: int = Field(ge=0)
+    source: Literal["provider", "counted", "estimated"]
+    created_at: datetime
 
 
 class EventPage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     events: list[UsageEvent]
     next: str | None
 
@@ -49,8 +57,8 @@ class NewLimit(BaseModel):
 
 @router.get("/api/usage", response_model=UsageOut, responses=errors())
 async def my_usage(user: CurrentUser, services: ServicesDep) -> Response:
-    async with services.engine.begin() as conn:
-        row = await accounts.read_usage(conn, user.user_id, services.settings.default_token_limit)
+    limit = services.settings.default_token_limit
+    row = await accounts.usage_of(services.engine, user.user_id, limit)
     return json_response(accounts.usage_json(row))
 
 
@@ -86,7 +94,7 @@ async def set_limit(
         body = parse_model(NewLimit, await read_json(request))
     except BadBody as exc:
         raise ApiError(400, "INVALID_REQUEST", exc.message) from None
-    async with services.engine.begin() as conn:
+    async with write_transaction(services.engine) as conn:
         row = await accounts.set_limit(conn, user_id, body.token_limit)
     return json_response(accounts.usage_json(row))
 
@@ -94,6 +102,5 @@ async def set_limit(
 @router.get("/api/admin/users/{user_id}/usage", response_model=UsageOut, responses=errors(400, 403))
 async def user_usage(user_id: str, _: AdminUser, services: ServicesDep) -> Response:
     user_id = _user_id(user_id)
-    async with services.engine.begin() as conn:
-        row = await accounts.read_usage(conn, user_id, services.settings.default_token_limit)
+    row = await accounts.usage_of(services.engine, user_id, services.settings.default_token_limit)
     return json_response(accounts.usage_json(row))

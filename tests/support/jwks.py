@@ -4,6 +4,9 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import json
 import threading
 import time
@@ -100,3 +103,14 @@ def claims_for(subject: str, *, ttl: int = 3600, **extra: Any) -> dict[str, Any]
     """Claims of a Supabase-like token for `subject` that expires in `ttl` seconds."""
     now = int(time.time())
     return {"sub": subject, "iat": now, "exp": now + ttl, "role": "authenticated", **extra}
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def hand_signed(header: dict[str, Any], claims: dict[str, Any], key: bytes) -> str:
+    """A JWS built by hand: PyJWT itself refuses to HMAC-sign with a PEM public key."""
+    signing_input = f"{b64url(json.dumps(header).encode())}.{b64url(json.dumps(claims).encode())}"
+    signature = hmac.new(key, signing_input.encode(), hashlib.sha256).digest()
+    return f"{signing_input}.{b64url(signature)}"

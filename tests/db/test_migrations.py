@@ -1,0 +1,185 @@
+"""The Alembic migrations on SQLite and PostgreSQL: the SPEC section 7 schema, both ways."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from chatmeter.db.engine import make_engine
+from chatmeter.db.migrate import alembic_config, upgrade
+from chatmeter.db.tables import metadata
+from tests.support.postgres import PostgresServer
+
+SPEC_COLUMNS = {
+    "chats": {"chat_id", "user_id", "title", "model", "is_active", "created_at", "updated_at"},
+    "messages": {
+        "message_id",
+        "chat_id",
+        "role",
+        "content",
+        "tokens_consumed",
+        "status",
+        "prompt_tokens",
+        "completion_tokens",
+        "metering_source",
+        "finish_reason",
+        "created_at",
+    },
+    "user_usage": {
+        "user_id",
+        "total_tokens_used",
+        "token_limit",
+        "reserved_tokens",
+        "updated_at",
+    },
+    "usage_events": {
+        "event_id",
+        "user_id",
+        "chat_id",
+        "message_id",
+        "model",
+        "prompt_tokens",
+        "completion_tokens",
+        "thinking_tokens",
+        "cached_tokens",
+        "total_tokens",
+        "source",
+        "created_at",
+    },
+}
+PRIMARY_KEYS = {
+    "chats": ["chat_id"],
+    "messages": ["message_id"],
+    "user_usage": ["user_id"],
+    "usage_events": ["event_id"],
+}
+
+
+@pytest.fixture
+def empty_url(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A database with nothing in it (not the migrated template)."""
+    if backend == "sqlite":
+        return f"sqlite+aiosqlite:///{tmp_path / 'empty.db'}"
+    postgres: PostgresServer = request.getfixturevalue("postgres")
+    name = f"e_{uuid.uuid4().hex[:12]}"
+    postgres.createdb(name)
+    return postgres.url(name)
+
+
+@pytest.fixture
+async def engine(empty_url: str) -> AsyncIterator[AsyncEngine]:
+    engine = make_engine(empty_url)
+    try:
+        yield engine
+    finally:
+        await engine.dispose()
+
+
+async def run_alembic(operation: Any, url: str, revision: str) -> None:
+    # Alembic's env.py runs its own event loop: keep it off this one
+    await asyncio.to_thread(operation, alembic_config(url), revision)
+
+
+async def inspect(engine: AsyncEngine) -> dict[str, Any]:
+    def read(connection: sa.Connection) -> dict[str, Any]:
+        inspector = sa.inspect(connection)
+        tables = {}
+        for table in inspector.get_table_names():
+            tables[table] = {
+                "columns": {c["name"]: c for c in inspector.get_columns(table)},
+                "pk": inspector.get_pk_constraint(table)["constrained_columns"],
+                "fks": inspector.get_foreign_keys(table),
+                "unique": inspector.get_unique_constraints(table),
+                "indexes": inspector.get_indexes(table),
+            }
+        return tables
+
+    async with engine.connect() as conn:
+        return await conn.run_sync(read)
+
+
+async def schema_differences(engine: AsyncEngine) -> list[Any]:
+    def compare(connection: sa.Connection) -> list[Any]:
+        context = MigrationContext.configure(connection, opts={"compare_type": True})
+        return list(compare_metadata(context, metadata))
+
+    async with engine.connect() as conn:
+        return await conn.run_sync(compare)
+
+
+async def test_upgrade_from_empty_creates_the_spec_tables(
+    empty_url: str, engine: AsyncEngine, backend: str
+) -> None:
+    assert await inspect(engine) == {}
+    await run_alembic(command.upgrade, empty_url, "head")
+    tables = await inspect(engine)
+    assert set(SPEC_COLUMNS) <= set(tables)
+    assert "alembic_version" in tables
+    for table, columns in SPEC_COLUMNS.items():
+        assert set(tables[table]["columns"]) == columns, table
+        assert tables[table]["pk"] == PRIMARY_KEYS[table], table
+    fks = tables["messages"]["fks"]
+    assert [(fk["constrained_columns"], fk["referred_table"]) for fk in fks] == [
+        (["chat_id"], "chats")
+    ]
+    unique = {tuple(u["column_names"]) for u in tables["usage_events"]["unique"]}
+    unique |= {tuple(i["column_names"]) for i in tables["usage_events"]["indexes"] if i["unique"]}
+    assert ("message_id",) in unique, "an exchange is billed once"
+    nullable = {name for name, c in tables["messages"]["columns"].items() if c["nullable"]}
+    assert nullable == {"prompt_tokens", "completion_tokens", "metering_source", "finish_reason"}
+    for table in ("chats", "user_usage", "usage_events"):
+        assert not any(c["nullable"] for c in tables[table]["columns"].values()), table
+    if backend == "postgres":
+        chats = tables["chats"]["columns"]
+        assert isinstance(chats["chat_id"]["type"], sa.Uuid)
+        assert isinstance(chats["is_active"]["type"], sa.Boolean)
+        assert chats["created_at"]["type"].timezone is True
+        assert isinstance(tables["user_usage"]["columns"]["token_limit"]["type"], sa.BigInteger)
+    async with engine.connect() as conn:
+        version = (await conn.execute(sa.text("SELECT version_num FROM alembic_version"))).all()
+    assert version == [("0001",)]
+
+
+async def test_migrated_schema_matches_the_tables_module(
+    empty_url: str, engine: AsyncEngine
+) -> None:
+    await run_alembic(command.upgrade, empty_url, "head")
+    assert await schema_differences(engine) == []
+
+
+async def test_downgrade_to_base_and_upgrade_again(empty_url: str, engine: AsyncEngine) -> None:
+    await run_alembic(command.upgrade, empty_url, "head")
+    async with engine.begin() as conn:
+        await conn.execute(
+            sa.text(
+                "INSERT INTO user_usage (user_id, total_tokens_used, token_limit,"
+                " reserved_tokens, updated_at) VALUES ('u', 0, 5, 0, CURRENT_TIMESTAMP)"
+            )
+        )
+    await run_alembic(command.downgrade, empty_url, "base")
+    assert set(await inspect(engine)) <= {"alembic_version"}
+    await run_alembic(command.upgrade, empty_url, "head")
+    tables = await inspect(engine)
+    assert set(SPEC_COLUMNS) <= set(tables)
+    assert await schema_differences(engine) == []
+    async with engine.connect() as conn:
+        rows = (await conn.execute(sa.text("SELECT count(*) FROM user_usage"))).scalar_one()
+    assert rows == 0
+
+
+async def test_upgrade_helper_is_idempotent_inside_a_running_loop(
+    empty_url: str, engine: AsyncEngine
+) -> None:
+    upgrade(empty_url)  # from inside this event loop: runs in a thread of its own
+    upgrade(empty_url)
+    assert await schema_differences(engine) == []

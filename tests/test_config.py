@@ -1,0 +1,280 @@
+"""Settings from the environment and a TOML file (SPEC section 2)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from chatmeter.config import ConfigError, Settings, load_settings
+
+
+def write_toml(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "chatmeter.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def refused(environ: dict[str, str]) -> str:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(environ=environ)
+    return str(caught.value)
+
+
+def test_defaults_match_the_contract() -> None:
+    settings = load_settings(environ={})
+    assert settings.database_url == "sqlite+aiosqlite:///./chatmeter.db"
+    assert settings.jwt_secret is None
+    assert settings.jwt_jwks_url is None
+    assert settings.jwt_audience is None
+    assert settings.jwt_issuer is None
+    assert settings.default_token_limit == 100_000
+    assert settings.history_messages == 10
+    assert settings.max_message_chars == 5000
+    assert settings.default_model == "local"
+    assert settings.max_body_bytes == 64 * 1024
+    assert settings.is_sqlite is True
+
+
+def test_builtin_local_model_always_exists() -> None:
+    assert load_settings(environ={}).models["local"].provider == "local"
+    assert Settings().models["local"].provider == "local"
+    assert Settings(models={}).models["local"].provider == "local"
+
+
+def test_environment_is_read() -> None:
+    settings = load_settings(
+        environ={
+            "CHATMETER_DATABASE_URL": "postgresql+asyncpg://u:p@db.internal:5432/chatmeter",
+            "CHATMETER_JWT_SECRET": "s3cret-value",
+            "CHATMETER_JWT_JWKS_URL": "https://auth.example.test/.well-known/jwks.json",
+            "CHATMETER_JWT_AUDIENCE": "authenticated",
+            "CHATMETER_JWT_ISSUER": "https://auth.example.test/auth/v1",
+            "CHATMETER_DEFAULT_TOKEN_LIMIT": "2500",
+            "CHATMETER_HISTORY_MESSAGES": "4",
+            "CHATMETER_MAX_MESSAGE_CHARS": "300",
+            "CHATMETER_JWT_ALGORITHMS": "HS256,ES256",
+            "PATH": "/usr/bin",  # not ours: ignored
+            "CHATMETERX": "ignored too",
+        }
+    )
+    assert settings.database_url == "postgresql+asyncpg://u:p@db.internal:5432/chatmeter"
+    assert settings.is_sqlite is False
+    assert settings.jwt_secret == "s3cret-value"
+    assert settings.jwt_jwks_url == "https://auth.example.test/.well-known/jwks.json"
+    assert settings.jwt_audience == "authenticated"
+    assert settings.jwt_issuer == "https://auth.example.test/auth/v1"
+    assert settings.default_token_limit == 2500
+    assert settings.history_messages == 4
+    assert settings.max_message_chars == 300
+    assert settings.jwt_algorithms == ("HS256", "ES256")
+
+
+def test_toml_file_is_read(tmp_path: Path) -> None:
+    path = write_toml(
+        tmp_path,
+        """
+default_token_limit = 777
+history_messages = 3
+default_model = "gemini-flash"
+system_prompt = "Be brief."
+
+[models."gemini-flash"]
+provider = "gemini"
+model = "gemini-2.5-flash"
+api_key_env = "GEMINI_API_KEY"
+base_url = "http://127.0.0.1:9999"
+system_prompt = "You are terse."
+max_output_tokens = 2048
+context_window = 1048576
+
+[models.bench]
+provider = "scripted"
+reply = "ok"
+chunks = 2
+delay_ms = 5
+""",
+    )
+    settings = load_settings(environ={"CHATMETER_CONFIG": path})
+    assert settings.default_token_limit == 777
+    assert settings.history_messages == 3
+    assert settings.default_model == "gemini-flash"
+    gemini = settings.models["gemini-flash"]
+    assert (gemini.provider, gemini.model, gemini.api_key_env) == (
+        "gemini",
+        "gemini-2.5-flash",
+        "GEMINI_API_KEY",
+    )
+    assert gemini.base_url == "http://127.0.0.1:9999"
+    assert (gemini.max_output_tokens, gemini.context_window) == (2048, 1048576)
+    assert settings.system_prompt_for("gemini-flash") == "You are terse."
+    assert settings.system_prompt_for("bench") == "Be brief."
+    bench = settings.models["bench"]
+    assert (bench.provider, bench.reply, bench.chunks, bench.delay_ms) == ("scripted", "ok", 2, 5)
+    assert settings.models["local"].provider == "local"  # still there
+
+
+def test_environment_wins_over_toml(tmp_path: Path) -> None:
+    path = write_toml(
+        tmp_path, 'default_token_limit = 777\nmax_message_chars = 10\njwt_secret = "from-toml"\n'
+    )
+    settings = load_settings(
+        environ={
+            "CHATMETER_CONFIG": path,
+            "CHATMETER_DEFAULT_TOKEN_LIMIT": "888",
+            "CHATMETER_JWT_SECRET": "from-env",
+        }
+    )
+    assert settings.default_token_limit == 888
+    assert settings.jwt_secret == "from-env"
+    assert settings.max_message_chars == 10  # only in the file
+
+
+def test_default_model_may_name_a_toml_model_from_the_environment(tmp_path: Path) -> None:
+    path = write_toml(tmp_path, '[models.fast]\nprovider = "scripted"\n')
+    settings = load_settings(environ={"CHATMETER_CONFIG": path, "CHATMETER_DEFAULT_MODEL": "fast"})
+    assert settings.default_model == "fast"
+
+
+def test_local_model_can_be_tuned_in_toml(tmp_path: Path) -> None:
+    path = write_toml(tmp_path, '[models.local]\nprovider = "local"\nthreads = 4\n')
+    settings = load_settings(environ={"CHATMETER_CONFIG": path})
+    assert settings.models["local"].threads == 4
+
+
+def test_load_settings_reads_os_environ_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in list(os.environ):
+        if key.startswith("CHATMETER_"):
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("CHATMETER_HISTORY_MESSAGES", "7")
+    assert load_settings().history_messages == 7
+
+
+# -- refusals: each names the key ----------------------------------------------------
+
+
+def test_unknown_environment_key() -> None:
+    message = refused({"CHATMETER_DEFUALT_MODEL": "local"})
+    assert "CHATMETER_DEFUALT_MODEL" in message
+
+
+def test_models_cannot_come_from_the_environment() -> None:
+    assert "CHATMETER_MODELS" in refused({"CHATMETER_MODELS": "{}"})
+
+
+def test_unknown_toml_key(tmp_path: Path) -> None:
+    path = write_toml(tmp_path, "histroy_messages = 3\n")
+    message = refused({"CHATMETER_CONFIG": path})
+    assert "histroy_messages" in message
+    assert path in message
+
+
+def test_unknown_model_key(tmp_path: Path) -> None:
+    path = write_toml(tmp_path, '[models.fast]\nprovider = "scripted"\nreplyy = "x"\n')
+    message = refused({"CHATMETER_CONFIG": path})
+    assert "models.fast.replyy" in message
+
+
+def test_unknown_provider(tmp_path: Path) -> None:
+    path = write_toml(tmp_path, '[models.fast]\nprovider = "anthropic-ish"\n')
+    message = refused({"CHATMETER_CONFIG": path})
+    assert "models.fast.provider" in message
+
+
+def test_model_without_provider(tmp_path: Path) -> None:
+    path = write_toml(tmp_path, '[models.fast]\nmodel = "x"\n')
+    assert "models.fast.provider" in refused({"CHATMETER_CONFIG": path})
+
+
+def test_bad_model_value(tmp_path: Path) -> None:
+    path = write_toml(tmp_path, '[models.fast]\nprovider = "scripted"\nmax_output_tokens = 0\n')
+    assert "models.fast.max_output_tokens" in refused({"CHATMETER_CONFIG": path})
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("CHATMETER_DEFAULT_TOKEN_LIMIT", "lots"),
+        ("CHATMETER_DEFAULT_TOKEN_LIMIT", "-1"),
+        ("CHATMETER_DEFAULT_TOKEN_LIMIT", "1.5"),
+        ("CHATMETER_HISTORY_MESSAGES", "ten"),
+        ("CHATMETER_MAX_MESSAGE_CHARS", "0"),
+        ("CHATMETER_MAX_MESSAGE_CHARS", ""),
+        ("CHATMETER_PING_INTERVAL_SECONDS", "0"),
+    ],
+)
+def test_bad_value_in_the_environment(key: str, value: str) -> None:
+    message = refused({key: value})
+    assert key in message
+
+
+def test_bad_value_in_toml(tmp_path: Path) -> None:
+    path = write_toml(tmp_path, 'default_token_limit = "lots"\n')
+    message = refused({"CHATMETER_CONFIG": path})
+    assert "default_token_limit" in message
+
+
+def test_default_model_that_is_not_configured() -> None:
+    message = refused({"CHATMETER_DEFAULT_MODEL": "gpt-nonexistent"})
+    assert "CHATMETER_DEFAULT_MODEL" in message
+    assert "gpt-nonexistent" in message
+
+
+def test_default_model_not_configured_in_toml(tmp_path: Path) -> None:
+    path = write_toml(tmp_path, 'default_model = "missing"\n')
+    message = refused({"CHATMETER_CONFIG": path})
+    assert "default_model" in message
+    assert "missing" in message
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "mysql://root@localhost/chatmeter",
+        "sqlite:///./chatmeter.db",
+        "postgresql://u@h/db",
+        "",
+    ],
+)
+def test_bad_database_url(url: str) -> None:
+    message = refused({"CHATMETER_DATABASE_URL": url})
+    assert "CHATMETER_DATABASE_URL" in message
+
+
+def test_bad_database_url_does_not_echo_a_password() -> None:
+    message = refused({"CHATMETER_DATABASE_URL": "mysql://root:hunter2@db/chatmeter"})
+    assert "CHATMETER_DATABASE_URL" in message
+    assert "hunter2" not in message
+
+
+def test_unreadable_toml(tmp_path: Path) -> None:
+    missing = str(tmp_path / "nope.toml")
+    message = refused({"CHATMETER_CONFIG": missing})
+    assert "CHATMETER_CONFIG" in message and missing in message
+    message = refused({"CHATMETER_CONFIG": str(tmp_path)})  # a directory
+    assert "CHATMETER_CONFIG" in message
+
+
+def test_invalid_toml(tmp_path: Path) -> None:
+    path = write_toml(tmp_path, "default_token_limit = = 5\n")
+    message = refused({"CHATMETER_CONFIG": path})
+    assert "CHATMETER_CONFIG" in message and path in message
+    assert "TOML" in message
+
+
+def test_unknown_jwt_algorithm() -> None:
+    message = refused({"CHATMETER_JWT_ALGORITHMS": "HS256,none"})
+    assert "CHATMETER_JWT_ALGORITHMS" in message
+
+
+def test_bad_log_level() -> None:
+    message = refused({"CHATMETER_LOG_LEVEL": "LOUD"})
+    assert "CHATMETER_LOG_LEVEL" in message
+    assert load_settings(environ={"CHATMETER_LOG_LEVEL": "debug"}).log_level == "DEBUG"
+
+
+def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
+    message = refused({"CHATMETER_HISTORY_MESSAGES": "x", "CHATMETER_MAX_MESSAGE_CHARS": "y"})
+    assert "CHATMETER_HISTORY_MESSAGES" in message
+    assert "CHATMETER_MAX_MESSAGE_CHARS" in message
