@@ -14,6 +14,8 @@ from chatmeter.config import Settings, load_settings
 from chatmeter.errors import install_error_handlers
 from chatmeter.limits import BodySizeLimit
 from chatmeter.metering.routes import router as usage_router
+from chatmeter.observability.logs import keep_content_out_of_logs
+from chatmeter.openapi import install_openapi
 from chatmeter.services import start_services
 from chatmeter.streaming.routes import router as stream_router
 from chatmeter.system_routes import router as system_router
@@ -27,6 +29,8 @@ DESCRIPTION = (
 
 
 def create_app(settings: Settings) -> FastAPI:
+    keep_content_out_of_logs(settings.log_content)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.services = await start_services(settings)
@@ -42,6 +46,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     for router in (chats_router, stream_router, usage_router, system_router, web_router):
         app.include_router(router)
+    install_openapi(app)
     return app
 
 

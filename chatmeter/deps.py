@@ -20,7 +20,9 @@ ServicesDep = Annotated[Services, Depends(get_services)]
 
 
 async def current_user(request: Request, services: ServicesDep) -> Principal:
-    header = request.headers.get("authorization", "")
+    headers = request.headers.getlist("authorization")
+    # two credentials are ambiguous: a proxy in front may have checked the other one
+    header = headers[0] if len(headers) == 1 else ""
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise ApiError(401, "UNAUTHORIZED", "Sign in: send Authorization: Bearer <token>.")

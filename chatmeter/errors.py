@@ -4,10 +4,12 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from sqlalchemy.exc import InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
@@ -30,8 +32,13 @@ def error_body(code: str, message: str, **extra: Any) -> dict[str, Any]:
     return {"error": True, "code": code, "message": message, **extra}
 
 
-def error_response(status: int, code: str, message: str) -> Response:
-    return json_response(error_body(code, message), status)
+def error_response(
+    status: int, code: str, message: str, headers: Mapping[str, str] | None = None
+) -> Response:
+    response = json_response(error_body(code, message), status)
+    if headers:
+        response.headers.update(headers)
+    return response
 
 
 _HTTP_CODES = {
@@ -62,7 +69,19 @@ def install_error_handlers(app: FastAPI) -> None:
         assert isinstance(exc, StarletteHTTPException)
         code = _HTTP_CODES.get(exc.status_code, "HTTP_ERROR")
         status = 400 if exc.status_code == 422 else exc.status_code
-        return error_response(status, code, str(exc.detail))
+        # keep the exception's headers: a 405 must say what is allowed (`Allow`)
+        return error_response(status, code, str(exc.detail), exc.headers)
+
+    async def on_database_down(_: Request, exc: Exception) -> Response:
+        # the database is away (restarting, unreachable): nothing was changed, and the
+        # client may retry; a 503 says so where a 500 would not
+        log.warning("database unavailable: %s", type(exc).__name__)
+        return error_response(
+            503,
+            "DATABASE_ERROR",
+            "The database cannot be reached. Try again shortly.",
+            {"Retry-After": "1"},
+        )
 
     async def on_unexpected(_: Request, exc: Exception) -> Response:
         log.error("unexpected error", exc_info=exc)
@@ -71,4 +90,6 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ApiError, on_api_error)
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(StarletteHTTPException, on_http)
+    for unavailable in (OperationalError, InterfaceError, ConnectionError, TimeoutError):
+        app.add_exception_handler(unavailable, on_database_down)
     app.add_exception_handler(Exception, on_unexpected)

@@ -1,12 +1,24 @@
-"""Helpers that describe hand-parsed bodies and the shared error shape in OpenAPI."""
+"""The OpenAPI description: helpers for hand-parsed bodies, the shared error shape and the
+event stream, and the finishing touches FastAPI cannot infer (bearer auth; no 422)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
+from fastapi import FastAPI, Path
+from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
 
-from chatmeter.chats.schemas import ErrorBody
+from chatmeter.chats.schemas import STREAM_EVENTS, ErrorBody
+
+COMPONENTS = "#/components/schemas/{model}"
+
+# A str, not a UUID, to FastAPI: a bad id is the contract's 400 INVALID_CHAT_ID, which the
+# route decides, not FastAPI's validation
+ChatIdPath = Annotated[
+    str, Path(description="The chat's id, a UUID.", json_schema_extra={"format": "uuid"})
+]
 
 
 def json_body(model: type[BaseModel], *, required: bool = True) -> dict[str, Any]:
@@ -24,3 +36,68 @@ def json_body(model: type[BaseModel], *, required: bool = True) -> dict[str, Any
 def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """Document the error answers of an endpoint; all share one shape."""
     return {status: {"model": ErrorBody} for status in (*statuses, 401, 413)}
+
+
+def event_stream(description: str) -> dict[str, Any]:
+    """A `text/event-stream` answer. As OpenAPI 3.1 tools read it, `schema` describes one
+    event: unnamed (so `message`), numbered, and its `data` one JSON object."""
+    events = [{"$ref": COMPONENTS.format(model=m.__name__)} for m in STREAM_EVENTS]
+    return {
+        "description": description,
+        "content": {
+            "text/event-stream": {
+                "schema": {
+                    "type": "object",
+                    "required": ["data", "id"],
+                    "properties": {
+                        "event": {"const": "message"},
+                        "id": {"type": "string", "pattern": "^[1-9][0-9]*$"},
+                        "data": {
+                            "type": "string",
+                            "contentMediaType": "application/json",
+                            "contentSchema": {"oneOf": events},
+                        },
+                    },
+                }
+            }
+        },
+    }
+
+
+def _finish(schema: dict[str, Any]) -> dict[str, Any]:
+    components = schema.setdefault("components", {})
+    models = components.setdefault("schemas", {})
+    _, defs = models_json_schema(
+        [(m, "serialization") for m in STREAM_EVENTS], ref_template=COMPONENTS
+    )
+    models.update(defs.get("$defs", {}))
+    # bad requests are 400 INVALID_REQUEST (errors.py): FastAPI's 422 never happens
+    models.pop("HTTPValidationError", None)
+    models.pop("ValidationError", None)
+    components["securitySchemes"] = {
+        "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}
+    }
+    for path, operations in schema.get("paths", {}).items():
+        for operation in operations.values():
+            operation.get("responses", {}).pop("422", None)
+            if path.startswith("/api/"):
+                operation["security"] = [{"bearer": []}]
+    return schema
+
+
+def install_openapi(app: FastAPI) -> None:
+    """Serve the finished description at /openapi.json (built once, on first request)."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = _finish(
+                get_openapi(
+                    title=app.title,
+                    version=app.version,
+                    description=app.description,
+                    routes=app.routes,
+                )
+            )
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

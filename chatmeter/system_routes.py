@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+from typing import Literal
+
 import sqlalchemy as sa
 from fastapi import APIRouter
+from pydantic import BaseModel, ConfigDict
 from starlette.responses import Response
 
+from chatmeter.chats.schemas import ErrorBody
 from chatmeter.deps import ServicesDep
 from chatmeter.errors import error_response
 from chatmeter.jsonutil import json_response
@@ -13,22 +18,49 @@ from chatmeter.jsonutil import json_response
 router = APIRouter(tags=["system"])
 
 
-@router.get("/healthz")
+class Health(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    status: Literal["ok"]
+
+
+class Ready(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    status: Literal["ready"]
+
+
+PROMETHEUS_TEXT = "text/plain; version=0.0.4"
+
+
+@router.get("/healthz", response_model=Health)
 async def healthz() -> Response:
     return json_response({"status": "ok"})
 
 
-@router.get("/readyz")
+@router.get(
+    "/readyz",
+    response_model=Ready,
+    responses={503: {"model": ErrorBody, "description": "The database cannot be reached."}},
+)
 async def readyz(services: ServicesDep) -> Response:
     try:
-        async with services.engine.connect() as conn:
+        # bounded: a database host that drops packets must not hang the load balancer
+        async with asyncio.timeout(3), services.engine.connect() as conn:
             await conn.execute(sa.text("SELECT 1"))
     except Exception:
         return error_response(503, "DATABASE_UNAVAILABLE", "The database cannot be reached.")
     return json_response({"status": "ready"})
 
 
-@router.get("/metrics")
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={
+        200: {
+            "description": "Prometheus text exposition format.",
+            "content": {PROMETHEUS_TEXT: {"schema": {"type": "string"}}},
+        }
+    },
+)
 async def metrics(services: ServicesDep) -> Response:
     services.metrics.active_streams.set(len(services.replies))
-    return Response(services.metrics.render(), media_type="text/plain; version=0.0.4")
+    return Response(services.metrics.render(), media_type=PROMETHEUS_TEXT)

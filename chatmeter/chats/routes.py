@@ -12,7 +12,7 @@ from chatmeter.chats.schemas import Chat, ChatPage, ChatWithMessages, NewChat, R
 from chatmeter.deps import CurrentUser, ServicesDep
 from chatmeter.errors import ApiError
 from chatmeter.jsonutil import BadBody, json_response, parse_model, read_json
-from chatmeter.openapi import errors, json_body
+from chatmeter.openapi import ChatIdPath, errors, json_body
 
 router = APIRouter(prefix="/api/chat", tags=["chats"])
 
@@ -35,7 +35,8 @@ async def _body(request: Request, model: type[Any], *, optional: bool = False) -
 )
 async def create_chat(request: Request, user: CurrentUser, services: ServicesDep) -> Response:
     body: NewChat = await _body(request, NewChat, optional=True)
-    model = body.model or services.settings.default_model
+    # only an absent (or null) model means the default: "" is a model nobody configured
+    model = services.settings.default_model if body.model is None else body.model
     if not services.providers.has(model):
         known = ", ".join(services.providers.names())
         raise ApiError(400, "INVALID_REQUEST", f"model: unknown model {model!r} (known: {known})")
@@ -57,7 +58,7 @@ async def list_chats(
 
 
 @router.get("/{chat_id}", response_model=ChatWithMessages, responses=errors(400, 403, 404))
-async def get_chat(chat_id: str, user: CurrentUser, services: ServicesDep) -> Response:
+async def get_chat(chat_id: ChatIdPath, user: CurrentUser, services: ServicesDep) -> Response:
     chat_uuid = store.parse_chat_id(chat_id)
     async with services.engine.connect() as conn:
         chat = await store.owned_chat(conn, chat_uuid, user.user_id)
@@ -74,11 +75,11 @@ async def get_chat(chat_id: str, user: CurrentUser, services: ServicesDep) -> Re
     openapi_extra=json_body(Rename),
 )
 async def rename_chat(
-    chat_id: str, request: Request, user: CurrentUser, services: ServicesDep
+    chat_id: ChatIdPath, request: Request, user: CurrentUser, services: ServicesDep
 ) -> Response:
     chat_uuid = store.parse_chat_id(chat_id)
     body: Rename = await _body(request, Rename)
-    async with services.engine.begin() as conn:
+    async with store.write_transaction(services.engine) as conn:
         await store.owned_chat(conn, chat_uuid, user.user_id)
         await store.rename_chat(conn, chat_uuid, body.title)
         chat = await store.owned_chat(conn, chat_uuid, user.user_id)
@@ -86,9 +87,9 @@ async def rename_chat(
 
 
 @router.delete("/{chat_id}", status_code=204, responses=errors(400, 403, 404))
-async def delete_chat(chat_id: str, user: CurrentUser, services: ServicesDep) -> Response:
+async def delete_chat(chat_id: ChatIdPath, user: CurrentUser, services: ServicesDep) -> Response:
     chat_uuid = store.parse_chat_id(chat_id)
-    async with services.engine.begin() as conn:
+    async with store.write_transaction(services.engine) as conn:
         await store.owned_chat(conn, chat_uuid, user.user_id)
         await store.deactivate_chat(conn, chat_uuid)
     return Response(status_code=204)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import uuid
+from datetime import datetime
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -41,26 +43,32 @@ class NewMessage(BaseModel):
     message: str
 
 
+# What the API answers. Only the OpenAPI description reads these (the routes write JSON
+# themselves); `extra="forbid"` makes the description say no other field appears.
+
+
 class Chat(BaseModel):
-    chat_id: str
+    model_config = ConfigDict(extra="forbid")
+    chat_id: uuid.UUID
     title: str
     model: str
     is_active: bool
-    created_at: str
-    updated_at: str
+    created_at: datetime
+    updated_at: datetime
 
 
 class Message(BaseModel):
-    message_id: str
+    model_config = ConfigDict(extra="forbid")
+    message_id: uuid.UUID
     role: Literal["user", "assistant"]
     content: str
-    tokens_consumed: int
+    tokens_consumed: int = Field(ge=0)
     status: Literal["complete", "stopped", "interrupted", "failed"]
     prompt_tokens: int | None
     completion_tokens: int | None
     metering_source: str | None
     finish_reason: str | None
-    created_at: str
+    created_at: datetime
 
 
 class ChatWithMessages(Chat):
@@ -68,11 +76,74 @@ class ChatWithMessages(Chat):
 
 
 class ChatPage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     chats: list[Chat]
     next: str | None
 
 
 class ErrorBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     error: Literal[True]
-    code: str
+    code: str = Field(pattern="^[A-Z][A-Z0-9_]*$")
     message: str
+
+
+class StopAccepted(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    stopping: Literal[True]
+    chat_id: uuid.UUID
+
+
+# The `data` of the stream's events (SPEC section 5).
+
+
+class StreamChunk(BaseModel):
+    """A piece of the reply."""
+
+    model_config = ConfigDict(extra="forbid")
+    chunk: str = Field(min_length=1)
+    done: Literal[False]
+
+
+class StreamUsage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    prompt_tokens: int = Field(ge=0)
+    completion_tokens: int = Field(ge=0)
+    thinking_tokens: int = Field(ge=0)
+    cached_tokens: int = Field(ge=0)
+    total_tokens: int = Field(ge=0)
+    source: Literal["provider", "counted", "estimated"]
+
+
+class StreamEnd(BaseModel):
+    """The last event of a reply that ended (completely, or stopped)."""
+
+    model_config = ConfigDict(extra="forbid")
+    chunk: Literal[""]
+    done: Literal[True]
+    tokens_used: int = Field(ge=0)
+    message_id: uuid.UUID
+    user_message_id: uuid.UUID
+    finish_reason: str
+    usage: StreamUsage
+
+
+class StreamError(BaseModel):
+    """The last event of a reply that failed after the stream began."""
+
+    model_config = ConfigDict(extra="forbid")
+    error: Literal[True]
+    code: Literal[
+        "PROVIDER_ERROR",
+        "PROVIDER_RATE_LIMITED",
+        "PROVIDER_TIMEOUT",
+        "CONTENT_BLOCKED",
+        "DATABASE_ERROR",
+        "INTERNAL_ERROR",
+    ]
+    message: str
+    message_id: uuid.UUID
+    tokens_used: int = Field(ge=0)
+
+
+STREAM_EVENTS: tuple[type[BaseModel], ...] = (StreamChunk, StreamEnd, StreamError)

@@ -12,6 +12,10 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 # when another writer got in between, which busy_timeout does not cover.
 IMMEDIATE = {"sqlite_immediate": True}
 
+# A failed statement's message would otherwise carry its parameters, so chat content
+# would reach the logs whenever a write fails
+HIDE_PARAMETERS = {"hide_parameters": True}
+
 
 def make_engine(
     url: str, *, pool_size: int = 10, sqlite_busy_timeout_ms: int = 30_000
@@ -24,12 +28,19 @@ def make_engine(
         max_overflow=pool_size * 2,
         pool_pre_ping=True,
         pool_recycle=1800,
+        # fail fast when the server is unreachable instead of asyncpg's 60 s default
+        connect_args={"timeout": 5},
+        **HIDE_PARAMETERS,
     )
 
 
 def _sqlite_engine(url: str, busy_timeout_ms: int) -> AsyncEngine:
     engine = create_async_engine(
-        url, pool_size=8, max_overflow=8, connect_args={"timeout": busy_timeout_ms / 1000}
+        url,
+        pool_size=8,
+        max_overflow=8,
+        connect_args={"timeout": busy_timeout_ms / 1000},
+        **HIDE_PARAMETERS,
     )
 
     @sa.event.listens_for(engine.sync_engine, "connect")

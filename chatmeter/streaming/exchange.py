@@ -28,7 +28,12 @@ from chatmeter.db.engine import IMMEDIATE
 from chatmeter.db.tables import messages, utcnow
 from chatmeter.errors import ApiError
 from chatmeter.metering.budget import Reservation, reserve_budget
-from chatmeter.metering.counting import Metered, prompt_upper_bound
+from chatmeter.metering.counting import (
+    EXCHANGE_OVERHEAD_TOKENS,
+    PER_MESSAGE_OVERHEAD,
+    Metered,
+    prompt_upper_bound,
+)
 from chatmeter.metering.settlement import Settlement, settle_with_retries
 from chatmeter.providers.base import (
     ChatTurn,
@@ -39,6 +44,7 @@ from chatmeter.providers.base import (
     Usage,
 )
 from chatmeter.services import Services
+from chatmeter.streaming.text import storable
 
 log = logging.getLogger("chatmeter.exchange")
 
@@ -65,24 +71,53 @@ async def _recent_history(conn: AsyncConnection, chat_id: uuid.UUID, count: int)
     return [ChatTurn(row.role, row.content) for row in reversed(rows)]
 
 
+class PromptTooLarge(Exception):
+    """The byte bound of the bare message passes the context window: count it exactly."""
+
+
 def fit_to_context(
-    system_prompt: str, history: Sequence[ChatTurn], message: str, config: ModelConfig
-) -> GenerationRequest:
+    system_prompt: str,
+    history: Sequence[ChatTurn],
+    message: str,
+    config: ModelConfig,
+    exact_prompt: int | None = None,
+) -> tuple[GenerationRequest, int]:
     """Drop the oldest history until the prompt and the output cap fit the model's
-    context window; lower the cap if even the bare message leaves too little room."""
-    turns = list(history)
+    context window; lower the cap if even the bare message leaves too little room.
+    Returns the request and the prompt size it was fitted with. `exact_prompt`, the
+    counted size of system prompt and message alone, replaces the bound (no history)."""
+    turns = [] if exact_prompt is not None else list(history)
     cap = config.max_output_tokens
 
     def request() -> GenerationRequest:
         return GenerationRequest(system_prompt, tuple(turns), message, cap)
 
-    while turns and prompt_upper_bound(request()) + cap > config.context_window:
+    def size() -> int:
+        return exact_prompt if exact_prompt is not None else prompt_upper_bound(request())
+
+    while turns and size() + cap > config.context_window:
         turns.pop(0)
-    room = config.context_window - prompt_upper_bound(request())
+    room = config.context_window - size()
     if room < 1:
+        if exact_prompt is None:
+            raise PromptTooLarge
         raise ApiError(400, "INVALID_MESSAGE", "The message is too long for this chat's model.")
     cap = min(cap, room)
-    return request()
+    return request(), size()
+
+
+async def count_bare_prompt(services: Services, model: str, system: str, message: str) -> int:
+    """The exact size of system prompt plus message with the model's tokenizer: only
+    asked when the cheap bound says the message alone may not fit (long non-ASCII text),
+    so such a message is refused only when it really does not fit."""
+    try:
+        provider = await services.providers.get(model)
+        counts = await services.counter.count(provider, system, [message])
+    except Exception:
+        raise ApiError(
+            400, "INVALID_MESSAGE", "The message is too long for this chat's model."
+        ) from None
+    return counts + 2 * PER_MESSAGE_OVERHEAD + EXCHANGE_OVERHEAD_TOKENS
 
 
 @dataclass(eq=False)
@@ -124,6 +159,7 @@ class Exchange:
                     finally:
                         reply.waiting = False
                     if piece:
+                        piece = storable(piece)
                         pieces.append(piece)
                         yield {"chunk": piece, "done": False}
             except asyncio.CancelledError:
@@ -287,6 +323,25 @@ async def open_exchange(
     """The checks of the contract in order (chat 404/403, budget 403, reply 409), the
     history, the reservation and the user message: one write transaction, so a refusal
     leaves nothing behind."""
+    try:
+        return await _open(services, user, chat_id, message, None)
+    except PromptTooLarge as too_large:
+        exact = await count_bare_prompt(
+            services,
+            too_large.args[0],
+            services.settings.system_prompt_for(too_large.args[0]),
+            message,
+        )
+        return await _open(services, user, chat_id, message, exact)
+
+
+async def _open(
+    services: Services,
+    user: Principal,
+    chat_id: uuid.UUID,
+    message: str,
+    exact_prompt: int | None,
+) -> Exchange:
     settings = services.settings
     async with services.engine.connect() as conn:
         conn = await conn.execution_options(**IMMEDIATE)
@@ -295,18 +350,22 @@ async def open_exchange(
             if not services.providers.has(chat.model):
                 raise ApiError(400, "INVALID_REQUEST", f"model {chat.model!r} is not configured")
             history = await _recent_history(conn, chat_id, settings.history_messages)
-            request = fit_to_context(
-                settings.system_prompt_for(chat.model),
-                history,
-                message,
-                services.providers.config(chat.model),
-            )
+            try:
+                request, prompt_size = fit_to_context(
+                    settings.system_prompt_for(chat.model),
+                    history,
+                    message,
+                    services.providers.config(chat.model),
+                    exact_prompt,
+                )
+            except PromptTooLarge:
+                raise PromptTooLarge(chat.model) from None
             try:
                 reservation = await reserve_budget(
                     conn,
                     user_id=user.user_id,
                     chat_id=chat_id,
-                    prompt_estimate=prompt_upper_bound(request),
+                    prompt_estimate=prompt_size,
                     max_output_tokens=request.max_output_tokens,
                     default_limit=settings.default_token_limit,
                     worker_id=services.worker_id,

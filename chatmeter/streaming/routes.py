@@ -2,31 +2,25 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from chatmeter.chats.schemas import NewMessage
+from chatmeter.chats.schemas import NewMessage, StopAccepted
 from chatmeter.chats.store import owned_chat, parse_chat_id
 from chatmeter.db.engine import IMMEDIATE
 from chatmeter.deps import CurrentUser, ServicesDep
 from chatmeter.errors import ApiError
 from chatmeter.jsonutil import BadBody, json_response, read_json
 from chatmeter.metering.budget import request_stop
-from chatmeter.openapi import errors, json_body
+from chatmeter.openapi import ChatIdPath, errors, event_stream, json_body
 from chatmeter.streaming.exchange import open_exchange
 from chatmeter.streaming.sse import EventStream
 
 router = APIRouter(prefix="/api/chat", tags=["stream"])
 
-STREAM_DOC: dict[int | str, dict[str, Any]] = {
-    200: {
-        "description": "The reply as server-sent events: chunk events, then an end event "
-        "(or an error event).",
-        "content": {"text/event-stream": {"schema": {"type": "string"}}},
-    }
-}
+STREAM_DOC = event_stream(
+    "The reply as server-sent events: chunk events, then an end event (or an error event)."
+)
 
 
 def _message(body: object, max_chars: int) -> str:
@@ -45,11 +39,11 @@ def _message(body: object, max_chars: int) -> str:
 @router.post(
     "/{chat_id}/message",
     response_class=Response,
-    responses={**STREAM_DOC, **errors(400, 403, 404, 409)},
+    responses={200: STREAM_DOC, **errors(400, 403, 404, 409)},
     openapi_extra=json_body(NewMessage),
 )
 async def send_message(
-    chat_id: str, request: Request, user: CurrentUser, services: ServicesDep
+    chat_id: ChatIdPath, request: Request, user: CurrentUser, services: ServicesDep
 ) -> Response:
     chat_uuid = parse_chat_id(chat_id)
     try:
@@ -68,9 +62,10 @@ async def send_message(
 @router.post(
     "/{chat_id}/stop",
     status_code=202,
+    response_model=StopAccepted,
     responses={202: {"description": "The reply is being stopped."}, **errors(400, 403, 404)},
 )
-async def stop_reply(chat_id: str, user: CurrentUser, services: ServicesDep) -> Response:
+async def stop_reply(chat_id: ChatIdPath, user: CurrentUser, services: ServicesDep) -> Response:
     chat_uuid = parse_chat_id(chat_id)
     async with services.engine.connect() as conn:
         conn = await conn.execution_options(**IMMEDIATE)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import httpx
 
-from tests.conftest import auth, token_for
-from tests.support.server import RunningServer
+from tests.conftest import auth, make_settings, scripted, token_for
+from tests.support.server import RunningServer, serve
 from tests.support.sse import stream_message
 
 
@@ -53,3 +53,18 @@ async def test_reply_streams_and_is_metered(
     assert usage_now["reserved_tokens"] == 0
     events = (await client.get("/api/usage/events", headers=auth("alice"))).json()["events"]
     assert [e["total_tokens"] for e in events] == [end["tokens_used"]]
+
+
+async def test_long_non_ascii_message_is_counted_before_refused(database_url: str) -> None:
+    small = scripted(reply="ok", context_window=200, max_output_tokens=50)
+    async with serve(make_settings(database_url, models={"small": small})) as server:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+            chat_id = await new_chat(client, "nia", model="small")
+            # 300 UTF-8 bytes: past the cheap bound, but 38 tokens by the model's count
+            fits = await stream_message(client, chat_id, "é" * 150, token_for("nia"))
+            assert fits.status == 200 and fits.last["done"] is True
+            # 250 tokens by the model's count: it really does not fit in 200
+            too_long = await stream_message(client, chat_id, "é" * 1000, token_for("nia"))
+            assert too_long.status == 400 and too_long.body["code"] == "INVALID_MESSAGE"
+            chat = (await client.get(f"/api/chat/{chat_id}", headers=auth("nia"))).json()
+            assert [m["content"] for m in chat["messages"] if m["role"] == "user"] == ["é" * 150]
