@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: run test check bench soak install test-deps clean
+.PHONY: run test check bench bench-deps soak install test-deps clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,28 @@ test-deps:
 
 test: $(STAMP) test-deps
 	$(BIN)/pytest -q -p no:cacheprovider
+
+# the randomized reliability trial (issue 7): 1,000 exchanges on 2 workers on PostgreSQL
+# with random disconnects, stops and upstream drops; about a minute on 2 CPUs; writes
+# docs/reliability.md. SEED=N replays a run. (`make test` runs a 120-trial version.)
+SOAK_TRIALS ?= 1000
+soak: $(STAMP) test-deps
+	$(BIN)/python -m tests.soak --trials $(SOAK_TRIALS) $(if $(SEED),--seed $(SEED)) \
+		--write docs/reliability.md --command "make soak$(if $(SEED), SEED=$(SEED))"
+
+# system packages the benchmark uses: wrk (the load generator) and PostgreSQL 15
+bench-deps:
+	@if ! command -v wrk >/dev/null || [ ! -x /usr/lib/postgresql/15/bin/initdb ]; then \
+		if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+		$$SUDO apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq wrk postgresql-15 >/dev/null; \
+	fi
+
+# SPEC section 9's benchmarks on this machine, against a bare Starlette SSE floor: about
+# 6 minutes; writes docs/benchmarks.md and docs/bench-concurrency.png. Run it on a quiet
+# machine. BENCH_ARGS=--quick: a short run that writes no docs.
+bench: $(STAMP) bench-deps
+	$(BIN)/chatmeter bench $(BENCH_ARGS)
 
 check: $(STAMP)
 	$(BIN)/ruff check .

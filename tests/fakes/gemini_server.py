@@ -8,6 +8,8 @@ both async tests and sync code can drive it through the real `google-genai` SDK.
     with running_gemini_server() as server:
         server.script = GeminiScript(pieces=["Hel", "lo"], usage="every")
         ...  # point ModelConfig.base_url at server.url; inspect server.requests after
+
+Set `server.script_for` to choose the script per request instead (e.g. from the message).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -89,6 +91,8 @@ class StreamRecord:
 class GeminiServer:
     def __init__(self) -> None:
         self.script = GeminiScript()
+        # when set, the script of each generate/stream request (instead of `script`)
+        self.script_for: Callable[[ReceivedRequest], GeminiScript] | None = None
         self.requests: list[ReceivedRequest] = []
         self.streams: list[StreamRecord] = []
         self.count_calls = 0
@@ -135,6 +139,7 @@ class GeminiServer:
 
     def reset(self) -> None:
         self.script = GeminiScript()
+        self.script_for = None
         self.requests.clear()
         self.streams.clear()
         self.count_calls = 0
@@ -182,7 +187,7 @@ class GeminiServer:
         if request.action == "countTokens":
             await self._count_tokens(request, send)
         elif request.action == "generateContent":
-            await self._generate(send)
+            await self._generate(request, send)
         elif request.action == "streamGenerateContent":
             await self._stream(request, receive, send)
         else:
@@ -201,8 +206,11 @@ class GeminiServer:
         ]
         await _send_json(send, 200, {"totalTokens": count_rule(texts)})
 
-    async def _generate(self, send: Send) -> None:
-        script = self.script
+    def _script(self, request: ReceivedRequest) -> GeminiScript:
+        return self.script if self.script_for is None else self.script_for(request)
+
+    async def _generate(self, request: ReceivedRequest, send: Send) -> None:
+        script = self._script(request)
         if script.error_status:
             status = script.error_status
             await _send_json(send, status, _error_body(status, "scripted failure"))
@@ -216,7 +224,7 @@ class GeminiServer:
         await _send_json(send, 200, whole)
 
     async def _stream(self, request: ReceivedRequest, receive: Receive, send: Send) -> None:
-        script = self.script
+        script = self._script(request)
         record = StreamRecord(request)
         self.streams.append(record)
         if script.error_status:
