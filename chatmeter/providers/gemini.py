@@ -157,6 +157,12 @@ class GeminiProvider:
         finally:
             pump.cancel()
             await asyncio.wait({pump})
+            # Chunks read ahead but not handed out (a stop or a disconnect) were still
+            # generated and billed by Gemini: keep the latest usage they carry.
+            while not chunks.empty():
+                item = chunks.get_nowait()
+                if item is not None and not isinstance(item, Exception) and item.usage_metadata:
+                    outcome.usage = _usage(item.usage_metadata)
         if blocked:
             raise ProviderError(
                 "CONTENT_BLOCKED", "Gemini blocked this message.", before_output=True

@@ -1,0 +1,147 @@
+"""The `local` provider: SmolLM2-135M-Instruct through llama.cpp (xllamacpp), for real.
+
+The model loads once for the module (about a second); every test shares it."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from chatmeter.config import ModelConfig, Settings
+from chatmeter.providers.base import ChatTurn, GenerationRequest, ProviderError, StreamOutcome
+from chatmeter.providers.local import LocalProvider, create_local_provider, find_smollm2_gguf
+
+CONFIG = ModelConfig(
+    provider="local",
+    model="SmolLM2-135M-Instruct",
+    context_window=2048,
+    parallel=2,
+    threads=2,
+    timeout_seconds=30,
+)
+REQUEST = GenerationRequest(
+    system_prompt="You are a helpful assistant.",
+    history=(ChatTurn("user", "Hi!"), ChatTurn("assistant", "Hello! How can I help?")),
+    message="Name three colours.",
+    max_output_tokens=24,
+)
+LONG_STORY = GenerationRequest(
+    system_prompt="You are a storyteller.",
+    history=(),
+    message="Tell me a very long story about a dragon and a knight.",
+    max_output_tokens=1500,
+)
+
+
+@pytest.fixture(scope="module")
+async def local() -> AsyncIterator[LocalProvider]:
+    provider = await create_local_provider("local", CONFIG, Settings())
+    yield provider
+    await provider.aclose()
+
+
+async def llama(provider: LocalProvider, method: str, path: str, **kwargs: Any) -> Any:
+    """Ask llama.cpp itself, with the provider's client (it carries the server's key)."""
+    response = await provider._http.request(method, path, **kwargs)
+    response.raise_for_status()
+    return response.json()
+
+
+async def slots_busy(provider: LocalProvider) -> int:
+    return sum(slot["is_processing"] for slot in await llama(provider, "GET", "/slots"))
+
+
+async def test_a_real_reply_comes_with_llama_cpp_exact_usage(local: LocalProvider) -> None:
+    outcome = StreamOutcome()
+    pieces = [piece async for piece in local.stream(REQUEST, outcome)]
+    assert len(pieces) > 1
+    assert "".join(pieces).strip()
+    assert outcome.usage is not None and outcome.finish_reason in ("stop", "length")
+    assert 0 < outcome.usage.completion_tokens <= REQUEST.max_output_tokens
+    assert outcome.usage.thinking_tokens == 0
+
+    # prompt_tokens is exactly the model's own tokenization of the templated prompt
+    messages = [
+        {"role": "system", "content": REQUEST.system_prompt},
+        *({"role": t.role, "content": t.content} for t in REQUEST.history),
+        {"role": "user", "content": REQUEST.message},
+    ]
+    template = await llama(local, "POST", "/apply-template", json={"messages": messages})
+    tokens = await llama(local, "POST", "/tokenize", json={"content": template["prompt"]})
+    assert outcome.usage.prompt_tokens == len(tokens["tokens"])
+    assert await local.count_tokens([template["prompt"]]) == [outcome.usage.prompt_tokens]
+
+
+async def test_the_output_cap_is_obeyed(local: LocalProvider) -> None:
+    outcome = StreamOutcome()
+    request = dataclasses.replace(LONG_STORY, max_output_tokens=4)
+    pieces = [piece async for piece in local.stream(request, outcome)]
+    assert outcome.finish_reason == "length"
+    assert outcome.usage is not None and outcome.usage.completion_tokens == 4
+    assert 0 < len(pieces) <= 4
+
+
+async def test_count_tokens_is_the_models_tokenizer(local: LocalProvider) -> None:
+    # SmolLM2's vocabulary: "Hello" " world"; its chat markers are single special tokens
+    counts = await local.count_tokens(["Hello world", "", "<|im_start|>user"])
+    assert counts == [2, 0, 2]
+
+
+async def test_closing_the_stream_stops_generation(local: LocalProvider) -> None:
+    stream = local.stream(LONG_STORY, StreamOutcome())
+    for _ in range(3):
+        await anext(stream)
+    assert await slots_busy(local) == 1
+    await stream.aclose()
+
+    # llama.cpp notices the closed connection and frees the slot at once, not after
+    # the 1500 tokens (about 15 s) it was asked for
+    deadline = time.monotonic() + 2
+    while await slots_busy(local):
+        assert time.monotonic() < deadline, "llama.cpp kept generating after the close"
+        await asyncio.sleep(0.02)
+
+
+async def test_cancelling_the_consumer_stops_generation(local: LocalProvider) -> None:
+    started = asyncio.Event()
+
+    async def consume() -> None:
+        async for _ in local.stream(LONG_STORY, StreamOutcome()):
+            started.set()
+
+    task = asyncio.create_task(consume())
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    deadline = time.monotonic() + 2
+    while await slots_busy(local):
+        assert time.monotonic() < deadline, "llama.cpp kept generating after the cancel"
+        await asyncio.sleep(0.02)
+
+
+async def test_replies_run_in_parallel_slots(local: LocalProvider) -> None:
+    outcomes = [StreamOutcome(), StreamOutcome()]
+
+    async def reply(outcome: StreamOutcome) -> str:
+        return "".join([piece async for piece in local.stream(REQUEST, outcome)])
+
+    texts = await asyncio.gather(*(reply(outcome) for outcome in outcomes))
+    assert all(texts)
+    assert all(o.usage is not None and o.usage.prompt_tokens > 0 for o in outcomes)
+
+
+def test_the_gguf_is_found_without_importing_the_package() -> None:
+    path = find_smollm2_gguf()
+    assert path.name.endswith(".gguf") and path.stat().st_size > 50_000_000
+
+
+async def test_a_missing_model_file_is_a_clear_error(tmp_path: Any) -> None:
+    config = CONFIG.model_copy(update={"model_path": str(tmp_path / "nope.gguf")})
+    with pytest.raises(ProviderError, match="no GGUF file"):
+        await create_local_provider("local", config, Settings())
