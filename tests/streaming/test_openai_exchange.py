@@ -1,0 +1,183 @@
+"""The exchange against an OpenAI-compatible server through the real `openai` SDK: the
+request checked field by field, exact usage, counting with /tokenize when a server sends
+no usage, the failure paths and the budget, each checked in the database afterwards."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+
+import httpx
+import pytest
+
+from chatmeter.config import ModelConfig
+from tests.conftest import auth, make_settings, token_for
+from tests.fakes.openai_server import OpenAIScript, OpenAIServer, fake_token_count
+from tests.streaming.test_exchange import new_chat
+from tests.support.db import books, chat_rows, ledger_row
+from tests.support.server import RunningServer, serve
+from tests.support.sse import stream_message
+from tests.support.waiting import eventually
+
+
+@pytest.fixture
+def upstream(monkeypatch: pytest.MonkeyPatch) -> Iterator[OpenAIServer]:
+    monkeypatch.setenv("OPENAI_TEST_KEY", "sk-test")
+    fake = OpenAIServer().start()
+    yield fake
+    fake.stop()
+
+
+@dataclass
+class Stack:
+    server: RunningServer
+    client: httpx.AsyncClient
+    upstream: OpenAIServer
+
+
+@pytest.fixture
+async def stack(database_url: str, upstream: OpenAIServer) -> AsyncIterator[Stack]:
+    model = ModelConfig(
+        provider="openai",
+        model="llama-3.1-8b",
+        api_key_env="OPENAI_TEST_KEY",
+        base_url=upstream.base_url,
+        timeout_seconds=5,
+        max_output_tokens=300,
+        system_prompt="You are terse.",
+    )
+    settings = make_settings(
+        database_url,
+        models={"vllm": model},
+        default_model="vllm",
+        provider_idle_timeout_seconds=1.0,
+    )
+    async with serve(settings) as server:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+            yield Stack(server, client, upstream)
+
+
+async def test_request_fields_and_exact_usage(stack: Stack) -> None:
+    stack.upstream.script = OpenAIScript(
+        pieces=["Sure", ", ", "here."],
+        prompt_tokens=41,
+        completion_tokens=9,
+        reasoning_tokens=4,
+        cached_tokens=8,
+    )
+    chat = await new_chat(stack.client, "ada")
+    stack.upstream.script = OpenAIScript(pieces=["first answer"], prompt_tokens=20)
+    await stream_message(stack.client, chat, "first", token_for("ada"))
+    stack.upstream.script = OpenAIScript(
+        pieces=["Sure", ", ", "here."],
+        prompt_tokens=41,
+        completion_tokens=9,
+        reasoning_tokens=4,
+        cached_tokens=8,
+    )
+    result = await stream_message(stack.client, chat, "second", token_for("ada"))
+    body = stack.upstream.last_body
+    assert body["model"] == "llama-3.1-8b"
+    assert body["stream"] is True
+    assert body["stream_options"] == {"include_usage": True}
+    assert body["messages"] == [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "first"},
+        {"role": "assistant", "content": "first answer"},
+        {"role": "user", "content": "second"},
+    ]
+    assert body["max_tokens"] == 300
+    assert stack.upstream.requests[-1].headers["authorization"] == "Bearer sk-test"
+    assert result.text == "Sure, here."
+    # reasoning tokens are inside completion_tokens in OpenAI's usage: billed once
+    assert result.last["usage"] == {
+        "prompt_tokens": 41,
+        "completion_tokens": 5,
+        "thinking_tokens": 4,
+        "cached_tokens": 8,
+        "total_tokens": 50,
+        "source": "provider",
+    }
+    row = await ledger_row(stack.server.services.engine, result.last["message_id"])
+    assert row.total_tokens == 50 and row.source == "provider"
+    assert not stack.upstream.tokenized  # usage came: no /tokenize call
+
+
+async def test_no_usage_is_counted_with_tokenize(stack: Stack) -> None:
+    stack.upstream.script = OpenAIScript(pieces=["four words right here"], usage=False)
+    chat = await new_chat(stack.client, "bo")
+    result = await stream_message(stack.client, chat, "count these three", token_for("bo"))
+    usage = result.last["usage"]
+    assert usage["source"] == "counted"
+    expected = fake_token_count("You are terse.") + fake_token_count("count these three") + 10
+    assert usage["prompt_tokens"] == expected
+    assert usage["completion_tokens"] == fake_token_count("four words right here")
+    state = await books(stack.server.services.engine, "bo")
+    assert state.total == state.ledger == usage["total_tokens"] and state.reserved == 0
+
+
+async def test_no_usage_and_no_tokenize_is_estimated(stack: Stack) -> None:
+    stack.upstream.script = OpenAIScript(pieces=["some reply"], usage=False, tokenize=False)
+    chat = await new_chat(stack.client, "cy")
+    result = await stream_message(stack.client, chat, "hello", token_for("cy"))
+    usage = result.last["usage"]
+    assert usage["source"] == "estimated"
+    # the seed's estimate, ceil(chars / 4 x 1.05) per text, plus the overhead
+    assert usage["completion_tokens"] == -(-len("some reply") * 105 // 400)
+
+
+@pytest.mark.parametrize(
+    ("script", "code", "billed"),
+    [
+        (OpenAIScript(error_status=429), "PROVIDER_RATE_LIMITED", False),
+        (OpenAIScript(error_status=500), "PROVIDER_ERROR", False),
+        (OpenAIScript(pieces=["a ", "b ", "c"], drop_after=2, usage=False), "PROVIDER_ERROR", True),
+        (OpenAIScript(pieces=["a ", "b"], hang_after=1, usage=False), "PROVIDER_TIMEOUT", True),
+    ],
+    ids=["429", "500", "drop", "hang"],
+)
+async def test_failures(stack: Stack, script: OpenAIScript, code: str, billed: bool) -> None:
+    stack.upstream.script = script
+    chat = await new_chat(stack.client, "dee")
+    result = await stream_message(stack.client, chat, "hello", token_for("dee"))
+    error = result.last
+    assert error["error"] is True and error["code"] == code
+    engine = stack.server.services.engine
+    rows = await chat_rows(engine, chat)
+    assert rows[1].status == "failed" and rows[1].content == result.text
+    assert (error["tokens_used"] > 0) is billed
+    state = await books(engine, "dee")
+    assert state.total == state.ledger == error["tokens_used"]
+    assert state.reserved == 0 and state.open_reservations == 0
+
+
+async def test_disconnect_closes_the_upstream_stream(stack: Stack) -> None:
+    stack.upstream.script = OpenAIScript(pieces=[f"w{i} " for i in range(50)], delay=0.05)
+    chat = await new_chat(stack.client, "eve")
+    seen = await stream_message(stack.client, chat, "go", token_for("eve"), stop_after=2)
+    assert len(seen.chunks) == 2
+    assert await stack.upstream.wait_disconnected()
+    engine = stack.server.services.engine
+
+    async def saved() -> bool:
+        return len(await chat_rows(engine, chat)) == 2
+
+    await eventually(saved)
+    rows = await chat_rows(engine, chat)
+    assert rows[1].status == "interrupted"
+    state = await books(engine, "eve")
+    assert state.total == state.ledger == rows[1].tokens_consumed > 0 and state.reserved == 0
+
+
+async def test_budget_caps_the_requested_tokens(stack: Stack) -> None:
+    admin = auth("root", admin=True)
+    chat = await new_chat(stack.client, "fay")
+    system = "You are terse."
+    bound = len(system.encode()) + 4 + len(b"hi") + 4 + 10
+    await stack.client.put(
+        "/api/admin/users/fay/limit", json={"token_limit": bound + 25}, headers=admin
+    )
+    stack.upstream.script = OpenAIScript(pieces=["ok"], prompt_tokens=5, completion_tokens=1)
+    result = await stream_message(stack.client, chat, "hi", token_for("fay"))
+    assert result.last["done"] is True
+    assert stack.upstream.last_body["max_tokens"] == 25  # lowered from 300 to what is left
