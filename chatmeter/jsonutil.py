@@ -48,7 +48,10 @@ async def read_json(request: Request) -> Any:
     body = await request.body()
     if not body:
         raise BadBody("the request body must be a JSON object")
-    if not is_json_media_type(request.headers.get("content-type", "")):
+    content_type = request.headers.get("content-type")
+    # no Content-Type at all is taken as JSON (bare HTTP clients send none); a
+    # form or text body is refused rather than guessed at
+    if content_type is not None and not is_json_media_type(content_type):
         raise BadBody("send the body as Content-Type: application/json")
     try:
         value = orjson.loads(body)

@@ -34,8 +34,9 @@ def json_body(model: type[BaseModel], *, required: bool = True) -> dict[str, Any
 
 
 def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """Document the error answers of an endpoint; all share one shape."""
-    return {status: {"model": ErrorBody} for status in (*statuses, 401, 413)}
+    """Document the error answers of an endpoint; all share one shape. Any of them may
+    meet a bad token (401), a body too large (413) or a database that is away (503)."""
+    return {status: {"model": ErrorBody} for status in (*statuses, 401, 413, 503)}
 
 
 def event_stream(description: str) -> dict[str, Any]:

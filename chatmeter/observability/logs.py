@@ -3,7 +3,7 @@
 chatmeter's own log lines name ids, never content. Some libraries it uses are less
 careful at DEBUG: aiosqlite logs every statement with its parameters, SQLAlchemy the rows
 it fetches, the OpenAI SDK each request's options (the prompt), httpx/httpcore traffic.
-So whatever level the root logger has, these log at INFO at most."""
+So whatever level the root logger has, these log warnings and errors only."""
 
 from __future__ import annotations
 
@@ -26,5 +26,6 @@ def keep_content_out_of_logs(log_content: bool) -> None:
         return
     for name in CONTENT_LOGGERS:
         logger = logging.getLogger(name)
-        if logger.level < logging.INFO:  # NOTSET too: it would follow the root down
-            logger.setLevel(logging.INFO)
+        # WARNING, not INFO: SQLAlchemy logs every statement once its logger allows INFO
+        if logger.getEffectiveLevel() < logging.WARNING:
+            logger.setLevel(logging.WARNING)

@@ -134,6 +134,7 @@ class Exchange:
     user_message_at: datetime
     message_id: uuid.UUID = field(default_factory=uuid.uuid4)
     started: bool = False
+    asked: bool = False  # whether the provider may have received the request
 
     async def events(self) -> AsyncGenerator[dict[str, Any], None]:
         """Chunk events as the provider produces them, then the end (or error) event."""
@@ -150,6 +151,7 @@ class Exchange:
                 stream = aiter_provider(provider.stream(self.request, outcome))
                 idle = services.settings.provider_idle_timeout_seconds
                 while not reply.stop_requested:
+                    self.asked = True  # from the first read on, the request may be out
                     reply.waiting = True
                     try:
                         async with asyncio.timeout(idle):
@@ -210,8 +212,9 @@ class Exchange:
     ) -> dict[str, Any]:
         services = self.services
         refused = failure is not None and failure.before_output and not content
-        if refused and outcome.usage is None:
-            metered = Metered(Usage(0, 0), "provider")  # refused up front: nothing to bill
+        if (refused or not self.asked) and outcome.usage is None:
+            # refused up front, or never asked (the client left or stopped first)
+            metered = Metered(Usage(0, 0), "provider")
         else:
             metered = await services.counter.meter(
                 await self._provider_or_none(), self.request, content, outcome.usage
