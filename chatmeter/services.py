@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from chatmeter.auth.tokens import TokenVerifier
 from chatmeter.config import Settings, dev_jwt_secret
 from chatmeter.db.engine import make_engine
+from chatmeter.db.transactor import Transactor, make_transactor
 from chatmeter.metering.counting import TokenCounter
 from chatmeter.metering.outbox import Outbox
 from chatmeter.observability.metrics import Metrics
@@ -30,6 +31,7 @@ log = logging.getLogger("chatmeter")
 class Services:
     settings: Settings
     engine: AsyncEngine
+    transactor: Transactor
     verifier: TokenVerifier
     providers: ProviderRegistry
     counter: TokenCounter
@@ -55,6 +57,7 @@ class Services:
         if pending:
             await asyncio.wait(pending, timeout=30)
         await self.providers.aclose()
+        await self.transactor.close()
         await self.engine.dispose()
 
 
@@ -69,9 +72,11 @@ async def start_services(settings: Settings, engine: AsyncEngine | None = None) 
     )
     worker_id = new_worker_id()
     secret = dev_jwt_secret(settings) if not settings.jwt_jwks_url else settings.jwt_secret
+    transactor = make_transactor(settings.database_url, engine, settings.sqlite_busy_timeout_ms)
     services = Services(
         settings=settings,
         engine=engine,
+        transactor=transactor,
         verifier=TokenVerifier(
             secret=secret,
             jwks_url=settings.jwt_jwks_url,
@@ -82,10 +87,10 @@ async def start_services(settings: Settings, engine: AsyncEngine | None = None) 
         providers=ProviderRegistry(settings, default_factories()),
         counter=TokenCounter(metrics, settings.count_cache_size),
         metrics=metrics,
-        replies=ReplyRegistry(engine, worker_id, settings.reservation_ttl_seconds),
+        replies=ReplyRegistry(transactor, worker_id, settings.reservation_ttl_seconds),
         outbox=Outbox(settings.outbox_dir, worker_id),
         worker_id=worker_id,
     )
     services.spawn(services.replies.run_housekeeping()).set_name("housekeeping:replies")
-    services.spawn(services.outbox.run(engine, 1.0)).set_name("housekeeping:outbox")
+    services.spawn(services.outbox.run(transactor, 1.0)).set_name("housekeeping:outbox")
     return services

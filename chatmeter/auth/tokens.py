@@ -6,6 +6,7 @@ import asyncio
 import time
 import unicodedata
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,6 +15,8 @@ import jwt
 HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
 ASYMMETRIC_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "ES256", "ES384", "PS256"})
 MAX_TOKEN_CHARS = 8192
+VERIFIED_TTL = 300.0
+VERIFIED_MAX = 10_000
 
 
 class InvalidToken(Exception):
@@ -50,8 +53,22 @@ class TokenVerifier:
         self._audience = audience
         self._issuer = issuer
         self._algorithms = frozenset(algorithms)
+        # verified tokens, until they expire (and at most VERIFIED_TTL): a chat client
+        # sends the same token with every message, and checking a signature costs more
+        # than the rest of a request's authentication
+        self._verified: OrderedDict[str, tuple[Principal, float]] = OrderedDict()
 
     async def verify(self, token: str) -> Principal:
+        known = self._verified.get(token)
+        if known is not None and known[1] > time.time():
+            return known[0]
+        principal, expires = await self._verify(token)
+        self._verified[token] = (principal, min(expires, time.time() + VERIFIED_TTL))
+        if len(self._verified) > VERIFIED_MAX:
+            self._verified.popitem(last=False)
+        return principal
+
+    async def _verify(self, token: str) -> tuple[Principal, float]:
         if len(token) > MAX_TOKEN_CHARS:
             raise InvalidToken("token too long")
         try:
@@ -71,7 +88,7 @@ class TokenVerifier:
         else:
             raise InvalidToken("token algorithm not accepted")
         claims = self._decode(token, key, algorithm)
-        return principal_from_claims(claims)
+        return principal_from_claims(claims), float(claims["exp"])
 
     async def _signing_key(self, token: str) -> Any:
         assert self._jwks is not None

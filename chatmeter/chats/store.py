@@ -7,6 +7,7 @@ import base64
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -14,6 +15,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from chatmeter.db.engine import IMMEDIATE
+from chatmeter.db.steps import Sql, Steps
 from chatmeter.db.tables import chats, messages, utcnow
 from chatmeter.errors import ApiError
 
@@ -105,6 +107,27 @@ def check_owned(row: Any, user_id: str) -> Any:
     if row.user_id != user_id:
         raise ApiError(403, "FORBIDDEN", "This chat belongs to someone else.")
     return row
+
+
+@dataclass(frozen=True, slots=True)
+class ChatRef:
+    """What the message path needs of a chat."""
+
+    user_id: str
+    model: str
+    is_active: bool
+
+
+def owned_chat_steps(chat_id: uuid.UUID, user_id: str) -> Steps[ChatRef]:
+    """`owned_chat` as a step of the message path's transactions (`db/steps.py`)."""
+    rows = yield Sql(
+        "SELECT user_id, model, is_active FROM chats WHERE chat_id = :chat_id",
+        {"chat_id": chat_id},
+    )
+    chat = ChatRef(*rows[0]) if rows else None
+    check_owned(chat, user_id)  # 404, then 403, as the contract orders them
+    assert chat is not None
+    return chat
 
 
 def encode_cursor(moment: datetime, item_id: uuid.UUID) -> str:

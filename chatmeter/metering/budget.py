@@ -8,26 +8,21 @@ the reservation for the real figure in the same transaction that writes the ledg
 Each reservation is also a row of `reservations`: one per chat (the 409 rule, across
 workers), with a lease that the streaming process renews. A process that dies stops
 renewing; `release_expired` hands its tokens back.
+
+The functions are transaction steps (`chatmeter.db.steps`): they yield SQL and are
+composed with `yield from` into the transactions of the message path.
 """
 
 from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from datetime import timedelta
-from typing import Any
+from datetime import datetime, timedelta
 
-import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.ext.asyncio import AsyncConnection
-
-from chatmeter.db.tables import reservations, user_usage, utcnow
+from chatmeter.db.steps import Sql, Steps
 from chatmeter.errors import ApiError
-from chatmeter.metering.accounts import ensure_user
 
-_REMAINING = (
-    user_usage.c.token_limit - user_usage.c.total_tokens_used - user_usage.c.reserved_tokens
-)
+_REMAINING = "token_limit - total_tokens_used - reserved_tokens"
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,24 +49,39 @@ def reply_in_progress() -> ApiError:
     return ApiError(409, "REPLY_IN_PROGRESS", "A reply is already being generated in this chat.")
 
 
-async def _take(conn: AsyncConnection, user_id: str, tokens: int) -> bool:
-    """Atomically add `tokens` to the user's reservation if it fits under the limit."""
-    result = await conn.execute(
-        user_usage.update()
-        .where(user_usage.c.user_id == user_id, _REMAINING >= tokens)
-        .values(reserved_tokens=user_usage.c.reserved_tokens + tokens)
+def as_uuid(value: object) -> uuid.UUID:
+    """A uuid column as read back: native on PostgreSQL, 32 hex digits on SQLite."""
+    return value if isinstance(value, uuid.UUID) else uuid.UUID(str(value))
+
+
+def ensure_user(user_id: str, default_limit: int, now: datetime) -> Steps[None]:
+    """Create the user's budget row with the default limit on first sight."""
+    yield Sql(
+        "INSERT INTO user_usage (user_id, total_tokens_used, token_limit, reserved_tokens, "
+        "updated_at) VALUES (:user_id, 0, :limit, 0, :now) "
+        "ON CONFLICT (user_id) DO NOTHING",
+        {"user_id": user_id, "limit": default_limit, "now": now},
     )
-    return result.rowcount == 1
 
 
-async def _remaining(conn: AsyncConnection, user_id: str) -> int | None:
-    query = sa.select(_REMAINING).where(user_usage.c.user_id == user_id)
-    value = (await conn.execute(query)).scalar_one_or_none()
-    return None if value is None else int(value)
+def _take(user_id: str, tokens: int) -> Steps[bool]:
+    """Atomically add `tokens` to the user's reservation if it fits under the limit."""
+    rows = yield Sql(
+        "UPDATE user_usage SET reserved_tokens = reserved_tokens + :tokens "
+        f"WHERE user_id = :user_id AND {_REMAINING} >= :tokens RETURNING user_id",
+        {"user_id": user_id, "tokens": tokens},
+    )
+    return bool(rows)
 
 
-async def reserve_budget(
-    conn: AsyncConnection,
+def _remaining(user_id: str) -> Steps[int | None]:
+    rows = yield Sql(
+        f"SELECT {_REMAINING} FROM user_usage WHERE user_id = :user_id", {"user_id": user_id}
+    )
+    return int(rows[0][0]) if rows else None
+
+
+def reserve_budget(
     *,
     user_id: str,
     chat_id: uuid.UUID,
@@ -80,135 +90,126 @@ async def reserve_budget(
     default_limit: int,
     worker_id: str,
     ttl_seconds: float,
-) -> Reservation:
+    now: datetime,
+) -> Steps[Reservation]:
     """Reserve `prompt_estimate + max_output_tokens`, or as much output as the budget
     still allows (at least one token). Raises 403 TOKEN_BUDGET_EXCEEDED or 409
-    REPLY_IN_PROGRESS. Runs inside the caller's write transaction."""
-    granted = await _reserve_tokens(
-        conn, user_id, prompt_estimate, prompt_estimate + max_output_tokens, default_limit
+    REPLY_IN_PROGRESS, in that order (SPEC section 4)."""
+    granted = yield from _reserve_tokens(
+        user_id, prompt_estimate, prompt_estimate + max_output_tokens, default_limit, now
     )
     reservation = Reservation(uuid.uuid4(), user_id, chat_id, granted, prompt_estimate)
-    if not await _claim_chat(conn, reservation, worker_id, ttl_seconds):
+    if not (yield from _claim_chat(reservation, worker_id, ttl_seconds, now)):
         raise reply_in_progress()
     return reservation
 
 
-async def _reserve_tokens(
-    conn: AsyncConnection, user_id: str, prompt_estimate: int, full: int, default_limit: int
-) -> int:
+def _reserve_tokens(
+    user_id: str, prompt_estimate: int, full: int, default_limit: int, now: datetime
+) -> Steps[int]:
     # the common case, a user far from the limit, costs one statement
-    if await _take(conn, user_id, full):
+    if (yield from _take(user_id, full)):
         return full
     for _ in range(3):
-        remaining = await _remaining(conn, user_id)
+        remaining = yield from _remaining(user_id)
         if remaining is None:
-            await ensure_user(conn, user_id, default_limit)
-            if await _take(conn, user_id, full):
+            yield from ensure_user(user_id, default_limit, now)
+            if (yield from _take(user_id, full)):
                 return full
             continue
         wanted = min(full, remaining)
         if wanted < prompt_estimate + 1:
             raise budget_exceeded()
         # conditional again: another worker may have reserved since we looked
-        if await _take(conn, user_id, wanted):
+        if (yield from _take(user_id, wanted)):
             return wanted
     raise budget_exceeded()
 
 
-def _insert(conn: AsyncConnection) -> Any:
-    return postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
-
-
-async def _claim_chat(
-    conn: AsyncConnection, reservation: Reservation, worker_id: str, ttl_seconds: float
-) -> bool:
-    now = utcnow()
+def _claim_chat(
+    reservation: Reservation, worker_id: str, ttl_seconds: float, now: datetime
+) -> Steps[bool]:
     values = {
         "reservation_id": reservation.reservation_id,
         "user_id": reservation.user_id,
         "chat_id": reservation.chat_id,
         "tokens": reservation.tokens,
         "worker_id": worker_id,
-        "stop_requested": False,
+        "no": False,
         "expires_at": now + timedelta(seconds=ttl_seconds),
-        "created_at": now,
+        "now": now,
     }
     for _ in range(2):
-        statement = (
-            _insert(conn)(reservations)
-            .values(values)
-            .on_conflict_do_nothing(index_elements=["chat_id"])
+        rows = yield Sql(
+            "INSERT INTO reservations (reservation_id, user_id, chat_id, tokens, worker_id, "
+            "stop_requested, expires_at, created_at) VALUES (:reservation_id, :user_id, "
+            ":chat_id, :tokens, :worker_id, :no, :expires_at, :now) "
+            "ON CONFLICT (chat_id) DO NOTHING RETURNING reservation_id",
+            values,
         )
-        if (await conn.execute(statement)).rowcount == 1:
+        if rows:
             return True
         # the chat holds a reservation: a live reply (409), or one whose process died
-        if not await _release(conn, reservations.c.chat_id == reservation.chat_id, expired=True):
+        released = yield from _release(
+            "chat_id = :chat_id AND expires_at < :now",
+            {"chat_id": reservation.chat_id, "now": now},
+        )
+        if not released:
             return False
     return False
 
 
-async def _release(conn: AsyncConnection, condition: Any, *, expired: bool) -> int:
-    """Delete matching reservations (only expired ones if `expired`) and hand their
-    tokens back to their users. Returns how many were released."""
-    if expired:
-        condition = sa.and_(condition, reservations.c.expires_at < utcnow())
-    released = (
-        await conn.execute(
-            reservations.delete()
-            .where(condition)
-            .returning(reservations.c.user_id, reservations.c.tokens)
-        )
-    ).all()
+def _release(condition: str, params: dict[str, object]) -> Steps[int]:
+    """Delete matching reservations and hand their tokens back to their users."""
+    released = yield Sql(
+        f"DELETE FROM reservations WHERE {condition} RETURNING user_id, tokens", params
+    )
     for user_id, tokens in released:
-        await conn.execute(
-            user_usage.update()
-            .where(user_usage.c.user_id == user_id)
-            .values(reserved_tokens=user_usage.c.reserved_tokens - tokens)
+        yield Sql(
+            "UPDATE user_usage SET reserved_tokens = reserved_tokens - :tokens "
+            "WHERE user_id = :user_id",
+            {"user_id": user_id, "tokens": tokens},
         )
     return len(released)
 
 
-async def release_expired(conn: AsyncConnection) -> int:
+def release_expired(now: datetime) -> Steps[int]:
     """Hand back the reservations of processes that died mid-stream."""
-    return await _release(conn, sa.true(), expired=True)
+    return (yield from _release("expires_at < :now", {"now": now}))
 
 
-async def take_reservation(conn: AsyncConnection, reservation_id: uuid.UUID) -> int:
+def take_reservation(reservation_id: uuid.UUID) -> Steps[int]:
     """Delete the reservation row and return its tokens: 0 if it is already gone (its
     lease ran out and the sweeper released it), so settling never releases twice."""
-    tokens = (
-        await conn.execute(
-            reservations.delete()
-            .where(reservations.c.reservation_id == reservation_id)
-            .returning(reservations.c.tokens)
-        )
-    ).scalar_one_or_none()
-    return int(tokens or 0)
+    rows = yield Sql(
+        "DELETE FROM reservations WHERE reservation_id = :id RETURNING tokens",
+        {"id": reservation_id},
+    )
+    return int(rows[0][0]) if rows else 0
 
 
-async def renew_lease(
-    conn: AsyncConnection, reservation_id: uuid.UUID, ttl_seconds: float
-) -> bool | None:
-    """Extend the lease; returns the stop flag, or None if the reservation is gone."""
-    row = (
-        await conn.execute(
-            reservations.update()
-            .where(reservations.c.reservation_id == reservation_id)
-            .values(expires_at=utcnow() + timedelta(seconds=ttl_seconds))
-            .returning(reservations.c.stop_requested)
-        )
-    ).one_or_none()
-    return None if row is None else bool(row.stop_requested)
+def renew_leases(worker_id: str, expires_at: datetime) -> Steps[None]:
+    """Extend the leases of every reply this worker holds (one statement for all)."""
+    yield Sql(
+        "UPDATE reservations SET expires_at = :expires_at WHERE worker_id = :worker_id",
+        {"worker_id": worker_id, "expires_at": expires_at},
+    )
 
 
-async def request_stop(conn: AsyncConnection, chat_id: uuid.UUID) -> str | None:
+def request_stop(chat_id: uuid.UUID, now: datetime) -> Steps[str | None]:
     """Flag the live reply of `chat_id` to stop; returns the worker holding it."""
-    row = (
-        await conn.execute(
-            reservations.update()
-            .where(reservations.c.chat_id == chat_id, reservations.c.expires_at >= utcnow())
-            .values(stop_requested=True)
-            .returning(reservations.c.worker_id)
-        )
-    ).one_or_none()
-    return None if row is None else str(row.worker_id)
+    rows = yield Sql(
+        "UPDATE reservations SET stop_requested = :yes "
+        "WHERE chat_id = :chat_id AND expires_at >= :now RETURNING worker_id",
+        {"yes": True, "chat_id": chat_id, "now": now},
+    )
+    return str(rows[0][0]) if rows else None
+
+
+def flagged_stops(worker_id: str) -> Steps[list[uuid.UUID]]:
+    """The chats whose replies this worker holds and someone asked to stop."""
+    rows = yield Sql(
+        "SELECT chat_id FROM reservations WHERE worker_id = :worker_id AND stop_requested = :yes",
+        {"worker_id": worker_id, "yes": True},
+    )
+    return [as_uuid(row[0]) for row in rows]

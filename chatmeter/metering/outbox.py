@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from sqlalchemy.ext.asyncio import AsyncEngine
 
+from chatmeter.db.transactor import Transactor
 from chatmeter.metering.settlement import Settlement, settle
 from chatmeter.providers.base import Usage
 
@@ -73,17 +73,17 @@ class Outbox:
             return 0
         return sum(len(p.read_bytes().splitlines()) for p in self.directory.glob("*.jsonl"))
 
-    async def run(self, engine: AsyncEngine, every_seconds: float) -> None:
+    async def run(self, transactor: Transactor, every_seconds: float) -> None:
         """Replay forever (a background task of the app)."""
         while True:
             await asyncio.sleep(every_seconds)
             try:
                 if self.pending():
-                    await self.replay(engine)
+                    await self.replay(transactor)
             except Exception as exc:
                 log.warning("outbox replay failed (%s); will retry", exc)
 
-    async def replay(self, engine: AsyncEngine) -> int:
+    async def replay(self, transactor: Transactor) -> int:
         """Write every spooled settlement (of any process); returns how many were
         written. Stops at the first failure: the database is still down."""
         if not self.directory.exists():
@@ -100,7 +100,7 @@ class Outbox:
                 done = 0
                 try:
                     for line in lines:
-                        await settle(engine, _decode(line), is_retry=True)
+                        await settle(transactor, _decode(line), is_retry=True)
                         done += 1
                 finally:
                     handle.seek(0)

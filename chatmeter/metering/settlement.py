@@ -13,11 +13,8 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime
 
-import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
-
-from chatmeter.db.engine import IMMEDIATE
-from chatmeter.db.tables import chats, messages, usage_events, user_usage
+from chatmeter.db.steps import Sql, Steps
+from chatmeter.db.transactor import Transactor
 from chatmeter.metering.budget import take_reservation
 from chatmeter.metering.counting import Source
 from chatmeter.providers.base import Usage
@@ -40,72 +37,79 @@ class Settlement:
     created_at: datetime
 
 
-async def _already_settled(conn: AsyncConnection, message_id: uuid.UUID) -> bool:
-    query = sa.select(messages.c.message_id).where(messages.c.message_id == message_id)
-    return (await conn.execute(query)).first() is not None
-
-
-async def write_settlement(conn: AsyncConnection, s: Settlement) -> None:
-    """The settlement's statements, in the caller's write transaction."""
-    released = await take_reservation(conn, s.reservation_id)
-    await conn.execute(
-        messages.insert().values(
-            message_id=s.message_id,
-            chat_id=s.chat_id,
-            role="assistant",
-            content=s.content,
-            tokens_consumed=s.usage.total_tokens,
-            status=s.status,
-            prompt_tokens=s.usage.prompt_tokens,
-            completion_tokens=s.usage.completion_tokens + s.usage.thinking_tokens,
-            metering_source=s.source,
-            finish_reason=s.finish_reason,
-            created_at=s.created_at,
-        )
+def settle_steps(s: Settlement, *, is_retry: bool = False) -> Steps[None]:
+    """The settlement's statements, one transaction. A retry first checks whether an
+    earlier attempt committed after all."""
+    if is_retry:
+        done = yield Sql("SELECT 1 FROM messages WHERE message_id = :id", {"id": s.message_id})
+        if done:
+            return
+    released = yield from take_reservation(s.reservation_id)
+    usage = s.usage
+    yield Sql(
+        "INSERT INTO messages (message_id, chat_id, role, content, tokens_consumed, status, "
+        "prompt_tokens, completion_tokens, metering_source, finish_reason, created_at) "
+        "VALUES (:message_id, :chat_id, 'assistant', :content, :total, :status, :prompt, "
+        ":completion, :source, :finish_reason, :created_at)",
+        {
+            "message_id": s.message_id,
+            "chat_id": s.chat_id,
+            "content": s.content,
+            "total": usage.total_tokens,
+            "status": s.status,
+            "prompt": usage.prompt_tokens,
+            "completion": usage.completion_tokens + usage.thinking_tokens,
+            "source": s.source,
+            "finish_reason": s.finish_reason,
+            "created_at": s.created_at,
+        },
     )
-    if s.usage.total_tokens:
-        await conn.execute(
-            usage_events.insert().values(
-                event_id=uuid.uuid4(),
-                user_id=s.user_id,
-                chat_id=s.chat_id,
-                message_id=s.message_id,
-                model=s.model,
-                prompt_tokens=s.usage.prompt_tokens,
-                completion_tokens=s.usage.completion_tokens,
-                thinking_tokens=s.usage.thinking_tokens,
-                cached_tokens=s.usage.cached_tokens,
-                total_tokens=s.usage.total_tokens,
-                source=s.source,
-                created_at=s.created_at,
-            )
+    if usage.total_tokens:
+        yield Sql(
+            "INSERT INTO usage_events (event_id, user_id, chat_id, message_id, model, "
+            "prompt_tokens, completion_tokens, thinking_tokens, cached_tokens, total_tokens, "
+            "source, created_at) VALUES (:event_id, :user_id, :chat_id, :message_id, :model, "
+            ":prompt, :completion, :thinking, :cached, :total, :source, :created_at)",
+            {
+                "event_id": uuid.uuid4(),
+                "user_id": s.user_id,
+                "chat_id": s.chat_id,
+                "message_id": s.message_id,
+                "model": s.model,
+                "prompt": usage.prompt_tokens,
+                "completion": usage.completion_tokens,
+                "thinking": usage.thinking_tokens,
+                "cached": usage.cached_tokens,
+                "total": usage.total_tokens,
+                "source": s.source,
+                "created_at": s.created_at,
+            },
         )
-    await conn.execute(
-        user_usage.update()
-        .where(user_usage.c.user_id == s.user_id)
-        .values(
-            total_tokens_used=user_usage.c.total_tokens_used + s.usage.total_tokens,
-            reserved_tokens=user_usage.c.reserved_tokens - released,
-            updated_at=s.created_at,
-        )
+    yield Sql(
+        "UPDATE user_usage SET total_tokens_used = total_tokens_used + :total, "
+        "reserved_tokens = reserved_tokens - :released, updated_at = :now "
+        "WHERE user_id = :user_id",
+        {
+            "total": usage.total_tokens,
+            "released": released,
+            "now": s.created_at,
+            "user_id": s.user_id,
+        },
     )
-    await conn.execute(
-        chats.update().where(chats.c.chat_id == s.chat_id).values(updated_at=s.created_at)
+    yield Sql(
+        "UPDATE chats SET updated_at = :now WHERE chat_id = :chat_id",
+        {"now": s.created_at, "chat_id": s.chat_id},
     )
 
 
-async def settle(engine: AsyncEngine, s: Settlement, *, is_retry: bool = False) -> None:
-    """Write the settlement once. Raises on database errors (the caller retries).
-    A retry first checks whether an earlier attempt committed after all."""
-    async with engine.connect() as conn:
-        conn = await conn.execution_options(**IMMEDIATE)
-        async with conn.begin():
-            if is_retry and await _already_settled(conn, s.message_id):
-                return
-            await write_settlement(conn, s)
+async def settle(transactor: Transactor, s: Settlement, *, is_retry: bool = False) -> None:
+    """Write the settlement once. Raises on database errors (the caller retries)."""
+    await transactor.run(lambda: settle_steps(s, is_retry=is_retry))
 
 
-async def settle_with_retries(engine: AsyncEngine, s: Settlement, *, within_seconds: float) -> None:
+async def settle_with_retries(
+    transactor: Transactor, s: Settlement, *, within_seconds: float
+) -> None:
     """Settle, retrying with backoff for up to `within_seconds`; raises the last error."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + within_seconds
@@ -113,7 +117,7 @@ async def settle_with_retries(engine: AsyncEngine, s: Settlement, *, within_seco
     attempt = 0
     while True:
         try:
-            await settle(engine, s, is_retry=attempt > 0)
+            await settle(transactor, s, is_retry=attempt > 0)
             return
         except Exception as exc:
             if loop.time() + delay > deadline:

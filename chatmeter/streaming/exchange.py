@@ -18,14 +18,11 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
-import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncConnection
-
 from chatmeter.auth.tokens import Principal
-from chatmeter.chats.store import owned_chat
+from chatmeter.chats.store import owned_chat_steps
 from chatmeter.config import ModelConfig
-from chatmeter.db.engine import IMMEDIATE
-from chatmeter.db.tables import messages, utcnow
+from chatmeter.db.steps import Sql, Steps
+from chatmeter.db.tables import utcnow
 from chatmeter.errors import ApiError
 from chatmeter.metering.budget import Reservation, reserve_budget
 from chatmeter.metering.counting import (
@@ -58,17 +55,16 @@ STREAM_ERROR_MESSAGES = {
 }
 
 
-async def _recent_history(conn: AsyncConnection, chat_id: uuid.UUID, count: int) -> list[ChatTurn]:
+def _recent_history(chat_id: uuid.UUID, count: int) -> Steps[list[ChatTurn]]:
+    """The last `count` messages of the chat, oldest first."""
     if count == 0:
         return []
-    query = (
-        sa.select(messages.c.role, messages.c.content)
-        .where(messages.c.chat_id == chat_id, messages.c.content != "")
-        .order_by(messages.c.created_at.desc(), messages.c.role)
-        .limit(count)
+    rows = yield Sql(
+        "SELECT role, content FROM messages WHERE chat_id = :chat_id AND content != '' "
+        "ORDER BY created_at DESC, role ASC LIMIT :count",
+        {"chat_id": chat_id, "count": count},
     )
-    rows = (await conn.execute(query)).all()
-    return [ChatTurn(row.role, row.content) for row in reversed(rows)]
+    return [ChatTurn(role, content) for role, content in reversed(rows)]
 
 
 class PromptTooLarge(Exception):
@@ -282,7 +278,9 @@ class Exchange:
         services = self.services
         try:
             await settle_with_retries(
-                services.engine, settlement, within_seconds=services.settings.settle_retry_seconds
+                services.transactor,
+                settlement,
+                within_seconds=services.settings.settle_retry_seconds,
             )
         except Exception:
             services.metrics.settle_failures.inc()
@@ -338,6 +336,57 @@ async def open_exchange(
         return await _open(services, user, chat_id, message, exact)
 
 
+@dataclass(frozen=True, slots=True)
+class _Opened:
+    model: str
+    request: GenerationRequest
+    reservation: Reservation
+    user_message_id: uuid.UUID
+    user_message_at: datetime
+
+
+def _open_steps(
+    services: Services,
+    user: Principal,
+    chat_id: uuid.UUID,
+    message: str,
+    exact_prompt: int | None,
+) -> Steps[_Opened]:
+    settings = services.settings
+    now = utcnow()
+    chat = yield from owned_chat_steps(chat_id, user.user_id)
+    if not services.providers.has(chat.model):
+        raise ApiError(400, "INVALID_REQUEST", f"model {chat.model!r} is not configured")
+    history = yield from _recent_history(chat_id, settings.history_messages)
+    try:
+        request, prompt_size = fit_to_context(
+            settings.system_prompt_for(chat.model),
+            history,
+            message,
+            services.providers.config(chat.model),
+            exact_prompt,
+        )
+    except PromptTooLarge:
+        raise PromptTooLarge(chat.model) from None
+    reservation = yield from reserve_budget(
+        user_id=user.user_id,
+        chat_id=chat_id,
+        prompt_estimate=prompt_size,
+        max_output_tokens=request.max_output_tokens,
+        default_limit=settings.default_token_limit,
+        worker_id=services.worker_id,
+        ttl_seconds=settings.reservation_ttl_seconds,
+        now=now,
+    )
+    user_message_id = uuid.uuid4()
+    yield Sql(
+        "INSERT INTO messages (message_id, chat_id, role, content, tokens_consumed, status, "
+        "created_at) VALUES (:message_id, :chat_id, 'user', :content, 0, 'complete', :now)",
+        {"message_id": user_message_id, "chat_id": chat_id, "content": message, "now": now},
+    )
+    return _Opened(chat.model, request, reservation, user_message_id, now)
+
+
 async def _open(
     services: Services,
     user: Principal,
@@ -345,58 +394,21 @@ async def _open(
     message: str,
     exact_prompt: int | None,
 ) -> Exchange:
-    settings = services.settings
-    async with services.engine.connect() as conn:
-        conn = await conn.execution_options(**IMMEDIATE)
-        async with conn.begin():
-            chat = await owned_chat(conn, chat_id, user.user_id)
-            if not services.providers.has(chat.model):
-                raise ApiError(400, "INVALID_REQUEST", f"model {chat.model!r} is not configured")
-            history = await _recent_history(conn, chat_id, settings.history_messages)
-            try:
-                request, prompt_size = fit_to_context(
-                    settings.system_prompt_for(chat.model),
-                    history,
-                    message,
-                    services.providers.config(chat.model),
-                    exact_prompt,
-                )
-            except PromptTooLarge:
-                raise PromptTooLarge(chat.model) from None
-            try:
-                reservation = await reserve_budget(
-                    conn,
-                    user_id=user.user_id,
-                    chat_id=chat_id,
-                    prompt_estimate=prompt_size,
-                    max_output_tokens=request.max_output_tokens,
-                    default_limit=settings.default_token_limit,
-                    worker_id=services.worker_id,
-                    ttl_seconds=settings.reservation_ttl_seconds,
-                )
-            except ApiError as exc:
-                if exc.code == "TOKEN_BUDGET_EXCEEDED":
-                    services.metrics.budget_refusals.inc()
-                raise
-            user_message_id, now = uuid.uuid4(), utcnow()
-            await conn.execute(
-                messages.insert().values(
-                    message_id=user_message_id,
-                    chat_id=chat_id,
-                    role="user",
-                    content=message,
-                    tokens_consumed=0,
-                    status="complete",
-                    created_at=now,
-                )
-            )
+    try:
+        opened = await services.transactor.run(
+            lambda: _open_steps(services, user, chat_id, message, exact_prompt)
+        )
+    except ApiError as exc:
+        if exc.code == "TOKEN_BUDGET_EXCEEDED":
+            services.metrics.budget_refusals.inc()
+        raise
     return Exchange(
         services=services,
         user_id=user.user_id,
         chat_id=chat_id,
-        model=chat.model,
-        request=replace(request, max_output_tokens=reservation.output_cap),
-        reservation=reservation,
-        user_message_id=user_message_id,
-        user_message_at=now,
+        model=opened.model,
+        request=replace(opened.request, max_output_tokens=opened.reservation.output_cap),
+        reservation=opened.reservation,
+        user_message_id=opened.user_message_id,
+        user_message_at=opened.user_message_at,
     )

@@ -15,12 +15,10 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncEngine
-
-from chatmeter.db.engine import IMMEDIATE
-from chatmeter.db.tables import reservations, utcnow
-from chatmeter.metering.budget import release_expired
+from chatmeter.db.steps import Steps
+from chatmeter.db.tables import utcnow
+from chatmeter.db.transactor import Transactor
+from chatmeter.metering.budget import flagged_stops, release_expired, renew_leases
 
 log = logging.getLogger("chatmeter.replies")
 
@@ -45,7 +43,7 @@ class ActiveReply:
 
 @dataclass(slots=True)
 class ReplyRegistry:
-    engine: AsyncEngine
+    transactor: Transactor
     worker_id: str
     lease_seconds: float
     poll_seconds: float = 0.5
@@ -86,27 +84,20 @@ class ReplyRegistry:
                 log.exception("reply housekeeping failed; retrying")
 
     async def _poll_stops(self) -> None:
-        query = sa.select(reservations.c.chat_id).where(
-            reservations.c.worker_id == self.worker_id, reservations.c.stop_requested.is_(True)
-        )
-        async with self.engine.connect() as conn:
-            flagged = (await conn.execute(query)).scalars().all()
-        for chat_id in flagged:
+        for chat_id in await self.transactor.run(lambda: flagged_stops(self.worker_id)):
             self.stop_local(chat_id)
 
     async def _renew_and_sweep(self) -> None:
-        async with self.engine.connect() as conn:
-            conn = await conn.execution_options(**IMMEDIATE)
-            async with conn.begin():
-                if self._replies:
-                    await conn.execute(
-                        reservations.update()
-                        .where(reservations.c.worker_id == self.worker_id)
-                        .values(expires_at=utcnow() + timedelta(seconds=self.lease_seconds))
-                    )
-                released = await release_expired(conn)
+        released = await self.transactor.run(self._renew_and_sweep_steps)
+
         if released:
             log.warning("released %d reservations left by stopped processes", released)
+
+    def _renew_and_sweep_steps(self) -> Steps[int]:
+        now = utcnow()
+        if self._replies:
+            yield from renew_leases(self.worker_id, now + timedelta(seconds=self.lease_seconds))
+        return (yield from release_expired(now))
 
     async def stop_all(self) -> None:
         for reply in list(self._replies.values()):

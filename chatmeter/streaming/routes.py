@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import uuid
+
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from chatmeter.chats.schemas import NewMessage, StopAccepted
-from chatmeter.chats.store import owned_chat, parse_chat_id
-from chatmeter.db.engine import IMMEDIATE
+from chatmeter.chats.store import owned_chat_steps, parse_chat_id
+from chatmeter.db.steps import Steps
+from chatmeter.db.tables import utcnow
 from chatmeter.deps import CurrentUser, ServicesDep
 from chatmeter.errors import ApiError
 from chatmeter.jsonutil import BadBody, json_response, read_json
@@ -59,6 +62,11 @@ async def send_message(
     )
 
 
+def _flag_stop(chat_id: uuid.UUID, user_id: str) -> Steps[str | None]:
+    yield from owned_chat_steps(chat_id, user_id)
+    return (yield from request_stop(chat_id, utcnow()))
+
+
 @router.post(
     "/{chat_id}/stop",
     status_code=202,
@@ -67,12 +75,8 @@ async def send_message(
 )
 async def stop_reply(chat_id: ChatIdPath, user: CurrentUser, services: ServicesDep) -> Response:
     chat_uuid = parse_chat_id(chat_id)
-    async with services.engine.connect() as conn:
-        conn = await conn.execution_options(**IMMEDIATE)
-        async with conn.begin():
-            await owned_chat(conn, chat_uuid, user.user_id)
-            # the flag is set in the database too: the holder may be another worker
-            holder = await request_stop(conn, chat_uuid)
+    # the flag is set in the database too: the holder may be another worker
+    holder = await services.transactor.run(lambda: _flag_stop(chat_uuid, user.user_id))
     if holder is None:
         raise ApiError(404, "NO_ACTIVE_REPLY", "No reply is being generated in this chat.")
     services.replies.stop_local(chat_uuid)

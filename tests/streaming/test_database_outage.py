@@ -8,6 +8,7 @@ from pathlib import Path
 import httpx
 
 from chatmeter.db.engine import make_engine
+from chatmeter.db.transactor import make_transactor
 from chatmeter.metering.outbox import Outbox
 from chatmeter.metering.settlement import Settlement
 from chatmeter.providers.base import Usage
@@ -112,7 +113,11 @@ async def test_replaying_twice_bills_once(database_url: str, tmp_path: Path) -> 
         )
         outbox = Outbox(str(tmp_path / "o2"), "w1")
         outbox.append(duplicate)
-        assert await outbox.replay(engine) == 1
+        transactor = make_transactor(database_url, engine, 1000)
+        try:
+            assert await outbox.replay(transactor) == 1
+        finally:
+            await transactor.close()
         after = await books(engine, "pia")
         assert after == before
     finally:

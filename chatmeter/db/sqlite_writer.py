@@ -1,0 +1,133 @@
+"""One thread that owns a sqlite3 connection and runs this process's write transactions.
+
+SQLite lets one writer in at a time anyway; a thread of our own makes that one hop per
+transaction instead of one per statement, and commits the transactions that queued up
+meanwhile together (group commit: each in a SAVEPOINT, so one failing rolls back alone).
+Other processes on the same file are kept in order by SQLite's own lock (BEGIN IMMEDIATE
+with a busy timeout).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from chatmeter.db.steps import Steps, run_sqlite
+
+log = logging.getLogger("chatmeter.db")
+T = TypeVar("T")
+# at most this many transactions share one commit: bounds the latency of the first
+MAX_BATCH = 64
+
+_Job = tuple[Callable[[], Steps[Any]], asyncio.Future[Any]]
+
+
+def sqlite_path(url: str) -> str:
+    """The file of a `sqlite+aiosqlite:///path` URL."""
+    return url.split(":///", 1)[1].split("?", 1)[0] or ":memory:"
+
+
+class SqliteWriter:
+    def __init__(self, path: str, busy_timeout_ms: int) -> None:
+        self._path = path
+        self._busy_timeout_ms = busy_timeout_ms
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._work, name="sqlite-writer", daemon=True)
+        self._thread.start()
+
+    async def run(self, steps: Callable[[], Steps[T]]) -> T:
+        """Run the transaction `steps()` builds; its result, or its exception."""
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._jobs.put((steps, future))
+        return await future
+
+    async def close(self) -> None:
+        self._jobs.put(None)
+        await asyncio.to_thread(self._thread.join)
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(
+            self._path,
+            timeout=self._busy_timeout_ms / 1000,
+            isolation_level=None,  # we say BEGIN and COMMIT ourselves
+            check_same_thread=False,
+        )
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        conn.execute(f"PRAGMA busy_timeout={int(self._busy_timeout_ms)}")
+        return conn
+
+    def _work(self) -> None:
+        conn: sqlite3.Connection | None = None
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                break
+            batch = [job]
+            while len(batch) < MAX_BATCH:
+                try:
+                    more = self._jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    self._jobs.put(None)  # finish this batch, then stop
+                    break
+                batch.append(more)
+            try:
+                conn = conn or self._connect()
+                outcomes = self._commit(conn, batch)
+            except Exception as exc:  # the database itself failed: every job fails
+                outcomes = [(False, exc)] * len(batch)
+                if conn is not None:
+                    conn.close()
+                conn = None  # reconnect on the next batch
+            _deliver(batch, outcomes)
+        if conn is not None:
+            conn.close()
+
+    def _commit(self, conn: sqlite3.Connection, batch: list[_Job]) -> list[tuple[bool, Any]]:
+        outcomes: list[tuple[bool, Any]] = []
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for steps, _ in batch:
+                conn.execute("SAVEPOINT job")
+                try:
+                    outcomes.append((True, run_sqlite(conn, steps())))
+                    conn.execute("RELEASE job")
+                except Exception as exc:
+                    conn.execute("ROLLBACK TO job")
+                    conn.execute("RELEASE job")
+                    outcomes.append((False, exc))
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return outcomes
+
+
+def _deliver(batch: list[_Job], outcomes: list[tuple[bool, Any]]) -> None:
+    """Hand each job its outcome on the loop that waits for it (one wake-up per loop)."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], bool, Any]]] = {}
+    for (_, future), (ok, value) in zip(batch, outcomes, strict=True):
+        by_loop.setdefault(future.get_loop(), []).append((future, ok, value))
+    for loop, results in by_loop.items():
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting
+            loop.call_soon_threadsafe(_resolve, results)
+
+
+def _resolve(results: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
+    for future, ok, value in results:
+        if future.done():
+            continue  # its caller was cancelled
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)

@@ -1,0 +1,116 @@
+"""Transactions on the message path written once, run by two fast drivers.
+
+A transaction is a generator of `Sql` statements (plain SQL with `:name` parameters, the
+subset SQLite and PostgreSQL share: RETURNING, ON CONFLICT DO NOTHING). Each `yield`
+hands a statement to the driver and receives its `Rows`. The logic (checks, the
+conditional reservation, settlement) is one readable function; a driver only moves
+statements and values:
+
+- SQLite: every statement of a transaction runs in one hop to the writer thread, on the
+  `sqlite3` connection it owns (`sqlite_writer.py`);
+- PostgreSQL: asyncpg directly, prepared statements, in one transaction.
+
+The ORM-free, driver-direct path is what the message path needs: through SQLAlchemy's
+async layer each statement cost a thread hop (aiosqlite) or a greenlet switch plus
+statement processing, about 0.5 ms of CPU per statement; here it is tens of microseconds.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Generator, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Sql:
+    text: str
+    params: Mapping[str, object]
+
+
+# What a statement returned. Statements whose effect must be known say RETURNING, so
+# "how many rows changed" is the number of rows returned, on both drivers.
+Rows = list[tuple[Any, ...]]
+
+Steps = Generator[Sql, Rows, T]
+
+
+# SQLite: values stored the way SQLAlchemy stores them (its types read them back)
+
+
+def sqlite_value(value: object) -> object:
+    if isinstance(value, uuid.UUID):
+        return value.hex
+    if isinstance(value, datetime):
+        value = value.astimezone(UTC)
+        return f"{value:%Y-%m-%d %H:%M:%S.%f}"
+    if isinstance(value, bool):
+        return int(value)
+    return value
+
+
+def sqlite_params(params: Mapping[str, object]) -> dict[str, object]:
+    return {name: sqlite_value(value) for name, value in params.items()}
+
+
+def run_sqlite(conn: Any, steps: Steps[T]) -> T:
+    """Drive `steps` on a sqlite3 connection (in the thread that owns it)."""
+    try:
+        statement = next(steps)
+        while True:
+            cursor = conn.execute(statement.text, sqlite_params(statement.params))
+            statement = steps.send(cursor.fetchall())
+    except StopIteration as done:
+        result: T = done.value
+        return result
+
+
+# PostgreSQL (asyncpg): positional parameters, native types
+
+_NAMED = re.compile(r"(?<!:):([A-Za-z_][A-Za-z0-9_]*)")
+
+
+@dataclass(frozen=True, slots=True)
+class _Positional:
+    text: str
+    names: tuple[str, ...]
+
+
+class PostgresStatements:
+    """`:name` statements rewritten to asyncpg's `$n`, once per statement text."""
+
+    def __init__(self) -> None:
+        self._cache: dict[str, _Positional] = {}
+
+    def convert(self, statement: Sql) -> tuple[str, list[object]]:
+        positional = self._cache.get(statement.text)
+        if positional is None:
+            names: list[str] = []
+
+            def number(match: re.Match[str]) -> str:
+                name = match.group(1)
+                if name not in names:
+                    names.append(name)
+                return f"${names.index(name) + 1}"
+
+            positional = _Positional(_NAMED.sub(number, statement.text), tuple(names))
+            self._cache[statement.text] = positional
+        return positional.text, [statement.params[name] for name in positional.names]
+
+
+async def run_asyncpg(conn: Any, statements: PostgresStatements, steps: Steps[T]) -> T:
+    """Drive `steps` on an asyncpg connection, inside the caller's transaction."""
+    try:
+        statement = next(steps)
+        while True:
+            text, args = statements.convert(statement)
+            records = await conn.fetch(text, *args)
+            statement = steps.send([tuple(record) for record in records])
+    except StopIteration as done:
+        result: T = done.value
+        return result
