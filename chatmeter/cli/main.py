@@ -11,6 +11,8 @@ from rich.console import Console
 from rich.table import Table
 
 from chatmeter.auth.tokens import mint_token, parse_ttl
+from chatmeter.bench.cli import bench as bench_command
+from chatmeter.cli.chat import chat_command
 from chatmeter.config import ConfigError, Settings, dev_jwt_secret, load_settings
 
 app = typer.Typer(
@@ -22,6 +24,8 @@ db_app = typer.Typer(help="Database commands.", no_args_is_help=True)
 users_app = typer.Typer(help="Users' token budgets.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(users_app, name="users")
+app.command("chat")(chat_command)
+app.command("bench")(bench_command)
 console = Console()
 errors = Console(stderr=True)
 
@@ -90,6 +94,13 @@ def token(
     except ValueError as exc:
         errors.print(f"[red]--ttl:[/red] {exc}")
         raise typer.Exit(2) from None
+    if settings.jwt_jwks_url and not settings.jwt_secret:
+        # the server would check an HS256 token against no secret: it could never pass
+        errors.print(
+            "[red]CHATMETER_JWT_SECRET is not set:[/red] with only CHATMETER_JWT_JWKS_URL, "
+            "tokens come from your identity provider."
+        )
+        raise typer.Exit(2)
     secret = dev_jwt_secret(settings)
     print(
         mint_token(
@@ -153,18 +164,31 @@ def _usage_table(usage: dict[str, int]) -> Table:
     return table
 
 
+def _usage_or_exit(user: str, limit: int | None) -> dict[str, int]:
+    from sqlalchemy.exc import SQLAlchemyError
+
+    settings = settings_or_exit()
+    try:
+        return asyncio.run(_with_connection(settings, user, limit))
+    except (SQLAlchemyError, OSError) as exc:
+        cause = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+        errors.print(
+            f"[red]database error:[/red] {cause} ({_safe_url(settings.database_url)}). "
+            "Is it reachable, and migrated with `chatmeter db upgrade`?"
+        )
+        raise typer.Exit(1) from None
+
+
 @users_app.command("set-limit")
 def users_set_limit(user: str, limit: Annotated[int, typer.Argument(min=0)]) -> None:
     """Set a user's token budget."""
-    usage = asyncio.run(_with_connection(settings_or_exit(), user, limit))
-    console.print(_usage_table(usage))
+    console.print(_usage_table(_usage_or_exit(user, limit)))
 
 
 @users_app.command("usage")
 def users_usage(user: str) -> None:
     """Show a user's usage and budget."""
-    usage = asyncio.run(_with_connection(settings_or_exit(), user, None))
-    console.print(_usage_table(usage))
+    console.print(_usage_table(_usage_or_exit(user, None)))
 
 
 def main() -> None:

@@ -1,0 +1,286 @@
+"""`chatmeter chat` run as a person runs it: a real process reading typed lines, talking
+to a real chatmeter server, interrupted with a real SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import signal
+import sys
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from chatmeter.config import ModelConfig
+from tests.conftest import TEST_SECRET, auth, make_settings, scripted, token_for
+from tests.support.server import RunningServer, serve
+from tests.support.sse import stream_message
+
+STORY = "Once upon a time, a careful meter counted every token the model spoke."
+SLOW = " ".join(f"word{n}" for n in range(1, 41))
+PROMPT = "you \u203a"
+WAIT = 15.0
+
+
+class Terminal:
+    """A `chatmeter chat` process: lines go to its stdin, its output is collected."""
+
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        self.process = process
+        self.output = ""
+        self._seen = 0
+
+    async def expect(self, pattern: str, start: int | None = None) -> re.Match[str]:
+        """Wait until `pattern` (a regex) shows up in output not yet matched (or
+        after `start`)."""
+        regex = re.compile(pattern)
+        stdout = self.process.stdout
+        assert stdout is not None
+
+        async def wait() -> re.Match[str]:
+            while True:
+                match = regex.search(self.output, self._seen if start is None else start)
+                if match:
+                    self._seen = match.end()
+                    return match
+                piece = await stdout.read(4096)
+                if not piece:
+                    raise AssertionError(f"the client ended before {pattern!r}:\n{self.output}")
+                self.output += piece.decode()
+
+        try:
+            return await asyncio.wait_for(wait(), WAIT)
+        except TimeoutError:
+            raise AssertionError(f"no {pattern!r} in the client's output:\n{self.output}") from None
+
+    async def type(self, line: str) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.write(line.encode() + b"\n")
+        await self.process.stdin.drain()
+
+    async def close_stdin(self) -> int:
+        """Ctrl-D: end of input. Returns the exit status."""
+        assert self.process.stdin is not None
+        self.process.stdin.close()
+        assert self.process.stdout is not None
+        rest = await asyncio.wait_for(self.process.stdout.read(), WAIT)
+        self.output += rest.decode()
+        return await asyncio.wait_for(self.process.wait(), WAIT)
+
+
+@pytest.fixture
+def sqlite_url(sqlite_template: Path, tmp_path: Path) -> str:
+    path = tmp_path / "chatmeter.db"
+    shutil.copyfile(sqlite_template, path)
+    return f"sqlite+aiosqlite:///{path}"
+
+
+ServerFactory = Callable[..., AbstractAsyncContextManager[RunningServer]]
+
+
+@pytest.fixture
+def chatmeter(sqlite_url: str) -> ServerFactory:
+    def start(model: ModelConfig, **overrides: Any) -> AbstractAsyncContextManager[RunningServer]:
+        models = {"main": model, **overrides.pop("models", {})}
+        return serve(make_settings(sqlite_url, default_model="main", models=models, **overrides))
+
+    return start
+
+
+@pytest.fixture
+async def terminal(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
+    """Starts `chatmeter chat` processes; kills any still running at the end."""
+    started: list[asyncio.subprocess.Process] = []
+
+    async def run(*args: str, env: dict[str, str] | None = None) -> Terminal:
+        clean = {k: v for k, v in os.environ.items() if not k.startswith("CHATMETER_")}
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "chatmeter",
+            "chat",
+            *args,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            cwd=tmp_path,
+            env={**clean, "COLUMNS": "200", **(env or {})},
+        )
+        started.append(process)
+        return Terminal(process)
+
+    yield run
+    for process in started:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def get(server: RunningServer, path: str, user: str) -> Any:
+    async with httpx.AsyncClient(base_url=server.url, timeout=10) as http:
+        response = await http.get(path, headers=auth(user))
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+async def only_chat(server: RunningServer, user: str) -> dict[str, Any]:
+    chats = (await get(server, "/api/chat", user))["chats"]
+    assert len(chats) == 1, chats
+    chat: dict[str, Any] = await get(server, f"/api/chat/{chats[0]['chat_id']}", user)
+    return chat
+
+
+async def test_a_reply_streams_in_with_the_tokens_it_used(
+    chatmeter: ServerFactory, terminal: Callable[..., Any]
+) -> None:
+    # idle pings (`: ping` comments) arrive between the pieces: the client skips them
+    story = scripted(reply=STORY, chunks=10, delay_ms=100)
+    async with chatmeter(story, ping_interval_seconds=0.03) as server:
+        term: Terminal = await terminal("--url", server.url, "--token", token_for("lena"))
+        await term.expect(r"signed in as lena · 100,000 of 100,000 tokens left")
+        await term.expect(PROMPT)
+        await term.type("Tell me a story")
+        first = await term.expect(r"model \u203a Once upon")
+        # streamed: the first pieces are shown while the rest is still on its way
+        assert STORY not in term.output
+        await term.expect(re.escape(STORY), start=first.start())
+        used = await term.expect(r"\n([\d,]+) tokens · ([\d,]+) of 100,000 tokens left")
+        usage = await get(server, "/api/usage", "lena")
+        assert int(used[1].replace(",", "")) == usage["total_tokens_used"] > 0
+        assert int(used[2].replace(",", "")) == usage["tokens_remaining"]
+        await term.expect(PROMPT)
+        assert await term.close_stdin() == 0
+
+        chat = await only_chat(server, "lena")
+        saved = [(m["role"], m["content"], m["status"]) for m in chat["messages"]]
+        assert saved == [
+            ("user", "Tell me a story", "complete"),
+            ("assistant", STORY, "complete"),
+        ]
+
+
+async def test_ctrl_c_stops_the_reply_and_the_session_goes_on(
+    chatmeter: ServerFactory, terminal: Callable[..., Any]
+) -> None:
+    async with chatmeter(scripted(reply=SLOW, chunks=40, delay_ms=100)) as server:
+        term: Terminal = await terminal("--url", server.url, "--token", token_for("milo"))
+        await term.expect(PROMPT)
+        await term.type("Count slowly")
+        await term.expect(r"word2 ")
+        term.process.send_signal(signal.SIGINT)
+        stopped = await term.expect(r"stopped · ([\d,]+) tokens")
+        await term.expect(PROMPT)
+        assert term.process.returncode is None  # still running
+
+        chat = await only_chat(server, "milo")
+        reply = chat["messages"][-1]
+        assert reply["role"] == "assistant" and reply["status"] == "stopped"
+        assert SLOW.startswith(reply["content"]) and len(reply["content"]) < len(SLOW) // 2
+        assert reply["content"] in term.output
+        assert int(stopped[1].replace(",", "")) == reply["tokens_consumed"]
+
+        # the session accepts another message, and Ctrl-C stops that one too
+        await term.type("Again")
+        await term.expect(r"model \u203a word1")
+        term.process.send_signal(signal.SIGINT)
+        await term.expect(r"stopped · ")
+        await term.expect(PROMPT)
+        assert await term.close_stdin() == 0
+        chat = await only_chat(server, "milo")
+        assert [m["status"] for m in chat["messages"]] == ["complete", "stopped"] * 2
+        assert [m["content"] for m in chat["messages"]][::2] == ["Count slowly", "Again"]
+
+
+async def test_without_a_token_it_is_the_dev_user_and_continues_a_chat(
+    chatmeter: ServerFactory, terminal: Callable[..., Any]
+) -> None:
+    other = scripted(reply="From the other model.", chunks=2)
+    async with chatmeter(scripted(reply=STORY, chunks=3), models={"other": other}) as server:
+        # the development secret `make run` uses (here the configured one)
+        env = {"CHATMETER_JWT_SECRET": TEST_SECRET}
+        term: Terminal = await terminal("--url", server.url, "--model", "other", env=env)
+        await term.expect(r"signed in as dev-user")
+        await term.expect(r"New chat [0-9a-f-]{36} \(model other\)")
+        await term.type("Hi")
+        await term.expect(r"From the other model\.")
+        await term.expect(PROMPT)
+        assert await term.close_stdin() == 0
+        chat = await only_chat(server, "dev-user")
+        assert chat["model"] == "other"
+
+        # --chat continues it: the history is shown and the next message joins it
+        resumed: Terminal = await terminal("--url", server.url, "--chat", chat["chat_id"], env=env)
+        await resumed.expect(r"2 messages")
+        await resumed.expect(r"model \u203a From the other model\.")
+        await resumed.expect(PROMPT)
+        await resumed.type("And again")
+        await resumed.expect(r"From the other model\.\n")
+        await resumed.expect(PROMPT)
+        assert await resumed.close_stdin() == 0
+        chat = await only_chat(server, "dev-user")
+        assert [m["content"] for m in chat["messages"]][2:] == [
+            "And again",
+            "From the other model.",
+        ]
+
+
+async def test_errors_are_told_in_words(
+    chatmeter: ServerFactory, terminal: Callable[..., Any]
+) -> None:
+    async with chatmeter(scripted(reply=SLOW, chunks=40, delay_ms=50)) as server:
+        nobody = "http://127.0.0.1:9"  # the discard port: nothing listens there
+        unreachable: Terminal = await terminal("--url", nobody, "--token", token_for("nia"))
+        await unreachable.expect(r"Cannot reach chatmeter at http://127\.0\.0\.1:9")
+        assert await unreachable.close_stdin() == 1
+
+        refused: Terminal = await terminal("--url", server.url, "--token", "not-a-token")
+        await refused.expect(r"The server did not accept the token")
+        assert await refused.close_stdin() == 1
+        assert "UNAUTHORIZED" not in refused.output and "{" not in refused.output
+
+        missing: Terminal = await terminal(
+            "--url",
+            server.url,
+            "--token",
+            token_for("nia"),
+            "--chat",
+            "0" * 8 + "-0000-4000-8000-" + "0" * 12,
+        )
+        await missing.expect(r"This chat does not exist any more")
+        assert await missing.close_stdin() == 1
+
+        # a reply already being written in the chat (by another window)
+        term: Terminal = await terminal("--url", server.url, "--token", token_for("nia"))
+        await term.expect(PROMPT)
+        chat_id = (await get(server, "/api/chat", "nia"))["chats"][0]["chat_id"]
+        async with httpx.AsyncClient(base_url=server.url, timeout=10) as http:
+            elsewhere = asyncio.create_task(
+                stream_message(http, chat_id, "From another window", token_for("nia"))
+            )
+            await asyncio.sleep(0.3)
+            await term.type("Me too")
+            await term.expect(r"A reply is still being written in this chat")
+            await term.expect(PROMPT)
+            stopped = await http.post(f"/api/chat/{chat_id}/stop", headers=auth("nia"))
+            assert stopped.status_code == 202
+            assert (await elsewhere).last["finish_reason"] == "stopped"
+
+        # a spent budget: refused in words, and the session goes on
+        async with httpx.AsyncClient(base_url=server.url, timeout=10) as http:
+            limited = await http.put(
+                "/api/admin/users/nia/limit",
+                json={"token_limit": 1},
+                headers=auth("root", admin=True),
+            )
+        assert limited.status_code == 200, limited.text
+        await term.type("Hello?")
+        await term.expect(r"Your token budget is spent")
+        await term.expect(PROMPT)
+        assert await term.close_stdin() == 0
+        assert "TOKEN_BUDGET_EXCEEDED" not in term.output and "REPLY_IN_PROGRESS" not in term.output
