@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -34,6 +35,9 @@ def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.services = await start_services(settings)
+        # what start-up built lives as long as the process: keep it out of every
+        # garbage collection pass (the collector was ~8% of CPU per exchange)
+        gc.freeze()
         try:
             yield
         finally:

@@ -72,7 +72,7 @@ async def start_services(settings: Settings, engine: AsyncEngine | None = None) 
     )
     worker_id = new_worker_id()
     secret = dev_jwt_secret(settings) if not settings.jwt_jwks_url else settings.jwt_secret
-    transactor = make_transactor(settings.database_url, engine, settings.sqlite_busy_timeout_ms)
+    transactor = make_transactor(settings.database_url, settings.sqlite_busy_timeout_ms)
     services = Services(
         settings=settings,
         engine=engine,

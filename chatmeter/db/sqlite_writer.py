@@ -33,6 +33,19 @@ def sqlite_path(url: str) -> str:
     return url.split(":///", 1)[1].split("?", 1)[0] or ":memory:"
 
 
+def connect_sqlite(path: str, busy_timeout_ms: int) -> sqlite3.Connection:
+    """A connection for write transactions, set up as the engine's are (WAL, foreign
+    keys); BEGIN and COMMIT are said explicitly."""
+    conn = sqlite3.connect(
+        path, timeout=busy_timeout_ms / 1000, isolation_level=None, check_same_thread=False
+    )
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("PRAGMA foreign_keys=ON")
+    conn.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+    return conn
+
+
 class SqliteWriter:
     def __init__(self, path: str, busy_timeout_ms: int) -> None:
         self._path = path
@@ -52,17 +65,7 @@ class SqliteWriter:
         await asyncio.to_thread(self._thread.join)
 
     def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(
-            self._path,
-            timeout=self._busy_timeout_ms / 1000,
-            isolation_level=None,  # we say BEGIN and COMMIT ourselves
-            check_same_thread=False,
-        )
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=NORMAL")
-        conn.execute("PRAGMA foreign_keys=ON")
-        conn.execute(f"PRAGMA busy_timeout={int(self._busy_timeout_ms)}")
-        return conn
+        return connect_sqlite(self._path, self._busy_timeout_ms)
 
     def _work(self) -> None:
         conn: sqlite3.Connection | None = None

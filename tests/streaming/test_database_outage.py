@@ -113,7 +113,7 @@ async def test_replaying_twice_bills_once(database_url: str, tmp_path: Path) -> 
         )
         outbox = Outbox(str(tmp_path / "o2"), "w1")
         outbox.append(duplicate)
-        transactor = make_transactor(database_url, engine, 1000)
+        transactor = make_transactor(database_url, 1000)
         try:
             assert await outbox.replay(transactor) == 1
         finally:
