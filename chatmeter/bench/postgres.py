@@ -23,9 +23,20 @@ def postgres_available() -> bool:
 
 
 class ThrowawayPostgres:
+    """initdb, pg_ctl start on a free loopback port, and stop with the files removed.
+    The tests start theirs with this too (`tests/support/postgres.py`)."""
+
+    # fsync stays on; commits do not wait for the disk, which is what SQLite's WAL with
+    # synchronous=NORMAL (chatmeter's setting) promises too; statements per exchange are
+    # counted by the server itself
+    options = (
+        "-c synchronous_commit=off -c max_connections=300 "
+        "-c shared_preload_libraries=pg_stat_statements"
+    )
+
     def __init__(self) -> None:
         self.port = free_port()
-        self.root = Path(tempfile.mkdtemp(prefix="chatmeter-bench-pg-"))
+        self.root = Path(tempfile.mkdtemp(prefix="chatmeter-pg-"))
         self.data = self.root / "data"
         self._as_root = os.geteuid() == 0
 
@@ -39,14 +50,7 @@ class ThrowawayPostgres:
         if self._as_root:
             shutil.chown(self.root, "postgres", "postgres")
         self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8")
-        # fsync stays on; commits do not wait for the disk, which is what SQLite's WAL
-        # with synchronous=NORMAL (chatmeter's setting) promises too
-        options = (
-            f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 "
-            "-c synchronous_commit=off -c max_connections=300 "
-            # statements per exchange are counted by the server itself
-            "-c shared_preload_libraries=pg_stat_statements"
-        )
+        options = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 {self.options}"
         log = str(self.root / "log")
         self._run("pg_ctl", "-D", str(self.data), "-o", options, "-l", log, "-w", "start")
         deadline = time.monotonic() + 30
@@ -62,6 +66,11 @@ class ThrowawayPostgres:
         with contextlib.suppress(subprocess.SubprocessError, OSError):
             self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop")
         shutil.rmtree(self.root, ignore_errors=True)
+
+    def createdb(self, name: str, template: str | None = None) -> None:
+        command = [str(PG_BIN / "createdb"), "-h", "127.0.0.1", "-p", str(self.port)]
+        command += ["-U", "postgres", name, *(["-T", template] if template else [])]
+        subprocess.run(command, check=True, capture_output=True, timeout=60)
 
     def url(self, database: str = "postgres") -> str:
         return f"postgresql+asyncpg://postgres@127.0.0.1:{self.port}/{database}"

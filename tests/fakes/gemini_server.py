@@ -17,15 +17,13 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import socket
 import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import uvicorn
+from tests.fakes.loopback import LoopbackServer
 
 Json = dict[str, Any]
 Scope = dict[str, Any]
@@ -88,8 +86,9 @@ class StreamRecord:
     disconnected: threading.Event = field(default_factory=threading.Event)
 
 
-class GeminiServer:
+class GeminiServer(LoopbackServer):
     def __init__(self) -> None:
+        super().__init__()
         self.script = GeminiScript()
         # when set, the script of each generate/stream request (instead of `script`)
         self.script_for: Callable[[ReceivedRequest], GeminiScript] | None = None
@@ -97,45 +96,10 @@ class GeminiServer:
         self.streams: list[StreamRecord] = []
         self.count_calls = 0
         self.count_error_status: int | None = None
-        self._server: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._gate: asyncio.Semaphore | None = None
-        self.url = ""
 
     # -- lifecycle -------------------------------------------------------------------
-
-    def start(self) -> GeminiServer:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        config = uvicorn.Config(
-            self._app,
-            interface="asgi3",
-            proxy_headers=False,
-            log_config=None,
-            access_log=False,
-            lifespan="off",
-            timeout_graceful_shutdown=2,
-        )
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(
-            target=self._server.run, kwargs={"sockets": [sock]}, daemon=True
-        )
-        self._thread.start()
-        deadline = time.monotonic() + 10
-        while not self._server.started:
-            if time.monotonic() > deadline or not self._thread.is_alive():
-                raise RuntimeError("the fake Gemini server did not start")
-            time.sleep(0.01)
-        return self
-
-    def stop(self) -> None:
-        if self._server is not None and self._thread is not None:
-            self._server.should_exit = True
-            self._thread.join(timeout=10)
-        self._server = self._thread = None
 
     def reset(self) -> None:
         self.script = GeminiScript()

@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import uvicorn
+from tests.fakes.loopback import LoopbackServer
 
 Json = dict[str, Any]
 Scope = dict[str, Any]
@@ -90,15 +89,13 @@ class StreamRecord:
     disconnected: threading.Event = field(default_factory=threading.Event)
 
 
-class OpenAIServer:
+class OpenAIServer(LoopbackServer):
     def __init__(self) -> None:
+        super().__init__()
         self.script = OpenAIScript()
         self.requests: list[ReceivedRequest] = []
         self.streams: list[StreamRecord] = []
         self.tokenized: list[str] = []
-        self._server: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
-        self.url = ""
 
     @property
     def base_url(self) -> str:
@@ -106,38 +103,6 @@ class OpenAIServer:
         return f"{self.url}/v1"
 
     # -- lifecycle -------------------------------------------------------------------
-
-    def start(self) -> OpenAIServer:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        config = uvicorn.Config(
-            self._app,
-            interface="asgi3",  # a bound method is not recognised as ASGI 3 on its own
-            proxy_headers=False,
-            log_config=None,
-            access_log=False,
-            lifespan="off",
-            timeout_graceful_shutdown=2,
-        )
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(
-            target=self._server.run, kwargs={"sockets": [sock]}, daemon=True
-        )
-        self._thread.start()
-        deadline = time.monotonic() + 10
-        while not self._server.started:
-            if time.monotonic() > deadline or not self._thread.is_alive():
-                raise RuntimeError("the fake OpenAI server did not start")
-            time.sleep(0.01)
-        return self
-
-    def stop(self) -> None:
-        if self._server is not None and self._thread is not None:
-            self._server.should_exit = True
-            self._thread.join(timeout=10)
-        self._server = self._thread = None
 
     def reset(self) -> None:
         self.script = OpenAIScript()
