@@ -91,6 +91,9 @@ async def start_services(settings: Settings, engine: AsyncEngine | None = None) 
         outbox=Outbox(settings.outbox_dir, worker_id),
         worker_id=worker_id,
     )
+    # the default model is started now, not on the first message: the embedded model
+    # takes a few seconds to load, and a misconfigured provider stops start-up here
+    await services.providers.get(settings.default_model)
     services.spawn(services.replies.run_housekeeping()).set_name("housekeeping:replies")
     services.spawn(services.outbox.run(transactor, 1.0)).set_name("housekeeping:outbox")
     return services

@@ -71,7 +71,8 @@ def _print_dev_banner(settings: Settings, host: str, port: int) -> None:
     shown_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     base = f"http://{shown_host}:{port}"
     console.rule("[bold]chatmeter[/bold] (development mode)")
-    console.print(f"Web chat:  [link={base}/#token={dev_token}]{base}/#token={dev_token}[/link]")
+    # soft_wrap: a link cut into lines by the terminal width cannot be copied whole
+    console.print(f"Web chat:  {base}/#token={dev_token}", soft_wrap=True)
     console.print(f"API docs:  {base}/docs")
     console.print(f"Token:     {dev_token}", soft_wrap=True)
     console.print(
