@@ -53,9 +53,15 @@ class Services:
         for task in list(self._background):
             if task.get_name().startswith("housekeeping"):
                 task.cancel()
-        pending = [t for t in self._background if not t.done()]
-        if pending:
-            await asyncio.wait(pending, timeout=30)
+        # settlements may be spawned while we wait (a cancelled stream closes its
+        # provider first): wait until none is left, within a bound
+        deadline = asyncio.get_running_loop().time() + 30
+        while pending := [t for t in self._background if not t.done()]:
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                break
+            await asyncio.wait(pending, timeout=remaining)
+            await asyncio.sleep(0)
         await self.providers.aclose()
         await self.transactor.close()
         await self.engine.dispose()

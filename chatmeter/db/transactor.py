@@ -44,7 +44,10 @@ class SqliteTransactor:
 
     def _run_inline(self, steps: Callable[[], Steps[T]]) -> T:
         if self._inline is None:
-            self._inline = connect_sqlite(self._path, busy_timeout_ms=0)
+            try:
+                self._inline = connect_sqlite(self._path, busy_timeout_ms=0)
+            except sqlite3.OperationalError as exc:  # its PRAGMAs met another's lock
+                raise _LockTaken from exc
         conn = self._inline
         try:
             conn.execute("BEGIN IMMEDIATE")

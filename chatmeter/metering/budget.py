@@ -188,12 +188,22 @@ def take_reservation(reservation_id: uuid.UUID) -> Steps[int]:
     return int(rows[0][0]) if rows else 0
 
 
-def renew_leases(worker_id: str, expires_at: datetime) -> Steps[None]:
-    """Extend the leases of every reply this worker holds (one statement for all)."""
-    yield Sql(
-        "UPDATE reservations SET expires_at = :expires_at WHERE worker_id = :worker_id",
-        {"worker_id": worker_id, "expires_at": expires_at},
+RENEW_BATCH = 100
+
+
+def renew_leases(reservation_ids: list[uuid.UUID], expires_at: datetime) -> Steps[None]:
+    """Extend the leases of the replies this process is streaming, 100 to a statement
+    (padded, so the statement text, and the prepared statement, is always the same). A
+    reservation whose exchange was lost without settling is not renewed, and expires."""
+    names = [f"r{i}" for i in range(RENEW_BATCH)]
+    text = (
+        "UPDATE reservations SET expires_at = :expires_at "
+        f"WHERE reservation_id IN ({', '.join(':' + n for n in names)})"
     )
+    for start in range(0, len(reservation_ids), RENEW_BATCH):
+        batch = reservation_ids[start : start + RENEW_BATCH]
+        batch += [batch[0]] * (RENEW_BATCH - len(batch))
+        yield Sql(text, {"expires_at": expires_at, **dict(zip(names, batch, strict=True))})
 
 
 def request_stop(chat_id: uuid.UUID, now: datetime) -> Steps[str | None]:

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import functools
 import logging
 import os
 import re
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, TypeVar
 
 import orjson
 
@@ -26,6 +28,7 @@ from chatmeter.metering.settlement import Settlement, settle
 from chatmeter.providers.base import Usage
 
 log = logging.getLogger("chatmeter.outbox")
+T = TypeVar("T")
 
 
 def _encode(s: Settlement) -> bytes:
@@ -52,6 +55,28 @@ def _decode(line: bytes) -> Settlement:
         source=values["source"],
         created_at=datetime.fromisoformat(values["created_at"]),
     )
+
+
+def _lines(data: bytes) -> list[bytes]:
+    return [line for line in data.splitlines() if line.strip()]
+
+
+def _locked(path: Path, action: Callable[[BinaryIO], T]) -> T:
+    """`action` on the open file under its exclusive lock (a short, local critical
+    section: a read, or a rewrite)."""
+    with open(path, "r+b") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        return action(handle)
+
+
+def _drop(handle: BinaryIO, replayed: set[bytes]) -> None:
+    """Rewrite the file without the replayed lines; lines appended meanwhile stay."""
+    keep = [line for line in _lines(handle.read()) if line not in replayed]
+    handle.seek(0)
+    handle.truncate()
+    handle.write(b"".join(line + b"\n" for line in keep))
+    handle.flush()
+    os.fsync(handle.fileno())
 
 
 class Outbox:
@@ -85,30 +110,25 @@ class Outbox:
 
     async def replay(self, transactor: Transactor) -> int:
         """Write every spooled settlement (of any process); returns how many were
-        written. Stops at the first failure: the database is still down."""
+        written. Stops at the first failure: the database is still down.
+
+        A file's lock is only ever held for a read or a rewrite, never across an await:
+        an append (which takes the lock in this same thread) must never wait on a replay
+        that waits on the database."""
         if not self.directory.exists():
             return 0
         written = 0
         for path in sorted(self.directory.glob("*.jsonl")):
-            # a recovery path on local disk, rare and small: blocking I/O is fine here
-            with open(path, "r+b") as handle:  # noqa: ASYNC230
-                try:
-                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    continue  # another process is replaying or appending it
-                lines = [line for line in handle.read().splitlines() if line.strip()]
-                done = 0
-                try:
-                    for line in lines:
-                        await settle(transactor, _decode(line), is_retry=True)
-                        done += 1
-                finally:
-                    handle.seek(0)
-                    handle.truncate()
-                    handle.write(b"".join(line + b"\n" for line in lines[done:]))
-                    handle.flush()
-                    os.fsync(handle.fileno())
-                written += done
+            lines = _locked(path, lambda handle: _lines(handle.read()))
+            replayed: set[bytes] = set()
+            try:
+                for line in lines:
+                    await settle(transactor, _decode(line), is_retry=True)
+                    replayed.add(line)
+            finally:
+                if replayed:
+                    _locked(path, functools.partial(_drop, replayed=replayed))
+            written += len(replayed)
             # the emptied file stays: unlinking it could lose a line another process
             # appends between our unlock and the unlink
         if written:

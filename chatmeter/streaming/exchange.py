@@ -136,7 +136,7 @@ class Exchange:
         """Chunk events as the provider produces them, then the end (or error) event."""
         self.started = True
         services = self.services
-        reply = services.replies.register(self.chat_id)
+        reply = services.replies.register(self.chat_id, self.reservation.reservation_id)
         pieces: list[str] = []
         outcome = StreamOutcome()
         failure: ProviderError | None = None
@@ -170,9 +170,8 @@ class Exchange:
                 failure = exc
             except Exception as exc:
                 log.exception("provider %s failed unexpectedly", self.model)
-                failure = ProviderError(
-                    "PROVIDER_ERROR", type(exc).__name__, before_output=not pieces
-                )
+                # the request may have reached the provider: bill what was counted
+                failure = ProviderError("PROVIDER_ERROR", type(exc).__name__)
             finally:
                 services.replies.unregister(reply)
                 if stream is not None:
@@ -201,7 +200,14 @@ class Exchange:
     ) -> dict[str, Any]:
         # a task of its own: a second cancellation (shutdown) cannot cut settlement short
         task = self.services.spawn(self._meter_and_settle(content, status, outcome, failure))
-        return await asyncio.shield(task)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # a bug, or the outbox's disk failing too: the stream still ends with an event
+            log.exception("settlement of message %s failed", self.message_id)
+            return self._error_event("INTERNAL_ERROR", 0)
 
     async def _meter_and_settle(
         self, content: str, status: str, outcome: StreamOutcome, failure: ProviderError | None
@@ -285,7 +291,16 @@ class Exchange:
         except Exception:
             services.metrics.settle_failures.inc()
             # never dropped: spooled to disk and replayed when the database is back
-            services.outbox.append(settlement)
+            try:
+                services.outbox.append(settlement)
+            except OSError:
+                log.critical(
+                    "settlement of message %s is in neither the database nor the outbox "
+                    "(%s unwritable)",
+                    settlement.message_id,
+                    services.outbox.path,
+                )
+                raise
             return False
         services.metrics.exchanges.labels(settlement.status, settlement.source).inc()
         services.metrics.tokens_billed.labels(self.model, "total").inc(

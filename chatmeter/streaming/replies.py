@@ -26,6 +26,7 @@ log = logging.getLogger("chatmeter.replies")
 @dataclass(eq=False, slots=True)
 class ActiveReply:
     chat_id: uuid.UUID
+    reservation_id: uuid.UUID
     task: asyncio.Task[object] | None = None
     stop_requested: bool = False
     # True while the exchange awaits the provider: only then is a stop a cancellation;
@@ -49,8 +50,8 @@ class ReplyRegistry:
     poll_seconds: float = 0.5
     _replies: dict[uuid.UUID, ActiveReply] = field(default_factory=dict)
 
-    def register(self, chat_id: uuid.UUID) -> ActiveReply:
-        reply = ActiveReply(chat_id, asyncio.current_task())
+    def register(self, chat_id: uuid.UUID, reservation_id: uuid.UUID) -> ActiveReply:
+        reply = ActiveReply(chat_id, reservation_id, asyncio.current_task())
         self._replies[chat_id] = reply
         return reply
 
@@ -95,8 +96,9 @@ class ReplyRegistry:
 
     def _renew_and_sweep_steps(self) -> Steps[int]:
         now = utcnow()
-        if self._replies:
-            yield from renew_leases(self.worker_id, now + timedelta(seconds=self.lease_seconds))
+        live = [reply.reservation_id for reply in self._replies.values()]
+        if live:
+            yield from renew_leases(live, now + timedelta(seconds=self.lease_seconds))
         return (yield from release_expired(now))
 
     async def stop_all(self) -> None:
