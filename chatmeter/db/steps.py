@@ -47,8 +47,9 @@ def sqlite_value(value: object) -> object:
     if isinstance(value, uuid.UUID):
         return value.hex
     if isinstance(value, datetime):
-        value = value.astimezone(UTC)
-        return f"{value:%Y-%m-%d %H:%M:%S.%f}"
+        # 'YYYY-MM-DD HH:MM:SS.ffffff', as SQLAlchemy writes it (isoformat is C-fast)
+        naive = value.astimezone(UTC).replace(tzinfo=None)
+        return naive.isoformat(sep=" ", timespec="microseconds")
     if isinstance(value, bool):
         return int(value)
     return value
