@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 # Write transactions on SQLite take the write lock up front (BEGIN IMMEDIATE): a deferred
 # transaction that reads and then writes can fail at once with SQLITE_BUSY in WAL mode
@@ -60,9 +60,3 @@ def _sqlite_engine(url: str, busy_timeout_ms: int) -> AsyncEngine:
         conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
     return engine
-
-
-async def write_connection(engine: AsyncEngine) -> AsyncConnection:
-    """A connection whose transactions are write transactions."""
-    conn = await engine.connect()
-    return await conn.execution_options(**IMMEDIATE)

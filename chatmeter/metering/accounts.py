@@ -121,11 +121,3 @@ async def list_events(
     page = rows[:limit]
     following = encode_cursor(page[-1].created_at, page[-1].event_id) if len(rows) > limit else None
     return [event_json(row) for row in page], following
-
-
-async def ledger_total(conn: AsyncConnection, user_id: str) -> int:
-    """Sum of the user's ledger rows: always equals user_usage.total_tokens_used."""
-    query = sa.select(sa.func.coalesce(sa.func.sum(usage_events.c.total_tokens), 0)).where(
-        usage_events.c.user_id == user_id
-    )
-    return int((await conn.execute(query)).scalar_one())

@@ -6,7 +6,7 @@ reported (if any). It never touches the database or the web framework.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -81,12 +81,14 @@ class Provider(Protocol):
 
     name: str
 
-    def stream(self, request: GenerationRequest, outcome: StreamOutcome) -> AsyncIterator[str]:
+    def stream(
+        self, request: GenerationRequest, outcome: StreamOutcome
+    ) -> AsyncGenerator[str, None]:
         """Yield the reply's text pieces as they arrive; set `outcome.usage` (when the
         provider reports usage) and `outcome.finish_reason` before finishing.
 
-        Raises ProviderError for failures. Cancelling the iteration (aclose) must end the
-        upstream call."""
+        Raises ProviderError for failures. An async generator, so the caller can aclose()
+        it; closing or cancelling it must end the upstream call."""
         ...
 
     async def count_tokens(self, texts: list[str]) -> list[int]:

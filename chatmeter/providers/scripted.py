@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from chatmeter.config import ModelConfig
 from chatmeter.providers.base import GenerationRequest, StreamOutcome, Usage
@@ -39,7 +39,7 @@ class ScriptedProvider:
 
     async def stream(
         self, request: GenerationRequest, outcome: StreamOutcome
-    ) -> AsyncIterator[str]:
+    ) -> AsyncGenerator[str, None]:
         texts = [request.system_prompt, *(t.content for t in request.history), request.message]
         prompt_tokens = sum(scripted_count(t) for t in texts)
         sent = 0

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -144,7 +144,7 @@ class Exchange:
             stream: AsyncGenerator[str, None] | None = None
             try:
                 provider = await services.providers.get(self.model)
-                stream = aiter_provider(provider.stream(self.request, outcome))
+                stream = provider.stream(self.request, outcome)
                 idle = services.settings.provider_idle_timeout_seconds
                 while not reply.stop_requested:
                     self.asked = True  # from the first read on, the request may be out
@@ -319,18 +319,6 @@ def _uncancel() -> None:
     task = asyncio.current_task()
     if task is not None:
         task.uncancel()
-
-
-def aiter_provider(stream: AsyncIterator[str]) -> AsyncGenerator[str, None]:
-    """The provider's stream as an async generator (so it can be closed)."""
-    if isinstance(stream, AsyncGenerator):
-        return stream
-
-    async def wrap() -> AsyncGenerator[str, None]:
-        async for piece in stream:
-            yield piece
-
-    return wrap()
 
 
 async def open_exchange(

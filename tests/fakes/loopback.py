@@ -3,9 +3,11 @@ its own, so both async tests and sync code can reach it through the real SDKs.""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 import time
+from collections.abc import Coroutine
 from typing import Any, Self
 
 import uvicorn
@@ -21,6 +23,35 @@ class LoopbackServer:
 
     async def _app(self, scope: Any, receive: Any, send: Any) -> None:
         raise NotImplementedError
+
+    @staticmethod
+    async def stream_until_gone(
+        receive: Any,
+        send: Any,
+        events: Coroutine[Any, Any, bool],
+        disconnected: threading.Event,
+    ) -> bool:
+        """Run `events` (which writes a streamed response and says False for a scripted
+        drop) while watching for the client leaving; True when the response completed."""
+
+        async def watch() -> None:
+            # After the body is read, receive() only returns once the client goes away.
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            disconnected.set()
+
+        watcher = asyncio.create_task(watch())
+        sender = asyncio.create_task(events)
+        await asyncio.wait({watcher, sender}, return_when=asyncio.FIRST_COMPLETED)
+        watcher.cancel()
+        sender.cancel()
+        await asyncio.wait({watcher, sender})
+        if sender.cancelled() or disconnected.is_set():
+            return False  # the client went away: uvicorn closes the connection
+        if not sender.result():
+            return False  # a scripted drop: returning mid-response makes uvicorn close it
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        return True
 
     def start(self) -> Self:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

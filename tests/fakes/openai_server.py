@@ -159,24 +159,9 @@ class OpenAIServer(LoopbackServer):
             record.completed = True
             return
 
-        async def watch() -> None:
-            # After the body is read, receive() only returns once the client goes away.
-            while (await receive())["type"] != "http.disconnect":
-                pass
-            record.disconnected.set()
-
-        watcher = asyncio.create_task(watch())
-        sender = asyncio.create_task(self._send_events(script, record, send))
-        await asyncio.wait({watcher, sender}, return_when=asyncio.FIRST_COMPLETED)
-        watcher.cancel()
-        sender.cancel()
-        await asyncio.wait({watcher, sender})
-        if sender.cancelled() or record.disconnected.is_set():
-            return  # the client went away: uvicorn closes the connection
-        if not sender.result():
-            return  # a scripted drop: returning mid-response makes uvicorn close it
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
-        record.completed = True
+        record.completed = await self.stream_until_gone(
+            receive, send, self._send_events(script, record, send), record.disconnected
+        )
 
     async def _send_events(self, script: OpenAIScript, record: StreamRecord, send: Send) -> bool:
         """Write the scripted stream; False when the script drops the connection."""
