@@ -11,7 +11,8 @@ from chatmeter.errors import ApiError
 from chatmeter.services import Services
 
 
-def get_services(request: Request) -> Services:
+async def get_services(request: Request) -> Services:
+    # async: FastAPI runs a plain `def` dependency in a worker thread, a hop per request
     services: Services = request.app.state.services
     return services
 
