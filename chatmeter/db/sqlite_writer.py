@@ -2,7 +2,7 @@
 
 SQLite lets one writer in at a time anyway; a thread of our own makes that one hop per
 transaction instead of one per statement, and commits the transactions that queued up
-meanwhile together (group commit: each in a SAVEPOINT, so one failing rolls back alone).
+meanwhile together (`commit_batch`: each in a SAVEPOINT, so one failing rolls back alone).
 Other processes on the same file are kept in order by SQLite's own lock (BEGIN IMMEDIATE
 with a busy timeout).
 """
@@ -25,7 +25,8 @@ T = TypeVar("T")
 # at most this many transactions share one commit: bounds the latency of the first
 MAX_BATCH = 64
 
-_Job = tuple[Callable[[], Steps[Any]], asyncio.Future[Any]]
+Job = tuple[Callable[[], Steps[Any]], asyncio.Future[Any]]
+Outcome = tuple[bool, Any]  # (True, result) or (False, exception)
 
 
 def sqlite_path(url: str) -> str:
@@ -50,15 +51,19 @@ class SqliteWriter:
     def __init__(self, path: str, busy_timeout_ms: int) -> None:
         self._path = path
         self._busy_timeout_ms = busy_timeout_ms
-        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._work, name="sqlite-writer", daemon=True)
         self._thread.start()
 
     async def run(self, steps: Callable[[], Steps[T]]) -> T:
         """Run the transaction `steps()` builds; its result, or its exception."""
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._jobs.put((steps, future))
+        self.submit((steps, future))
         return await future
+
+    def submit(self, job: Job) -> None:
+        """Queue a job whose future someone already awaits."""
+        self._jobs.put(job)
 
     async def close(self) -> None:
         self._jobs.put(None)
@@ -85,7 +90,8 @@ class SqliteWriter:
                 batch.append(more)
             try:
                 conn = conn or self._connect()
-                outcomes = self._commit(conn, batch)
+                conn.execute("BEGIN IMMEDIATE")
+                outcomes = commit_batch(conn, batch)
             except Exception as exc:  # the database itself failed: every job fails
                 outcomes = [(False, exc)] * len(batch)
                 if conn is not None:
@@ -95,10 +101,20 @@ class SqliteWriter:
         if conn is not None:
             conn.close()
 
-    def _commit(self, conn: sqlite3.Connection, batch: list[_Job]) -> list[tuple[bool, Any]]:
-        outcomes: list[tuple[bool, Any]] = []
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+
+def commit_batch(conn: sqlite3.Connection, batch: list[Job]) -> list[Outcome]:
+    """Run each job of `batch` in the transaction the caller began, then COMMIT once.
+    A job that raises is rolled back alone (its own SAVEPOINT) and gets its exception;
+    the others commit. Raises, having rolled back, if the database itself fails."""
+    outcomes: list[Outcome] = []
+    try:
+        if len(batch) == 1:  # nothing to keep apart: no savepoint
+            try:
+                outcomes.append((True, run_sqlite(conn, batch[0][0]())))
+            except Exception as exc:
+                conn.execute("ROLLBACK")
+                return [(False, exc)]
+        else:
             for steps, _ in batch:
                 conn.execute("SAVEPOINT job")
                 try:
@@ -108,29 +124,32 @@ class SqliteWriter:
                     conn.execute("ROLLBACK TO job")
                     conn.execute("RELEASE job")
                     outcomes.append((False, exc))
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
-        return outcomes
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return outcomes
 
 
-def _deliver(batch: list[_Job], outcomes: list[tuple[bool, Any]]) -> None:
-    """Hand each job its outcome on the loop that waits for it (one wake-up per loop)."""
-    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], bool, Any]]] = {}
+def resolve(batch: list[Job], outcomes: list[Outcome]) -> None:
+    """Hand each job its outcome; runs on the loop the futures belong to."""
     for (_, future), (ok, value) in zip(batch, outcomes, strict=True):
-        by_loop.setdefault(future.get_loop(), []).append((future, ok, value))
-    for loop, results in by_loop.items():
-        with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting
-            loop.call_soon_threadsafe(_resolve, results)
-
-
-def _resolve(results: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
-    for future, ok, value in results:
         if future.done():
             continue  # its caller was cancelled
         if ok:
             future.set_result(value)
         else:
             future.set_exception(value)
+
+
+def _deliver(batch: list[Job], outcomes: list[Outcome]) -> None:
+    """Hand each job its outcome on the loop that waits for it (one wake-up per loop)."""
+    by_loop: dict[asyncio.AbstractEventLoop, tuple[list[Job], list[Outcome]]] = {}
+    for job, outcome in zip(batch, outcomes, strict=True):
+        jobs, their_outcomes = by_loop.setdefault(job[1].get_loop(), ([], []))
+        jobs.append(job)
+        their_outcomes.append(outcome)
+    for loop, (jobs, their_outcomes) in by_loop.items():
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting
+            loop.call_soon_threadsafe(resolve, jobs, their_outcomes)
