@@ -7,11 +7,13 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
 
 from chatmeter.db import transactor as transactor_module
+from chatmeter.db.sqlite_writer import connect_sqlite
 from chatmeter.db.steps import Sql, Steps
 from chatmeter.db.transactor import SqliteTransactor
 
@@ -33,10 +35,9 @@ def db_path(tmp_path: Path) -> Path:
 def commits(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
     """Every COMMIT the transactor's own connection runs."""
     seen: list[str] = []
-    connect = transactor_module.connect_sqlite
 
     def traced(path: str, busy_timeout_ms: int) -> sqlite3.Connection:
-        conn = connect(path, busy_timeout_ms)
+        conn = connect_sqlite(path, busy_timeout_ms)
         conn.set_trace_callback(lambda sql: seen.append(sql) if sql == "COMMIT" else None)
         return conn
 
@@ -60,7 +61,7 @@ async def test_concurrent_transactions_share_one_commit(db_path: Path, commits: 
     transactor = SqliteTransactor(f"sqlite+aiosqlite:///{db_path}", busy_timeout_ms=5000)
     try:
         wanted = [f"item{i}" for i in range(20)]
-        got = await asyncio.gather(*(transactor.run(lambda n=n: insert(n)) for n in wanted))
+        got = await asyncio.gather(*(transactor.run(partial(insert, n)) for n in wanted))
         assert got == wanted
         assert len(commits) == 1
         assert names(db_path) == set(wanted)
@@ -115,7 +116,7 @@ async def test_another_process_holding_the_lock_delays_but_does_not_fail(db_path
     other = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False)
     try:
         other.execute("BEGIN IMMEDIATE")
-        waiting = asyncio.gather(*(transactor.run(lambda n=n: insert(n)) for n in "xyz"))
+        waiting = asyncio.gather(*(transactor.run(partial(insert, n)) for n in "xyz"))
         await asyncio.sleep(0.3)
         assert not waiting.done()  # queued on the writer thread; the loop kept running
         other.execute("COMMIT")
