@@ -8,6 +8,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from starlette.datastructures import State
+from starlette.types import Receive, Scope, Send
 
 from chatmeter import __version__
 from chatmeter.chats.routes import router as chats_router
@@ -18,6 +20,8 @@ from chatmeter.metering.routes import router as usage_router
 from chatmeter.observability.logs import keep_content_out_of_logs
 from chatmeter.openapi import install_openapi
 from chatmeter.services import start_services
+from chatmeter.streaming.routes import MESSAGE_PATH, MessageEndpoint
+from chatmeter.streaming.routes import OPERATION as MESSAGE_OPERATION
 from chatmeter.streaming.routes import router as stream_router
 from chatmeter.system_routes import router as system_router
 from chatmeter.web.routes import router as web_router
@@ -29,7 +33,26 @@ DESCRIPTION = (
 )
 
 
-def create_app(settings: Settings) -> FastAPI:
+class Chatmeter:
+    """The ASGI application: the message route served directly (`MessageEndpoint`: it is
+    the hot path), everything else by FastAPI (`api`), which also runs the lifespan."""
+
+    def __init__(self, api: FastAPI, messages: MessageEndpoint) -> None:
+        self.api = api
+        self.messages = messages
+
+    @property
+    def state(self) -> State:
+        return self.api.state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and (match := MESSAGE_PATH.fullmatch(scope["path"])):
+            await self.messages(scope, receive, send, match[1])
+        else:
+            await self.api(scope, receive, send)
+
+
+def create_app(settings: Settings) -> Chatmeter:
     keep_content_out_of_logs(settings.log_content)
 
     @asynccontextmanager
@@ -50,11 +73,11 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     for router in (chats_router, stream_router, usage_router, system_router, web_router):
         app.include_router(router)
-    install_openapi(app)
-    return app
+    install_openapi(app, {"/api/chat/{chat_id}/message": {"post": MESSAGE_OPERATION}})
+    return Chatmeter(app, MessageEndpoint(app.state, settings.max_body_bytes))
 
 
-def create_app_from_env() -> FastAPI:
+def create_app_from_env() -> Chatmeter:
     """The app as `uvicorn --factory` builds it in each worker: settings from the
     environment, logging configured."""
     settings = load_settings()

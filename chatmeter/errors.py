@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import logging
+import sqlite3
 from collections.abc import Mapping
 from typing import Any
 
+import asyncpg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from sqlalchemy.exc import InterfaceError, OperationalError
@@ -41,6 +43,37 @@ def error_response(
     return response
 
 
+# what a database that is away raises: through SQLAlchemy, or through the message path's
+# own drivers (sqlite3 past its busy timeout, asyncpg losing its connection)
+DATABASE_UNAVAILABLE: tuple[type[Exception], ...] = (
+    OperationalError,
+    InterfaceError,
+    sqlite3.OperationalError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    ConnectionError,
+    TimeoutError,
+)
+
+
+def database_down_response(exc: Exception) -> Response:
+    """The database is away (restarting, unreachable, locked past the busy timeout):
+    nothing was changed, and the client may retry; a 503 says so where a 500 would not."""
+    log.warning("database unavailable: %s", type(exc).__name__)
+    return error_response(
+        503,
+        "DATABASE_ERROR",
+        "The database cannot be reached. Try again shortly.",
+        {"Retry-After": "1"},
+    )
+
+
+def unexpected_error_response(exc: Exception) -> Response:
+    """A bug: logged with its traceback, answered in the error shape."""
+    log.error("unexpected error", exc_info=exc)
+    return error_response(500, "INTERNAL_ERROR", "Something went wrong on our side.")
+
+
 _HTTP_CODES = {
     400: "INVALID_REQUEST",
     401: "UNAUTHORIZED",
@@ -73,23 +106,14 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(status, code, str(exc.detail), exc.headers)
 
     async def on_database_down(_: Request, exc: Exception) -> Response:
-        # the database is away (restarting, unreachable): nothing was changed, and the
-        # client may retry; a 503 says so where a 500 would not
-        log.warning("database unavailable: %s", type(exc).__name__)
-        return error_response(
-            503,
-            "DATABASE_ERROR",
-            "The database cannot be reached. Try again shortly.",
-            {"Retry-After": "1"},
-        )
+        return database_down_response(exc)
 
     async def on_unexpected(_: Request, exc: Exception) -> Response:
-        log.error("unexpected error", exc_info=exc)
-        return error_response(500, "INTERNAL_ERROR", "Something went wrong on our side.")
+        return unexpected_error_response(exc)
 
     app.add_exception_handler(ApiError, on_api_error)
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(StarletteHTTPException, on_http)
-    for unavailable in (OperationalError, InterfaceError, ConnectionError, TimeoutError):
+    for unavailable in DATABASE_UNAVAILABLE:
         app.add_exception_handler(unavailable, on_database_down)
     app.add_exception_handler(Exception, on_unexpected)

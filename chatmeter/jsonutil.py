@@ -45,10 +45,13 @@ def _refuse_repeated_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 async def read_json(request: Request) -> Any:
-    body = await request.body()
+    return parse_json_body(await request.body(), request.headers.get("content-type"))
+
+
+def parse_json_body(body: bytes, content_type: str | None) -> Any:
+    """A request body as JSON; BadBody says what is wrong with it."""
     if not body:
         raise BadBody("the request body must be a JSON object")
-    content_type = request.headers.get("content-type")
     # no Content-Type at all is taken as JSON (bare HTTP clients send none); a
     # form or text body is refused rather than guessed at
     if content_type is not None and not is_json_media_type(content_type):

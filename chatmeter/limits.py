@@ -1,15 +1,46 @@
-"""A pure ASGI middleware that refuses bodies over the configured size with 413."""
+"""Request bodies over the configured size are refused with 413: a pure ASGI middleware
+for the FastAPI routes, and `read_body` for the message route, which reads its own."""
 
 from __future__ import annotations
 
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from chatmeter.errors import error_body
-from chatmeter.jsonutil import dumps
+from chatmeter.errors import error_response
 
 
 class BodyTooLarge(Exception):
     pass
+
+
+def declared_too_large(scope: Scope, max_bytes: int) -> bool:
+    """The Content-Length header passes the limit (or is not a number)."""
+    for name, value in scope["headers"]:
+        if name == b"content-length" and (not value.isdigit() or int(value) > max_bytes):
+            return True
+    return False
+
+
+async def read_body(receive: Receive, max_bytes: int) -> bytes:
+    """The whole body; raises BodyTooLarge as soon as it passes `max_bytes`."""
+    parts: list[bytes] = []
+    received = 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            break  # the client left: what came is all there is
+        part = message.get("body", b"")
+        received += len(part)
+        if received > max_bytes:
+            raise BodyTooLarge
+        parts.append(part)
+        if not message.get("more_body", False):
+            break
+    return b"".join(parts)
+
+
+def too_large_response(max_bytes: int) -> Response:
+    return error_response(413, "PAYLOAD_TOO_LARGE", f"The body is over {max_bytes} bytes.")
 
 
 class BodySizeLimit:
@@ -21,11 +52,9 @@ class BodySizeLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        for name, value in scope["headers"]:
-            too_large = not value.isdigit() or int(value) > self.max_bytes
-            if name == b"content-length" and too_large:
-                await self._refuse(send)
-                return
+        if declared_too_large(scope, self.max_bytes):
+            await too_large_response(self.max_bytes)(scope, receive, send)
+            return
         received = 0
         started = False
 
@@ -47,18 +76,4 @@ class BodySizeLimit:
             await self.app(scope, limited_receive, tracking_send)
         except BodyTooLarge:
             if not started:
-                await self._refuse(send)
-
-    async def _refuse(self, send: Send) -> None:
-        body = dumps(error_body("PAYLOAD_TOO_LARGE", f"The body is over {self.max_bytes} bytes."))
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+                await too_large_response(self.max_bytes)(scope, receive, send)

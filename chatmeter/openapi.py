@@ -3,6 +3,7 @@ event stream, and the finishing touches FastAPI cannot infer (bearer auth; no 42
 
 from __future__ import annotations
 
+from http import HTTPStatus
 from typing import Annotated, Any
 
 from fastapi import FastAPI, Path
@@ -39,6 +40,49 @@ def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {status: {"model": ErrorBody} for status in (*statuses, 401, 413, 503)}
 
 
+CHAT_ID_PARAMETER = {
+    "name": "chat_id",
+    "in": "path",
+    "required": True,
+    "description": "The chat's id, a UUID.",
+    "schema": {"type": "string", "format": "uuid", "title": "Chat Id"},
+}
+
+
+def error_responses(*statuses: int) -> dict[str, dict[str, Any]]:
+    """`errors()` written out, for an operation described by hand (`operation`)."""
+    error_body = {"$ref": COMPONENTS.format(model=ErrorBody.__name__)}
+    return {
+        str(status): {
+            "description": HTTPStatus(status).phrase,
+            "content": {"application/json": {"schema": error_body}},
+        }
+        for status in (*statuses, 401, 413, 503)
+    }
+
+
+def operation(
+    *,
+    tags: list[str],
+    summary: str,
+    description: str,
+    parameters: list[dict[str, Any]],
+    request_body: type[BaseModel],
+    responses: dict[str, dict[str, Any]],
+) -> dict[str, Any]:
+    """An operation served outside FastAPI's routing (the message route), described by
+    hand the way FastAPI describes its own."""
+    return {
+        "tags": tags,
+        "summary": summary,
+        "description": description,
+        "operationId": summary.lower().replace(" ", "_"),
+        "parameters": parameters,
+        **json_body(request_body),
+        "responses": responses,
+    }
+
+
 def event_stream(description: str) -> dict[str, Any]:
     """A `text/event-stream` answer. As OpenAPI 3.1 tools read it, `schema` describes one
     event: unnamed (so `message`), numbered, and its `data` one JSON object."""
@@ -65,9 +109,12 @@ def event_stream(description: str) -> dict[str, Any]:
     }
 
 
-def _finish(schema: dict[str, Any]) -> dict[str, Any]:
+def _finish(schema: dict[str, Any], extra: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    for path, operations in extra.items():
+        schema.setdefault("paths", {}).setdefault(path, {}).update(operations)
     components = schema.setdefault("components", {})
     models = components.setdefault("schemas", {})
+    models[ErrorBody.__name__] = ErrorBody.model_json_schema(ref_template=COMPONENTS)
     _, defs = models_json_schema(
         [(m, "serialization") for m in STREAM_EVENTS], ref_template=COMPONENTS
     )
@@ -86,8 +133,9 @@ def _finish(schema: dict[str, Any]) -> dict[str, Any]:
     return schema
 
 
-def install_openapi(app: FastAPI) -> None:
-    """Serve the finished description at /openapi.json (built once, on first request)."""
+def install_openapi(app: FastAPI, extra: dict[str, dict[str, Any]]) -> None:
+    """Serve the finished description at /openapi.json (built once, on first request).
+    `extra` adds operations served outside FastAPI's routing: {path: {method: operation}}."""
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
@@ -97,7 +145,8 @@ def install_openapi(app: FastAPI) -> None:
                     version=app.version,
                     description=app.description,
                     routes=app.routes,
-                )
+                ),
+                extra,
             )
         return app.openapi_schema
 

@@ -96,7 +96,7 @@ async def _run_exchanges(config: Path, database_url: str, exchanges: int, start:
     headers = {"Authorization": f"Bearer {mint_token(secret, 'statement-count')}"}
     transport = httpx.ASGITransport(app=app)
     async with (
-        app.router.lifespan_context(app),
+        app.api.router.lifespan_context(app.api),
         httpx.AsyncClient(transport=transport, base_url="http://bench", headers=headers) as client,
     ):
         answer = await client.post("/api/chat", json={"model": "bench"})

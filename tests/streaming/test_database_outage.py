@@ -122,3 +122,30 @@ async def test_replaying_twice_bills_once(database_url: str, tmp_path: Path) -> 
         assert after == before
     finally:
         await engine.dispose()
+
+
+async def test_a_message_while_the_database_is_away_is_503_and_changes_nothing(
+    database_url: str, tmp_path: Path
+) -> None:
+    async with DatabaseOutage(database_url) as outage:
+        settings = make_settings(
+            outage.url, sqlite_busy_timeout_ms=100, outbox_dir=str(tmp_path / "outbox")
+        )
+        async with serve(settings) as server:
+            services = server.services
+            async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+                chat_id = await new_chat(client, "quinn")
+                outage.begin()
+                refused = await client.post(
+                    f"/api/chat/{chat_id}/message", json={"message": "hi"}, headers=auth("quinn")
+                )
+                outage.end()
+                assert refused.status_code == 503
+                assert refused.headers["retry-after"] == "1"
+                assert refused.json()["code"] == "DATABASE_ERROR"
+                assert await chat_rows(services.engine, chat_id) == []
+                # nothing was reserved: the next message has the whole budget and streams
+                done = await stream_message(client, chat_id, "hi again", token_for("quinn"))
+                assert done.last["done"] is True
+                state = await books(services.engine, "quinn")
+                assert state.reserved == 0 and state.total == state.ledger

@@ -8,15 +8,14 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import uvicorn
-from fastapi import FastAPI
 
-from chatmeter.app import create_app
+from chatmeter.app import Chatmeter, create_app
 from chatmeter.config import Settings
 from chatmeter.services import Services
 
 
 class RunningServer:
-    def __init__(self, app: FastAPI, url: str) -> None:
+    def __init__(self, app: Chatmeter, url: str) -> None:
         self.app = app
         self.url = url
 
