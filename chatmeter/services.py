@@ -101,5 +101,8 @@ async def start_services(settings: Settings, engine: AsyncEngine | None = None) 
     # takes a few seconds to load, and a misconfigured provider stops start-up here
     await services.providers.get(settings.default_model)
     services.spawn(services.replies.run_housekeeping()).set_name("housekeeping:replies")
+    services.spawn(services.replies.run_watchdog(settings.provider_idle_timeout_seconds)).set_name(
+        "housekeeping:watchdog"
+    )
     services.spawn(services.outbox.run(transactor, 1.0)).set_name("housekeeping:outbox")
     return services

@@ -145,27 +145,29 @@ class Exchange:
             try:
                 provider = await services.providers.get(self.model)
                 stream = provider.stream(self.request, outcome)
-                idle = services.settings.provider_idle_timeout_seconds
+                clock = asyncio.get_running_loop()
                 while not reply.stop_requested:
                     self.asked = True  # from the first read on, the request may be out
-                    reply.waiting = True
+                    # the registry's watchdog times out a read that waits too long
+                    reply.waiting_since = clock.time()
                     try:
-                        async with asyncio.timeout(idle):
-                            piece = await anext(stream)
+                        piece = await anext(stream)
                     except StopAsyncIteration:
                         break
                     finally:
-                        reply.waiting = False
+                        reply.waiting_since = None
                     if piece:
                         piece = storable(piece)
                         pieces.append(piece)
                         yield {"chunk": piece, "done": False}
             except asyncio.CancelledError:
-                if not reply.stop_requested:
+                if reply.timed_out:
+                    _uncancel()
+                    failure = ProviderError("PROVIDER_TIMEOUT", "the provider sent nothing in time")
+                elif reply.stop_requested:
+                    _uncancel()  # a stop: end normally
+                else:
                     raise  # the client left
-                _uncancel()  # a stop: end normally
-            except TimeoutError:
-                failure = ProviderError("PROVIDER_TIMEOUT", "the provider sent nothing in time")
             except ProviderError as exc:
                 failure = exc
             except Exception as exc:

@@ -29,16 +29,26 @@ class ActiveReply:
     reservation_id: uuid.UUID
     task: asyncio.Task[object] | None = None
     stop_requested: bool = False
-    # True while the exchange awaits the provider: only then is a stop a cancellation;
-    # otherwise the exchange sees the flag before its next read
-    waiting: bool = False
+    timed_out: bool = False
+    # the loop time the exchange began awaiting the provider, None between reads: only
+    # while it awaits is a stop a cancellation; otherwise the exchange sees the flag
+    # before its next read
+    waiting_since: float | None = None
 
     def stop(self) -> None:
         """Stop the reply; its exchange ends the stream with finish_reason "stopped"."""
         if self.stop_requested:
             return
         self.stop_requested = True
-        if self.waiting and self.task is not None:
+        self._interrupt()
+
+    def time_out(self) -> None:
+        """The provider sent nothing in time; the exchange ends with PROVIDER_TIMEOUT."""
+        self.timed_out = True
+        self._interrupt()
+
+    def _interrupt(self) -> None:
+        if self.waiting_since is not None and self.task is not None:
             self.task.cancel()
 
 
@@ -68,6 +78,19 @@ class ReplyRegistry:
 
     def __len__(self) -> int:
         return len(self._replies)
+
+    async def run_watchdog(self, idle_seconds: float) -> None:
+        """Time out the replies whose provider has sent nothing for `idle_seconds`: one
+        timer for every open stream, where a timeout around each read would arm and
+        cancel a timer per piece (a few percent of the CPU of an exchange)."""
+        loop = asyncio.get_running_loop()
+        every = min(max(idle_seconds / 10, 0.01), 1.0)
+        while True:
+            await asyncio.sleep(every)
+            overdue = loop.time() - idle_seconds
+            for reply in list(self._replies.values()):
+                if reply.waiting_since is not None and reply.waiting_since <= overdue:
+                    reply.time_out()
 
     async def run_housekeeping(self) -> None:
         """Poll stop flags, renew leases, release reservations of dead processes."""
