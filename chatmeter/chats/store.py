@@ -18,6 +18,7 @@ from chatmeter.db.engine import IMMEDIATE
 from chatmeter.db.steps import Sql, Steps
 from chatmeter.db.tables import chats, messages, utcnow
 from chatmeter.errors import ApiError
+from chatmeter.ids import new_id
 
 CHAT_COLUMNS = (
     chats.c.chat_id,
@@ -80,7 +81,7 @@ async def insert_chat(
 ) -> dict[str, Any]:
     now = utcnow()
     row = {
-        "chat_id": uuid.uuid4(),
+        "chat_id": new_id(),
         "user_id": user_id,
         "title": title,
         "model": model,

@@ -21,6 +21,7 @@ from datetime import datetime, timedelta
 
 from chatmeter.db.steps import Sql, Steps
 from chatmeter.errors import ApiError
+from chatmeter.ids import new_id
 
 _REMAINING = "token_limit - total_tokens_used - reserved_tokens"
 
@@ -98,7 +99,7 @@ def reserve_budget(
     granted = yield from _reserve_tokens(
         user_id, prompt_estimate, prompt_estimate + max_output_tokens, default_limit, now
     )
-    reservation = Reservation(uuid.uuid4(), user_id, chat_id, granted, prompt_estimate)
+    reservation = Reservation(new_id(), user_id, chat_id, granted, prompt_estimate)
     if not (yield from _claim_chat(reservation, worker_id, ttl_seconds, now)):
         raise reply_in_progress()
     return reservation

@@ -15,6 +15,7 @@ from datetime import datetime
 
 from chatmeter.db.steps import Sql, Steps
 from chatmeter.db.transactor import Transactor
+from chatmeter.ids import new_id
 from chatmeter.metering.budget import take_reservation
 from chatmeter.metering.counting import Source
 from chatmeter.providers.base import Usage
@@ -71,7 +72,7 @@ def settle_steps(s: Settlement, *, is_retry: bool = False) -> Steps[None]:
             "source, created_at) VALUES (:event_id, :user_id, :chat_id, :message_id, :model, "
             ":prompt, :completion, :thinking, :cached, :total, :source, :created_at)",
             {
-                "event_id": uuid.uuid4(),
+                "event_id": new_id(),
                 "user_id": s.user_id,
                 "chat_id": s.chat_id,
                 "message_id": s.message_id,

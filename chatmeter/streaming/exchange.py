@@ -24,6 +24,7 @@ from chatmeter.config import ModelConfig
 from chatmeter.db.steps import Sql, Steps
 from chatmeter.db.tables import utcnow
 from chatmeter.errors import ApiError
+from chatmeter.ids import new_id
 from chatmeter.metering.budget import Reservation, reserve_budget
 from chatmeter.metering.counting import (
     EXCHANGE_OVERHEAD_TOKENS,
@@ -128,7 +129,7 @@ class Exchange:
     reservation: Reservation
     user_message_id: uuid.UUID
     user_message_at: datetime
-    message_id: uuid.UUID = field(default_factory=uuid.uuid4)
+    message_id: uuid.UUID = field(default_factory=new_id)
     started: bool = False
     asked: bool = False  # whether the provider may have received the request
 
@@ -383,7 +384,7 @@ def _open_steps(
         ttl_seconds=settings.reservation_ttl_seconds,
         now=now,
     )
-    user_message_id = uuid.uuid4()
+    user_message_id = new_id()
     yield Sql(
         "INSERT INTO messages (message_id, chat_id, role, content, tokens_consumed, status, "
         "created_at) VALUES (:message_id, :chat_id, 'user', :content, 0, 'complete', :now)",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import uuid
+
 import httpx
 
 from tests.conftest import auth, make_settings, scripted, token_for
@@ -47,6 +49,10 @@ async def test_reply_streams_and_is_metered(
     assert chat["messages"][1]["message_id"] == end["message_id"]
     assert chat["messages"][0]["message_id"] == end["user_message_id"]
     assert chat["messages"][1]["tokens_consumed"] == end["tokens_used"]
+    # time-ordered ids (UUIDv7), the user's message first: index pages stay few per commit
+    ids = [uuid.UUID(end["user_message_id"]), uuid.UUID(end["message_id"])]
+    assert [i.version for i in ids] == [7, 7]
+    assert ids[0].int >> 80 <= ids[1].int >> 80
 
     usage_now = (await client.get("/api/usage", headers=auth("alice"))).json()
     assert usage_now["total_tokens_used"] == end["tokens_used"]
