@@ -29,6 +29,10 @@ class ApiError(Exception):
         self.code = code
         self.message = message
 
+    def __reduce__(self) -> tuple[type[ApiError], tuple[int, str, str]]:
+        # raised in the SQLite writer process and pickled back to the server
+        return (ApiError, (self.status, self.code, self.message))
+
 
 def error_body(code: str, message: str, **extra: Any) -> dict[str, Any]:
     return {"error": True, "code": code, "message": message, **extra}

@@ -22,6 +22,7 @@ from chatmeter.metering.outbox import Outbox
 from chatmeter.observability.metrics import Metrics
 from chatmeter.providers.factories import default_factories
 from chatmeter.providers.registry import ProviderRegistry
+from chatmeter.streaming.opening import OpeningRules
 from chatmeter.streaming.replies import ReplyRegistry
 
 log = logging.getLogger("chatmeter")
@@ -39,6 +40,7 @@ class Services:
     replies: ReplyRegistry
     outbox: Outbox
     worker_id: str
+    opening_rules: OpeningRules
     _background: set[asyncio.Task[Any]] = field(default_factory=set)
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
@@ -96,7 +98,9 @@ async def start_services(settings: Settings, engine: AsyncEngine | None = None) 
         replies=ReplyRegistry(transactor, worker_id, settings.reservation_ttl_seconds),
         outbox=Outbox(settings.outbox_dir, worker_id),
         worker_id=worker_id,
+        opening_rules=OpeningRules.of(settings, worker_id),
     )
+    await transactor.start()
     # the default model is started now, not on the first message: the embedded model
     # takes a few seconds to load, and a misconfigured provider stops start-up here
     await services.providers.get(settings.default_model)

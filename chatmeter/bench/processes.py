@@ -10,7 +10,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +50,36 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants (a chatmeter worker's SQLite writer, its local model)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as handle:
+                    parent = int(handle.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue  # it ended meanwhile
+            children.setdefault(parent, []).append(int(entry))
+    tree, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        tree.append(current)
+        todo += children.get(current, [])
+    return tree
+
+
+def _tree_sum(pid: int, measure: Callable[[int], float]) -> float:
+    total = 0.0
+    for member in process_tree(pid):
+        try:
+            total += measure(member)
+        except (OSError, KeyError):
+            if member == pid:
+                raise
+    return total
+
+
 @dataclass
 class ServerProcess:
     """One server under test: a child process listening on `url`."""
@@ -63,15 +93,17 @@ class ServerProcess:
     def pid(self) -> int:
         return self.process.pid
 
+    # the server and the processes it started (chatmeter's SQLite writer) count together
+
     def rss(self) -> int:
-        return _proc_status(self.pid, "VmRSS")
+        return int(_tree_sum(self.pid, lambda pid: _proc_status(pid, "VmRSS")))
 
     def peak_rss(self) -> int:
-        """The high-water mark of resident memory over the process's life."""
-        return _proc_status(self.pid, "VmHWM")
+        """The high-water marks of resident memory over the processes' lives, added up."""
+        return int(_tree_sum(self.pid, lambda pid: _proc_status(pid, "VmHWM")))
 
     def cpu_seconds(self) -> float:
-        return cpu_seconds(self.pid)
+        return _tree_sum(self.pid, cpu_seconds)
 
     def log_tail(self, lines: int = 30) -> str:
         try:

@@ -3,7 +3,8 @@ database through (SQLAlchemy, aiosqlite, sqlite3 or asyncpg directly):
 
 - SQLite: every connection made while counting gets sqlite3's trace callback, which
   SQLite calls with each statement it runs (chatmeter runs in this process for that;
-  nothing is timed here);
+  nothing is timed here), and the SQLite writer process writes its statements to a
+  file (`CHATMETER_SQLITE_TRACE`);
 - PostgreSQL: the server's own `pg_stat_statements` (the throwaway server preloads it).
 """
 
@@ -11,7 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import shutil
 import sqlite3
+import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -25,6 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from chatmeter.auth.tokens import mint_token
 from chatmeter.bench.load import BENCH_MESSAGE
 from chatmeter.config import load_settings
+from chatmeter.db.sqlite_process import TRACE_ENV
 
 WARM_UP_EXCHANGES = 3
 _OUR_QUERIES = ("pg_stat_statements", "pg_database")
@@ -112,17 +117,32 @@ async def _run_exchanges(config: Path, database_url: str, exchanges: int, start:
 def count_sqlite(config: Path, database_url: str, exchanges: int = 20) -> StatementCount:
     count = StatementCount("SQLite", exchanges)
     counting = False
+    trace = Path(tempfile.mkdtemp()) / "writer.sql"
+    trace.touch()
+    writer_lines_before = 0
 
     def on_statement(statement: str) -> None:
         if counting and not statement.startswith("--"):  # "--": inside a trigger
             count.statements[statement_kind(statement)] += 1
 
     async def start() -> None:
-        nonlocal counting
+        nonlocal counting, writer_lines_before
         counting = True
+        writer_lines_before = len(trace.read_text().splitlines())
 
-    with traced_sqlite(on_statement):
-        asyncio.run(_run_exchanges(config, database_url, exchanges, start))
+    previous = os.environ.get(TRACE_ENV)
+    os.environ[TRACE_ENV] = str(trace)  # the writer process inherits it
+    try:
+        with traced_sqlite(on_statement):
+            asyncio.run(_run_exchanges(config, database_url, exchanges, start))
+    finally:
+        if previous is None:
+            del os.environ[TRACE_ENV]
+        else:
+            os.environ[TRACE_ENV] = previous
+    for statement in trace.read_text().splitlines()[writer_lines_before:]:
+        on_statement(statement)
+    shutil.rmtree(trace.parent, ignore_errors=True)
     return count
 
 

@@ -6,8 +6,8 @@ hands a statement to the driver and receives its `Rows`. The logic (checks, the
 conditional reservation, settlement) is one readable function; a driver only moves
 statements and values:
 
-- SQLite: every statement of a transaction runs in one hop to the writer thread, on the
-  `sqlite3` connection it owns (`sqlite_writer.py`);
+- SQLite: the whole transaction runs in the SQLite writer process
+  (`sqlite_process.py`), on the `sqlite3` connection it owns;
 - PostgreSQL: asyncpg directly, prepared statements, in one transaction.
 
 The ORM-free, driver-direct path is what the message path needs: through SQLAlchemy's

@@ -1,105 +1,173 @@
-"""Runs the message path's transactions (`steps.py`) on the configured database."""
+"""Runs the message path's transactions (`steps.py`) on the configured database.
+
+A transaction is named by a module-level steps function and its arguments,
+`run(settle_steps, settlement)`, not by a closure: on SQLite it runs in another process
+(`sqlite_process.py`), which receives the function by name and the arguments pickled."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import sqlite3
+import itertools
+import pickle
+import sys
 from collections.abc import Callable
-from typing import Protocol, TypeVar
+from typing import Any, ParamSpec, Protocol, TypeVar
 
 import asyncpg
 
-from chatmeter.db.sqlite_writer import (
-    MAX_BATCH,
-    Job,
-    Outcome,
-    SqliteWriter,
-    commit_batch,
-    connect_sqlite,
-    resolve,
-    sqlite_path,
-)
+from chatmeter.db.sqlite_process import ANSWER_HEADER, JOB_HEADER, sqlite_path
 from chatmeter.db.steps import PostgresStatements, Steps, run_asyncpg
 
 T = TypeVar("T")
+P = ParamSpec("P")
+
+# imported by the writer process as it starts, so the first exchange does not wait
+TRANSACTION_MODULES = ("chatmeter.streaming.opening", "chatmeter.metering.settlement")
 
 
 class Transactor(Protocol):
-    async def run(self, steps: Callable[[], Steps[T]]) -> T:
-        """Run the transaction `steps()` builds and commit it; roll back and raise if it
-        raises. `steps` is a factory so that a retry starts afresh."""
+    async def run(self, steps: Callable[P, Steps[T]], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run the transaction `steps(*args, **kwargs)` and commit it; roll back and
+        raise if it raises. A retry calls `run` again and starts afresh."""
+        ...
+
+    async def start(self) -> None:
+        """Get ready at start-up (a database that is down is not an error here)."""
         ...
 
     async def close(self) -> None: ...
 
 
-class SqliteTransactor:
-    """Runs transactions right on the event loop when the write lock is free, which it
-    almost always is: local SQLite statements take microseconds, far less than a hop to
-    another thread and back (and the GIL hand-off that comes with it).
+class WriterGone(ConnectionError):
+    """The SQLite writer process ended before it answered: the transaction may or may
+    not have committed (callers that retry, like settlement, check first)."""
 
-    Transactions asked for in the same turn of the loop share one commit (group commit,
-    `commit_batch`): a COMMIT writes the WAL, so under load this takes most of the
-    commits off the message path, and a caller still hears back only once its writes
-    are committed. When another process holds the lock, the batch goes to the writer
-    thread, which waits for it there instead of blocking the loop."""
+
+_Pending = tuple[Callable[..., Steps[Any]], tuple[Any, ...], dict[str, Any], asyncio.Future[Any]]
+
+
+class SqliteTransactor:
+    """Hands transactions to the writer process (`sqlite_process.py`) and waits for its
+    answer; the loop goes on serving streams meanwhile.
+
+    Transactions asked for in the same turn of the loop go out in one write, and the
+    process commits the ones that arrived together with one COMMIT (group commit): under
+    load most of the commits leave the message path, and a caller still hears back only
+    once its writes are committed. A caller cancelled before its turn ended sends
+    nothing. The process is started on first use and again if it dies."""
 
     def __init__(self, url: str, busy_timeout_ms: int) -> None:
         self._path = sqlite_path(url)
-        self._writer = SqliteWriter(self._path, busy_timeout_ms)
-        self._inline: sqlite3.Connection | None = None
-        self._pending: list[Job] = []
+        self._busy_timeout_ms = busy_timeout_ms
+        self._process: asyncio.subprocess.Process | None = None
+        self._answers: asyncio.Task[None] | None = None
+        self._starting = asyncio.Lock()
+        self._pending: list[_Pending] = []
+        self._waiting: dict[int, asyncio.Future[Any]] = {}
+        self._job_ids = itertools.count()
+        self.commits = 0  # batches the process answered, one COMMIT each
 
-    async def run(self, steps: Callable[[], Steps[T]]) -> T:
+    async def run(self, steps: Callable[P, Steps[T]], *args: P.args, **kwargs: P.kwargs) -> T:
+        if self._process is None:
+            await self.start()
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         if not self._pending:
-            loop.call_soon(self._flush)  # after the other tasks of this turn asked too
-        self._pending.append((steps, future))
+            loop.call_soon(self._send)  # after the other tasks of this turn asked too
+        self._pending.append((steps, args, kwargs, future))
         return await future
 
-    def _flush(self) -> None:
+    @property
+    def pid(self) -> int | None:
+        """The writer process, None while there is none."""
+        return self._process.pid if self._process is not None else None
+
+    async def start(self) -> None:
+        """Start the writer process (`run` does too, when there is none)."""
+        async with self._starting:
+            if self._process is not None:
+                return
+            try:
+                process = await asyncio.create_subprocess_exec(
+                    sys.executable,
+                    "-m",
+                    "chatmeter.db.sqlite_process",
+                    self._path,
+                    str(self._busy_timeout_ms),
+                    *TRANSACTION_MODULES,
+                    stdin=asyncio.subprocess.PIPE,
+                    stdout=asyncio.subprocess.PIPE,
+                )
+            except OSError as exc:
+                raise WriterGone(f"could not start the SQLite writer process: {exc}") from exc
+            self._process = process
+            self._answers = asyncio.get_running_loop().create_task(self._read_answers(process))
+
+    def _send(self) -> None:
         pending, self._pending = self._pending, []
-        waited_for = [job for job in pending if not job[1].done()]  # not cancelled since
-        for start in range(0, len(waited_for), MAX_BATCH):
-            batch = waited_for[start : start + MAX_BATCH]
-            try:
-                outcomes = self._commit_inline(batch)
-            except _LockTaken:
-                for job in batch:
-                    self._writer.submit(job)
+        process = self._process
+        frames: list[bytes] = []
+        for steps, args, kwargs, future in pending:
+            if future.done():
+                continue  # cancelled since: nothing is sent, nothing written
+            if process is None:
+                future.set_exception(WriterGone("the SQLite writer process is not running"))
                 continue
-            except Exception as exc:  # the database itself failed: every job fails
-                outcomes = [(False, exc)] * len(batch)
-                self._drop_connection()
-            resolve(batch, outcomes)
-
-    def _commit_inline(self, batch: list[Job]) -> list[Outcome]:
-        if self._inline is None:
             try:
-                self._inline = connect_sqlite(self._path, busy_timeout_ms=0)
-            except sqlite3.OperationalError as exc:  # its PRAGMAs met another's lock
-                raise _LockTaken from exc
-        try:
-            self._inline.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError as exc:
-            raise _LockTaken from exc
-        return commit_batch(self._inline, batch)
+                payload = pickle.dumps((steps, args, kwargs), protocol=pickle.HIGHEST_PROTOCOL)
+            except Exception as exc:  # a bug: say so to this caller alone
+                future.set_exception(exc)
+                continue
+            job_id = next(self._job_ids)
+            frames += (JOB_HEADER.pack(len(payload), job_id), payload)
+            self._waiting[job_id] = future
+        if frames and process is not None and process.stdin is not None:
+            # if it died, `_read_answers` fails whatever is waiting
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                process.stdin.write(b"".join(frames))
 
-    def _drop_connection(self) -> None:
-        if self._inline is not None:
-            with contextlib.suppress(sqlite3.Error):
-                self._inline.close()
-            self._inline = None
+    async def _read_answers(self, process: asyncio.subprocess.Process) -> None:
+        assert process.stdout is not None
+        try:
+            while True:
+                (length,) = ANSWER_HEADER.unpack(
+                    await process.stdout.readexactly(ANSWER_HEADER.size)
+                )
+                answers = pickle.loads(await process.stdout.readexactly(length))
+                self.commits += 1
+                for job_id, ok, value in answers:
+                    future = self._waiting.pop(job_id, None)
+                    if future is None or future.done():
+                        continue  # its caller was cancelled
+                    if ok:
+                        future.set_result(value)
+                    else:
+                        future.set_exception(value)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass  # the process ended
+        finally:
+            if self._process is process:
+                self._process = None  # the next transaction starts another
+            waiting, self._waiting = self._waiting, {}
+            for future in waiting.values():
+                if not future.done():
+                    future.set_exception(WriterGone("the SQLite writer process ended"))
 
     async def close(self) -> None:
-        self._drop_connection()
-        await self._writer.close()
-
-
-class _LockTaken(Exception):
-    """Another connection holds SQLite's write lock: nothing was done."""
+        process, self._process = self._process, None
+        if process is None:
+            return
+        if process.stdin is not None:
+            process.stdin.close()  # the process finishes what it has, then ends
+        try:
+            await asyncio.wait_for(process.wait(), timeout=30)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            await process.wait()
+        if self._answers is not None:
+            await self._answers
 
 
 class PostgresTransactor:
@@ -114,10 +182,13 @@ class PostgresTransactor:
         self._opening = asyncio.Lock()
         self._statements = PostgresStatements()
 
-    async def run(self, steps: Callable[[], Steps[T]]) -> T:
+    async def run(self, steps: Callable[P, Steps[T]], *args: P.args, **kwargs: P.kwargs) -> T:
         pool = self._pool or await self._open()
         async with pool.acquire() as conn, conn.transaction():
-            return await run_asyncpg(conn, self._statements, steps())
+            return await run_asyncpg(conn, self._statements, steps(*args, **kwargs))
+
+    async def start(self) -> None:
+        return None  # the pool opens on first use: the app starts while the server is away
 
     async def _open(self) -> asyncpg.Pool:
         async with self._opening:

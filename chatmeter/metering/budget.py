@@ -207,6 +207,14 @@ def renew_leases(reservation_ids: list[uuid.UUID], expires_at: datetime) -> Step
         yield Sql(text, {"expires_at": expires_at, **dict(zip(names, batch, strict=True))})
 
 
+def renew_and_sweep(live: list[uuid.UUID], now: datetime, lease: timedelta) -> Steps[int]:
+    """A worker's housekeeping: renew the leases of the replies it streams, release the
+    reservations whose lease ran out. Returns how many were released."""
+    if live:
+        yield from renew_leases(live, now + lease)
+    return (yield from release_expired(now))
+
+
 def request_stop(chat_id: uuid.UUID, now: datetime) -> Steps[str | None]:
     """Flag the live reply of `chat_id` to stop; returns the worker holding it."""
     rows = yield Sql(

@@ -40,10 +40,12 @@ def prompt_upper_bound(request: GenerationRequest) -> int:
     make more tokens than a text has UTF-8 bytes. Used to size the reservation, so the
     budget holds exactly; the real figure replaces it at settlement."""
     texts = [request.system_prompt, *(turn.content for turn in request.history), request.message]
-    return (
-        sum(len(text.encode("utf-8")) + PER_MESSAGE_OVERHEAD for text in texts)
-        + EXCHANGE_OVERHEAD_TOKENS
-    )
+    return sum(map(text_bound, texts)) + EXCHANGE_OVERHEAD_TOKENS
+
+
+def text_bound(text: str) -> int:
+    """The most tokens `text` can be as one message of a prompt (see above)."""
+    return len(text.encode("utf-8")) + PER_MESSAGE_OVERHEAD
 
 
 @dataclass(frozen=True, slots=True)

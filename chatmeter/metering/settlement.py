@@ -105,7 +105,7 @@ def settle_steps(s: Settlement, *, is_retry: bool = False) -> Steps[None]:
 
 async def settle(transactor: Transactor, s: Settlement, *, is_retry: bool = False) -> None:
     """Write the settlement once. Raises on database errors (the caller retries)."""
-    await transactor.run(lambda: settle_steps(s, is_retry=is_retry))
+    await transactor.run(settle_steps, s, is_retry=is_retry)
 
 
 async def settle_with_retries(

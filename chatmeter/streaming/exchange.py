@@ -1,7 +1,8 @@
 """One exchange, start to end (SPEC section 5), as one readable path:
 
     open_exchange:   verify chat -> load history -> reserve budget -> save user message
-                     (one write transaction; every refusal is a JSON error, nothing saved)
+                     (one write transaction, `opening.py`; a refusal is a JSON error and
+                     saves nothing)
     Exchange.events: stream pieces from the provider as they arrive -> settle -> end event
 
 Settlement runs on every path: the end, a stop, the client leaving, a provider failure.
@@ -13,28 +14,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import AsyncGenerator, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
 from chatmeter.auth.tokens import Principal
-from chatmeter.chats.store import owned_chat_steps
-from chatmeter.config import ModelConfig
-from chatmeter.db.steps import Sql, Steps
 from chatmeter.db.tables import utcnow
 from chatmeter.errors import ApiError
 from chatmeter.ids import new_id
-from chatmeter.metering.budget import Reservation, reserve_budget
-from chatmeter.metering.counting import (
-    EXCHANGE_OVERHEAD_TOKENS,
-    PER_MESSAGE_OVERHEAD,
-    Metered,
-    prompt_upper_bound,
-)
+from chatmeter.metering.budget import Reservation
+from chatmeter.metering.counting import EXCHANGE_OVERHEAD_TOKENS, PER_MESSAGE_OVERHEAD, Metered
 from chatmeter.metering.settlement import Settlement, settle_with_retries
 from chatmeter.providers.base import (
-    ChatTurn,
     GenerationRequest,
     Provider,
     ProviderError,
@@ -42,6 +34,7 @@ from chatmeter.providers.base import (
     Usage,
 )
 from chatmeter.services import Services
+from chatmeter.streaming.opening import PromptTooLarge, open_steps
 from chatmeter.streaming.text import storable
 
 log = logging.getLogger("chatmeter.exchange")
@@ -54,53 +47,6 @@ STREAM_ERROR_MESSAGES = {
     "DATABASE_ERROR": "The reply could not be saved yet; it will be recorded shortly.",
     "INTERNAL_ERROR": "Something went wrong on our side.",
 }
-
-
-def _recent_history(chat_id: uuid.UUID, count: int) -> Steps[list[ChatTurn]]:
-    """The last `count` messages of the chat, oldest first."""
-    if count == 0:
-        return []
-    rows = yield Sql(
-        "SELECT role, content FROM messages WHERE chat_id = :chat_id AND content != '' "
-        "ORDER BY created_at DESC, role ASC LIMIT :count",
-        {"chat_id": chat_id, "count": count},
-    )
-    return [ChatTurn(role, content) for role, content in reversed(rows)]
-
-
-class PromptTooLarge(Exception):
-    """The byte bound of the bare message passes the context window: count it exactly."""
-
-
-def fit_to_context(
-    system_prompt: str,
-    history: Sequence[ChatTurn],
-    message: str,
-    config: ModelConfig,
-    exact_prompt: int | None = None,
-) -> tuple[GenerationRequest, int]:
-    """Drop the oldest history until the prompt and the output cap fit the model's
-    context window; lower the cap if even the bare message leaves too little room.
-    Returns the request and the prompt size it was fitted with. `exact_prompt`, the
-    counted size of system prompt and message alone, replaces the bound (no history)."""
-    turns = [] if exact_prompt is not None else list(history)
-    cap = config.max_output_tokens
-
-    def request() -> GenerationRequest:
-        return GenerationRequest(system_prompt, tuple(turns), message, cap)
-
-    def size() -> int:
-        return exact_prompt if exact_prompt is not None else prompt_upper_bound(request())
-
-    while turns and size() + cap > config.context_window:
-        turns.pop(0)
-    room = config.context_window - size()
-    if room < 1:
-        if exact_prompt is None:
-            raise PromptTooLarge
-        raise ApiError(400, "INVALID_MESSAGE", "The message is too long for this chat's model.")
-    cap = min(cap, room)
-    return request(), size()
 
 
 async def count_bare_prompt(services: Services, model: str, system: str, message: str) -> int:
@@ -342,57 +288,6 @@ async def open_exchange(
         return await _open(services, user, chat_id, message, exact)
 
 
-@dataclass(frozen=True, slots=True)
-class _Opened:
-    model: str
-    request: GenerationRequest
-    reservation: Reservation
-    user_message_id: uuid.UUID
-    user_message_at: datetime
-
-
-def _open_steps(
-    services: Services,
-    user: Principal,
-    chat_id: uuid.UUID,
-    message: str,
-    exact_prompt: int | None,
-) -> Steps[_Opened]:
-    settings = services.settings
-    now = utcnow()
-    chat = yield from owned_chat_steps(chat_id, user.user_id)
-    if not services.providers.has(chat.model):
-        raise ApiError(400, "INVALID_REQUEST", f"model {chat.model!r} is not configured")
-    history = yield from _recent_history(chat_id, settings.history_messages)
-    try:
-        request, prompt_size = fit_to_context(
-            settings.system_prompt_for(chat.model),
-            history,
-            message,
-            services.providers.config(chat.model),
-            exact_prompt,
-        )
-    except PromptTooLarge:
-        raise PromptTooLarge(chat.model) from None
-    reservation = yield from reserve_budget(
-        user_id=user.user_id,
-        chat_id=chat_id,
-        prompt_estimate=prompt_size,
-        max_output_tokens=request.max_output_tokens,
-        default_limit=settings.default_token_limit,
-        worker_id=services.worker_id,
-        ttl_seconds=settings.reservation_ttl_seconds,
-        now=now,
-    )
-    user_message_id = new_id()
-    yield Sql(
-        "INSERT INTO messages (message_id, chat_id, role, content, tokens_consumed, status, "
-        "created_at) VALUES (:message_id, :chat_id, 'user', :content, 0, 'complete', :now)",
-        {"message_id": user_message_id, "chat_id": chat_id, "content": message, "now": now},
-    )
-    return _Opened(chat.model, request, reservation, user_message_id, now)
-
-
 async def _open(
     services: Services,
     user: Principal,
@@ -402,7 +297,7 @@ async def _open(
 ) -> Exchange:
     try:
         opened = await services.transactor.run(
-            lambda: _open_steps(services, user, chat_id, message, exact_prompt)
+            open_steps, services.opening_rules, user.user_id, chat_id, message, exact_prompt
         )
     except ApiError as exc:
         if exc.code == "TOKEN_BUDGET_EXCEEDED":
@@ -413,7 +308,7 @@ async def _open(
         user_id=user.user_id,
         chat_id=chat_id,
         model=opened.model,
-        request=replace(opened.request, max_output_tokens=opened.reservation.output_cap),
+        request=opened.request,
         reservation=opened.reservation,
         user_message_id=opened.user_message_id,
         user_message_at=opened.user_message_at,

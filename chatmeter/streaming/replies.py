@@ -15,10 +15,9 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-from chatmeter.db.steps import Steps
 from chatmeter.db.tables import utcnow
 from chatmeter.db.transactor import Transactor
-from chatmeter.metering.budget import flagged_stops, release_expired, renew_leases
+from chatmeter.metering.budget import flagged_stops, renew_and_sweep
 
 log = logging.getLogger("chatmeter.replies")
 
@@ -108,21 +107,17 @@ class ReplyRegistry:
                 log.exception("reply housekeeping failed; retrying")
 
     async def _poll_stops(self) -> None:
-        for chat_id in await self.transactor.run(lambda: flagged_stops(self.worker_id)):
+        for chat_id in await self.transactor.run(flagged_stops, self.worker_id):
             self.stop_local(chat_id)
 
     async def _renew_and_sweep(self) -> None:
-        released = await self.transactor.run(self._renew_and_sweep_steps)
+        live = [reply.reservation_id for reply in self._replies.values()]
+        released = await self.transactor.run(
+            renew_and_sweep, live, utcnow(), timedelta(seconds=self.lease_seconds)
+        )
 
         if released:
             log.warning("released %d reservations left by stopped processes", released)
-
-    def _renew_and_sweep_steps(self) -> Steps[int]:
-        now = utcnow()
-        live = [reply.reservation_id for reply in self._replies.values()]
-        if live:
-            yield from renew_leases(live, now + timedelta(seconds=self.lease_seconds))
-        return (yield from release_expired(now))
 
     async def stop_all(self) -> None:
         for reply in list(self._replies.values()):

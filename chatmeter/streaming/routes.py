@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import uuid
 
 from fastapi import APIRouter
 from starlette.datastructures import State
@@ -12,8 +11,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from chatmeter.chats.schemas import NewMessage, StopAccepted
-from chatmeter.chats.store import owned_chat_steps, parse_chat_id
-from chatmeter.db.steps import Steps
+from chatmeter.chats.store import parse_chat_id
 from chatmeter.db.tables import utcnow
 from chatmeter.deps import CurrentUser, ServicesDep, current_user
 from chatmeter.errors import (
@@ -25,7 +23,6 @@ from chatmeter.errors import (
 )
 from chatmeter.jsonutil import BadBody, json_response, parse_json_body
 from chatmeter.limits import BodyTooLarge, declared_too_large, read_body, too_large_response
-from chatmeter.metering.budget import request_stop
 from chatmeter.openapi import (
     CHAT_ID_PARAMETER,
     ChatIdPath,
@@ -37,6 +34,7 @@ from chatmeter.openapi import (
 from chatmeter.services import Services
 from chatmeter.streaming.exchange import open_exchange
 from chatmeter.streaming.sse import EventStream
+from chatmeter.streaming.stopping import flag_stop
 
 router = APIRouter(prefix="/api/chat", tags=["stream"])
 
@@ -128,11 +126,6 @@ OPERATION = operation(
 )
 
 
-def _flag_stop(chat_id: uuid.UUID, user_id: str) -> Steps[str | None]:
-    yield from owned_chat_steps(chat_id, user_id)
-    return (yield from request_stop(chat_id, utcnow()))
-
-
 @router.post(
     "/{chat_id}/stop",
     status_code=202,
@@ -142,7 +135,7 @@ def _flag_stop(chat_id: uuid.UUID, user_id: str) -> Steps[str | None]:
 async def stop_reply(chat_id: ChatIdPath, user: CurrentUser, services: ServicesDep) -> Response:
     chat_uuid = parse_chat_id(chat_id)
     # the flag is set in the database too: the holder may be another worker
-    holder = await services.transactor.run(lambda: _flag_stop(chat_uuid, user.user_id))
+    holder = await services.transactor.run(flag_stop, chat_uuid, user.user_id, utcnow())
     if holder is None:
         raise ApiError(404, "NO_ACTIVE_REPLY", "No reply is being generated in this chat.")
     services.replies.stop_local(chat_uuid)

@@ -1,21 +1,24 @@
-"""The SQLite transactor: transactions asked for together share one commit (group
-commit), each is still all-or-nothing, and the write lock of another process sends
-them to the writer thread instead of failing or blocking the loop."""
+"""The SQLite transactor: transactions run in the writer process, those asked for
+together share one commit (group commit), each is still all-or-nothing, another
+process's write lock delays them without blocking the loop, and a writer process that
+dies fails what it had not answered and is started again."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import pickle
+import signal
 import sqlite3
-from collections.abc import Iterator
-from functools import partial
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from chatmeter.db import transactor as transactor_module
-from chatmeter.db.sqlite_writer import connect_sqlite
+from chatmeter.db.sqlite_process import TRACE_ENV
 from chatmeter.db.steps import Sql, Steps
-from chatmeter.db.transactor import SqliteTransactor
+from chatmeter.db.transactor import SqliteTransactor, WriterGone
 
 
 class Refused(Exception):
@@ -32,17 +35,11 @@ def db_path(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def commits(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
-    """Every COMMIT the transactor's own connection runs."""
-    seen: list[str] = []
-
-    def traced(path: str, busy_timeout_ms: int) -> sqlite3.Connection:
-        conn = connect_sqlite(path, busy_timeout_ms)
-        conn.set_trace_callback(lambda sql: seen.append(sql) if sql == "COMMIT" else None)
-        return conn
-
-    monkeypatch.setattr(transactor_module, "connect_sqlite", traced)
-    yield seen
+def commits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[], int]]:
+    """How many COMMITs the writer process has run (it writes its statements to a file)."""
+    trace = tmp_path / "writer.sql"
+    monkeypatch.setenv(TRACE_ENV, str(trace))
+    yield lambda: trace.read_text().splitlines().count("COMMIT") if trace.exists() else 0
 
 
 def insert(name: str, *, then_fail: bool = False) -> Steps[str]:
@@ -52,56 +49,66 @@ def insert(name: str, *, then_fail: bool = False) -> Steps[str]:
     return str(rows[0][0])
 
 
+def slow_insert(name: str, seconds: float) -> Steps[str]:
+    time.sleep(seconds)  # in the writer process, inside the transaction
+    return (yield from insert(name))
+
+
 def names(path: Path) -> set[str]:
     with sqlite3.connect(path) as conn:
         return {row[0] for row in conn.execute("SELECT name FROM items")}
 
 
-async def test_concurrent_transactions_share_one_commit(db_path: Path, commits: list[str]) -> None:
+async def test_concurrent_transactions_share_one_commit(
+    db_path: Path, commits: Callable[[], int]
+) -> None:
     transactor = SqliteTransactor(f"sqlite+aiosqlite:///{db_path}", busy_timeout_ms=5000)
     try:
         wanted = [f"item{i}" for i in range(20)]
-        got = await asyncio.gather(*(transactor.run(partial(insert, n)) for n in wanted))
+        got = await asyncio.gather(*(transactor.run(insert, n) for n in wanted))
         assert got == wanted
-        assert len(commits) == 1
+        assert commits() == 1
         assert names(db_path) == set(wanted)
         # one alone commits alone, as soon as it is asked for
-        assert await transactor.run(lambda: insert("alone")) == "alone"
-        assert len(commits) == 2
+        assert await transactor.run(insert, "alone") == "alone"
+        assert commits() == 2
     finally:
         await transactor.close()
 
 
-async def test_a_failing_transaction_rolls_back_alone(db_path: Path, commits: list[str]) -> None:
+async def test_a_failing_transaction_rolls_back_alone(
+    db_path: Path, commits: Callable[[], int]
+) -> None:
     transactor = SqliteTransactor(f"sqlite+aiosqlite:///{db_path}", busy_timeout_ms=5000)
     try:
         results = await asyncio.gather(
-            transactor.run(lambda: insert("a")),
-            transactor.run(lambda: insert("b", then_fail=True)),
-            transactor.run(lambda: insert("a")),  # the primary key refuses it
-            transactor.run(lambda: insert("c")),
+            transactor.run(insert, "a"),
+            transactor.run(insert, "b", then_fail=True),
+            transactor.run(insert, "a"),  # the primary key refuses it
+            transactor.run(insert, "c"),
             return_exceptions=True,
         )
         assert results[0] == "a" and results[3] == "c"
         assert isinstance(results[1], Refused)
         assert isinstance(results[2], sqlite3.IntegrityError)
         assert names(db_path) == {"a", "c"}
-        assert len(commits) == 1
+        assert commits() == 1
         # a lone failing transaction leaves nothing either, and the next one works
         with pytest.raises(Refused):
-            await transactor.run(lambda: insert("d", then_fail=True))
-        assert await transactor.run(lambda: insert("e")) == "e"
+            await transactor.run(insert, "d", then_fail=True)
+        assert await transactor.run(insert, "e") == "e"
         assert names(db_path) == {"a", "c", "e"}
     finally:
         await transactor.close()
 
 
-async def test_a_caller_cancelled_before_the_commit_writes_nothing(db_path: Path) -> None:
+async def test_a_caller_cancelled_before_its_turn_ended_writes_nothing(db_path: Path) -> None:
     transactor = SqliteTransactor(f"sqlite+aiosqlite:///{db_path}", busy_timeout_ms=5000)
     try:
-        cancelled = asyncio.ensure_future(transactor.run(lambda: insert("gone")))
-        kept = asyncio.ensure_future(transactor.run(lambda: insert("kept")))
-        await asyncio.sleep(0)  # both have asked; the commit is the next turn
+        await transactor.start()
+        cancelled = asyncio.ensure_future(transactor.run(insert, "gone"))
+        kept = asyncio.ensure_future(transactor.run(insert, "kept"))
+        await asyncio.sleep(0)  # both have asked; they are sent at the end of the turn
         cancelled.cancel()
         assert await kept == "kept"
         with pytest.raises(asyncio.CancelledError):
@@ -116,12 +123,61 @@ async def test_another_process_holding_the_lock_delays_but_does_not_fail(db_path
     other = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False)
     try:
         other.execute("BEGIN IMMEDIATE")
-        waiting = asyncio.gather(*(transactor.run(partial(insert, n)) for n in "xyz"))
+        waiting = asyncio.gather(*(transactor.run(insert, n) for n in "xyz"))
         await asyncio.sleep(0.3)
-        assert not waiting.done()  # queued on the writer thread; the loop kept running
+        assert not waiting.done()  # the writer process waits for the lock; the loop runs
         other.execute("COMMIT")
         assert await asyncio.wait_for(waiting, 5) == ["x", "y", "z"]
         assert names(db_path) == {"x", "y", "z"}
     finally:
         other.close()
+        await transactor.close()
+
+
+async def test_the_loop_runs_while_the_writer_works(db_path: Path) -> None:
+    transactor = SqliteTransactor(f"sqlite+aiosqlite:///{db_path}", busy_timeout_ms=5000)
+    try:
+        await transactor.start()
+        slow = asyncio.ensure_future(transactor.run(slow_insert, "slow", 0.5))
+        ticks = 0
+        while not slow.done():
+            await asyncio.sleep(0.01)
+            ticks += 1
+        assert await slow == "slow"
+        assert ticks >= 10  # a transaction on the loop would have held it for 0.5 s
+    finally:
+        await transactor.close()
+
+
+async def test_a_writer_that_dies_fails_what_it_held_and_is_started_again(db_path: Path) -> None:
+    transactor = SqliteTransactor(f"sqlite+aiosqlite:///{db_path}", busy_timeout_ms=5000)
+    try:
+        await transactor.start()
+        pid = transactor.pid
+        assert pid is not None
+        held = asyncio.ensure_future(transactor.run(slow_insert, "held", 5.0))
+        await asyncio.sleep(0.3)
+        os.kill(pid, signal.SIGKILL)
+        # a ConnectionError: the API answers 503 DATABASE_ERROR, settlement retries
+        with pytest.raises(WriterGone):
+            await asyncio.wait_for(held, 5)
+        assert await transactor.run(insert, "after") == "after"
+        assert transactor.pid not in (None, pid)
+        assert names(db_path) == {"after"}  # the killed transaction never committed
+    finally:
+        await transactor.close()
+
+
+async def test_arguments_that_cannot_be_sent_fail_that_caller_alone(db_path: Path) -> None:
+    transactor = SqliteTransactor(f"sqlite+aiosqlite:///{db_path}", busy_timeout_ms=5000)
+    try:
+        results = await asyncio.gather(
+            transactor.run(insert, lambda: "not picklable"),  # type: ignore[arg-type]
+            transactor.run(insert, "fine"),
+            return_exceptions=True,
+        )
+        assert isinstance(results[0], (AttributeError, TypeError, pickle.PicklingError))
+        assert results[1] == "fine"
+        assert names(db_path) == {"fine"}
+    finally:
         await transactor.close()

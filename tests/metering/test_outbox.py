@@ -39,10 +39,13 @@ class DeadDatabase:
     def __init__(self) -> None:
         self.calls = 0
 
-    async def run(self, steps: Callable[[], Any]) -> Any:
+    async def run(self, steps: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         self.calls += 1
         await asyncio.sleep(0.3)
         raise ConnectionRefusedError("database down")
+
+    async def start(self) -> None:
+        return None
 
     async def close(self) -> None:
         return None

@@ -34,16 +34,15 @@ async def test_only_live_replies_are_renewed(database_url: str) -> None:
             await eventually(lambda: open_reservations(services.engine, "lou"))
             # a reservation of this worker that no exchange will ever settle
             await services.transactor.run(
-                lambda: reserve_budget(
-                    user_id="lou",
-                    chat_id=uuid.UUID(lost_chat),
-                    prompt_estimate=10,
-                    max_output_tokens=90,
-                    default_limit=100_000,
-                    worker_id=services.worker_id,
-                    ttl_seconds=1.5,
-                    now=utcnow(),
-                )
+                reserve_budget,
+                user_id="lou",
+                chat_id=uuid.UUID(lost_chat),
+                prompt_estimate=10,
+                max_output_tokens=90,
+                default_limit=100_000,
+                worker_id=services.worker_id,
+                ttl_seconds=1.5,
+                now=utcnow(),
             )
             assert await open_reservations(services.engine, "lou") == 2
             # the live one is renewed past its 1.5 s lease; the lost one is released

@@ -1,0 +1,240 @@
+"""The process that writes SQLite for one chatmeter worker.
+
+SQLite's own work (stepping statements, writing the WAL, checkpointing it) was half of an
+exchange's CPU on the event loop. `sqlite3` lets go of the GIL while SQLite works, but
+the Python between two statements needs it back: on a thread of the server the writer
+took turns with the loop instead of running beside it. A process of its own runs on the
+other core while the loop serves streams, and a checkpoint's fsync no longer stalls every
+stream of the worker.
+
+The server (`transactor.SqliteTransactor`) writes jobs to the process's stdin: a frame
+header (payload length, job id) and the pickled `(function, args, kwargs)` of a
+transaction's steps (`steps.py`), a module-level function the process imports. The
+process runs the jobs that arrived together in one transaction with one COMMIT
+(`commit_batch`: each in a SAVEPOINT, so a refused one rolls back alone), then answers
+on stdout with one frame for the batch: the pickled `[(job_id, ok, result or exception)]`.
+It ends when stdin closes, which is also what happens when the server dies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import pickle
+import select
+import signal
+import sqlite3
+import struct
+import sys
+from collections.abc import Callable
+from functools import partial
+from typing import Any, TextIO
+
+from chatmeter.db.steps import Steps, run_sqlite
+
+log = logging.getLogger("chatmeter.db")
+
+# at most this many transactions share one commit: bounds the latency of the first
+MAX_BATCH = 64
+JOB_HEADER = struct.Struct(">IQ")  # payload length, job id
+ANSWER_HEADER = struct.Struct(">I")  # payload length
+TRACE_ENV = "CHATMETER_SQLITE_TRACE"
+
+Outcome = tuple[bool, Any]  # (True, result) or (False, exception)
+
+
+def sqlite_path(url: str) -> str:
+    """The file of a `sqlite+aiosqlite:///path` URL."""
+    return url.split(":///", 1)[1].split("?", 1)[0] or ":memory:"
+
+
+def connect_sqlite(path: str, busy_timeout_ms: int) -> sqlite3.Connection:
+    """A connection for write transactions, set up as the engine's are (WAL, foreign
+    keys); BEGIN and COMMIT are said explicitly."""
+    conn = sqlite3.connect(path, timeout=busy_timeout_ms / 1000, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("PRAGMA foreign_keys=ON")
+    conn.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+    return conn
+
+
+def commit_batch(conn: sqlite3.Connection, batch: list[Callable[[], Steps[Any]]]) -> list[Outcome]:
+    """Run each transaction of `batch` in the transaction the caller began, then COMMIT
+    once. One that raises is rolled back alone (its own SAVEPOINT) and gets its
+    exception; the others commit. Raises, having rolled back, if the database fails."""
+    outcomes: list[Outcome] = []
+    try:
+        if len(batch) == 1:  # nothing to keep apart: no savepoint
+            try:
+                outcomes.append((True, run_sqlite(conn, batch[0]())))
+            except Exception as exc:
+                conn.execute("ROLLBACK")
+                return [(False, exc)]
+        else:
+            for steps in batch:
+                conn.execute("SAVEPOINT job")
+                try:
+                    outcomes.append((True, run_sqlite(conn, steps())))
+                    conn.execute("RELEASE job")
+                except Exception as exc:
+                    conn.execute("ROLLBACK TO job")
+                    conn.execute("RELEASE job")
+                    outcomes.append((False, exc))
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return outcomes
+
+
+class JobReader:
+    """Reads job frames from a pipe: everything that has arrived, as one list."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._buffer = bytearray()
+        self.closed = False
+
+    def read(self) -> list[tuple[int, bytes]]:
+        """Wait for at least one complete job, then take every one already here.
+        Empty once the pipe is closed."""
+        jobs: list[tuple[int, bytes]] = []
+        while not jobs and not self.closed:
+            self._fill()  # waits for the server
+            while not self.closed and select.select([self._fd], [], [], 0)[0]:
+                self._fill()
+            jobs = self._take_complete()
+        return jobs
+
+    def _fill(self) -> None:
+        data = os.read(self._fd, 1 << 20)
+        if not data:
+            self.closed = True
+        self._buffer += data
+
+    def _take_complete(self) -> list[tuple[int, bytes]]:
+        jobs = []
+        start = 0
+        buffer = self._buffer
+        while len(buffer) - start >= JOB_HEADER.size:
+            length, job_id = JOB_HEADER.unpack_from(buffer, start)
+            end = start + JOB_HEADER.size + length
+            if end > len(buffer):
+                break
+            jobs.append((job_id, bytes(buffer[start + JOB_HEADER.size : end])))
+            start = end
+        del buffer[:start]
+        return jobs
+
+
+def _steps_of(payload: bytes) -> Callable[[], Steps[Any]]:
+    function, args, kwargs = pickle.loads(payload)
+    return partial(function, *args, **kwargs)
+
+
+class Writer:
+    """The connection this process writes with, made again after the database failed."""
+
+    def __init__(self, path: str, busy_timeout_ms: int, trace: TextIO | None = None) -> None:
+        self._path = path
+        self._busy_timeout_ms = busy_timeout_ms
+        self._trace = trace
+        self._conn: sqlite3.Connection | None = None
+
+    def connection(self) -> sqlite3.Connection:
+        if self._conn is None:
+            self._conn = connect_sqlite(self._path, self._busy_timeout_ms)
+            if self._trace is not None:
+                trace = self._trace
+                self._conn.set_trace_callback(lambda statement: print(statement, file=trace))
+        return self._conn
+
+    def drop(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
+def run_jobs(writer: Writer, jobs: list[tuple[int, bytes]]) -> list[tuple[int, bool, Any]]:
+    """Run jobs in one transaction; the answers, one per job."""
+    answers: list[tuple[int, bool, Any]] = []
+    runnable: list[tuple[int, Callable[[], Steps[Any]]]] = []
+    for job_id, payload in jobs:
+        try:
+            runnable.append((job_id, _steps_of(payload)))
+        except Exception as exc:  # a function this process cannot import: that job fails
+            answers.append((job_id, False, exc))
+    if not runnable:
+        return answers
+    try:
+        conn = writer.connection()
+        conn.execute("BEGIN IMMEDIATE")
+        outcomes = commit_batch(conn, [steps for _, steps in runnable])
+    except Exception as exc:  # the database itself failed: every job fails
+        outcomes = [(False, exc)] * len(runnable)
+        writer.drop()  # connect again for the next batch
+    answers += [
+        (job_id, ok, value) for (job_id, _), (ok, value) in zip(runnable, outcomes, strict=True)
+    ]
+    return answers
+
+
+def encode_answers(answers: list[tuple[int, bool, Any]]) -> bytes:
+    try:
+        payload = pickle.dumps(answers, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception:  # a result or an exception that does not pickle: say what it was
+        payload = pickle.dumps(
+            [
+                (job_id, ok, value)
+                if _pickles(value)
+                else (job_id, False, RuntimeError(repr(value)))
+                for job_id, ok, value in answers
+            ],
+            protocol=pickle.HIGHEST_PROTOCOL,
+        )
+    return ANSWER_HEADER.pack(len(payload)) + payload
+
+
+def _pickles(value: Any) -> bool:
+    try:
+        pickle.dumps(value)
+    except Exception:
+        return False
+    return True
+
+
+def serve(writer: Writer, fd_in: int, fd_out: int) -> None:
+    """Answer jobs until the server closes the pipe."""
+    reader = JobReader(fd_in)
+    while jobs := reader.read():
+        for start in range(0, len(jobs), MAX_BATCH):
+            answer = encode_answers(run_jobs(writer, jobs[start : start + MAX_BATCH]))
+            while answer:
+                answer = answer[os.write(fd_out, answer) :]
+    writer.drop()
+
+
+def main() -> None:
+    # Ctrl-C, or a service manager's SIGTERM, may reach the whole process group: the
+    # server shuts down, settles what is streaming and closes our stdin; stopping here
+    # first would fail those settlements. A server that dies closes stdin too.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    logging.basicConfig(level=logging.WARNING)
+    path, busy_timeout_ms = sys.argv[1], int(sys.argv[2])
+    answers = os.dup(1)
+    os.dup2(2, 1)  # stdout is the answers' pipe: anything else printed goes to stderr
+    for module in sys.argv[3:]:  # the transactions' modules, imported before the first job
+        __import__(module)
+    # every statement, one per line, to this file (`chatmeter bench` counts them)
+    trace_path = os.environ.get(TRACE_ENV)
+    with contextlib.ExitStack() as stack:
+        trace = stack.enter_context(open(trace_path, "a", buffering=1)) if trace_path else None
+        serve(Writer(path, busy_timeout_ms, trace), 0, answers)
+
+
+if __name__ == "__main__":
+    main()

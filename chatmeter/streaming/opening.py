@@ -1,0 +1,162 @@
+"""The transaction that opens an exchange (SPEC section 5): verify the chat, load its
+history, fit the prompt to the model's context window, reserve the budget and save the
+user message, all or nothing. A refusal raises `ApiError` and leaves nothing behind.
+
+It takes plain values only (`OpeningRules` holds what it needs of the settings): on
+SQLite it runs in the writer process (`db/sqlite_process.py`)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from chatmeter.chats.store import owned_chat_steps
+from chatmeter.config import Settings
+from chatmeter.db.steps import Sql, Steps
+from chatmeter.db.tables import utcnow
+from chatmeter.errors import ApiError
+from chatmeter.ids import new_id
+from chatmeter.metering.budget import Reservation, reserve_budget
+from chatmeter.metering.counting import EXCHANGE_OVERHEAD_TOKENS, text_bound
+from chatmeter.providers.base import ChatTurn, GenerationRequest
+
+
+@dataclass(frozen=True, slots=True)
+class ModelLimits:
+    system_prompt: str
+    context_window: int
+    max_output_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class OpeningRules:
+    """What opening an exchange needs of the configuration, made once per worker."""
+
+    models: Mapping[str, ModelLimits]
+    history_messages: int
+    default_token_limit: int
+    worker_id: str
+    reservation_ttl_seconds: float
+
+    @classmethod
+    def of(cls, settings: Settings, worker_id: str) -> OpeningRules:
+        return cls(
+            models={
+                name: ModelLimits(
+                    settings.system_prompt_for(name),
+                    config.context_window,
+                    config.max_output_tokens,
+                )
+                for name, config in settings.models.items()
+            },
+            history_messages=settings.history_messages,
+            default_token_limit=settings.default_token_limit,
+            worker_id=worker_id,
+            reservation_ttl_seconds=settings.reservation_ttl_seconds,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Opened:
+    model: str
+    request: GenerationRequest
+    reservation: Reservation
+    user_message_id: uuid.UUID
+    user_message_at: datetime
+
+
+class PromptTooLarge(Exception):
+    """The byte bound of the bare message passes the context window: count it exactly.
+    Carries the chat's model."""
+
+
+def fit_to_context(
+    limits: ModelLimits,
+    history: Sequence[ChatTurn],
+    message: str,
+    exact_prompt: int | None = None,
+) -> tuple[GenerationRequest, int]:
+    """Drop the oldest history until the prompt and the output cap fit the model's
+    context window; lower the cap if even the bare message leaves too little room.
+    Returns the request and the prompt size it was fitted with. `exact_prompt`, the
+    counted size of system prompt and message alone, replaces the bound (no history).
+    The bound is `counting.prompt_upper_bound`, each text measured once."""
+    cap = limits.max_output_tokens
+    if exact_prompt is not None:
+        turns: Sequence[ChatTurn] = ()
+        size = exact_prompt
+    else:
+        sizes = [text_bound(turn.content) for turn in history]
+        size = (
+            text_bound(limits.system_prompt)
+            + text_bound(message)
+            + sum(sizes)
+            + EXCHANGE_OVERHEAD_TOKENS
+        )
+        dropped = 0
+        while dropped < len(sizes) and size + cap > limits.context_window:
+            size -= sizes[dropped]
+            dropped += 1
+        turns = history[dropped:]
+    room = limits.context_window - size
+    if room < 1:
+        if exact_prompt is None:
+            raise PromptTooLarge
+        raise ApiError(400, "INVALID_MESSAGE", "The message is too long for this chat's model.")
+    request = GenerationRequest(limits.system_prompt, tuple(turns), message, min(cap, room))
+    return request, size
+
+
+def recent_history(chat_id: uuid.UUID, count: int) -> Steps[list[ChatTurn]]:
+    """The last `count` messages of the chat, oldest first."""
+    if count == 0:
+        return []
+    rows = yield Sql(
+        "SELECT role, content FROM messages WHERE chat_id = :chat_id AND content != '' "
+        "ORDER BY created_at DESC, role ASC LIMIT :count",
+        {"chat_id": chat_id, "count": count},
+    )
+    return [ChatTurn(role, content) for role, content in reversed(rows)]
+
+
+def open_steps(
+    rules: OpeningRules,
+    user_id: str,
+    chat_id: uuid.UUID,
+    message: str,
+    exact_prompt: int | None,
+) -> Steps[Opened]:
+    """The checks of the contract in order (chat 404/403, budget 403, reply 409), the
+    history, the reservation (its output cap is the request's) and the user message."""
+    now = utcnow()
+    chat = yield from owned_chat_steps(chat_id, user_id)
+    limits = rules.models.get(chat.model)
+    if limits is None:
+        raise ApiError(400, "INVALID_REQUEST", f"model {chat.model!r} is not configured")
+    history = yield from recent_history(chat_id, rules.history_messages)
+    try:
+        request, prompt_size = fit_to_context(limits, history, message, exact_prompt)
+    except PromptTooLarge:
+        raise PromptTooLarge(chat.model) from None
+    reservation = yield from reserve_budget(
+        user_id=user_id,
+        chat_id=chat_id,
+        prompt_estimate=prompt_size,
+        max_output_tokens=request.max_output_tokens,
+        default_limit=rules.default_token_limit,
+        worker_id=rules.worker_id,
+        ttl_seconds=rules.reservation_ttl_seconds,
+        now=now,
+    )
+    user_message_id = new_id()
+    yield Sql(
+        "INSERT INTO messages (message_id, chat_id, role, content, tokens_consumed, status, "
+        "created_at) VALUES (:message_id, :chat_id, 'user', :content, 0, 'complete', :now)",
+        {"message_id": user_message_id, "chat_id": chat_id, "content": message, "now": now},
+    )
+    request = GenerationRequest(
+        request.system_prompt, request.history, message, reservation.output_cap
+    )
+    return Opened(chat.model, request, reservation, user_message_id, now)
