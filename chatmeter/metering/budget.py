@@ -22,12 +22,13 @@ from datetime import datetime, timedelta
 from chatmeter.db.steps import Sql, Steps
 from chatmeter.errors import ApiError
 from chatmeter.ids import new_id
+from chatmeter.values import Sendable
 
 _REMAINING = "token_limit - total_tokens_used - reserved_tokens"
 
 
 @dataclass(frozen=True, slots=True)
-class Reservation:
+class Reservation(Sendable):
     reservation_id: uuid.UUID
     user_id: str
     chat_id: uuid.UUID

@@ -19,12 +19,13 @@ from chatmeter.ids import new_id
 from chatmeter.metering.budget import take_reservation
 from chatmeter.metering.counting import Source
 from chatmeter.providers.base import Usage
+from chatmeter.values import Sendable
 
 log = logging.getLogger("chatmeter.metering")
 
 
 @dataclass(frozen=True, slots=True)
-class Settlement:
+class Settlement(Sendable):
     user_id: str
     chat_id: uuid.UUID
     model: str

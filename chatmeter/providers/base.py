@@ -10,11 +10,13 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
+from chatmeter.values import Sendable
+
 Role = Literal["system", "user", "assistant"]
 
 
 @dataclass(frozen=True, slots=True)
-class ChatTurn:
+class ChatTurn(Sendable):
     """One message of the conversation as sent to the provider."""
 
     role: Role
@@ -22,7 +24,7 @@ class ChatTurn:
 
 
 @dataclass(frozen=True, slots=True)
-class Usage:
+class Usage(Sendable):
     """Token usage as the provider reported it (or as counted or estimated)."""
 
     prompt_tokens: int
@@ -37,7 +39,7 @@ class Usage:
 
 
 @dataclass(frozen=True, slots=True)
-class GenerationRequest:
+class GenerationRequest(Sendable):
     """Everything a provider needs for one reply."""
 
     system_prompt: str

@@ -21,17 +21,18 @@ from chatmeter.ids import new_id
 from chatmeter.metering.budget import Reservation, reserve_budget
 from chatmeter.metering.counting import EXCHANGE_OVERHEAD_TOKENS, text_bound
 from chatmeter.providers.base import ChatTurn, GenerationRequest
+from chatmeter.values import Sendable
 
 
 @dataclass(frozen=True, slots=True)
-class ModelLimits:
+class ModelLimits(Sendable):
     system_prompt: str
     context_window: int
     max_output_tokens: int
 
 
 @dataclass(frozen=True, slots=True)
-class OpeningRules:
+class OpeningRules(Sendable):
     """What opening an exchange needs of the configuration, made once per worker."""
 
     models: Mapping[str, ModelLimits]
@@ -59,7 +60,7 @@ class OpeningRules:
 
 
 @dataclass(frozen=True, slots=True)
-class Opened:
+class Opened(Sendable):
     model: str
     request: GenerationRequest
     reservation: Reservation

@@ -1,0 +1,44 @@
+"""What crosses to the SQLite writer process comes back equal, field for field."""
+
+from __future__ import annotations
+
+import pickle
+from datetime import UTC, datetime
+
+from chatmeter.ids import new_id
+from chatmeter.metering.budget import Reservation
+from chatmeter.metering.settlement import Settlement
+from chatmeter.providers.base import ChatTurn, GenerationRequest, Usage
+from chatmeter.streaming.opening import ModelLimits, Opened, OpeningRules
+
+
+def test_transaction_values_round_trip_through_pickle() -> None:
+    at = datetime(2026, 11, 24, 2, 30, tzinfo=UTC)
+    values = [
+        Settlement(
+            "u",
+            new_id(),
+            "m",
+            new_id(),
+            new_id(),
+            "reply",
+            "complete",
+            "stop",
+            Usage(3, 4, thinking_tokens=5, cached_tokens=1),
+            "provider",
+            at,
+        ),
+        OpeningRules({"m": ModelLimits("be brief", 8192, 1024)}, 20, 10**12, "w", 30.0),
+        Opened(
+            "m",
+            GenerationRequest(
+                "be brief", (ChatTurn("user", "hi"), ChatTurn("assistant", "yo")), "q", 9
+            ),
+            Reservation(new_id(), "u", new_id(), 100, 20),
+            new_id(),
+            at,
+        ),
+    ]
+    for value in values:
+        copy = pickle.loads(pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL))
+        assert copy == value and type(copy) is type(value)
