@@ -7,12 +7,13 @@ took turns with the loop instead of running beside it. A process of its own runs
 other core while the loop serves streams, and a checkpoint's fsync no longer stalls every
 stream of the worker.
 
-The server (`transactor.SqliteTransactor`) writes jobs to the process's stdin: a frame
-header (payload length, job id) and the pickled `(function, args, kwargs)` of a
-transaction's steps (`steps.py`), a module-level function the process imports. The
-process runs the jobs that arrived together in one transaction with one COMMIT
-(`commit_batch`: each in a SAVEPOINT, so a refused one rolls back alone), then answers
-on stdout with one frame for the batch: the pickled `[(job_id, ok, result or exception)]`.
+The server (`transactor.SqliteTransactor`) writes jobs to the process's stdin, those
+asked for in one turn of its loop as one frame (`encode_jobs`): their ids, then the
+pickled list of their `(function, args, kwargs)`, each a transaction's steps
+(`steps.py`), a module-level function the process imports. The process runs the jobs
+that arrived together in one transaction with one COMMIT (`commit_batch`: each in a
+SAVEPOINT, so a refused one rolls back alone), then answers on stdout with one frame:
+the pickled `[(job_id, ok, result or exception)]`.
 It ends when stdin closes, which is also what happens when the server dies.
 """
 
@@ -35,9 +36,11 @@ from chatmeter.db.steps import Steps, run_sqlite
 
 log = logging.getLogger("chatmeter.db")
 
-# at most this many transactions share one commit: bounds the latency of the first
-MAX_BATCH = 64
-JOB_HEADER = struct.Struct(">IQ")  # payload length, job id
+# at most this many frames (the jobs of one turn of the server's loop each) share one
+# commit: bounds the latency of the first
+MAX_FRAMES = 8
+BATCH_HEADER = struct.Struct(">II")  # payload length, how many jobs
+JOB_ID = struct.Struct(">Q")
 ANSWER_HEADER = struct.Struct(">I")  # payload length
 TRACE_ENV = "CHATMETER_SQLITE_TRACE"
 
@@ -90,24 +93,27 @@ def commit_batch(conn: sqlite3.Connection, batch: list[Callable[[], Steps[Any]]]
     return outcomes
 
 
+Frame = tuple[list[int], bytes]  # job ids, and the pickled list of their calls
+
+
 class JobReader:
-    """Reads job frames from a pipe: everything that has arrived, as one list."""
+    """Reads frames of jobs from a pipe: everything that has arrived, as one list."""
 
     def __init__(self, fd: int) -> None:
         self._fd = fd
         self._buffer = bytearray()
         self.closed = False
 
-    def read(self) -> list[tuple[int, bytes]]:
-        """Wait for at least one complete job, then take every one already here.
+    def read(self) -> list[Frame]:
+        """Wait for at least one complete frame, then take every one already here.
         Empty once the pipe is closed."""
-        jobs: list[tuple[int, bytes]] = []
-        while not jobs and not self.closed:
+        frames: list[Frame] = []
+        while not frames and not self.closed:
             self._fill()  # waits for the server
             while not self.closed and select.select([self._fd], [], [], 0)[0]:
                 self._fill()
-            jobs = self._take_complete()
-        return jobs
+            frames = self._take_complete()
+        return frames
 
     def _fill(self) -> None:
         data = os.read(self._fd, 1 << 20)
@@ -115,24 +121,33 @@ class JobReader:
             self.closed = True
         self._buffer += data
 
-    def _take_complete(self) -> list[tuple[int, bytes]]:
-        jobs = []
+    def _take_complete(self) -> list[Frame]:
+        frames = []
         start = 0
         buffer = self._buffer
-        while len(buffer) - start >= JOB_HEADER.size:
-            length, job_id = JOB_HEADER.unpack_from(buffer, start)
-            end = start + JOB_HEADER.size + length
+        while len(buffer) - start >= BATCH_HEADER.size:
+            length, count = BATCH_HEADER.unpack_from(buffer, start)
+            ids_at = start + BATCH_HEADER.size
+            payload_at = ids_at + count * JOB_ID.size
+            end = payload_at + length
             if end > len(buffer):
                 break
-            jobs.append((job_id, bytes(buffer[start + JOB_HEADER.size : end])))
+            ids = [JOB_ID.unpack_from(buffer, ids_at + i * JOB_ID.size)[0] for i in range(count)]
+            frames.append((ids, bytes(buffer[payload_at:end])))
             start = end
         del buffer[:start]
-        return jobs
+        return frames
 
 
-def _steps_of(payload: bytes) -> Callable[[], Steps[Any]]:
-    function, args, kwargs = pickle.loads(payload)
-    return partial(function, *args, **kwargs)
+def encode_jobs(ids: list[int], calls: list[tuple[Any, ...]]) -> bytes:
+    """One frame for jobs sent together. One pickle for all of them: what they share
+    (the same rules object, the same function) is written once."""
+    payload = pickle.dumps(calls, protocol=pickle.HIGHEST_PROTOCOL)
+    return (
+        BATCH_HEADER.pack(len(payload), len(ids))
+        + b"".join(JOB_ID.pack(job_id) for job_id in ids)
+        + payload
+    )
 
 
 class Writer:
@@ -158,15 +173,18 @@ class Writer:
             self._conn = None
 
 
-def run_jobs(writer: Writer, jobs: list[tuple[int, bytes]]) -> list[tuple[int, bool, Any]]:
-    """Run jobs in one transaction; the answers, one per job."""
+def run_jobs(writer: Writer, frames: list[Frame]) -> list[tuple[int, bool, Any]]:
+    """Run the jobs of `frames` in one transaction; the answers, one per job."""
     answers: list[tuple[int, bool, Any]] = []
     runnable: list[tuple[int, Callable[[], Steps[Any]]]] = []
-    for job_id, payload in jobs:
+    for ids, payload in frames:
         try:
-            runnable.append((job_id, _steps_of(payload)))
-        except Exception as exc:  # a function this process cannot import: that job fails
-            answers.append((job_id, False, exc))
+            calls = pickle.loads(payload)
+        except Exception as exc:  # a function this process cannot import: those jobs fail
+            answers += [(job_id, False, exc) for job_id in ids]
+            continue
+        for job_id, (function, args, kwargs) in zip(ids, calls, strict=True):
+            runnable.append((job_id, partial(function, *args, **kwargs)))
     if not runnable:
         return answers
     try:
@@ -209,9 +227,9 @@ def _pickles(value: Any) -> bool:
 def serve(writer: Writer, fd_in: int, fd_out: int) -> None:
     """Answer jobs until the server closes the pipe."""
     reader = JobReader(fd_in)
-    while jobs := reader.read():
-        for start in range(0, len(jobs), MAX_BATCH):
-            answer = encode_answers(run_jobs(writer, jobs[start : start + MAX_BATCH]))
+    while frames := reader.read():
+        for start in range(0, len(frames), MAX_FRAMES):
+            answer = encode_answers(run_jobs(writer, frames[start : start + MAX_FRAMES]))
             while answer:
                 answer = answer[os.write(fd_out, answer) :]
     writer.drop()

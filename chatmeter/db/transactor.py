@@ -16,7 +16,7 @@ from typing import Any, ParamSpec, Protocol, TypeVar
 
 import asyncpg
 
-from chatmeter.db.sqlite_process import ANSWER_HEADER, JOB_HEADER, sqlite_path
+from chatmeter.db.sqlite_process import ANSWER_HEADER, encode_jobs, sqlite_path
 from chatmeter.db.steps import PostgresStatements, Steps, run_asyncpg
 
 T = TypeVar("T")
@@ -37,6 +37,20 @@ class Transactor(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+_Job = tuple[int, tuple[Any, ...], asyncio.Future[Any]]  # id, (steps, args, kwargs), caller
+
+
+def _pickles(job: _Job) -> bool:
+    """Whether the call of `job` can be sent; if not, its caller hears why."""
+    _, call, future = job
+    try:
+        pickle.dumps(call, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception as exc:
+        future.set_exception(exc)
+        return False
+    return True
 
 
 class WriterGone(ConnectionError):
@@ -107,25 +121,28 @@ class SqliteTransactor:
     def _send(self) -> None:
         pending, self._pending = self._pending, []
         process = self._process
-        frames: list[bytes] = []
+        jobs: list[_Job] = []
         for steps, args, kwargs, future in pending:
             if future.done():
                 continue  # cancelled since: nothing is sent, nothing written
-            if process is None:
+            if process is None or process.stdin is None:
                 future.set_exception(WriterGone("the SQLite writer process is not running"))
                 continue
-            try:
-                payload = pickle.dumps((steps, args, kwargs), protocol=pickle.HIGHEST_PROTOCOL)
-            except Exception as exc:  # a bug: say so to this caller alone
-                future.set_exception(exc)
-                continue
-            job_id = next(self._job_ids)
-            frames += (JOB_HEADER.pack(len(payload), job_id), payload)
+            jobs.append((next(self._job_ids), (steps, args, kwargs), future))
+        if not jobs or process is None or process.stdin is None:
+            return
+        try:
+            frame = encode_jobs([job[0] for job in jobs], [job[1] for job in jobs])
+        except Exception:  # a bug: the calls that do not pickle fail, the others go
+            jobs = [job for job in jobs if _pickles(job)]
+            if not jobs:
+                return
+            frame = encode_jobs([job[0] for job in jobs], [job[1] for job in jobs])
+        for job_id, _, future in jobs:
             self._waiting[job_id] = future
-        if frames and process is not None and process.stdin is not None:
-            # if it died, `_read_answers` fails whatever is waiting
-            with contextlib.suppress(ConnectionError, RuntimeError):
-                process.stdin.write(b"".join(frames))
+        # if it died, `_read_answers` fails whatever is waiting
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            process.stdin.write(frame)
 
     async def _read_answers(self, process: asyncio.subprocess.Process) -> None:
         assert process.stdout is not None

@@ -64,6 +64,7 @@ async def test_concurrent_transactions_share_one_commit(
 ) -> None:
     transactor = SqliteTransactor(f"sqlite+aiosqlite:///{db_path}", busy_timeout_ms=5000)
     try:
+        await transactor.start()
         wanted = [f"item{i}" for i in range(20)]
         got = await asyncio.gather(*(transactor.run(insert, n) for n in wanted))
         assert got == wanted
@@ -81,6 +82,7 @@ async def test_a_failing_transaction_rolls_back_alone(
 ) -> None:
     transactor = SqliteTransactor(f"sqlite+aiosqlite:///{db_path}", busy_timeout_ms=5000)
     try:
+        await transactor.start()
         results = await asyncio.gather(
             transactor.run(insert, "a"),
             transactor.run(insert, "b", then_fail=True),
