@@ -36,13 +36,15 @@ from chatmeter.db.steps import Steps, run_sqlite
 
 log = logging.getLogger("chatmeter.db")
 
-# at most this many frames (the jobs of one turn of the server's loop each) share one
-# commit: bounds the latency of the first
-MAX_FRAMES = 8
+# at most this many jobs share one commit, and hear back together: a burst of requests
+# (50 clients arriving at once) is answered a commit at a time, not all at the end
+MAX_BATCH = 16
 BATCH_HEADER = struct.Struct(">II")  # payload length, how many jobs
 JOB_ID = struct.Struct(">Q")
 ANSWER_HEADER = struct.Struct(">I")  # payload length
 TRACE_ENV = "CHATMETER_SQLITE_TRACE"
+# with nothing asked for this long, the process checkpoints the WAL
+IDLE_SECONDS = 0.5
 
 Outcome = tuple[bool, Any]  # (True, result) or (False, exception)
 
@@ -104,12 +106,14 @@ class JobReader:
         self._buffer = bytearray()
         self.closed = False
 
-    def read(self) -> list[Frame]:
-        """Wait for at least one complete frame, then take every one already here.
-        Empty once the pipe is closed."""
+    def read(self, on_idle: Callable[[], None]) -> list[Frame]:
+        """Wait for at least one complete frame, then take every one already here;
+        `on_idle()` every IDLE_SECONDS meanwhile. Empty once the pipe is closed."""
         frames: list[Frame] = []
         while not frames and not self.closed:
-            self._fill()  # waits for the server
+            while not select.select([self._fd], [], [], IDLE_SECONDS)[0]:
+                on_idle()
+            self._fill()
             while not self.closed and select.select([self._fd], [], [], 0)[0]:
                 self._fill()
             frames = self._take_complete()
@@ -167,40 +171,54 @@ class Writer:
                 self._conn.set_trace_callback(lambda statement: print(statement, file=trace))
         return self._conn
 
+    def checkpoint(self) -> None:
+        """Copy the WAL into the database while nothing else is asked of us. The server
+        commits small transactions on its own connection when this process is idle, and
+        that connection leaves checkpoints to this one."""
+        try:
+            self.connection().execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        except sqlite3.Error as exc:
+            log.warning("WAL checkpoint failed: %s", exc)
+            self.drop()
+
     def drop(self) -> None:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
 
 
-def run_jobs(writer: Writer, frames: list[Frame]) -> list[tuple[int, bool, Any]]:
-    """Run the jobs of `frames` in one transaction; the answers, one per job."""
-    answers: list[tuple[int, bool, Any]] = []
-    runnable: list[tuple[int, Callable[[], Steps[Any]]]] = []
+Job = tuple[int, Callable[[], Steps[Any]]]
+Answer = tuple[int, bool, Any]  # job id, (True, result) or (False, exception)
+
+
+def unpack(frames: list[Frame]) -> tuple[list[Job], list[Answer]]:
+    """The jobs of `frames`, and the answers of those that could not be read."""
+    jobs: list[Job] = []
+    failed: list[Answer] = []
     for ids, payload in frames:
         try:
             calls = pickle.loads(payload)
         except Exception as exc:  # a function this process cannot import: those jobs fail
-            answers += [(job_id, False, exc) for job_id in ids]
+            failed += [(job_id, False, exc) for job_id in ids]
             continue
         for job_id, (function, args, kwargs) in zip(ids, calls, strict=True):
-            runnable.append((job_id, partial(function, *args, **kwargs)))
-    if not runnable:
-        return answers
+            jobs.append((job_id, partial(function, *args, **kwargs)))
+    return jobs, failed
+
+
+def run_jobs(writer: Writer, jobs: list[Job]) -> list[Answer]:
+    """Run `jobs` in one transaction; the answers, one per job."""
     try:
         conn = writer.connection()
         conn.execute("BEGIN IMMEDIATE")
-        outcomes = commit_batch(conn, [steps for _, steps in runnable])
+        outcomes = commit_batch(conn, [steps for _, steps in jobs])
     except Exception as exc:  # the database itself failed: every job fails
-        outcomes = [(False, exc)] * len(runnable)
+        outcomes = [(False, exc)] * len(jobs)
         writer.drop()  # connect again for the next batch
-    answers += [
-        (job_id, ok, value) for (job_id, _), (ok, value) in zip(runnable, outcomes, strict=True)
-    ]
-    return answers
+    return [(job_id, ok, value) for (job_id, _), (ok, value) in zip(jobs, outcomes, strict=True)]
 
 
-def encode_answers(answers: list[tuple[int, bool, Any]]) -> bytes:
+def encode_answers(answers: list[Answer]) -> bytes:
     try:
         payload = pickle.dumps(answers, protocol=pickle.HIGHEST_PROTOCOL)
     except Exception:  # a result or an exception that does not pickle: say what it was
@@ -227,12 +245,18 @@ def _pickles(value: Any) -> bool:
 def serve(writer: Writer, fd_in: int, fd_out: int) -> None:
     """Answer jobs until the server closes the pipe."""
     reader = JobReader(fd_in)
-    while frames := reader.read():
-        for start in range(0, len(frames), MAX_FRAMES):
-            answer = encode_answers(run_jobs(writer, frames[start : start + MAX_FRAMES]))
-            while answer:
-                answer = answer[os.write(fd_out, answer) :]
+    while frames := reader.read(on_idle=writer.checkpoint):
+        jobs, unreadable = unpack(frames)
+        if unreadable:
+            _write_all(fd_out, encode_answers(unreadable))
+        for start in range(0, len(jobs), MAX_BATCH):
+            _write_all(fd_out, encode_answers(run_jobs(writer, jobs[start : start + MAX_BATCH])))
     writer.drop()
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    while data:
+        data = data[os.write(fd, data) :]
 
 
 def main() -> None:

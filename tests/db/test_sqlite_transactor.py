@@ -1,7 +1,8 @@
 """The SQLite transactor: transactions run in the writer process, those asked for
 together share one commit (group commit), each is still all-or-nothing, another
 process's write lock delays them without blocking the loop, and a writer process that
-dies fails what it had not answered and is started again."""
+dies fails what it had not answered and is started again. On a quiet server a lone
+transaction commits on the loop, and the idle writer process checkpoints the WAL."""
 
 from __future__ import annotations
 
@@ -16,9 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from chatmeter.db.sqlite_process import TRACE_ENV
+from chatmeter.db.sqlite_process import MAX_BATCH, TRACE_ENV
 from chatmeter.db.steps import Sql, Steps
 from chatmeter.db.transactor import SqliteTransactor, WriterGone
+from tests.support.waiting import eventually
 
 
 class Refused(Exception):
@@ -62,10 +64,12 @@ def names(path: Path) -> set[str]:
 async def test_concurrent_transactions_share_one_commit(
     db_path: Path, commits: Callable[[], int]
 ) -> None:
-    transactor = SqliteTransactor(f"sqlite+aiosqlite:///{db_path}", busy_timeout_ms=5000)
+    transactor = SqliteTransactor(
+        f"sqlite+aiosqlite:///{db_path}", busy_timeout_ms=5000, inline=False
+    )
     try:
         await transactor.start()
-        wanted = [f"item{i}" for i in range(20)]
+        wanted = [f"item{i}" for i in range(MAX_BATCH)]
         got = await asyncio.gather(*(transactor.run(insert, n) for n in wanted))
         assert got == wanted
         assert commits() == 1
@@ -73,6 +77,10 @@ async def test_concurrent_transactions_share_one_commit(
         # one alone commits alone, as soon as it is asked for
         assert await transactor.run(insert, "alone") == "alone"
         assert commits() == 2
+        # a burst is answered a commit of MAX_BATCH at a time
+        burst = [f"burst{i}" for i in range(2 * MAX_BATCH + 1)]
+        assert await asyncio.gather(*(transactor.run(insert, n) for n in burst)) == burst
+        assert commits() == 5
     finally:
         await transactor.close()
 
@@ -80,7 +88,9 @@ async def test_concurrent_transactions_share_one_commit(
 async def test_a_failing_transaction_rolls_back_alone(
     db_path: Path, commits: Callable[[], int]
 ) -> None:
-    transactor = SqliteTransactor(f"sqlite+aiosqlite:///{db_path}", busy_timeout_ms=5000)
+    transactor = SqliteTransactor(
+        f"sqlite+aiosqlite:///{db_path}", busy_timeout_ms=5000, inline=False
+    )
     try:
         await transactor.start()
         results = await asyncio.gather(
@@ -105,7 +115,9 @@ async def test_a_failing_transaction_rolls_back_alone(
 
 
 async def test_a_caller_cancelled_before_its_turn_ended_writes_nothing(db_path: Path) -> None:
-    transactor = SqliteTransactor(f"sqlite+aiosqlite:///{db_path}", busy_timeout_ms=5000)
+    transactor = SqliteTransactor(
+        f"sqlite+aiosqlite:///{db_path}", busy_timeout_ms=5000, inline=False
+    )
     try:
         await transactor.start()
         cancelled = asyncio.ensure_future(transactor.run(insert, "gone"))
@@ -137,7 +149,9 @@ async def test_another_process_holding_the_lock_delays_but_does_not_fail(db_path
 
 
 async def test_the_loop_runs_while_the_writer_works(db_path: Path) -> None:
-    transactor = SqliteTransactor(f"sqlite+aiosqlite:///{db_path}", busy_timeout_ms=5000)
+    transactor = SqliteTransactor(
+        f"sqlite+aiosqlite:///{db_path}", busy_timeout_ms=5000, inline=False
+    )
     try:
         await transactor.start()
         slow = asyncio.ensure_future(transactor.run(slow_insert, "slow", 0.5))
@@ -152,7 +166,9 @@ async def test_the_loop_runs_while_the_writer_works(db_path: Path) -> None:
 
 
 async def test_a_writer_that_dies_fails_what_it_held_and_is_started_again(db_path: Path) -> None:
-    transactor = SqliteTransactor(f"sqlite+aiosqlite:///{db_path}", busy_timeout_ms=5000)
+    transactor = SqliteTransactor(
+        f"sqlite+aiosqlite:///{db_path}", busy_timeout_ms=5000, inline=False
+    )
     try:
         await transactor.start()
         pid = transactor.pid
@@ -171,7 +187,9 @@ async def test_a_writer_that_dies_fails_what_it_held_and_is_started_again(db_pat
 
 
 async def test_arguments_that_cannot_be_sent_fail_that_caller_alone(db_path: Path) -> None:
-    transactor = SqliteTransactor(f"sqlite+aiosqlite:///{db_path}", busy_timeout_ms=5000)
+    transactor = SqliteTransactor(
+        f"sqlite+aiosqlite:///{db_path}", busy_timeout_ms=5000, inline=False
+    )
     try:
         results = await asyncio.gather(
             transactor.run(insert, lambda: "not picklable"),  # type: ignore[arg-type]
@@ -183,3 +201,64 @@ async def test_arguments_that_cannot_be_sent_fail_that_caller_alone(db_path: Pat
         assert names(db_path) == {"fine"}
     finally:
         await transactor.close()
+
+
+async def test_a_lone_transaction_on_a_quiet_server_commits_on_the_loop(
+    db_path: Path, commits: Callable[[], int]
+) -> None:
+    transactor = SqliteTransactor(f"sqlite+aiosqlite:///{db_path}", busy_timeout_ms=5000)
+    try:
+        await transactor.start()
+        assert await transactor.run(insert, "quiet") == "quiet"
+        with pytest.raises(Refused):
+            await transactor.run(insert, "refused", then_fail=True)
+        assert names(db_path) == {"quiet"}
+        assert commits() == 0  # the writer process was not asked
+    finally:
+        await transactor.close()
+
+
+async def test_while_the_writer_is_busy_a_lone_transaction_goes_to_it(
+    db_path: Path, commits: Callable[[], int]
+) -> None:
+    transactor = SqliteTransactor(f"sqlite+aiosqlite:///{db_path}", busy_timeout_ms=5000)
+    try:
+        await transactor.start()
+        # more than a quiet turn's worth goes to the writer (and waits for it to be up)
+        await asyncio.gather(*(transactor.run(insert, n) for n in "xyz"))
+        # again, and it holds them 0.3 s
+        busy = asyncio.gather(*(transactor.run(slow_insert, n, 0.1) for n in "abc"))
+        await asyncio.sleep(0.05)
+        lone = asyncio.ensure_future(transactor.run(insert, "lone"))
+        await asyncio.sleep(0.05)
+        assert not lone.done()  # not committed here past the writer's back
+        assert await busy == ["a", "b", "c"]
+        assert await lone == "lone"
+        assert commits() == 3
+    finally:
+        await transactor.close()
+
+
+def wide_insert(name: str) -> Steps[str]:
+    rows = yield Sql(
+        "INSERT INTO items (name) VALUES (:name) RETURNING name", {"name": name + "x" * 3000}
+    )
+    return str(rows[0][0])[: len(name)]
+
+
+async def test_the_idle_writer_checkpoints_what_the_loop_committed(db_path: Path) -> None:
+    transactor = SqliteTransactor(f"sqlite+aiosqlite:///{db_path}", busy_timeout_ms=5000)
+    try:
+        await transactor.start()
+        size_before = file_size(db_path)
+        for i in range(300):  # one at a time: all on the loop's connection
+            await transactor.run(wide_insert, f"row{i:03}")
+        assert file_size(db_path) == size_before  # the loop never checkpoints
+        # copied into the database file by the writer process, idle meanwhile
+        await eventually(lambda: file_size(db_path) >= size_before + 500_000, within=5)
+    finally:
+        await transactor.close()
+
+
+def file_size(path: Path) -> int:
+    return path.stat().st_size
