@@ -15,6 +15,10 @@ that arrived together in one transaction with one COMMIT (`commit_batch`: each i
 SAVEPOINT, so a refused one rolls back alone), then answers on stdout with one frame:
 the pickled `[(job_id, ok, result or exception)]`.
 It ends when stdin closes, which is also what happens when the server dies.
+
+A quiet server does not wait for this process: a lone transaction while nothing is in
+hand here commits on the server's own connection, which leaves checkpoints to this
+process (`Writer.checkpoint`, when idle; SQLite's automatic one after its own commits).
 """
 
 from __future__ import annotations
