@@ -298,7 +298,8 @@ def markdown(results: BenchResults, plot_name: str | None) -> str:
             "first arrived; *all open*: only pieces that came while every stream was open "
             "and none had ended (holding streams, not opening or settling any). First "
             "piece: request to first piece beyond the pause (starting the exchange, queueing "
-            "included). Peak RSS of the process over its life (VmHWM): "
+            "included). Peak RSS over the server's life (VmHWM of the worker and of its "
+            "SQLite writer process, added up): "
             f"{s.process_peak_rss / MIB:,.0f} MiB.",
             "",
             "| wave | streams | errors | most streaming at once | RSS before | RSS peak "
@@ -358,13 +359,17 @@ database or metering. Whatever chatmeter costs beyond the floor is what chatmete
   the clock starts (wrk's Lua hooks know the thread, not the connection). A Lua hook counts
   an exchange only when it answered 200 and ended with the end event. The tables show the
   CPU the server, wrk and everything else used: the server near one full core while wrk
-  uses a fraction of the other is what a server-bound measurement looks like.
+  uses a fraction of the other is what a server-bound measurement looks like. A server's
+  CPU and memory are those of its process and the processes it started: chatmeter on
+  SQLite runs its transactions in a writer process, so its CPU can pass one core.
 - **Latency** is request sent to end event received (wrk: request written to response
   complete; the end event is the last bytes). *Added* latency is chatmeter's percentile
   minus the floor's, from the median of alternating rounds.
 - **Server overhead at 50 concurrent streams** uses a paced scripted model (the provider
   takes a second per reply) so that 50 streams are open without saturating the worker;
   the provider's own time is the same on both sides and cancels in the difference.
+  wrk's 50 clients start together and every reply takes the same second, so they stay
+  in step: 50 requests, then 50 settlements, arrive at once each second.
   **Saturated** (no delay, 50 clients as fast as they go) latency is queueing: by Little's
   law it is 50 / throughput, so it restates the throughput figure.
 - **Throughput** is complete exchanges per second at 50 concurrent clients, in rounds
