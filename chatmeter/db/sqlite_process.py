@@ -79,7 +79,8 @@ def commit_batch(conn: sqlite3.Connection, batch: list[Callable[[], Steps[Any]]]
             try:
                 outcomes.append((True, run_sqlite(conn, batch[0]())))
             except Exception as exc:
-                conn.execute("ROLLBACK")
+                if conn.in_transaction:  # SQLite rolls back by itself on IOERR, FULL...
+                    conn.execute("ROLLBACK")
                 return [(False, exc)]
         else:
             for steps in batch:
@@ -88,6 +89,8 @@ def commit_batch(conn: sqlite3.Connection, batch: list[Callable[[], Steps[Any]]]
                     outcomes.append((True, run_sqlite(conn, steps())))
                     conn.execute("RELEASE job")
                 except Exception as exc:
+                    if not conn.in_transaction:
+                        raise  # SQLite rolled the whole batch back: every job fails
                     conn.execute("ROLLBACK TO job")
                     conn.execute("RELEASE job")
                     outcomes.append((False, exc))
@@ -223,27 +226,39 @@ def run_jobs(writer: Writer, jobs: list[Job]) -> list[Answer]:
 
 
 def encode_answers(answers: list[Answer]) -> bytes:
+    """One frame for `answers`. An exception the server could not rebuild (one whose
+    constructor does not take its `args`) is sent as a RuntimeError naming it."""
+    sendable = [
+        (job_id, ok, value if ok or _round_trips(value) else RuntimeError(_named(value)))
+        for job_id, ok, value in answers
+    ]
     try:
-        payload = pickle.dumps(answers, protocol=pickle.HIGHEST_PROTOCOL)
-    except Exception:  # a result or an exception that does not pickle: say what it was
+        payload = pickle.dumps(sendable, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception:  # a result that does not pickle: a bug, said to that caller
         payload = pickle.dumps(
             [
-                (job_id, ok, value)
-                if _pickles(value)
-                else (job_id, False, RuntimeError(repr(value)))
-                for job_id, ok, value in answers
+                (job_id, ok, value) if _round_trips(value) else (job_id, False, _unsent(value))
+                for job_id, ok, value in sendable
             ],
             protocol=pickle.HIGHEST_PROTOCOL,
         )
     return ANSWER_HEADER.pack(len(payload)) + payload
 
 
-def _pickles(value: Any) -> bool:
+def _round_trips(value: Any) -> bool:
     try:
-        pickle.dumps(value)
+        pickle.loads(pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL))
     except Exception:
         return False
     return True
+
+
+def _named(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _unsent(value: Any) -> RuntimeError:
+    return RuntimeError(f"the writer process could not send back {type(value).__name__}")
 
 
 def serve(writer: Writer, fd_in: int, fd_out: int) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 import pickle
 import sqlite3
 import sys
@@ -28,6 +29,7 @@ from chatmeter.db.sqlite_process import (
 )
 from chatmeter.db.steps import PostgresStatements, Steps, run_asyncpg
 
+log = logging.getLogger("chatmeter.db")
 T = TypeVar("T")
 P = ParamSpec("P")
 
@@ -99,9 +101,12 @@ class SqliteTransactor:
         self._job_ids = itertools.count()
         self._inline = inline
         self._here: sqlite3.Connection | None = None
+        self._closed = False
         self.commits = 0  # batches the process answered, one COMMIT each
 
     async def run(self, steps: Callable[P, Steps[T]], *args: P.args, **kwargs: P.kwargs) -> T:
+        if self._closed:
+            raise WriterGone("the transactor is closed")
         if self._process is None:
             await self.start()
         loop = asyncio.get_running_loop()
@@ -135,10 +140,22 @@ class SqliteTransactor:
             except OSError as exc:
                 raise WriterGone(f"could not start the SQLite writer process: {exc}") from exc
             self._process = process
-            self._answers = asyncio.get_running_loop().create_task(self._read_answers(process))
+            self._waiting = {}  # this process's; a reader of an older one keeps its own
+            self._answers = asyncio.get_running_loop().create_task(
+                self._read_answers(process, self._waiting)
+            )
 
     def _send(self) -> None:
         pending, self._pending = self._pending, []
+        try:
+            self._send_now(pending)
+        except Exception as exc:  # a bug: no caller is left waiting for nothing
+            for *_, future in pending:
+                if not future.done():
+                    future.set_exception(exc)
+            raise
+
+    def _send_now(self, pending: list[_Pending]) -> None:
         process = self._process
         jobs: list[_Job] = []
         for steps, args, kwargs, future in pending:
@@ -182,13 +199,16 @@ class SqliteTransactor:
                 self._here.execute("PRAGMA wal_autocheckpoint=0")
             self._here.execute("BEGIN IMMEDIATE")
             return commit_batch(self._here, [partial(f, *a, **k) for _, (f, a, k), _ in jobs])
-        except sqlite3.Error:
-            if self._here is not None:
+        except sqlite3.Error as exc:
+            busy = getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_BUSY
+            if self._here is not None and not busy:  # a lock taken leaves it usable
                 self._here.close()
-            self._here = None
+                self._here = None
             return None
 
-    async def _read_answers(self, process: asyncio.subprocess.Process) -> None:
+    async def _read_answers(
+        self, process: asyncio.subprocess.Process, waiting: dict[int, asyncio.Future[Any]]
+    ) -> None:
         assert process.stdout is not None
         try:
             while True:
@@ -198,7 +218,7 @@ class SqliteTransactor:
                 answers = pickle.loads(await process.stdout.readexactly(length))
                 self.commits += 1
                 for job_id, ok, value in answers:
-                    future = self._waiting.pop(job_id, None)
+                    future = waiting.pop(job_id, None)
                     if future is None or future.done():
                         continue  # its caller was cancelled
                     if ok:
@@ -207,15 +227,20 @@ class SqliteTransactor:
                         future.set_exception(value)
         except (asyncio.IncompleteReadError, ConnectionError):
             pass  # the process ended
+        except Exception:  # an answer that cannot be read: this process is not trusted
+            log.exception("the SQLite writer process sent an unreadable answer")
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
         finally:
             if self._process is process:
                 self._process = None  # the next transaction starts another
-            waiting, self._waiting = self._waiting, {}
             for future in waiting.values():
                 if not future.done():
                     future.set_exception(WriterGone("the SQLite writer process ended"))
+            waiting.clear()
 
     async def close(self) -> None:
+        self._closed = True
         if self._here is not None:
             self._here.close()
             self._here = None

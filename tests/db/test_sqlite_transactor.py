@@ -262,3 +262,32 @@ async def test_the_idle_writer_checkpoints_what_the_loop_committed(db_path: Path
 
 def file_size(path: Path) -> int:
     return path.stat().st_size
+
+
+class Awkward(Exception):
+    """Pickles, but cannot be rebuilt from its args."""
+
+    def __init__(self, code: str, detail: str) -> None:
+        super().__init__(f"{code}: {detail}")
+
+
+def insert_then_awkward(name: str) -> Steps[str]:
+    yield from insert(name)
+    raise Awkward("E1", "not rebuildable")
+
+
+async def test_an_exception_that_cannot_cross_comes_back_named(db_path: Path) -> None:
+    transactor = SqliteTransactor(
+        f"sqlite+aiosqlite:///{db_path}", busy_timeout_ms=5000, inline=False
+    )
+    try:
+        with pytest.raises(RuntimeError, match="Awkward: E1: not rebuildable"):
+            await transactor.run(insert_then_awkward, "gone")
+        pid = transactor.pid
+        assert await transactor.run(insert, "next") == "next"  # the same writer goes on
+        assert transactor.pid == pid
+        assert names(db_path) == {"next"}
+    finally:
+        await transactor.close()
+    with pytest.raises(WriterGone):  # closed: nothing starts a writer again
+        await transactor.run(insert, "late")
