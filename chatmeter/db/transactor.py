@@ -66,6 +66,16 @@ def _pickles(job: _Job) -> bool:
     return True
 
 
+def _answer(future: asyncio.Future[Any], ok: bool, value: Any) -> None:
+    """Hand a caller its transaction's result or exception, unless it was cancelled."""
+    if future.done():
+        return
+    if ok:
+        future.set_result(value)
+    else:
+        future.set_exception(value)
+
+
 class WriterGone(ConnectionError):
     """The SQLite writer process ended before it answered: the transaction may or may
     not have committed (callers that retry, like settlement, check first)."""
@@ -102,7 +112,6 @@ class SqliteTransactor:
         self._inline = inline
         self._here: sqlite3.Connection | None = None
         self._closed = False
-        self.commits = 0  # batches the process answered, one COMMIT each
 
     async def run(self, steps: Callable[P, Steps[T]], *args: P.args, **kwargs: P.kwargs) -> T:
         if self._closed:
@@ -156,25 +165,23 @@ class SqliteTransactor:
             raise
 
     def _send_now(self, pending: list[_Pending]) -> None:
+        jobs: list[_Job] = [
+            (next(self._job_ids), (steps, args, kwargs), future)
+            for steps, args, kwargs, future in pending
+            if not future.done()  # cancelled since: nothing is sent, nothing written
+        ]
         process = self._process
-        jobs: list[_Job] = []
-        for steps, args, kwargs, future in pending:
-            if future.done():
-                continue  # cancelled since: nothing is sent, nothing written
-            if process is None or process.stdin is None:
+        if process is None or process.stdin is None:  # it died since they asked
+            for *_, future in jobs:
                 future.set_exception(WriterGone("the SQLite writer process is not running"))
-                continue
-            jobs.append((next(self._job_ids), (steps, args, kwargs), future))
-        if not jobs or process is None or process.stdin is None:
+            return
+        if not jobs:
             return
         if self._inline and not self._waiting and len(jobs) <= INLINE_MOST:
             outcomes = self._commit_here(jobs)
             if outcomes is not None:
                 for (_, _, future), (ok, value) in zip(jobs, outcomes, strict=True):
-                    if ok:
-                        future.set_result(value)
-                    else:
-                        future.set_exception(value)
+                    _answer(future, ok, value)
                 return
         try:
             frame = encode_jobs([job[0] for job in jobs], [job[1] for job in jobs])
@@ -216,15 +223,10 @@ class SqliteTransactor:
                     await process.stdout.readexactly(ANSWER_HEADER.size)
                 )
                 answers = pickle.loads(await process.stdout.readexactly(length))
-                self.commits += 1
                 for job_id, ok, value in answers:
                     future = waiting.pop(job_id, None)
-                    if future is None or future.done():
-                        continue  # its caller was cancelled
-                    if ok:
-                        future.set_result(value)
-                    else:
-                        future.set_exception(value)
+                    if future is not None:
+                        _answer(future, ok, value)
         except (asyncio.IncompleteReadError, ConnectionError):
             pass  # the process ended
         except Exception:  # an answer that cannot be read: this process is not trusted

@@ -78,10 +78,10 @@ def fit_to_context(
     history: Sequence[ChatTurn],
     message: str,
     exact_prompt: int | None = None,
-) -> tuple[GenerationRequest, int]:
+) -> tuple[tuple[ChatTurn, ...], int, int]:
     """Drop the oldest history until the prompt and the output cap fit the model's
     context window; lower the cap if even the bare message leaves too little room.
-    Returns the request and the prompt size it was fitted with. `exact_prompt`, the
+    Returns the history kept, the prompt size and the output cap. `exact_prompt`, the
     counted size of system prompt and message alone, replaces the bound (no history).
     The bound is `counting.prompt_upper_bound`, each text measured once."""
     cap = limits.max_output_tokens
@@ -106,8 +106,7 @@ def fit_to_context(
         if exact_prompt is None:
             raise PromptTooLarge
         raise ApiError(400, "INVALID_MESSAGE", "The message is too long for this chat's model.")
-    request = GenerationRequest(limits.system_prompt, tuple(turns), message, min(cap, room))
-    return request, size
+    return tuple(turns), size, min(cap, room)
 
 
 def recent_history(chat_id: uuid.UUID, count: int) -> Steps[list[ChatTurn]]:
@@ -138,14 +137,14 @@ def open_steps(
         raise ApiError(400, "INVALID_REQUEST", f"model {chat.model!r} is not configured")
     history = yield from recent_history(chat_id, rules.history_messages)
     try:
-        request, prompt_size = fit_to_context(limits, history, message, exact_prompt)
+        kept, prompt_size, output_cap = fit_to_context(limits, history, message, exact_prompt)
     except PromptTooLarge:
         raise PromptTooLarge(chat.model) from None
     reservation = yield from reserve_budget(
         user_id=user_id,
         chat_id=chat_id,
         prompt_estimate=prompt_size,
-        max_output_tokens=request.max_output_tokens,
+        max_output_tokens=output_cap,
         default_limit=rules.default_token_limit,
         worker_id=rules.worker_id,
         ttl_seconds=rules.reservation_ttl_seconds,
@@ -157,7 +156,6 @@ def open_steps(
         "created_at) VALUES (:message_id, :chat_id, 'user', :content, 0, 'complete', :now)",
         {"message_id": user_message_id, "chat_id": chat_id, "content": message, "now": now},
     )
-    request = GenerationRequest(
-        request.system_prompt, request.history, message, reservation.output_cap
-    )
+    # the budget may allow less output than the context: the reservation's cap is sent
+    request = GenerationRequest(limits.system_prompt, kept, message, reservation.output_cap)
     return Opened(chat.model, request, reservation, user_message_id, now)

@@ -7,12 +7,13 @@ transaction commits on the loop, and the idle writer process checkpoints the WAL
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import pickle
 import signal
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -44,6 +45,20 @@ def commits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callabl
     yield lambda: trace.read_text().splitlines().count("COMMIT") if trace.exists() else 0
 
 
+@contextlib.asynccontextmanager
+async def running(db_path: Path, *, inline: bool = True) -> AsyncIterator[SqliteTransactor]:
+    """A transactor on `db_path` with its writer process up, closed afterwards;
+    `inline=False` sends every transaction to the writer."""
+    transactor = SqliteTransactor(
+        f"sqlite+aiosqlite:///{db_path}", busy_timeout_ms=5000, inline=inline
+    )
+    try:
+        await transactor.start()
+        yield transactor
+    finally:
+        await transactor.close()
+
+
 def insert(name: str, *, then_fail: bool = False) -> Steps[str]:
     rows = yield Sql("INSERT INTO items (name) VALUES (:name) RETURNING name", {"name": name})
     if then_fail:
@@ -64,11 +79,7 @@ def names(path: Path) -> set[str]:
 async def test_concurrent_transactions_share_one_commit(
     db_path: Path, commits: Callable[[], int]
 ) -> None:
-    transactor = SqliteTransactor(
-        f"sqlite+aiosqlite:///{db_path}", busy_timeout_ms=5000, inline=False
-    )
-    try:
-        await transactor.start()
+    async with running(db_path, inline=False) as transactor:
         wanted = [f"item{i}" for i in range(MAX_BATCH)]
         got = await asyncio.gather(*(transactor.run(insert, n) for n in wanted))
         assert got == wanted
@@ -81,18 +92,12 @@ async def test_concurrent_transactions_share_one_commit(
         burst = [f"burst{i}" for i in range(2 * MAX_BATCH + 1)]
         assert await asyncio.gather(*(transactor.run(insert, n) for n in burst)) == burst
         assert commits() == 5
-    finally:
-        await transactor.close()
 
 
 async def test_a_failing_transaction_rolls_back_alone(
     db_path: Path, commits: Callable[[], int]
 ) -> None:
-    transactor = SqliteTransactor(
-        f"sqlite+aiosqlite:///{db_path}", busy_timeout_ms=5000, inline=False
-    )
-    try:
-        await transactor.start()
+    async with running(db_path, inline=False) as transactor:
         results = await asyncio.gather(
             transactor.run(insert, "a"),
             transactor.run(insert, "b", then_fail=True),
@@ -110,16 +115,10 @@ async def test_a_failing_transaction_rolls_back_alone(
             await transactor.run(insert, "d", then_fail=True)
         assert await transactor.run(insert, "e") == "e"
         assert names(db_path) == {"a", "c", "e"}
-    finally:
-        await transactor.close()
 
 
 async def test_a_caller_cancelled_before_its_turn_ended_writes_nothing(db_path: Path) -> None:
-    transactor = SqliteTransactor(
-        f"sqlite+aiosqlite:///{db_path}", busy_timeout_ms=5000, inline=False
-    )
-    try:
-        await transactor.start()
+    async with running(db_path, inline=False) as transactor:
         cancelled = asyncio.ensure_future(transactor.run(insert, "gone"))
         kept = asyncio.ensure_future(transactor.run(insert, "kept"))
         await asyncio.sleep(0)  # both have asked; they are sent at the end of the turn
@@ -128,32 +127,25 @@ async def test_a_caller_cancelled_before_its_turn_ended_writes_nothing(db_path: 
         with pytest.raises(asyncio.CancelledError):
             await cancelled
         assert names(db_path) == {"kept"}
-    finally:
-        await transactor.close()
 
 
 async def test_another_process_holding_the_lock_delays_but_does_not_fail(db_path: Path) -> None:
-    transactor = SqliteTransactor(f"sqlite+aiosqlite:///{db_path}", busy_timeout_ms=5000)
     other = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False)
     try:
-        other.execute("BEGIN IMMEDIATE")
-        waiting = asyncio.gather(*(transactor.run(insert, n) for n in "xyz"))
-        await asyncio.sleep(0.3)
-        assert not waiting.done()  # the writer process waits for the lock; the loop runs
-        other.execute("COMMIT")
-        assert await asyncio.wait_for(waiting, 5) == ["x", "y", "z"]
-        assert names(db_path) == {"x", "y", "z"}
+        async with running(db_path) as transactor:
+            other.execute("BEGIN IMMEDIATE")
+            waiting = asyncio.gather(*(transactor.run(insert, n) for n in "xyz"))
+            await asyncio.sleep(0.3)
+            assert not waiting.done()  # the writer process waits for the lock; the loop runs
+            other.execute("COMMIT")
+            assert await asyncio.wait_for(waiting, 5) == ["x", "y", "z"]
+            assert names(db_path) == {"x", "y", "z"}
     finally:
         other.close()
-        await transactor.close()
 
 
 async def test_the_loop_runs_while_the_writer_works(db_path: Path) -> None:
-    transactor = SqliteTransactor(
-        f"sqlite+aiosqlite:///{db_path}", busy_timeout_ms=5000, inline=False
-    )
-    try:
-        await transactor.start()
+    async with running(db_path, inline=False) as transactor:
         slow = asyncio.ensure_future(transactor.run(slow_insert, "slow", 0.5))
         ticks = 0
         while not slow.done():
@@ -161,16 +153,10 @@ async def test_the_loop_runs_while_the_writer_works(db_path: Path) -> None:
             ticks += 1
         assert await slow == "slow"
         assert ticks >= 10  # a transaction on the loop would have held it for 0.5 s
-    finally:
-        await transactor.close()
 
 
 async def test_a_writer_that_dies_fails_what_it_held_and_is_started_again(db_path: Path) -> None:
-    transactor = SqliteTransactor(
-        f"sqlite+aiosqlite:///{db_path}", busy_timeout_ms=5000, inline=False
-    )
-    try:
-        await transactor.start()
+    async with running(db_path, inline=False) as transactor:
         pid = transactor.pid
         assert pid is not None
         held = asyncio.ensure_future(transactor.run(slow_insert, "held", 5.0))
@@ -182,15 +168,10 @@ async def test_a_writer_that_dies_fails_what_it_held_and_is_started_again(db_pat
         assert await transactor.run(insert, "after") == "after"
         assert transactor.pid not in (None, pid)
         assert names(db_path) == {"after"}  # the killed transaction never committed
-    finally:
-        await transactor.close()
 
 
 async def test_arguments_that_cannot_be_sent_fail_that_caller_alone(db_path: Path) -> None:
-    transactor = SqliteTransactor(
-        f"sqlite+aiosqlite:///{db_path}", busy_timeout_ms=5000, inline=False
-    )
-    try:
+    async with running(db_path, inline=False) as transactor:
         results = await asyncio.gather(
             transactor.run(insert, lambda: "not picklable"),  # type: ignore[arg-type]
             transactor.run(insert, "fine"),
@@ -199,31 +180,23 @@ async def test_arguments_that_cannot_be_sent_fail_that_caller_alone(db_path: Pat
         assert isinstance(results[0], (AttributeError, TypeError, pickle.PicklingError))
         assert results[1] == "fine"
         assert names(db_path) == {"fine"}
-    finally:
-        await transactor.close()
 
 
 async def test_a_lone_transaction_on_a_quiet_server_commits_on_the_loop(
     db_path: Path, commits: Callable[[], int]
 ) -> None:
-    transactor = SqliteTransactor(f"sqlite+aiosqlite:///{db_path}", busy_timeout_ms=5000)
-    try:
-        await transactor.start()
+    async with running(db_path) as transactor:
         assert await transactor.run(insert, "quiet") == "quiet"
         with pytest.raises(Refused):
             await transactor.run(insert, "refused", then_fail=True)
         assert names(db_path) == {"quiet"}
         assert commits() == 0  # the writer process was not asked
-    finally:
-        await transactor.close()
 
 
 async def test_while_the_writer_is_busy_a_lone_transaction_goes_to_it(
     db_path: Path, commits: Callable[[], int]
 ) -> None:
-    transactor = SqliteTransactor(f"sqlite+aiosqlite:///{db_path}", busy_timeout_ms=5000)
-    try:
-        await transactor.start()
+    async with running(db_path) as transactor:
         # more than a quiet turn's worth goes to the writer (and waits for it to be up)
         await asyncio.gather(*(transactor.run(insert, n) for n in "xyz"))
         # again, and it holds them 0.3 s
@@ -235,8 +208,6 @@ async def test_while_the_writer_is_busy_a_lone_transaction_goes_to_it(
         assert await busy == ["a", "b", "c"]
         assert await lone == "lone"
         assert commits() == 3
-    finally:
-        await transactor.close()
 
 
 def wide_insert(name: str) -> Steps[str]:
@@ -247,17 +218,13 @@ def wide_insert(name: str) -> Steps[str]:
 
 
 async def test_the_idle_writer_checkpoints_what_the_loop_committed(db_path: Path) -> None:
-    transactor = SqliteTransactor(f"sqlite+aiosqlite:///{db_path}", busy_timeout_ms=5000)
-    try:
-        await transactor.start()
+    async with running(db_path) as transactor:
         size_before = file_size(db_path)
         for i in range(300):  # one at a time: all on the loop's connection
             await transactor.run(wide_insert, f"row{i:03}")
         assert file_size(db_path) == size_before  # the loop never checkpoints
         # copied into the database file by the writer process, idle meanwhile
         await eventually(lambda: file_size(db_path) >= size_before + 500_000, within=5)
-    finally:
-        await transactor.close()
 
 
 def file_size(path: Path) -> int:
@@ -277,17 +244,12 @@ def insert_then_awkward(name: str) -> Steps[str]:
 
 
 async def test_an_exception_that_cannot_cross_comes_back_named(db_path: Path) -> None:
-    transactor = SqliteTransactor(
-        f"sqlite+aiosqlite:///{db_path}", busy_timeout_ms=5000, inline=False
-    )
-    try:
+    async with running(db_path, inline=False) as transactor:
         with pytest.raises(RuntimeError, match="Awkward: E1: not rebuildable"):
             await transactor.run(insert_then_awkward, "gone")
         pid = transactor.pid
         assert await transactor.run(insert, "next") == "next"  # the same writer goes on
         assert transactor.pid == pid
         assert names(db_path) == {"next"}
-    finally:
-        await transactor.close()
     with pytest.raises(WriterGone):  # closed: nothing starts a writer again
         await transactor.run(insert, "late")
