@@ -92,6 +92,11 @@ class Settings(BaseModel):
     outbox_dir: str = ".chatmeter/outbox"
     sqlite_busy_timeout_ms: int = Field(default=30_000, ge=0)
     count_cache_size: int = Field(default=4096, ge=1)
+    # replies outlive their connection (SPEC section 11)
+    on_disconnect: Literal["continue", "stop"] = "continue"
+    replay_seconds: float = Field(default=300.0, ge=0)
+    replay_max_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    redis_url: str | None = None
     log_level: str = "INFO"
     log_content: bool = False
 
@@ -101,6 +106,13 @@ class Settings(BaseModel):
         if not value.startswith(("sqlite+aiosqlite://", "postgresql+asyncpg://")):
             raise ValueError("must start with sqlite+aiosqlite:// or postgresql+asyncpg://")
         return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return value or None
 
     @field_validator("jwt_algorithms")
     @classmethod

@@ -22,8 +22,10 @@ from chatmeter.metering.outbox import Outbox
 from chatmeter.observability.metrics import Metrics
 from chatmeter.providers.factories import default_factories
 from chatmeter.providers.registry import ProviderRegistry
+from chatmeter.streaming.log import MemoryLog, ReplyLog
 from chatmeter.streaming.opening import OpeningRules
 from chatmeter.streaming.replies import ReplyRegistry
+from chatmeter.streaming.signals import PollOnly, PostgresSignals, StopSignals
 
 log = logging.getLogger("chatmeter")
 
@@ -38,6 +40,8 @@ class Services:
     counter: TokenCounter
     metrics: Metrics
     replies: ReplyRegistry
+    reply_log: ReplyLog
+    stop_signals: StopSignals
     outbox: Outbox
     worker_id: str
     opening_rules: OpeningRules
@@ -52,6 +56,9 @@ class Services:
         return task
 
     async def aclose(self) -> None:
+        # the replies still generating end now, each saved, billed and released (a
+        # deploy must not leave a chat answering 409 until a lease runs out)
+        self.replies.stop_every("interrupted")
         for task in list(self._background):
             if task.get_name().startswith("housekeeping"):
                 task.cancel()
@@ -64,6 +71,7 @@ class Services:
                 break
             await asyncio.wait(pending, timeout=remaining)
             await asyncio.sleep(0)
+        await self.reply_log.aclose()
         await self.providers.aclose()
         await self.transactor.close()
         await self.engine.dispose()
@@ -96,6 +104,8 @@ async def start_services(settings: Settings, engine: AsyncEngine | None = None) 
         counter=TokenCounter(metrics, settings.count_cache_size),
         metrics=metrics,
         replies=ReplyRegistry(transactor, worker_id, settings.reservation_ttl_seconds),
+        reply_log=MemoryLog(settings.replay_seconds, settings.replay_max_bytes),
+        stop_signals=_stop_signals(settings),
         outbox=Outbox(settings.outbox_dir, worker_id),
         worker_id=worker_id,
         opening_rules=OpeningRules.of(settings, worker_id),
@@ -109,4 +119,13 @@ async def start_services(settings: Settings, engine: AsyncEngine | None = None) 
         "housekeeping:watchdog"
     )
     services.spawn(services.outbox.run(transactor, 1.0)).set_name("housekeeping:outbox")
+    services.spawn(
+        services.stop_signals.run(services.replies.stop_local, services.replies.poll_stops)
+    ).set_name("housekeeping:signals")
     return services
+
+
+def _stop_signals(settings: Settings) -> StopSignals:
+    if settings.is_sqlite:
+        return PollOnly()
+    return PostgresSignals(settings.database_url.replace("+asyncpg", "", 1))

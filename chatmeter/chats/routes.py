@@ -13,6 +13,7 @@ from chatmeter.deps import CurrentUser, ServicesDep
 from chatmeter.errors import ApiError
 from chatmeter.jsonutil import BadBody, json_response, parse_model, read_json
 from chatmeter.openapi import ChatIdPath, errors, json_body
+from chatmeter.streaming.stopping import stop_chat_reply
 
 router = APIRouter(prefix="/api/chat", tags=["chats"])
 
@@ -89,6 +90,8 @@ async def rename_chat(
 @router.delete("/{chat_id}", status_code=204, responses=errors(400, 403, 404))
 async def delete_chat(chat_id: ChatIdPath, user: CurrentUser, services: ServicesDep) -> Response:
     chat_uuid = store.parse_chat_id(chat_id)
+    # its reply, if one streams, is stopped first (saved, billed, released)
+    await stop_chat_reply(services, chat_uuid, user.user_id)
     async with store.write_transaction(services.engine) as conn:
         await store.owned_chat(conn, chat_uuid, user.user_id)
         await store.deactivate_chat(conn, chat_uuid)

@@ -114,7 +114,7 @@ class Exchange:
                 elif reply.stop_requested:
                     _uncancel()  # a stop: end normally
                 else:
-                    raise  # the client left
+                    raise  # the job itself was cancelled
             except ProviderError as exc:
                 failure = exc
             except Exception as exc:
@@ -126,14 +126,11 @@ class Exchange:
                 if stream is not None:
                     await stream.aclose()  # ends the upstream call
         except BaseException:
-            # the client went away: cancelled while waiting on the provider, or closed
-            # at a yield; the partial reply is saved and billed all the same
+            # the job was cancelled, or its consumer closed it at a yield (a reader that
+            # consumes events directly and left): the partial reply is saved and billed
             await self._finish("".join(pieces), "interrupted", outcome, None)
             raise
-        if failure is not None:
-            status = "failed"
-        else:
-            status = "stopped" if reply.stop_requested else "complete"
+        status = "failed" if failure is not None else reply.stop_reason or "complete"
         yield await self._finish("".join(pieces), status, outcome, failure)
 
     async def close_unstarted(self) -> None:

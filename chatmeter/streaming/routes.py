@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import re
+import uuid
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Query
 from starlette.datastructures import State
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from chatmeter.chats.schemas import NewMessage, StopAccepted
-from chatmeter.chats.store import parse_chat_id
-from chatmeter.db.tables import utcnow
+from chatmeter.chats.store import owned_chat_steps, parse_chat_id
 from chatmeter.deps import CurrentUser, ServicesDep, current_user
 from chatmeter.errors import (
     DATABASE_UNAVAILABLE,
@@ -33,8 +33,9 @@ from chatmeter.openapi import (
 )
 from chatmeter.services import Services
 from chatmeter.streaming.exchange import open_exchange
-from chatmeter.streaming.sse import EventStream
-from chatmeter.streaming.stopping import flag_stop
+from chatmeter.streaming.jobs import begin_reply, run_reply
+from chatmeter.streaming.sse import ReplyStream
+from chatmeter.streaming.stopping import stop_chat_reply
 
 router = APIRouter(prefix="/api/chat", tags=["stream"])
 
@@ -109,10 +110,19 @@ class MessageEndpoint:
             raise ApiError(400, "INVALID_REQUEST", exc.message) from None
         message = _message(body, services.settings.max_message_chars)
         exchange = await open_exchange(services, user, chat_uuid, message)
-        return EventStream(
-            exchange.events(),
+        reply_id = await begin_reply(exchange, services.reply_log)
+        services.spawn(run_reply(exchange, services.reply_log))
+        on_disconnect = None
+        if services.settings.on_disconnect == "stop":
+
+            def on_disconnect() -> None:
+                services.replies.stop_local(chat_uuid, "interrupted")
+
+        return ReplyStream(
+            services.reply_log,
+            reply_id,
             ping_interval=services.settings.ping_interval_seconds,
-            on_close=exchange.close_unstarted,
+            on_disconnect=on_disconnect,
         )
 
 
@@ -134,9 +144,59 @@ OPERATION = operation(
 )
 async def stop_reply(chat_id: ChatIdPath, user: CurrentUser, services: ServicesDep) -> Response:
     chat_uuid = parse_chat_id(chat_id)
-    # the flag is set in the database too: the holder may be another worker
-    holder = await services.transactor.run(flag_stop, chat_uuid, user.user_id, utcnow())
-    if holder is None:
+    if not await stop_chat_reply(services, chat_uuid, user.user_id):
         raise ApiError(404, "NO_ACTIVE_REPLY", "No reply is being generated in this chat.")
-    services.replies.stop_local(chat_uuid)
     return json_response({"stopping": True, "chat_id": str(chat_uuid)}, 202)
+
+
+def _last_event_id(request: Request) -> int:
+    raw = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
+    if raw is None or raw == "":
+        return 0
+    if not raw.isascii() or not raw.isdigit() or len(raw) > 9:
+        raise ApiError(400, "INVALID_REQUEST", "last_event_id: a non-negative integer is required")
+    return int(raw)
+
+
+def _reply_id(request: Request) -> uuid.UUID | None:
+    raw = request.query_params.get("message_id")
+    if raw is None:
+        return None
+    try:
+        return uuid.UUID(raw)
+    except ValueError:
+        raise ApiError(400, "INVALID_REQUEST", "message_id: a UUID is required") from None
+
+
+@router.get(
+    "/{chat_id}/stream",
+    responses={
+        200: event_stream("The reply's events after `Last-Event-ID`, then live ones."),
+        204: {"description": "No reply to resume: its messages are in GET /api/chat/{id}."},
+        **errors(400, 403, 404),
+    },
+)
+async def resume_reply(
+    chat_id: ChatIdPath,
+    request: Request,
+    user: CurrentUser,
+    services: ServicesDep,
+    message_id: str | None = Query(default=None, description="the reply; default: the latest"),
+    last_event_id: str | None = Query(default=None, description="or the Last-Event-ID header"),
+) -> Response:
+    """Resume a reply (SPEC section 11): its events after `Last-Event-ID` (header) or
+    `?last_event_id=`, with their original ids, then live ones to its end. Never starts
+    a generation, never bills."""
+    chat_uuid = parse_chat_id(chat_id)
+    after = _last_event_id(request)
+    wanted = _reply_id(request)
+    await services.transactor.run(owned_chat_steps, chat_uuid, user.user_id)
+    reply_id = await services.reply_log.current(chat_uuid) if wanted is None else wanted
+    if reply_id is None or not await services.reply_log.holds(reply_id, chat_uuid):
+        return Response(status_code=204)
+    return ReplyStream(
+        services.reply_log,
+        reply_id,
+        after=after,
+        ping_interval=services.settings.ping_interval_seconds,
+    )

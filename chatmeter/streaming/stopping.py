@@ -1,4 +1,10 @@
-"""The transaction behind POST /api/chat/{chat_id}/stop (SPEC section 5)."""
+"""Stopping a chat's reply (SPEC sections 5 and 11): `POST .../stop`, and a chat deleted
+while its reply streams.
+
+The flag is set in the database (the source of truth: the reply may stream on another
+worker or host, which also polls for it), the reply is stopped at once if this process
+holds it, and the stop is announced to the other processes (`signals.py`) so theirs ends
+within milliseconds instead of at their next poll."""
 
 from __future__ import annotations
 
@@ -7,12 +13,23 @@ from datetime import datetime
 
 from chatmeter.chats.store import owned_chat_steps
 from chatmeter.db.steps import Steps
+from chatmeter.db.tables import utcnow
 from chatmeter.metering.budget import request_stop
+from chatmeter.services import Services
 
 
 def flag_stop(chat_id: uuid.UUID, user_id: str, now: datetime) -> Steps[str | None]:
     """Check the chat is the user's (404/403), then flag its live reply to stop; returns
-    the worker holding the reply, None if there is none. The flag is in the database
-    because the reply may stream on another worker."""
+    the worker holding the reply, None if there is none."""
     yield from owned_chat_steps(chat_id, user_id)
     return (yield from request_stop(chat_id, now))
+
+
+async def stop_chat_reply(services: Services, chat_id: uuid.UUID, user_id: str) -> bool:
+    """Stop the reply streaming in the user's chat; False if none is."""
+    holder = await services.transactor.run(flag_stop, chat_id, user_id, utcnow())
+    if holder is None:
+        return False
+    if not services.replies.stop_local(chat_id) and holder != services.worker_id:
+        await services.stop_signals.publish(chat_id)
+    return True

@@ -30,6 +30,13 @@ async def test_reply_streams_and_is_metered(
     assert len(result.chunks) == 4
     assert result.ids == list(range(1, len(result.events) + 1))
     end = result.last
+    # the first event names the reply (SPEC section 11), the end event names it again
+    assert result.first == {
+        "chunk": "",
+        "done": False,
+        "message_id": end["message_id"],
+        "user_message_id": end["user_message_id"],
+    }
     assert end["done"] is True and end["chunk"] == ""
     assert end["finish_reason"] == "stop"
     usage = end["usage"]

@@ -151,22 +151,56 @@ async def test_failures(stack: Stack, script: OpenAIScript, code: str, billed: b
     assert state.reserved == 0 and state.open_reservations == 0
 
 
-async def test_disconnect_closes_the_upstream_stream(stack: Stack) -> None:
-    stack.upstream.script = OpenAIScript(pieces=[f"w{i} " for i in range(50)], delay=0.05)
+async def test_a_client_that_leaves_does_not_cancel_the_upstream_call(stack: Stack) -> None:
+    """CHATMETER_ON_DISCONNECT=continue (the default): the reply goes on to its end, is
+    saved complete and billed once, with the provider's own usage."""
+    pieces = [f"w{i} " for i in range(30)]
+    stack.upstream.script = OpenAIScript(pieces=pieces, delay=0.02)
     chat = await new_chat(stack.client, "eve")
     seen = await stream_message(stack.client, chat, "go", token_for("eve"), stop_after=2)
     assert len(seen.chunks) == 2
-    assert await stack.upstream.wait_disconnected()
     engine = stack.server.services.engine
 
     async def saved() -> bool:
         return len(await chat_rows(engine, chat)) == 2
 
-    await eventually(saved)
+    await eventually(saved, within=30)
     rows = await chat_rows(engine, chat)
-    assert rows[1].status == "interrupted"
+    assert rows[1].status == "complete" and rows[1].content == "".join(pieces)
+    assert rows[1].metering_source == "provider"
+    assert stack.upstream.streams[-1].completed
+    assert not stack.upstream.streams[-1].disconnected.is_set()
     state = await books(engine, "eve")
     assert state.total == state.ledger == rows[1].tokens_consumed > 0 and state.reserved == 0
+
+
+async def test_disconnect_with_on_disconnect_stop_closes_the_upstream_stream(
+    database_url: str, upstream: OpenAIServer
+) -> None:
+    upstream.script = OpenAIScript(pieces=[f"w{i} " for i in range(50)], delay=0.05)
+    model = ModelConfig(
+        provider="openai", model="m", api_key_env="OPENAI_TEST_KEY", base_url=upstream.base_url
+    )
+    settings = make_settings(
+        database_url, models={"vllm": model}, default_model="vllm", on_disconnect="stop"
+    )
+    async with serve(settings) as server:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+            chat = await new_chat(client, "eve")
+            seen = await stream_message(client, chat, "go", token_for("eve"), stop_after=2)
+            assert len(seen.chunks) == 2
+            assert await upstream.wait_disconnected(within=30)
+            engine = server.services.engine
+
+            async def saved() -> bool:
+                return len(await chat_rows(engine, chat)) == 2
+
+            await eventually(saved, within=30)
+            rows = await chat_rows(engine, chat)
+            assert rows[1].status == "interrupted"
+            state = await books(engine, "eve")
+            assert state.total == state.ledger == rows[1].tokens_consumed > 0
+            assert state.reserved == 0
 
 
 async def test_budget_caps_the_requested_tokens(stack: Stack) -> None:

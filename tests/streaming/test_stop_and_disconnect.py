@@ -58,8 +58,33 @@ async def test_stop_ends_with_stopped_and_bills_partial(database_url: str) -> No
             assert again.json()["code"] == "NO_ACTIVE_REPLY"
 
 
+async def test_client_leaving_lets_the_reply_finish(database_url: str) -> None:
+    """CHATMETER_ON_DISCONNECT=continue, the default (SPEC section 11): the reply is a
+    job of the server, not of the connection; it is saved complete and billed once."""
+    fast = scripted(reply=" ".join(f"word{i}" for i in range(40)), chunks=40, delay_ms=5)
+    async with serve(make_settings(database_url, models={"slow": fast})) as server:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+            chat_id = await new_chat(client, "carl", model="slow")
+            result = await stream_message(client, chat_id, "go", token_for("carl"), stop_after=2)
+            assert len(result.chunks) == 2
+            engine = server.services.engine
+
+            async def saved() -> bool:
+                return len(await chat_rows(engine, chat_id)) == 2
+
+            await eventually(saved, within=30)
+            assistant = (await chat_rows(engine, chat_id))[1]
+            assert assistant.status == "complete" and assistant.content == fast.reply
+            assert assistant.metering_source == "provider"
+            state = await books(engine, "carl")
+            assert state.total == state.ledger == assistant.tokens_consumed
+            assert state.reserved == 0 and state.open_reservations == 0
+
+
 async def test_client_leaving_saves_interrupted_reply(database_url: str) -> None:
-    async with serve(make_settings(database_url, models={"slow": SLOW})) as server:
+    """CHATMETER_ON_DISCONNECT=stop: a client that leaves stops the reply."""
+    settings = make_settings(database_url, models={"slow": SLOW}, on_disconnect="stop")
+    async with serve(settings) as server:
         async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
             chat_id = await new_chat(client, "carol", model="slow")
             result = await stream_message(client, chat_id, "go", token_for("carol"), stop_after=2)

@@ -21,7 +21,12 @@ class StreamResult:
 
     @property
     def chunks(self) -> list[str]:
-        return [e["chunk"] for e in self.events if not e.get("done") and not e.get("error")]
+        """The pieces of the reply (not the first event, which names the reply)."""
+        return [e["chunk"] for e in self.events if is_piece(e)]
+
+    @property
+    def first(self) -> dict[str, Any]:
+        return self.events[0]
 
     @property
     def text(self) -> str:
@@ -30,6 +35,10 @@ class StreamResult:
     @property
     def last(self) -> dict[str, Any]:
         return self.events[-1]
+
+
+def is_piece(event: dict[str, Any]) -> bool:
+    return not event.get("done") and not event.get("error") and "message_id" not in event
 
 
 async def parse_events(
@@ -72,7 +81,7 @@ async def stream_message(
             return result
         seen = 0
         async for event in parse_events(resp.aiter_lines(), result):
-            seen += not event.get("done") and not event.get("error")
+            seen += is_piece(event)
             if stop_after and seen >= stop_after:
                 break
     return result
