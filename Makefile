@@ -22,12 +22,13 @@ run: $(STAMP)
 	$(BIN)/chatmeter db upgrade
 	$(BIN)/chatmeter serve --host $(HOST) --port $(PORT)
 
-# system packages the tests use: PostgreSQL 15 server binaries and Chromium
+# system packages the tests use: PostgreSQL 15 server binaries, Chromium, redis-server
 test-deps:
-	@if [ ! -x /usr/lib/postgresql/15/bin/initdb ] || ! command -v chromium >/dev/null; then \
+	@if [ ! -x /usr/lib/postgresql/15/bin/initdb ] || ! command -v chromium >/dev/null \
+		|| ! command -v redis-server >/dev/null; then \
 		if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 		$$SUDO apt-get update -qq && \
-		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq postgresql-15 chromium >/dev/null; \
+		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq postgresql-15 chromium redis-server >/dev/null; \
 	fi
 
 test: $(STAMP) test-deps

@@ -11,6 +11,7 @@ from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
+import redis.asyncio as aioredis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from chatmeter.auth.tokens import TokenVerifier
@@ -24,6 +25,7 @@ from chatmeter.providers.factories import default_factories
 from chatmeter.providers.registry import ProviderRegistry
 from chatmeter.streaming.log import MemoryLog, ReplyLog
 from chatmeter.streaming.opening import OpeningRules
+from chatmeter.streaming.redis_log import RedisLog, RedisSignals
 from chatmeter.streaming.replies import ReplyRegistry
 from chatmeter.streaming.signals import PollOnly, PostgresSignals, StopSignals
 
@@ -89,6 +91,7 @@ async def start_services(settings: Settings, engine: AsyncEngine | None = None) 
     worker_id = new_worker_id()
     secret = dev_jwt_secret(settings) if not settings.jwt_jwks_url else settings.jwt_secret
     transactor = make_transactor(settings.database_url, settings.sqlite_busy_timeout_ms)
+    reply_log, stop_signals = _reply_sharing(settings)
     services = Services(
         settings=settings,
         engine=engine,
@@ -104,8 +107,8 @@ async def start_services(settings: Settings, engine: AsyncEngine | None = None) 
         counter=TokenCounter(metrics, settings.count_cache_size),
         metrics=metrics,
         replies=ReplyRegistry(transactor, worker_id, settings.reservation_ttl_seconds),
-        reply_log=MemoryLog(settings.replay_seconds, settings.replay_max_bytes),
-        stop_signals=_stop_signals(settings),
+        reply_log=reply_log,
+        stop_signals=stop_signals,
         outbox=Outbox(settings.outbox_dir, worker_id),
         worker_id=worker_id,
         opening_rules=OpeningRules.of(settings, worker_id),
@@ -125,7 +128,15 @@ async def start_services(settings: Settings, engine: AsyncEngine | None = None) 
     return services
 
 
-def _stop_signals(settings: Settings) -> StopSignals:
+def _reply_sharing(settings: Settings) -> tuple[ReplyLog, StopSignals]:
+    """Where replies are kept and how stops travel: Redis when configured (any worker,
+    any host); else this process's memory, and PostgreSQL notifications (or, on SQLite,
+    the poll alone)."""
+    memory = MemoryLog(settings.replay_seconds, settings.replay_max_bytes)
+    if settings.redis_url:
+        client = aioredis.from_url(settings.redis_url)
+        shared = RedisLog(client, memory, settings.replay_seconds, settings.reservation_ttl_seconds)
+        return shared, RedisSignals(client)
     if settings.is_sqlite:
-        return PollOnly()
-    return PostgresSignals(settings.database_url.replace("+asyncpg", "", 1))
+        return memory, PollOnly()
+    return memory, PostgresSignals(settings.database_url.replace("+asyncpg", "", 1))

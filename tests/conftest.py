@@ -16,6 +16,7 @@ from chatmeter.auth.tokens import mint_token
 from chatmeter.config import ModelConfig, Settings
 from chatmeter.db.migrate import upgrade
 from tests.support.postgres import PostgresServer
+from tests.support.redis import RedisServer
 from tests.support.server import RunningServer, serve
 
 TEST_SECRET = "test-secret-that-is-long-enough-for-hs256-0123456789"
@@ -30,6 +31,16 @@ def postgres() -> Iterator[PostgresServer]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.cleanup()
 
 
 @pytest.fixture(scope="session")

@@ -161,6 +161,9 @@ class MemoryLog:
         held = self._replies.get(reply_id)
         return held is not None and held.chat_id == chat_id
 
+    def has(self, reply_id: uuid.UUID) -> bool:
+        return reply_id in self._replies
+
     def expire(self) -> None:
         """Drop what the replay window and the size bound no longer keep."""
         self._expire()

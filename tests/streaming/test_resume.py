@@ -23,9 +23,7 @@ from tests.support.waiting import eventually
 SLOW = scripted(reply=" ".join(f"word{i}" for i in range(30)), chunks=30, delay_ms=30)
 
 
-async def resume(
-    client: httpx.AsyncClient, chat_id: str, user: str, **params: str
-) -> StreamResult:
+async def resume(client: httpx.AsyncClient, chat_id: str, user: str, **params: str) -> StreamResult:
     headers = auth(user)
     if "last_event_id_header" in params:
         headers["Last-Event-ID"] = params.pop("last_event_id_header")
@@ -129,9 +127,7 @@ async def test_stop_lands_while_the_client_does_not_read(database_url: str) -> N
         max_output_tokens=1_000_000,
         context_window=2_000_000,
     )
-    settings = make_settings(
-        database_url, models={"flood": flood}, default_token_limit=10_000_000
-    )
+    settings = make_settings(database_url, models={"flood": flood}, default_token_limit=10_000_000)
     async with serve(settings) as server:
         async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
             chat_id = await new_chat(client, "xia", model="flood")

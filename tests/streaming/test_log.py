@@ -1,0 +1,129 @@
+"""The reply logs as units: numbering, waiting readers, the end, the replay window and
+the bound on what is held; the Redis log against a real redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import orjson
+import redis.asyncio as aioredis
+
+from chatmeter.streaming.log import MemoryLog, ReplyLog
+from chatmeter.streaming.redis_log import RedisLog, meta_key, stream_key
+from tests.support.redis import RedisServer
+from tests.support.waiting import eventually
+
+FIRST = {"chunk": "", "done": False, "message_id": "m", "user_message_id": "u"}
+END = {"chunk": "", "done": True, "tokens_used": 3}
+
+
+async def write_reply(log: ReplyLog, reply_id: uuid.UUID, chat_id: uuid.UUID) -> None:
+    await log.begin(reply_id, chat_id, FIRST)
+    for piece in ("a", "b"):
+        await log.append(reply_id, {"chunk": piece, "done": False})
+        await asyncio.sleep(0)
+    await log.append(reply_id, END)
+    await log.finish(reply_id)
+
+
+async def read_all(log: ReplyLog, reply_id: uuid.UUID, after: int = 0) -> list[tuple[int, dict]]:
+    events: list[tuple[int, dict]] = []
+    while True:
+        batch = await log.read(reply_id, after, 5.0)
+        assert batch is not None
+        events += [(number, orjson.loads(data)) for number, data in batch.events]
+        after = events[-1][0] if events else after
+        if batch.finished:
+            return events
+
+
+async def test_a_reader_waits_for_events_and_stops_at_the_end() -> None:
+    log = MemoryLog(replay_seconds=60, max_bytes=1 << 20)
+    reply_id, chat_id = uuid.uuid4(), uuid.uuid4()
+    await log.begin(reply_id, chat_id, FIRST)
+    reader = asyncio.create_task(read_all(log, reply_id))
+    await asyncio.sleep(0)
+    assert not reader.done()
+    for piece in ("a", "b"):
+        await log.append(reply_id, {"chunk": piece, "done": False})
+    await log.append(reply_id, END)
+    await log.finish(reply_id)
+    events = await reader
+    assert [n for n, _ in events] == [1, 2, 3, 4]
+    assert events[1][1] == {"chunk": "a", "done": False} and events[3][1] == END
+    assert await read_all(log, reply_id, after=2) == events[2:]
+    assert await log.current(chat_id) == reply_id
+    assert await log.holds(reply_id, chat_id) and not await log.holds(reply_id, uuid.uuid4())
+    idle = await log.read(uuid.uuid4(), 0, 0.01)
+    assert idle is None
+
+
+async def test_an_idle_read_returns_empty_after_the_wait() -> None:
+    log = MemoryLog(replay_seconds=60, max_bytes=1 << 20)
+    reply_id = uuid.uuid4()
+    await log.begin(reply_id, uuid.uuid4(), FIRST)
+    batch = await log.read(reply_id, 1, 0.01)
+    assert batch is not None and batch.events == [] and not batch.finished
+
+
+async def test_finished_replies_expire_and_the_oldest_go_first_past_the_bound() -> None:
+    log = MemoryLog(replay_seconds=0.05, max_bytes=1 << 20)
+    chat = uuid.uuid4()
+    old = uuid.uuid4()
+    await write_reply(log, old, chat)
+
+    async def gone() -> bool:
+        return await log.current(chat) is None
+
+    await eventually(gone)
+    assert len(log) == 0 and log.held_bytes == 0
+
+    small = MemoryLog(replay_seconds=600, max_bytes=2048)
+    ids = [uuid.uuid4() for _ in range(10)]
+    for reply_id in ids:
+        await write_reply(small, reply_id, uuid.uuid4())
+    assert small.held_bytes <= 2048
+    assert small.has(ids[-1]) and not small.has(ids[0])
+    # a reply still streaming is never dropped, whatever the bound
+    live = uuid.uuid4()
+    await small.begin(live, uuid.uuid4(), FIRST)
+    await small.append(live, {"chunk": "x" * 5000, "done": False})
+    for reply_id in ids[:3]:
+        await write_reply(small, reply_id, uuid.uuid4())
+    assert small.has(live)
+
+
+async def test_the_redis_log_is_read_from_another_process(redis_server: RedisServer) -> None:
+    writer_client = aioredis.from_url(redis_server.url)
+    reader_client = aioredis.from_url(redis_server.url)
+    writer = RedisLog(writer_client, MemoryLog(60, 1 << 20), 60, 30)
+    reader = RedisLog(reader_client, MemoryLog(60, 1 << 20), 60, 30)
+    try:
+        reply_id, chat_id = uuid.uuid4(), uuid.uuid4()
+        await writer.begin(reply_id, chat_id, FIRST)
+        follower = asyncio.create_task(read_all(reader, reply_id))
+
+        async def started() -> bool:
+            return await reader.holds(reply_id, chat_id)
+
+        await eventually(started)
+        await write_reply_rest(writer, reply_id)
+        events = await follower
+        assert [n for n, _ in events] == [1, 2, 3, 4] and events[3][1] == END
+        assert await read_all(reader, reply_id, after=3) == events[3:]
+        assert await reader.current(chat_id) == reply_id
+        # keys per reply, expiring after the replay window
+        assert 0 < await writer_client.ttl(stream_key(reply_id)) <= 60
+        assert 0 < await writer_client.ttl(meta_key(reply_id)) <= 60
+        assert await reader.read(uuid.uuid4(), 0, 0.01) is None
+    finally:
+        await writer.aclose()
+        await reader.aclose()
+
+
+async def write_reply_rest(log: ReplyLog, reply_id: uuid.UUID) -> None:
+    for piece in ("a", "b"):
+        await log.append(reply_id, {"chunk": piece, "done": False})
+    await log.append(reply_id, END)
+    await log.finish(reply_id)
