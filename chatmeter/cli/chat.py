@@ -13,6 +13,7 @@ import json
 import re
 import signal
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from types import FrameType
@@ -42,6 +43,8 @@ WORDS = {
     "REPLY_IN_PROGRESS": "A reply is still being written in this chat (in another window?). "
     "Wait for it to finish, then send again.",
     "NO_ACTIVE_REPLY": "There was no reply to stop.",
+    "REPLY_GONE": "The connection dropped and the reply can no longer be resumed; "
+    "what was written is in the chat (/new, or --chat ID, to see it).",
     "PROVIDER_ERROR": "The model failed while answering. Try again.",
     "PROVIDER_RATE_LIMITED": "The model is busy right now. Try again in a moment.",
     "PROVIDER_TIMEOUT": "The model stopped responding. Try again.",
@@ -81,22 +84,26 @@ class ApiProblem(Exception):
         self.code = code
 
 
-def read_events(lines: Iterable[str]) -> Iterator[dict[str, Any]]:
-    """The JSON data of each server-sent event; `: ping` comments are skipped."""
+def read_events(lines: Iterable[str]) -> Iterator[tuple[int, dict[str, Any]]]:
+    """The id and JSON data of each server-sent event; `: ping` comments are skipped."""
     data: list[str] = []
+    event_id = 0
     for line in lines:
         if not line:
             if data:
                 event = json.loads("\n".join(data))
                 data = []
                 if isinstance(event, dict):
-                    yield event
+                    yield event_id, event
             continue
         if line.startswith(":"):
             continue
         name, _, value = line.partition(":")
+        value = value[1:] if value.startswith(" ") else value
         if name == "data":
-            data.append(value[1:] if value.startswith(" ") else value)
+            data.append(value)
+        elif name == "id" and value.isdigit():
+            event_id = int(value)
 
 
 def _problem(response: httpx.Response) -> ApiProblem:
@@ -134,6 +141,18 @@ class ChatApi:
     def get_chat(self, chat_id: str) -> dict[str, Any]:
         chat: dict[str, Any] = self._json("GET", f"/api/chat/{chat_id}")
         return chat
+
+
+@dataclass
+class ReplyReading:
+    """Where the client is in a reply: enough to resume it after a dropped connection."""
+
+    reply_id: str = ""
+    last_id: int = 0
+
+
+# pauses before each attempt to resume a reply whose connection dropped
+RESUME_PAUSES = (0.2, 0.5, 1.0, 2.0, 4.0)
 
 
 @dataclass
@@ -258,20 +277,60 @@ class ChatSession:
         self._report(end)
 
     def _stream(self, text: str) -> dict[str, Any]:
-        """Print the reply as it streams; return the end or error event."""
+        """Print the reply as it streams; return the end or error event. A connection
+        that drops mid-reply is resumed where it broke (SPEC section 11): the reply goes
+        on on the server meanwhile."""
         path = f"/api/chat/{self.chat_id}/message"
+        reading = ReplyReading()
         with self.api.http.stream("POST", path, json={"message": text}) as response:
             if response.is_error:
                 response.read()
                 raise _problem(response)
             self.console.print(f"[bold green]model {ARROW}[/bold green] ", end="")
-            for event in read_events(response.iter_lines()):
-                if event.get("error") or event.get("done"):
-                    self.console.out("")  # end the reply's line
-                    return event
-                self.console.out(terminal_safe(str(event.get("chunk", ""))), end="")
+            try:
+                end = self._print(response.iter_lines(), reading)
+            except httpx.TransportError:
+                end = None
+        for pause in RESUME_PAUSES:
+            if end is not None:
+                return end
+            if not reading.reply_id:
+                break  # the reply was never named: nothing to resume
+            time.sleep(pause)
+            try:
+                end = self._resume(reading)
+            except httpx.TransportError:
+                continue
+        if end is not None:
+            return end
         self.console.out("")
         raise httpx.RemoteProtocolError("the stream ended without an end event")
+
+    def _resume(self, reading: ReplyReading) -> dict[str, Any] | None:
+        path = f"/api/chat/{self.chat_id}/stream"
+        params = {"message_id": reading.reply_id}
+        headers = {"Last-Event-ID": str(reading.last_id)}
+        with self.api.http.stream("GET", path, params=params, headers=headers) as response:
+            if response.status_code == 204:
+                raise ApiProblem("REPLY_GONE", "")
+            if response.is_error:
+                response.read()
+                raise _problem(response)
+            return self._print(response.iter_lines(), reading)
+
+    def _print(self, lines: Iterable[str], reading: ReplyReading) -> dict[str, Any] | None:
+        """Print pieces until the end or error event (returned); None if the stream
+        ended before it."""
+        for event_id, event in read_events(lines):
+            reading.last_id = event_id or reading.last_id
+            if event.get("error") or event.get("done"):
+                self.console.out("")  # end the reply's line
+                return event
+            if "message_id" in event:
+                reading.reply_id = str(event["message_id"])  # the first event names it
+                continue
+            self.console.out(terminal_safe(str(event.get("chunk", ""))), end="")
+        return None
 
     def _report(self, end: dict[str, Any]) -> None:
         used = int(end.get("tokens_used") or 0)

@@ -50,6 +50,13 @@ def serve(
     settings = settings_or_exit()  # fail before forking workers, naming the bad key
     if not settings.jwt_secret and not settings.jwt_jwks_url:
         _print_dev_banner(settings, host, port)
+    if workers > 1 and not settings.redis_url:
+        errors.print(
+            "[yellow]warning:[/yellow] several workers without CHATMETER_REDIS_URL: a reply "
+            "can be resumed only from the worker that generates it (others answer 204), and "
+            "a stop reaches another worker through "
+            + ("the database poll (up to 0.5 s)" if settings.is_sqlite else "PostgreSQL NOTIFY")
+        )
     uvicorn.run(
         "chatmeter.app:create_app_from_env",
         factory=True,

@@ -19,6 +19,7 @@ import pytest
 
 from chatmeter.config import ModelConfig
 from tests.conftest import TEST_SECRET, auth, make_settings, scripted, token_for
+from tests.support.proxy import cutting_proxy
 from tests.support.server import RunningServer, serve
 from tests.support.sse import stream_message
 
@@ -195,6 +196,30 @@ async def test_ctrl_c_stops_the_reply_and_the_session_goes_on(
         chat = await only_chat(server, "milo")
         assert [m["status"] for m in chat["messages"]] == ["complete", "stopped"] * 2
         assert [m["content"] for m in chat["messages"]][::2] == ["Count slowly", "Again"]
+
+
+async def test_a_dropped_connection_is_resumed_and_the_reply_shown_once(
+    chatmeter: ServerFactory, terminal: Callable[..., Any]
+) -> None:
+    """The network fails mid-reply: the client resumes the reply where it broke (SPEC
+    section 11) and shows it whole, once; the server billed it once."""
+    async with chatmeter(scripted(reply=SLOW, chunks=40, delay_ms=30)) as server:
+        async with cutting_proxy(server.url, events=6) as proxy:
+            term: Terminal = await terminal("--url", proxy.url, "--token", token_for("nia"))
+            await term.expect(PROMPT)
+            await term.type("Count")
+            shown = await term.expect(r"model \u203a (.*)\n([\d,]+) tokens · ")
+            assert proxy.cuts == 1
+            assert shown[1] == SLOW
+            await term.expect(PROMPT)
+            assert await term.close_stdin() == 0
+        chat = await only_chat(server, "nia")
+        reply = chat["messages"][-1]
+        assert reply["status"] == "complete" and reply["content"] == SLOW
+        usage = await get(server, "/api/usage", "nia")
+        assert (
+            usage["total_tokens_used"] == reply["tokens_consumed"] == int(shown[2].replace(",", ""))
+        )
 
 
 async def test_without_a_token_it_is_the_dev_user_and_continues_a_chat(
