@@ -26,7 +26,7 @@ async def test_floor_streams_the_scripted_pieces_with_chatmeter_framing() -> Non
     pieces = split_into(REPLY, 5)
     assert len(events) == len(pieces) + 1
     for index, piece in enumerate(pieces, 1):
-        expected = encode_event(index, {"chunk": piece, "done": False})
+        expected = encode_event(index, orjson.dumps({"chunk": piece, "done": False}))
         assert events[index - 1] + b"\n\n" == expected
     head, data = events[-1].split(b"\n", 1)
     assert head == b"id: %d" % (len(pieces) + 1)
