@@ -11,6 +11,7 @@ import contextlib
 import itertools
 import logging
 import pickle
+import random
 import sqlite3
 import sys
 from collections.abc import Callable
@@ -37,6 +38,11 @@ P = ParamSpec("P")
 INLINE_MOST = 2
 # imported by the writer process as it starts, so the first exchange does not wait
 TRANSACTION_MODULES = ("chatmeter.streaming.opening", "chatmeter.metering.settlement")
+# PostgreSQL chose this transaction to lose a race (deadlock, serialization failure):
+# it rolled it back, and running it again is the remedy
+RACE_LOST = frozenset({"40P01", "40001"})
+RACE_ATTEMPTS = 5
+RACE_BACKOFF_SECONDS = 0.01  # the first retry waits up to this, then 2x, 4x... (jittered)
 
 
 class Transactor(Protocol):
@@ -274,9 +280,22 @@ class PostgresTransactor:
         self._statements = PostgresStatements()
 
     async def run(self, steps: Callable[P, Steps[T]], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run the transaction; one that loses a deadlock or a serialization race is run
+        again from the start (its steps anew) a few times, after a short random wait so
+        the two do not meet again: a lost race is never an error for the client."""
         pool = self._pool or await self._open()
-        async with pool.acquire() as conn, conn.transaction():
-            return await run_asyncpg(conn, self._statements, steps(*args, **kwargs))
+        attempt = 1
+        while True:
+            try:
+                async with pool.acquire() as conn, conn.transaction():
+                    return await run_asyncpg(conn, self._statements, steps(*args, **kwargs))
+            except asyncpg.PostgresError as exc:
+                if exc.sqlstate not in RACE_LOST or attempt == RACE_ATTEMPTS:
+                    raise
+                name = getattr(steps, "__name__", "a transaction")
+                log.info("%s lost a race (%s), attempt %d", name, exc.sqlstate, attempt)
+            await asyncio.sleep(random.uniform(0, RACE_BACKOFF_SECONDS * 2 ** (attempt - 1)))
+            attempt += 1
 
     async def start(self) -> None:
         return None  # the pool opens on first use: the app starts while the server is away
