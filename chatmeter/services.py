@@ -96,7 +96,7 @@ async def start_services(settings: Settings, engine: AsyncEngine | None = None) 
         counter=TokenCounter(metrics, settings.count_cache_size),
         metrics=metrics,
         replies=ReplyRegistry(transactor, worker_id, settings.reservation_ttl_seconds),
-        outbox=Outbox(settings.outbox_dir, worker_id),
+        outbox=Outbox(settings.outbox_dir, worker_id, metrics),
         worker_id=worker_id,
         opening_rules=OpeningRules.of(settings, worker_id),
     )

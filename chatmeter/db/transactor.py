@@ -45,6 +45,16 @@ RACE_ATTEMPTS = 5
 RACE_BACKOFF_SECONDS = 0.01  # the first retry waits up to this, then 2x, 4x... (jittered)
 
 
+def refused_for_good(exc: BaseException) -> bool:
+    """Whether the database refused a transaction for what it says (a constraint it
+    breaks, a value it cannot hold), so running it again can only fail again; anything
+    else (the database is down, busy, restarting) may pass later."""
+    if isinstance(exc, asyncpg.PostgresError):
+        return str(exc.sqlstate)[:2] in ("22", "23")  # data exception, integrity violation
+    # asyncpg's own DataError (a value it cannot send) is a ValueError
+    return isinstance(exc, (sqlite3.IntegrityError, sqlite3.DataError, ValueError, TypeError))
+
+
 class Transactor(Protocol):
     async def run(self, steps: Callable[P, Steps[T]], *args: P.args, **kwargs: P.kwargs) -> T:
         """Run the transaction `steps(*args, **kwargs)` and commit it; roll back and
