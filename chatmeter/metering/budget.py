@@ -196,6 +196,13 @@ def _release(user_id: str, condition: str, params: dict[str, object]) -> Steps[i
     return len(rows)
 
 
+def release_chat(user_id: str, chat_id: uuid.UUID, worker_id: str) -> Steps[int]:
+    """Release the reservation `worker_id` holds on the user's chat (the caller holds
+    the lock of the user's row)."""
+    where = "chat_id = :chat_id AND worker_id = :worker_id"
+    return (yield from _release(user_id, where, {"chat_id": chat_id, "worker_id": worker_id}))
+
+
 def release_expired(now: datetime) -> Steps[int]:
     """Hand back the reservations of processes that died mid-stream: for each user who
     has one, sorted by user_id, lock the user's row, then delete and release."""

@@ -213,9 +213,9 @@ async def test_a_message_right_after_a_settlement_never_deadlocks(
     user = f"u{uuid.uuid4().hex[:8]}"
     async with connections(dsn, 3) as (one, two, monitor):
         chat = await new_chat(monitor, user)
-        opened = await transactor.run(open_steps, RULES, user, chat, "first", None)
+        opened = await transactor.run(open_steps, RULES, user, chat, "first", None, new_id())
         settle = Driven(one, [lambda: settle_steps(settlement_of(opened, user, chat))])
-        opening = Driven(two, [lambda: open_steps(RULES, user, chat, "second", None)])
+        opening = Driven(two, [lambda: open_steps(RULES, user, chat, "second", None, new_id())])
         first, second = (opening, settle) if starter == "a" else (settle, opening)
         await interleave(monitor, first, second, ahead)
 
@@ -235,14 +235,14 @@ async def test_the_sweeper_and_a_message_on_an_expired_chat_never_deadlock(
     user = f"u{uuid.uuid4().hex[:8]}"
     async with connections(dsn, 3) as (one, two, monitor):
         chat = await new_chat(monitor, user)
-        await transactor.run(open_steps, RULES, user, chat, "first", None)
+        await transactor.run(open_steps, RULES, user, chat, "first", None, new_id())
         await monitor.execute(
             "UPDATE reservations SET expires_at = now() - interval '1 hour' WHERE chat_id = $1",
             chat,
         )
         now = utcnow()
         sweeper = Driven(one, [lambda: release_expired(now)])
-        opening = Driven(two, [lambda: open_steps(RULES, user, chat, "second", None)])
+        opening = Driven(two, [lambda: open_steps(RULES, user, chat, "second", None, new_id())])
         first, second = (opening, sweeper) if starter == "a" else (sweeper, opening)
         await interleave(monitor, first, second, ahead)
 
@@ -261,8 +261,8 @@ async def test_housekeeping_and_a_settlement_never_deadlock(
     user = f"u{uuid.uuid4().hex[:8]}"
     async with connections(dsn, 3) as (one, two, monitor):
         live_chat, dead_chat = await new_chat(monitor, user), await new_chat(monitor, user)
-        live = await transactor.run(open_steps, RULES, user, live_chat, "live", None)
-        await transactor.run(open_steps, RULES, user, dead_chat, "dead", None)
+        live = await transactor.run(open_steps, RULES, user, live_chat, "live", None, new_id())
+        await transactor.run(open_steps, RULES, user, dead_chat, "dead", None, new_id())
         await monitor.execute(
             "UPDATE reservations SET expires_at = now() - interval '1 hour' WHERE chat_id = $1",
             dead_chat,

@@ -64,7 +64,9 @@ async def reply_to_settle(engine: AsyncEngine, transactor: Transactor, n: int) -
     as the exchange would have spooled it."""
     async with write_transaction(engine) as conn:
         chat = await insert_chat(conn, USER, f"chat {n}", "m")
-    opened = await transactor.run(open_steps, RULES, USER, chat["chat_id"], f"hi {n}", None)
+    opened = await transactor.run(
+        open_steps, RULES, USER, chat["chat_id"], f"hi {n}", None, new_id()
+    )
     return Settlement(
         user_id=USER,
         chat_id=chat["chat_id"],
