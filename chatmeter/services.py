@@ -109,7 +109,7 @@ async def start_services(settings: Settings, engine: AsyncEngine | None = None) 
         replies=ReplyRegistry(transactor, worker_id, settings.reservation_ttl_seconds),
         reply_log=reply_log,
         stop_signals=stop_signals,
-        outbox=Outbox(settings.outbox_dir, worker_id),
+        outbox=Outbox(settings.outbox_dir, worker_id, metrics),
         worker_id=worker_id,
         opening_rules=OpeningRules.of(settings, worker_id),
     )

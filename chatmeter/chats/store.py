@@ -8,7 +8,7 @@ import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -137,11 +137,17 @@ def encode_cursor(moment: datetime, item_id: uuid.UUID) -> str:
 
 
 def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
+    """The moment (in UTC) and id a `before` cursor names. The client sent it: a moment
+    without a zone, or one that is not a moment in UTC (0001-01-01T00:00+14:00 is in
+    year 0), is not a cursor this API made."""
     try:
         padded = cursor + "=" * (-len(cursor) % 4)
-        moment, item_id = base64.urlsafe_b64decode(padded).decode().split("|")
-        return datetime.fromisoformat(moment), uuid.UUID(item_id)
-    except (ValueError, UnicodeDecodeError):
+        raw_moment, item_id = base64.urlsafe_b64decode(padded).decode().split("|")
+        moment = datetime.fromisoformat(raw_moment)
+        if moment.tzinfo is None:
+            raise ValueError("a cursor's moment has a zone")
+        return moment.astimezone(UTC), uuid.UUID(item_id)
+    except (ValueError, UnicodeDecodeError, OverflowError):
         raise ApiError(400, "INVALID_REQUEST", "before: not a cursor from this API") from None
 
 

@@ -13,7 +13,8 @@ pickled list of their `(function, args, kwargs)`, each a transaction's steps
 (`steps.py`), a module-level function the process imports. The process runs the jobs
 that arrived together in one transaction with one COMMIT (`commit_batch`: each in a
 SAVEPOINT, so a refused one rolls back alone), then answers on stdout with one frame:
-the pickled `[(job_id, ok, result or exception)]`.
+the pickled `[(job_id, ok, result or exception)]`. Its first frame, an empty one, says
+it is ready: the server backs off from starting again a process that ends before that.
 It ends when stdin closes, which is also what happens when the server dies.
 
 A quiet server does not wait for this process: a lone transaction while nothing is in
@@ -290,6 +291,7 @@ def main() -> None:
     os.dup2(2, 1)  # stdout is the answers' pipe: anything else printed goes to stderr
     for module in sys.argv[3:]:  # the transactions' modules, imported before the first job
         __import__(module)
+    _write_all(answers, encode_answers([]))  # ready: a process that ends before this failed
     # every statement, one per line, to this file (`chatmeter bench` counts them)
     trace_path = os.environ.get(TRACE_ENV)
     with contextlib.ExitStack() as stack:

@@ -11,6 +11,7 @@ import contextlib
 import itertools
 import logging
 import pickle
+import random
 import sqlite3
 import sys
 from collections.abc import Callable
@@ -37,6 +38,26 @@ P = ParamSpec("P")
 INLINE_MOST = 2
 # imported by the writer process as it starts, so the first exchange does not wait
 TRANSACTION_MODULES = ("chatmeter.streaming.opening", "chatmeter.metering.settlement")
+# PostgreSQL chose this transaction to lose a race (deadlock, serialization failure):
+# it rolled it back, and running it again is the remedy
+RACE_LOST = frozenset({"40P01", "40001"})
+RACE_ATTEMPTS = 5
+RACE_BACKOFF_SECONDS = 0.01  # the first retry waits up to this, then 2x, 4x... (jittered)
+# a writer process that ended before it was ready is started again after this, then 2x,
+# 4x... up to START_BACKOFF_MOST: not once per request
+START_BACKOFF_SECONDS = 0.5
+START_BACKOFF_MOST = 30.0
+START_TIMEOUT_SECONDS = 60.0  # from its start to its first frame (imports, on a busy host)
+
+
+def refused_for_good(exc: BaseException) -> bool:
+    """Whether the database refused a transaction for what it says (a constraint it
+    breaks, a value it cannot hold), so running it again can only fail again; anything
+    else (the database is down, busy, restarting) may pass later."""
+    if isinstance(exc, asyncpg.PostgresError):
+        return str(exc.sqlstate)[:2] in ("22", "23")  # data exception, integrity violation
+    # asyncpg's own DataError (a value it cannot send) is a ValueError
+    return isinstance(exc, (sqlite3.IntegrityError, sqlite3.DataError, ValueError, TypeError))
 
 
 class Transactor(Protocol):
@@ -76,6 +97,14 @@ def _answer(future: asyncio.Future[Any], ok: bool, value: Any) -> None:
         future.set_exception(value)
 
 
+async def _ready(process: asyncio.subprocess.Process) -> None:
+    """Wait for the writer process's first frame, which says it is ready (it has none
+    of our jobs yet, so the frame answers none)."""
+    assert process.stdout is not None
+    (length,) = ANSWER_HEADER.unpack(await process.stdout.readexactly(ANSWER_HEADER.size))
+    await process.stdout.readexactly(length)
+
+
 class WriterGone(ConnectionError):
     """The SQLite writer process ended before it answered: the transaction may or may
     not have committed (callers that retry, like settlement, check first)."""
@@ -100,7 +129,14 @@ class SqliteTransactor:
     This connection never checkpoints the WAL (the writer process does, also when it is
     idle), so no stall lands on the loop. `inline=False` sends everything."""
 
-    def __init__(self, url: str, busy_timeout_ms: int, *, inline: bool = True) -> None:
+    def __init__(
+        self,
+        url: str,
+        busy_timeout_ms: int,
+        *,
+        inline: bool = True,
+        start_backoff_seconds: float = START_BACKOFF_SECONDS,
+    ) -> None:
         self._path = sqlite_path(url)
         self._busy_timeout_ms = busy_timeout_ms
         self._process: asyncio.subprocess.Process | None = None
@@ -112,6 +148,9 @@ class SqliteTransactor:
         self._inline = inline
         self._here: sqlite3.Connection | None = None
         self._closed = False
+        self._start_backoff = start_backoff_seconds
+        self._failed_starts = 0  # in a row
+        self._next_start = 0.0  # loop time
 
     async def run(self, steps: Callable[P, Steps[T]], *args: P.args, **kwargs: P.kwargs) -> T:
         if self._closed:
@@ -135,6 +174,11 @@ class SqliteTransactor:
         async with self._starting:
             if self._process is not None:
                 return
+            wait = self._next_start - asyncio.get_running_loop().time()
+            if wait > 0:
+                raise WriterGone(
+                    f"the SQLite writer process could not start; next try in {wait:.1f} s"
+                )
             try:
                 process = await asyncio.create_subprocess_exec(
                     sys.executable,
@@ -147,12 +191,30 @@ class SqliteTransactor:
                     stdout=asyncio.subprocess.PIPE,
                 )
             except OSError as exc:
+                self._start_failed(str(exc))
                 raise WriterGone(f"could not start the SQLite writer process: {exc}") from exc
+            try:
+                await asyncio.wait_for(_ready(process), START_TIMEOUT_SECONDS)
+            except BaseException as exc:
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+                await process.wait()
+                if not isinstance(exc, Exception):
+                    raise  # cancelled
+                self._start_failed(f"{type(exc).__name__}, exit code {process.returncode}")
+                raise WriterGone("the SQLite writer process could not start") from exc
+            self._failed_starts = 0
             self._process = process
             self._waiting = {}  # this process's; a reader of an older one keeps its own
             self._answers = asyncio.get_running_loop().create_task(
                 self._read_answers(process, self._waiting)
             )
+
+    def _start_failed(self, why: str) -> None:
+        self._failed_starts += 1
+        delay = min(self._start_backoff * 2 ** (self._failed_starts - 1), START_BACKOFF_MOST)
+        self._next_start = asyncio.get_running_loop().time() + delay
+        log.error("the SQLite writer process could not start (%s); next try in %.1f s", why, delay)
 
     def _send(self) -> None:
         pending, self._pending = self._pending, []
@@ -274,9 +336,22 @@ class PostgresTransactor:
         self._statements = PostgresStatements()
 
     async def run(self, steps: Callable[P, Steps[T]], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run the transaction; one that loses a deadlock or a serialization race is run
+        again from the start (its steps anew) a few times, after a short random wait so
+        the two do not meet again: a lost race is never an error for the client."""
         pool = self._pool or await self._open()
-        async with pool.acquire() as conn, conn.transaction():
-            return await run_asyncpg(conn, self._statements, steps(*args, **kwargs))
+        attempt = 1
+        while True:
+            try:
+                async with pool.acquire() as conn, conn.transaction():
+                    return await run_asyncpg(conn, self._statements, steps(*args, **kwargs))
+            except asyncpg.PostgresError as exc:
+                if exc.sqlstate not in RACE_LOST or attempt == RACE_ATTEMPTS:
+                    raise
+                name = getattr(steps, "__name__", "a transaction")
+                log.info("%s lost a race (%s), attempt %d", name, exc.sqlstate, attempt)
+            await asyncio.sleep(random.uniform(0, RACE_BACKOFF_SECONDS * 2 ** (attempt - 1)))
+            attempt += 1
 
     async def start(self) -> None:
         return None  # the pool opens on first use: the app starts while the server is away

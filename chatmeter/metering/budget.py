@@ -11,6 +11,13 @@ renewing; `release_expired` hands its tokens back.
 
 The functions are transaction steps (`chatmeter.db.steps`): they yield SQL and are
 composed with `yield from` into the transactions of the message path.
+
+Lock order (PostgreSQL): a transaction that writes both tables locks the user's
+`user_usage` row first, then the user's `reservations` rows; one that touches several
+users takes them one at a time, sorted by user_id. Two transactions that took the same
+rows in opposite orders deadlocked (an opening's INSERT waiting on a settlement's DELETE
+of the chat's reservation, the settlement waiting on the opening's user row). SQLite has
+one writer at a time and no such race; the same statements run on both.
 """
 
 from __future__ import annotations
@@ -151,8 +158,10 @@ def _claim_chat(
         )
         if rows:
             return True
-        # the chat holds a reservation: a live reply (409), or one whose process died
+        # the chat holds a reservation: a live reply (409), or one whose process died.
+        # The chat is this user's, whose row `_take` has locked: the lock order holds.
         released = yield from _release(
+            reservation.user_id,
             "chat_id = :chat_id AND expires_at < :now",
             {"chat_id": reservation.chat_id, "now": now},
         )
@@ -161,23 +170,50 @@ def _claim_chat(
     return False
 
 
-def _release(condition: str, params: dict[str, object]) -> Steps[int]:
-    """Delete matching reservations and hand their tokens back to their users."""
-    released = yield Sql(
-        f"DELETE FROM reservations WHERE {condition} RETURNING user_id, tokens", params
+def lock_user(user_id: str) -> Steps[None]:
+    """Lock the user's `user_usage` row (a write that changes nothing): the first lock of
+    a transaction that goes on to lock the user's reservations (see the lock order)."""
+    yield Sql(
+        "UPDATE user_usage SET reserved_tokens = reserved_tokens WHERE user_id = :user_id",
+        {"user_id": user_id},
     )
-    for user_id, tokens in released:
+
+
+def _release(user_id: str, condition: str, params: dict[str, object]) -> Steps[int]:
+    """Delete the user's reservations that match and hand their tokens back. The caller
+    holds the lock of the user's row."""
+    rows = yield Sql(
+        f"DELETE FROM reservations WHERE user_id = :user_id AND {condition} RETURNING tokens",
+        {**params, "user_id": user_id},
+    )
+    tokens = sum(int(row[0]) for row in rows)
+    if tokens:
         yield Sql(
             "UPDATE user_usage SET reserved_tokens = reserved_tokens - :tokens "
             "WHERE user_id = :user_id",
             {"user_id": user_id, "tokens": tokens},
         )
-    return len(released)
+    return len(rows)
+
+
+def release_chat(user_id: str, chat_id: uuid.UUID, worker_id: str) -> Steps[int]:
+    """Release the reservation `worker_id` holds on the user's chat (the caller holds
+    the lock of the user's row)."""
+    where = "chat_id = :chat_id AND worker_id = :worker_id"
+    return (yield from _release(user_id, where, {"chat_id": chat_id, "worker_id": worker_id}))
 
 
 def release_expired(now: datetime) -> Steps[int]:
-    """Hand back the reservations of processes that died mid-stream."""
-    return (yield from _release("expires_at < :now", {"now": now}))
+    """Hand back the reservations of processes that died mid-stream: for each user who
+    has one, sorted by user_id, lock the user's row, then delete and release."""
+    rows = yield Sql(
+        "SELECT DISTINCT user_id FROM reservations WHERE expires_at < :now", {"now": now}
+    )
+    released = 0
+    for user_id in sorted(str(row[0]) for row in rows):
+        yield from lock_user(user_id)
+        released += yield from _release(user_id, "expires_at < :now", {"now": now})
+    return released
 
 
 def take_reservation(reservation_id: uuid.UUID) -> Steps[int]:
@@ -206,14 +242,6 @@ def renew_leases(reservation_ids: list[uuid.UUID], expires_at: datetime) -> Step
         batch = reservation_ids[start : start + RENEW_BATCH]
         batch += [batch[0]] * (RENEW_BATCH - len(batch))
         yield Sql(text, {"expires_at": expires_at, **dict(zip(names, batch, strict=True))})
-
-
-def renew_and_sweep(live: list[uuid.UUID], now: datetime, lease: timedelta) -> Steps[int]:
-    """A worker's housekeeping: renew the leases of the replies it streams, release the
-    reservations whose lease ran out. Returns how many were released."""
-    if live:
-        yield from renew_leases(live, now + lease)
-    return (yield from release_expired(now))
 
 
 def request_stop(chat_id: uuid.UUID, now: datetime) -> Steps[str | None]:

@@ -16,7 +16,7 @@ from datetime import datetime
 from chatmeter.db.steps import Sql, Steps
 from chatmeter.db.transactor import Transactor
 from chatmeter.ids import new_id
-from chatmeter.metering.budget import take_reservation
+from chatmeter.metering.budget import lock_user, take_reservation
 from chatmeter.metering.counting import Source
 from chatmeter.providers.base import Usage
 from chatmeter.values import Sendable
@@ -43,11 +43,20 @@ def settle_steps(s: Settlement, *, is_retry: bool = False) -> Steps[None]:
     """The settlement's statements, one transaction. A retry first checks whether an
     earlier attempt committed after all."""
     if is_retry:
+        # the user's row locked first: a settlement of the same message committing
+        # meanwhile (another process replaying the same outbox) is then seen here
+        yield from lock_user(s.user_id)
         done = yield Sql("SELECT 1 FROM messages WHERE message_id = :id", {"id": s.message_id})
         if done:
             return
-    released = yield from take_reservation(s.reservation_id)
     usage = s.usage
+    # the user's row first, then the reservation (the lock order of `budget.py`)
+    yield Sql(
+        "UPDATE user_usage SET total_tokens_used = total_tokens_used + :total, "
+        "updated_at = :now WHERE user_id = :user_id",
+        {"total": usage.total_tokens, "now": s.created_at, "user_id": s.user_id},
+    )
+    released = yield from take_reservation(s.reservation_id)
     yield Sql(
         "INSERT INTO messages (message_id, chat_id, role, content, tokens_consumed, status, "
         "prompt_tokens, completion_tokens, metering_source, finish_reason, created_at) "
@@ -87,17 +96,12 @@ def settle_steps(s: Settlement, *, is_retry: bool = False) -> Steps[None]:
                 "created_at": s.created_at,
             },
         )
-    yield Sql(
-        "UPDATE user_usage SET total_tokens_used = total_tokens_used + :total, "
-        "reserved_tokens = reserved_tokens - :released, updated_at = :now "
-        "WHERE user_id = :user_id",
-        {
-            "total": usage.total_tokens,
-            "released": released,
-            "now": s.created_at,
-            "user_id": s.user_id,
-        },
-    )
+    if released:
+        yield Sql(
+            "UPDATE user_usage SET reserved_tokens = reserved_tokens - :released "
+            "WHERE user_id = :user_id",
+            {"released": released, "user_id": s.user_id},
+        )
     yield Sql(
         "UPDATE chats SET updated_at = :now WHERE chat_id = :chat_id",
         {"now": s.created_at, "chat_id": s.chat_id},

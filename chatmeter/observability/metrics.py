@@ -30,6 +30,12 @@ class Metrics:
         self.settle_failures = Counter(
             "chatmeter_settle_failures", "Settlement attempts that failed", registry=r
         )
+        self.outbox_dead_letters = Counter(
+            "chatmeter_outbox_dead_letters",
+            "Spooled settlements that cannot be written (torn, or refused by the database), "
+            "moved to the outbox's dead letters",
+            registry=r,
+        )
         self.active_streams = Gauge(
             "chatmeter_active_streams", "Replies being generated now", registry=r
         )

@@ -21,6 +21,7 @@ from typing import Any
 
 from chatmeter.auth.tokens import Principal
 from chatmeter.db.tables import utcnow
+from chatmeter.db.transactor import WriterGone
 from chatmeter.errors import ApiError
 from chatmeter.ids import new_id
 from chatmeter.metering.budget import Reservation
@@ -34,7 +35,7 @@ from chatmeter.providers.base import (
     Usage,
 )
 from chatmeter.services import Services
-from chatmeter.streaming.opening import PromptTooLarge, open_steps
+from chatmeter.streaming.opening import PromptTooLarge, open_steps, undo_opening
 from chatmeter.streaming.text import storable
 
 log = logging.getLogger("chatmeter.exchange")
@@ -292,10 +293,24 @@ async def _open(
     message: str,
     exact_prompt: int | None,
 ) -> Exchange:
+    rules = services.opening_rules
+    user_message_id = new_id()
     try:
-        opened = await services.transactor.run(
-            open_steps, services.opening_rules, user.user_id, chat_id, message, exact_prompt
-        )
+        try:
+            opened = await services.transactor.run(
+                open_steps, rules, user.user_id, chat_id, message, exact_prompt, user_message_id
+            )
+        except WriterGone:
+            # the SQLite writer process died before it answered: the opening may have
+            # committed, and its reservation would hold the chat (409) until its lease
+            # ran out. Take it back if it did (a new process is started), then open again.
+            undone = await services.transactor.run(
+                undo_opening, user.user_id, chat_id, user_message_id, rules.worker_id
+            )
+            log.warning("the writer process died during an opening (committed: %s)", undone)
+            opened = await services.transactor.run(
+                open_steps, rules, user.user_id, chat_id, message, exact_prompt, user_message_id
+            )
     except ApiError as exc:
         if exc.code == "TOKEN_BUDGET_EXCEEDED":
             services.metrics.budget_refusals.inc()

@@ -17,8 +17,7 @@ from chatmeter.config import Settings
 from chatmeter.db.steps import Sql, Steps
 from chatmeter.db.tables import utcnow
 from chatmeter.errors import ApiError
-from chatmeter.ids import new_id
-from chatmeter.metering.budget import Reservation, reserve_budget
+from chatmeter.metering.budget import Reservation, lock_user, release_chat, reserve_budget
 from chatmeter.metering.counting import EXCHANGE_OVERHEAD_TOKENS, text_bound
 from chatmeter.providers.base import ChatTurn, GenerationRequest
 from chatmeter.values import Sendable
@@ -127,9 +126,11 @@ def open_steps(
     chat_id: uuid.UUID,
     message: str,
     exact_prompt: int | None,
+    user_message_id: uuid.UUID,
 ) -> Steps[Opened]:
     """The checks of the contract in order (chat 404/403, budget 403, reply 409), the
-    history, the reservation (its output cap is the request's) and the user message."""
+    history, the reservation (its output cap is the request's) and the user message,
+    whose id the caller chose (`undo_opening` looks for it)."""
     now = utcnow()
     chat = yield from owned_chat_steps(chat_id, user_id)
     limits = rules.models.get(chat.model)
@@ -150,7 +151,6 @@ def open_steps(
         ttl_seconds=rules.reservation_ttl_seconds,
         now=now,
     )
-    user_message_id = new_id()
     yield Sql(
         "INSERT INTO messages (message_id, chat_id, role, content, tokens_consumed, status, "
         "created_at) VALUES (:message_id, :chat_id, 'user', :content, 0, 'complete', :now)",
@@ -159,3 +159,21 @@ def open_steps(
     # the budget may allow less output than the context: the reservation's cap is sent
     request = GenerationRequest(limits.system_prompt, kept, message, reservation.output_cap)
     return Opened(chat.model, request, reservation, user_message_id, now)
+
+
+def undo_opening(
+    user_id: str, chat_id: uuid.UUID, user_message_id: uuid.UUID, worker_id: str
+) -> Steps[bool]:
+    """Take back an opening whose outcome is unknown (the SQLite writer process died
+    before it answered): if it committed, its user message exists; then it is deleted
+    and the chat's reservation released, which is the opening's (one per chat: a chat
+    already held would have refused the opening). True if there was something to undo."""
+    yield from lock_user(user_id)
+    rows = yield Sql(
+        "DELETE FROM messages WHERE message_id = :id AND chat_id = :chat_id RETURNING role",
+        {"id": user_message_id, "chat_id": chat_id},
+    )
+    if not rows:
+        return False
+    yield from release_chat(user_id, chat_id, worker_id)
+    return True

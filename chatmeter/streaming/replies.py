@@ -18,7 +18,7 @@ from datetime import timedelta
 
 from chatmeter.db.tables import utcnow
 from chatmeter.db.transactor import Transactor
-from chatmeter.metering.budget import flagged_stops, renew_and_sweep
+from chatmeter.metering.budget import flagged_stops, release_expired, renew_leases
 
 log = logging.getLogger("chatmeter.replies")
 
@@ -124,9 +124,13 @@ class ReplyRegistry:
 
     async def _renew_and_sweep(self) -> None:
         live = [reply.reservation_id for reply in self._replies.values()]
-        released = await self.transactor.run(
-            renew_and_sweep, live, utcnow(), timedelta(seconds=self.lease_seconds)
-        )
-
+        now = utcnow()
+        if live:
+            # renewed first, so a late renewal never sweeps a live reply; two
+            # transactions, as one would lock reservations rows before users' rows and
+            # break the lock order (`budget.py`)
+            expires_at = now + timedelta(seconds=self.lease_seconds)
+            await self.transactor.run(renew_leases, live, expires_at)
+        released = await self.transactor.run(release_expired, now)
         if released:
             log.warning("released %d reservations left by stopped processes", released)

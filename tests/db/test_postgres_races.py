@@ -1,0 +1,377 @@
+"""PostgreSQL: the message path's transactions never deadlock one another, and a
+transaction that still loses a race is run again instead of failing (issue 12, break 1).
+
+The lock-order tests drive the real transactions (`open_steps`, `settle_steps`, the
+sweeper) a statement at a time on two connections, in every interleaving that starts
+one of them some statements ahead and then alternates; a statement that waits for a
+lock lets the other go on. Two transactions that take the same rows in opposite orders
+end with both waiting, and PostgreSQL fails one with a deadlock (40P01)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import asyncpg
+import pytest
+
+from chatmeter.db.steps import PostgresStatements, Sql, Steps
+from chatmeter.db.tables import utcnow
+from chatmeter.db.transactor import RACE_ATTEMPTS, PostgresTransactor
+from chatmeter.errors import ApiError
+from chatmeter.ids import new_id
+from chatmeter.metering.budget import release_expired, renew_leases
+from chatmeter.metering.settlement import Settlement, settle_steps
+from chatmeter.providers.base import Usage
+from chatmeter.streaming.opening import ModelLimits, Opened, OpeningRules, open_steps
+from tests.support.postgres import PostgresServer
+from tests.support.waiting import eventually
+
+LIMIT = 1_000_000
+
+
+@pytest.fixture
+async def dsn(postgres: PostgresServer, postgres_template: str) -> str:
+    name = f"r_{uuid.uuid4().hex[:12]}"
+    postgres.createdb(name, postgres_template)
+    return postgres.url(name).replace("postgresql+asyncpg://", "postgresql://", 1)
+
+
+@pytest.fixture
+async def transactor(dsn: str) -> AsyncIterator[PostgresTransactor]:
+    running = PostgresTransactor(dsn, pool_size=4)
+    try:
+        yield running
+    finally:
+        await running.close()
+
+
+RULES = OpeningRules(
+    models={"m": ModelLimits("Be brief.", context_window=100_000, max_output_tokens=200)},
+    history_messages=20,
+    default_token_limit=LIMIT,
+    worker_id="w1",
+    reservation_ttl_seconds=120.0,
+)
+
+
+async def new_chat(conn: asyncpg.Connection, user_id: str) -> uuid.UUID:
+    chat_id = new_id()
+    now = utcnow()
+    await conn.execute(
+        "INSERT INTO chats (chat_id, user_id, title, model, is_active, created_at, updated_at) "
+        "VALUES ($1, $2, 't', 'm', true, $3, $3)",
+        chat_id,
+        user_id,
+        now,
+    )
+    return chat_id
+
+
+def settlement_of(opened: Opened, user_id: str, chat_id: uuid.UUID) -> Settlement:
+    return Settlement(
+        user_id=user_id,
+        chat_id=chat_id,
+        model=opened.model,
+        reservation_id=opened.reservation.reservation_id,
+        message_id=new_id(),
+        content="a reply",
+        status="complete",
+        finish_reason="stop",
+        usage=Usage(prompt_tokens=10, completion_tokens=5),
+        source="provider",
+        created_at=opened.user_message_at + timedelta(seconds=1),
+    )
+
+
+# driving transactions a statement at a time
+
+
+@dataclass(eq=False)
+class Driven:
+    """Transactions run one after another on one connection, a statement per step."""
+
+    conn: asyncpg.Connection
+    transactions: list[Callable[[], Steps[Any]]]
+    statements: PostgresStatements = field(default_factory=PostgresStatements)
+    errors: list[BaseException] = field(default_factory=list)
+    task: asyncio.Task[None] | None = None
+    _steps: Steps[Any] | None = None
+    _statement: Sql | None = None
+    _transaction: Any = None
+
+    @property
+    def finished(self) -> bool:
+        return not self.transactions and self._steps is None
+
+    async def step(self) -> None:
+        """Run the next statement (beginning or committing transactions as needed)."""
+        if self._steps is None:
+            self._steps = self.transactions.pop(0)()
+            self._transaction = self.conn.transaction()
+            await self._transaction.start()
+            self._statement = next(self._steps)
+            return  # the first statement runs on the next step
+        assert self._statement is not None
+        try:
+            text, args = self.statements.convert(self._statement)
+            records = await self.conn.fetch(text, *args)
+            self._statement = self._steps.send([tuple(r) for r in records])
+        except StopIteration:
+            await self._end(commit=True)
+        except (ApiError, asyncpg.PostgresError) as exc:
+            self.errors.append(exc)
+            await self._end(commit=False)
+
+    async def _end(self, *, commit: bool) -> None:
+        if commit:
+            await self._transaction.commit()
+        else:
+            await self._transaction.rollback()
+        self._steps = None
+        self._statement = None
+
+
+async def waits_for_a_lock(monitor: asyncpg.Connection, conn: asyncpg.Connection) -> bool:
+    rows = await monitor.fetch(
+        "SELECT 1 FROM pg_locks WHERE pid = $1 AND NOT granted", conn.get_server_pid()
+    )
+    return bool(rows)
+
+
+async def turn(monitor: asyncpg.Connection, side: Driven) -> bool:
+    """Let `side` run a statement; returns False if it waits for a lock instead."""
+    if side.task is None:
+        side.task = asyncio.get_running_loop().create_task(side.step())
+    while not side.task.done():
+        if await waits_for_a_lock(monitor, side.conn):
+            return False
+        await asyncio.sleep(0.002)
+    side.task.result()
+    side.task = None
+    return True
+
+
+async def interleave(
+    monitor: asyncpg.Connection, first: Driven, second: Driven, ahead: int
+) -> None:
+    """`first` runs `ahead` statements, then the two alternate; a side that waits for a
+    lock yields its turn. If both wait, the first to be released goes on."""
+    for _ in range(ahead):
+        if first.finished or not await turn(monitor, first):
+            break
+    sides = [second, first]
+    while not (first.finished and second.finished):
+        progressed = False
+        for side in sides:
+            if not side.finished and await turn(monitor, side):
+                progressed = True
+        if not progressed:  # both wait for a lock: one of them must be released
+            tasks = {side.task for side in sides if side.task is not None}
+            await asyncio.wait_for(asyncio.wait(tasks, return_when="FIRST_COMPLETED"), 60)
+
+
+@contextlib.asynccontextmanager
+async def connections(dsn: str, count: int) -> AsyncIterator[list[asyncpg.Connection]]:
+    conns = [await asyncpg.connect(dsn) for _ in range(count)]
+    try:
+        yield conns
+    finally:
+        for conn in conns:
+            await conn.close()
+
+
+def deadlocks(sides: Sequence[Driven]) -> list[BaseException]:
+    return [e for side in sides for e in side.errors if isinstance(e, asyncpg.PostgresError)]
+
+
+async def reserved_balance(conn: asyncpg.Connection, user_id: str) -> tuple[int, int]:
+    """The user's reserved_tokens and the sum of the user's reservation rows."""
+    reserved = await conn.fetchval(
+        "SELECT reserved_tokens FROM user_usage WHERE user_id = $1", user_id
+    )
+    held = await conn.fetchval(
+        "SELECT coalesce(sum(tokens), 0) FROM reservations WHERE user_id = $1", user_id
+    )
+    return int(reserved), int(held)
+
+
+INTERLEAVINGS = [(starter, ahead) for starter in ("a", "b") for ahead in range(8)]
+
+
+@pytest.mark.parametrize(("starter", "ahead"), INTERLEAVINGS)
+async def test_a_message_right_after_a_settlement_never_deadlocks(
+    dsn: str, transactor: PostgresTransactor, starter: str, ahead: int
+) -> None:
+    """The stop-then-message race: the reply's settlement and the next message's
+    opening, on the same chat, in any interleaving."""
+    user = f"u{uuid.uuid4().hex[:8]}"
+    async with connections(dsn, 3) as (one, two, monitor):
+        chat = await new_chat(monitor, user)
+        opened = await transactor.run(open_steps, RULES, user, chat, "first", None, new_id())
+        settle = Driven(one, [lambda: settle_steps(settlement_of(opened, user, chat))])
+        opening = Driven(two, [lambda: open_steps(RULES, user, chat, "second", None, new_id())])
+        first, second = (opening, settle) if starter == "a" else (settle, opening)
+        await interleave(monitor, first, second, ahead)
+
+        assert deadlocks([settle, opening]) == []
+        assert settle.errors == []  # the opening may be refused (409) if it came first
+        assert all(isinstance(e, ApiError) and e.status == 409 for e in opening.errors)
+        reserved, held = await reserved_balance(monitor, user)
+        assert reserved == held
+
+
+@pytest.mark.parametrize(("starter", "ahead"), INTERLEAVINGS)
+async def test_the_sweeper_and_a_message_on_an_expired_chat_never_deadlock(
+    dsn: str, transactor: PostgresTransactor, starter: str, ahead: int
+) -> None:
+    """A reservation whose process died: the sweeper releases it while a new message
+    on its chat releases it too."""
+    user = f"u{uuid.uuid4().hex[:8]}"
+    async with connections(dsn, 3) as (one, two, monitor):
+        chat = await new_chat(monitor, user)
+        await transactor.run(open_steps, RULES, user, chat, "first", None, new_id())
+        await monitor.execute(
+            "UPDATE reservations SET expires_at = now() - interval '1 hour' WHERE chat_id = $1",
+            chat,
+        )
+        now = utcnow()
+        sweeper = Driven(one, [lambda: release_expired(now)])
+        opening = Driven(two, [lambda: open_steps(RULES, user, chat, "second", None, new_id())])
+        first, second = (opening, sweeper) if starter == "a" else (sweeper, opening)
+        await interleave(monitor, first, second, ahead)
+
+        assert deadlocks([sweeper, opening]) == []
+        assert opening.errors == []  # the expired reservation never blocks the chat
+        reserved, held = await reserved_balance(monitor, user)
+        assert reserved == held > 0
+
+
+@pytest.mark.parametrize(("starter", "ahead"), INTERLEAVINGS)
+async def test_housekeeping_and_a_settlement_never_deadlock(
+    dsn: str, transactor: PostgresTransactor, starter: str, ahead: int
+) -> None:
+    """A worker renews the lease of a live reply and sweeps an expired one of the same
+    user while the live reply settles."""
+    user = f"u{uuid.uuid4().hex[:8]}"
+    async with connections(dsn, 3) as (one, two, monitor):
+        live_chat, dead_chat = await new_chat(monitor, user), await new_chat(monitor, user)
+        live = await transactor.run(open_steps, RULES, user, live_chat, "live", None, new_id())
+        await transactor.run(open_steps, RULES, user, dead_chat, "dead", None, new_id())
+        await monitor.execute(
+            "UPDATE reservations SET expires_at = now() - interval '1 hour' WHERE chat_id = $1",
+            dead_chat,
+        )
+        now = utcnow()
+        live_ids = [live.reservation.reservation_id]
+        housekeeping = Driven(
+            one,
+            [
+                lambda: renew_leases(live_ids, now + timedelta(minutes=2)),
+                lambda: release_expired(now),
+            ],
+        )
+        settle = Driven(two, [lambda: settle_steps(settlement_of(live, user, live_chat))])
+        first, second = (housekeeping, settle) if starter == "a" else (settle, housekeeping)
+        await interleave(monitor, first, second, ahead)
+
+        assert deadlocks([housekeeping, settle]) == []
+        assert settle.errors == []
+        reserved, held = await reserved_balance(monitor, user)
+        assert reserved == held == 0
+
+
+# the transactor's retry
+
+
+def lock_two(first: str, second: str, calls: list[int]) -> Steps[int]:
+    """Lock two users' rows in the order given."""
+    calls.append(1)
+    for user_id in (first, second):
+        yield Sql(
+            "UPDATE user_usage SET total_tokens_used = total_tokens_used + 1 "
+            "WHERE user_id = :user_id RETURNING user_id",
+            {"user_id": user_id},
+        )
+    return len(calls)
+
+
+async def add_users(conn: asyncpg.Connection, *users: str) -> None:
+    for user_id in users:
+        await conn.execute(
+            "INSERT INTO user_usage (user_id, total_tokens_used, token_limit, reserved_tokens, "
+            "updated_at) VALUES ($1, 0, $2, 0, now())",
+            user_id,
+            LIMIT,
+        )
+
+
+async def test_a_transaction_that_loses_a_deadlock_is_run_again(
+    dsn: str, transactor: PostgresTransactor
+) -> None:
+    """A real deadlock: another connection locks b then a while the transactor's
+    transaction locks a then b. PostgreSQL fails the transactor's (it waited first and
+    checks first); the transactor runs it again, and it commits once."""
+    async with connections(dsn, 2) as (other, monitor):
+        await add_users(monitor, "a", "b")
+        # the other side never detects it: PostgreSQL picks the transactor's transaction
+        await other.execute("SET deadlock_timeout = '1min'")
+        async with other.transaction():
+            await other.execute("UPDATE user_usage SET updated_at = now() WHERE user_id = 'b'")
+            calls: list[int] = []
+            run = asyncio.get_running_loop().create_task(transactor.run(lock_two, "a", "b", calls))
+            await wait_until_someone_waits_for_a_lock(monitor)
+            # closes the circle: a is held by the transactor's transaction
+            await other.execute("UPDATE user_usage SET updated_at = now() WHERE user_id = 'a'")
+        assert await asyncio.wait_for(run, 60) == 2  # the second attempt committed
+        totals = await monitor.fetch(
+            "SELECT user_id, total_tokens_used FROM user_usage ORDER BY user_id"
+        )
+        assert [tuple(row) for row in totals] == [("a", 1), ("b", 1)]
+
+
+async def wait_until_someone_waits_for_a_lock(monitor: asyncpg.Connection) -> None:
+    async def waiting() -> bool:
+        return bool(await monitor.fetch("SELECT 1 FROM pg_locks WHERE NOT granted"))
+
+    await eventually(waiting, within=30)
+
+
+def fail_with(sqlstate: str, times: int, calls: list[int]) -> Steps[int]:
+    """Raise a real PostgreSQL error with `sqlstate` on the first `times` calls."""
+    calls.append(1)
+    if len(calls) <= times:
+        yield Sql(
+            "DO $$ BEGIN RAISE EXCEPTION 'lost' USING ERRCODE = '" + sqlstate + "'; END $$", {}
+        )
+    yield Sql("UPDATE user_usage SET total_tokens_used = total_tokens_used + 1", {})
+    return len(calls)
+
+
+async def test_a_serialization_failure_is_run_again(
+    dsn: str, transactor: PostgresTransactor
+) -> None:
+    async with connections(dsn, 1) as (monitor,):
+        await add_users(monitor, "a")
+        calls: list[int] = []
+        assert await transactor.run(fail_with, "40001", 2, calls) == 3
+        assert await monitor.fetchval("SELECT total_tokens_used FROM user_usage") == 1
+
+
+async def test_the_retry_is_bounded(dsn: str, transactor: PostgresTransactor) -> None:
+    calls: list[int] = []
+    with pytest.raises(asyncpg.DeadlockDetectedError):
+        await transactor.run(fail_with, "40P01", 100, calls)
+    assert len(calls) == RACE_ATTEMPTS
+
+
+async def test_other_errors_are_not_run_again(dsn: str, transactor: PostgresTransactor) -> None:
+    calls: list[int] = []
+    with pytest.raises(asyncpg.UniqueViolationError):
+        await transactor.run(fail_with, "23505", 100, calls)
+    assert calls == [1]
