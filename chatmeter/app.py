@@ -12,6 +12,7 @@ from starlette.datastructures import State
 from starlette.types import Receive, Scope, Send
 
 from chatmeter import __version__
+from chatmeter.auth.routes import router as keys_router
 from chatmeter.chats.routes import router as chats_router
 from chatmeter.config import Settings, load_settings
 from chatmeter.errors import install_error_handlers
@@ -71,7 +72,8 @@ def create_app(settings: Settings) -> Chatmeter:
     )
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
-    for router in (chats_router, stream_router, usage_router, system_router, web_router):
+    routers = (chats_router, stream_router, usage_router, keys_router, system_router, web_router)
+    for router in routers:
         app.include_router(router)
     install_openapi(app, {"/api/chat/{chat_id}/message": {"post": MESSAGE_OPERATION}})
     return Chatmeter(app, MessageEndpoint(app.state, settings.max_body_bytes))

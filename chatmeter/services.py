@@ -13,6 +13,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from chatmeter.auth.keys import KeyDigester, key_digest_secret
 from chatmeter.auth.tokens import TokenVerifier
 from chatmeter.config import Settings, dev_jwt_secret
 from chatmeter.db.engine import make_engine
@@ -34,6 +35,7 @@ class Services:
     engine: AsyncEngine
     transactor: Transactor
     verifier: TokenVerifier
+    key_digester: KeyDigester
     providers: ProviderRegistry
     counter: TokenCounter
     metrics: Metrics
@@ -92,6 +94,7 @@ async def start_services(settings: Settings, engine: AsyncEngine | None = None) 
             issuer=settings.jwt_issuer,
             algorithms=settings.jwt_algorithms,
         ),
+        key_digester=KeyDigester(key_digest_secret(settings)),
         providers=ProviderRegistry(settings, default_factories()),
         counter=TokenCounter(metrics, settings.count_cache_size),
         metrics=metrics,

@@ -36,7 +36,11 @@ P = ParamSpec("P")
 # at most this many transactions of one turn run on the loop when the writer is idle
 INLINE_MOST = 2
 # imported by the writer process as it starts, so the first exchange does not wait
-TRANSACTION_MODULES = ("chatmeter.streaming.opening", "chatmeter.metering.settlement")
+TRANSACTION_MODULES = (
+    "chatmeter.streaming.opening",
+    "chatmeter.metering.settlement",
+    "chatmeter.auth.keys",
+)
 
 
 class Transactor(Protocol):
