@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import gc
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from starlette.datastructures import State
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from chatmeter import __version__
 from chatmeter.auth.routes import router as keys_router
 from chatmeter.chats.routes import router as chats_router
 from chatmeter.config import Settings, load_settings
+from chatmeter.cors import ApiCors
 from chatmeter.errors import install_error_handlers
 from chatmeter.limits import BodySizeLimit
 from chatmeter.metering.routes import router as usage_router
@@ -38,15 +39,22 @@ class Chatmeter:
     """The ASGI application: the message route served directly (`MessageEndpoint`: it is
     the hot path), everything else by FastAPI (`api`), which also runs the lifespan."""
 
-    def __init__(self, api: FastAPI, messages: MessageEndpoint) -> None:
+    def __init__(
+        self, api: FastAPI, messages: MessageEndpoint, cors_origins: Sequence[str] = ()
+    ) -> None:
         self.api = api
         self.messages = messages
+        # CORS wraps both: the message route bypasses FastAPI's middleware
+        self._entry: ASGIApp = ApiCors(self._route, cors_origins) if cors_origins else self._route
 
     @property
     def state(self) -> State:
         return self.api.state
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._entry(scope, receive, send)
+
+    async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and (match := MESSAGE_PATH.fullmatch(scope["path"])):
             await self.messages(scope, receive, send, match[1])
         else:
@@ -76,7 +84,9 @@ def create_app(settings: Settings) -> Chatmeter:
     for router in routers:
         app.include_router(router)
     install_openapi(app, {"/api/chat/{chat_id}/message": {"post": MESSAGE_OPERATION}})
-    return Chatmeter(app, MessageEndpoint(app.state, settings.max_body_bytes))
+    return Chatmeter(
+        app, MessageEndpoint(app.state, settings.max_body_bytes), settings.cors_origins
+    )
 
 
 def create_app_from_env() -> Chatmeter:
