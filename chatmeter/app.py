@@ -26,6 +26,7 @@ from chatmeter.streaming.routes import MESSAGE_PATH, MessageEndpoint
 from chatmeter.streaming.routes import OPERATION as MESSAGE_OPERATION
 from chatmeter.streaming.routes import router as stream_router
 from chatmeter.system_routes import router as system_router
+from chatmeter.v1.endpoint import OpenAIEndpoint, is_v1
 from chatmeter.web.routes import router as web_router
 
 DESCRIPTION = (
@@ -37,13 +38,19 @@ DESCRIPTION = (
 
 class Chatmeter:
     """The ASGI application: the message route served directly (`MessageEndpoint`: it is
-    the hot path), everything else by FastAPI (`api`), which also runs the lifespan."""
+    the hot path), `/v1` by `OpenAIEndpoint` (OpenAI's shapes, errors included),
+    everything else by FastAPI (`api`), which also runs the lifespan."""
 
     def __init__(
-        self, api: FastAPI, messages: MessageEndpoint, cors_origins: Sequence[str] = ()
+        self,
+        api: FastAPI,
+        messages: MessageEndpoint,
+        openai: OpenAIEndpoint,
+        cors_origins: Sequence[str] = (),
     ) -> None:
         self.api = api
         self.messages = messages
+        self.openai = openai
         # CORS wraps both: the message route bypasses FastAPI's middleware
         self._entry: ASGIApp = ApiCors(self._route, cors_origins) if cors_origins else self._route
 
@@ -57,6 +64,8 @@ class Chatmeter:
     async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and (match := MESSAGE_PATH.fullmatch(scope["path"])):
             await self.messages(scope, receive, send, match[1])
+        elif scope["type"] == "http" and is_v1(scope["path"]):
+            await self.openai(scope, receive, send)
         else:
             await self.api(scope, receive, send)
 
@@ -85,7 +94,10 @@ def create_app(settings: Settings) -> Chatmeter:
         app.include_router(router)
     install_openapi(app, {"/api/chat/{chat_id}/message": {"post": MESSAGE_OPERATION}})
     return Chatmeter(
-        app, MessageEndpoint(app.state, settings.max_body_bytes), settings.cors_origins
+        app,
+        MessageEndpoint(app.state, settings.max_body_bytes),
+        OpenAIEndpoint(app.state, settings.max_body_bytes),
+        settings.cors_origins,
     )
 
 
