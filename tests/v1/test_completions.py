@@ -5,61 +5,18 @@ ledger and budget after each request (one exchange, `chat_id` null, nothing stor
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
-import httpx
 import openai
 import pytest
 import sqlalchemy as sa
-from openai import AsyncOpenAI
 
 from chatmeter.db.tables import chats, messages
 from chatmeter.metering.counting import EXCHANGE_OVERHEAD_TOKENS
 from chatmeter.providers.scripted import scripted_count
-from tests.conftest import auth, make_settings, scripted
+from tests.conftest import auth
 from tests.support.db import books, ledger_row
-from tests.support.server import RunningServer, serve
 from tests.support.waiting import eventually
-
-REPLY = "Hello there, this is a scripted reply."
-SLOW_REPLY = " ".join(f"w{i}" for i in range(40))
-
-
-@dataclass
-class V1:
-    server: RunningServer
-    http: httpx.AsyncClient
-    sdk: AsyncOpenAI
-    key: str
-    user: str
-
-
-async def new_key(http: httpx.AsyncClient, user: str) -> str:
-    response = await http.post("/api/keys", json={"name": "sdk"}, headers=auth(user))
-    assert response.status_code == 201, response.text
-    return str(response.json()["key"])
-
-
-def sdk_for(server: RunningServer, key: str) -> AsyncOpenAI:
-    # no retries: each request is one exchange the test accounts for
-    return AsyncOpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0, timeout=30)
-
-
-@pytest.fixture
-async def v1(database_url: str) -> AsyncIterator[V1]:
-    settings = make_settings(
-        database_url,
-        models={
-            "scripted": scripted(reply=REPLY, chunks=4),
-            "slow": scripted(reply=SLOW_REPLY, chunks=40, delay_ms=20, max_output_tokens=500),
-        },
-    )
-    async with serve(settings) as server:
-        async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
-            key = await new_key(http, "olga")
-            async with sdk_for(server, key) as sdk:
-                yield V1(server, http, sdk, key, "olga")
+from tests.v1.conftest import REPLY, SLOW_REPLY, V1, sdk_for
 
 
 def exchange_id(completion_id: str) -> str:
