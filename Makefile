@@ -22,12 +22,14 @@ run: $(STAMP)
 	$(BIN)/chatmeter db upgrade
 	$(BIN)/chatmeter serve --host $(HOST) --port $(PORT)
 
-# system packages the tests use: PostgreSQL 15 server binaries and Chromium
+# system packages the tests use: PostgreSQL 15 server binaries, Chromium, and Node with
+# npm (the OpenAI JS SDK test installs its npm package into tests/v1/js itself)
 test-deps:
-	@if [ ! -x /usr/lib/postgresql/15/bin/initdb ] || ! command -v chromium >/dev/null; then \
+	@if [ ! -x /usr/lib/postgresql/15/bin/initdb ] || ! command -v chromium >/dev/null \
+		|| ! command -v node >/dev/null || ! command -v npm >/dev/null; then \
 		if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 		$$SUDO apt-get update -qq && \
-		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq postgresql-15 chromium >/dev/null; \
+		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq postgresql-15 chromium nodejs npm >/dev/null; \
 	fi
 
 test: $(STAMP) test-deps

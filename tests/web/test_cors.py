@@ -86,7 +86,11 @@ async ([base, token]) => {
       if (done) break;
       text += decoder.decode(value);
     }
-    return {ok: true, status: reply.status, text};
+    const completion = await fetch(base + "/v1/chat/completions", {method: "POST", headers,
+      body: JSON.stringify({model: "scripted", stream: true,
+                            messages: [{role: "user", content: "hi"}]})});
+    const v1 = await completion.text();
+    return {ok: true, status: reply.status, text, v1};
   } catch (error) {
     return {ok: false, error: String(error)};
   }
@@ -112,6 +116,7 @@ async def test_a_listed_origin_fetches_and_streams_another_does_not(
         assert result["ok"], result
         assert result["status"] == 200
         assert '"done":true' in result["text"]
+        assert result["v1"].rstrip().endswith("data: [DONE]")
         other = await page_at(browser, refused)
         blocked: dict[str, Any] = await other.evaluate(
             FETCH_AND_STREAM, [server.url, token_for("dora")]
