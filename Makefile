@@ -22,13 +22,16 @@ run: $(STAMP)
 	$(BIN)/chatmeter db upgrade
 	$(BIN)/chatmeter serve --host $(HOST) --port $(PORT)
 
-# system packages the tests use: PostgreSQL 15 server binaries, Chromium, redis-server
+# system packages the tests use: PostgreSQL 15 server binaries, Chromium, redis-server, and
+# Node with npm (the OpenAI JS SDK test installs its npm package into tests/v1/js itself)
 test-deps:
 	@if [ ! -x /usr/lib/postgresql/15/bin/initdb ] || ! command -v chromium >/dev/null \
-		|| ! command -v redis-server >/dev/null; then \
+		|| ! command -v redis-server >/dev/null \
+		|| ! command -v node >/dev/null || ! command -v npm >/dev/null; then \
 		if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 		$$SUDO apt-get update -qq && \
-		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq postgresql-15 chromium redis-server >/dev/null; \
+		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq postgresql-15 chromium \
+			redis-server nodejs npm >/dev/null; \
 	fi
 
 test: $(STAMP) test-deps

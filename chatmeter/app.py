@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import gc
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from starlette.datastructures import State
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from chatmeter import __version__
+from chatmeter.auth.routes import router as keys_router
 from chatmeter.chats.routes import router as chats_router
 from chatmeter.config import Settings, load_settings
+from chatmeter.cors import ApiCors
 from chatmeter.errors import install_error_handlers
 from chatmeter.limits import BodySizeLimit
 from chatmeter.metering.routes import router as usage_router
@@ -24,6 +26,7 @@ from chatmeter.streaming.routes import MESSAGE_PATH, MessageEndpoint
 from chatmeter.streaming.routes import OPERATION as MESSAGE_OPERATION
 from chatmeter.streaming.routes import router as stream_router
 from chatmeter.system_routes import router as system_router
+from chatmeter.v1.endpoint import OpenAIEndpoint, is_v1
 from chatmeter.web.routes import router as web_router
 
 DESCRIPTION = (
@@ -35,19 +38,34 @@ DESCRIPTION = (
 
 class Chatmeter:
     """The ASGI application: the message route served directly (`MessageEndpoint`: it is
-    the hot path), everything else by FastAPI (`api`), which also runs the lifespan."""
+    the hot path), `/v1` by `OpenAIEndpoint` (OpenAI's shapes, errors included),
+    everything else by FastAPI (`api`), which also runs the lifespan."""
 
-    def __init__(self, api: FastAPI, messages: MessageEndpoint) -> None:
+    def __init__(
+        self,
+        api: FastAPI,
+        messages: MessageEndpoint,
+        openai: OpenAIEndpoint,
+        cors_origins: Sequence[str] = (),
+    ) -> None:
         self.api = api
         self.messages = messages
+        self.openai = openai
+        # CORS wraps both: the message route bypasses FastAPI's middleware
+        self._entry: ASGIApp = ApiCors(self._route, cors_origins) if cors_origins else self._route
 
     @property
     def state(self) -> State:
         return self.api.state
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._entry(scope, receive, send)
+
+    async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and (match := MESSAGE_PATH.fullmatch(scope["path"])):
             await self.messages(scope, receive, send, match[1])
+        elif scope["type"] == "http" and is_v1(scope["path"]):
+            await self.openai(scope, receive, send)
         else:
             await self.api(scope, receive, send)
 
@@ -71,10 +89,16 @@ def create_app(settings: Settings) -> Chatmeter:
     )
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
-    for router in (chats_router, stream_router, usage_router, system_router, web_router):
+    routers = (chats_router, stream_router, usage_router, keys_router, system_router, web_router)
+    for router in routers:
         app.include_router(router)
     install_openapi(app, {"/api/chat/{chat_id}/message": {"post": MESSAGE_OPERATION}})
-    return Chatmeter(app, MessageEndpoint(app.state, settings.max_body_bytes))
+    return Chatmeter(
+        app,
+        MessageEndpoint(app.state, settings.max_body_bytes),
+        OpenAIEndpoint(app.state, settings.max_body_bytes),
+        settings.cors_origins,
+    )
 
 
 def create_app_from_env() -> Chatmeter:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import tomllib
 from collections.abc import Mapping
@@ -25,6 +26,9 @@ ENV_PREFIX = "CHATMETER_"
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant. Answer clearly and concisely."
 DEV_SECRET_FILE = ".chatmeter/dev-jwt-secret"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+_ORIGIN = re.compile(r"\*|https?://[A-Za-z0-9.\-\[\]:]+")
+# settings that the environment gives as a comma-separated list
+_LIST_FIELDS = frozenset({"jwt_algorithms", "cors_origins"})
 
 
 class ConfigError(Exception):
@@ -99,6 +103,10 @@ class Settings(BaseModel):
     redis_url: str | None = None
     log_level: str = "INFO"
     log_content: bool = False
+    # origins whose pages may call /api and /v1 (CORS); none by default
+    cors_origins: tuple[str, ...] = ()
+    # the HMAC key of API key digests: else derived from the JWT (or development) secret
+    api_key_secret: str | None = Field(default=None, min_length=32)
 
     @field_validator("database_url")
     @classmethod
@@ -121,6 +129,17 @@ class Settings(BaseModel):
         if not value or any(name not in known for name in value):
             raise ValueError(f"each must be one of {', '.join(sorted(known))}")
         return value
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        origins = tuple(origin.rstrip("/") for origin in value if origin.strip())
+        for origin in origins:
+            if not _ORIGIN.fullmatch(origin):
+                raise ValueError(
+                    f"{origin!r} is not an origin (scheme://host[:port], no path), nor *"
+                )
+        return origins
 
     @field_validator("log_level")
     @classmethod
@@ -164,9 +183,7 @@ def _env_values(environ: Mapping[str, str]) -> dict[str, Any]:
         name = key[len(ENV_PREFIX) :].lower()
         if name not in _ENV_FIELDS:
             raise ConfigError(f"unknown setting {key}")
-        values[name] = (
-            [part.strip() for part in raw.split(",")] if name == "jwt_algorithms" else raw
-        )
+        values[name] = [part.strip() for part in raw.split(",")] if name in _LIST_FIELDS else raw
     return values
 
 

@@ -6,6 +6,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from chatmeter.auth.keys import authenticate_key, looks_like_key
 from chatmeter.auth.tokens import InvalidToken, Principal
 from chatmeter.errors import ApiError
 from chatmeter.services import Services
@@ -21,14 +22,18 @@ ServicesDep = Annotated[Services, Depends(get_services)]
 
 
 async def current_user(request: Request, services: ServicesDep) -> Principal:
+    """The caller, from `Authorization: Bearer` with a JWT or an API key (`cm-…`)."""
     headers = request.headers.getlist("authorization")
     # two credentials are ambiguous: a proxy in front may have checked the other one
     header = headers[0] if len(headers) == 1 else ""
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise ApiError(401, "UNAUTHORIZED", "Sign in: send Authorization: Bearer <token>.")
+    token = token.strip()
     try:
-        return await services.verifier.verify(token.strip())
+        if looks_like_key(token):
+            return await authenticate_key(services.transactor, services.key_digester, token)
+        return await services.verifier.verify(token)
     except InvalidToken as exc:
         raise ApiError(401, "UNAUTHORIZED", f"Sign in again: {exc}.") from None
 

@@ -14,6 +14,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from chatmeter.auth.keys import KeyDigester, key_digest_secret
 from chatmeter.auth.tokens import TokenVerifier
 from chatmeter.config import Settings, dev_jwt_secret
 from chatmeter.db.engine import make_engine
@@ -38,6 +39,7 @@ class Services:
     engine: AsyncEngine
     transactor: Transactor
     verifier: TokenVerifier
+    key_digester: KeyDigester
     providers: ProviderRegistry
     counter: TokenCounter
     metrics: Metrics
@@ -103,6 +105,7 @@ async def start_services(settings: Settings, engine: AsyncEngine | None = None) 
             issuer=settings.jwt_issuer,
             algorithms=settings.jwt_algorithms,
         ),
+        key_digester=KeyDigester(key_digest_secret(settings)),
         providers=ProviderRegistry(settings, default_factories()),
         counter=TokenCounter(metrics, settings.count_cache_size),
         metrics=metrics,

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from typing import Annotated
+import uuid
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -22,12 +24,15 @@ app = typer.Typer(
 )
 db_app = typer.Typer(help="Database commands.", no_args_is_help=True)
 users_app = typer.Typer(help="Users' token budgets.", no_args_is_help=True)
+keys_app = typer.Typer(help="API keys, made and revoked for a user.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(users_app, name="users")
+app.add_typer(keys_app, name="keys")
 app.command("chat")(chat_command)
 app.command("bench")(bench_command)
 console = Console()
 errors = Console(stderr=True)
+T = TypeVar("T")
 
 
 def settings_or_exit() -> Settings:
@@ -173,11 +178,16 @@ def _usage_table(usage: dict[str, int]) -> Table:
 
 
 def _usage_or_exit(user: str, limit: int | None) -> dict[str, int]:
+    settings = settings_or_exit()
+    return _run_or_exit(settings, _with_connection(settings, user, limit))
+
+
+def _run_or_exit(settings: Settings, work: Coroutine[Any, Any, T]) -> T:
+    """Run a database command; a database that is away is a clear message, exit 1."""
     from sqlalchemy.exc import SQLAlchemyError
 
-    settings = settings_or_exit()
     try:
-        return asyncio.run(_with_connection(settings, user, limit))
+        return asyncio.run(work)
     except (SQLAlchemyError, OSError) as exc:
         cause = str(getattr(exc, "orig", None) or exc).splitlines()[0]
         errors.print(
@@ -197,6 +207,91 @@ def users_set_limit(user: str, limit: Annotated[int, typer.Argument(min=0)]) -> 
 def users_usage(user: str) -> None:
     """Show a user's usage and budget."""
     console.print(_usage_table(_usage_or_exit(user, None)))
+
+
+async def _with_keys(
+    settings: Settings, work: Callable[[Any, Any], Awaitable[T]], *, write: bool = False
+) -> T:
+    """Run `work(connection, digester)` in one transaction."""
+    from chatmeter.auth.keys import KeyDigester, key_digest_secret
+    from chatmeter.chats.store import write_transaction
+    from chatmeter.db.engine import make_engine
+
+    digester = KeyDigester(key_digest_secret(settings))
+    engine = make_engine(settings.database_url)
+    try:
+        if write:
+            async with write_transaction(engine) as conn:
+                return await work(conn, digester)
+        async with engine.connect() as conn:
+            return await work(conn, digester)
+    finally:
+        await engine.dispose()
+
+
+UserOption = Annotated[str, typer.Option("--user", help="The user the key acts as.")]
+
+
+@keys_app.command("create")
+def keys_create(
+    user: UserOption,
+    name: Annotated[str, typer.Option(help="What the key is for.")] = "cli",
+) -> None:
+    """Make a key for a user and print it: it is shown this once."""
+    from chatmeter.auth.key_store import create_key
+    from chatmeter.errors import ApiError
+
+    settings = settings_or_exit()
+    clean = name.strip()
+    if not clean or len(clean) > 100 or not clean.isprintable():
+        errors.print("[red]--name:[/red] 1 to 100 printable characters")
+        raise typer.Exit(2)
+    try:
+        created = _run_or_exit(
+            settings,
+            _with_keys(settings, lambda conn, d: create_key(conn, d, user, clean), write=True),
+        )
+    except ApiError as exc:
+        errors.print(f"[red]{exc.message}[/red]")
+        raise typer.Exit(1) from None
+    errors.print(f"key {created['key_id']} ({created['name']}) for {user}; shown this once:")
+    print(created["key"])
+
+
+@keys_app.command("list")
+def keys_list(user: UserOption) -> None:
+    """A user's live keys (never their secrets)."""
+    from chatmeter.auth.key_store import list_keys
+
+    settings = settings_or_exit()
+    keys = _run_or_exit(settings, _with_keys(settings, lambda conn, _: list_keys(conn, user)))
+    table = Table(title=f"API keys of {user}")
+    for column in ("key_id", "name", "created_at", "last_used_at"):
+        table.add_column(column.replace("_", " "))
+    for key in keys:
+        table.add_row(key["key_id"], key["name"], key["created_at"], key["last_used_at"] or "-")
+    console.print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: str, user: UserOption) -> None:
+    """Revoke a user's key: it stops working at once, on every worker."""
+    from chatmeter.auth.key_store import revoke_key
+
+    settings = settings_or_exit()
+    try:
+        key_uuid = uuid.UUID(key_id)
+    except ValueError:
+        errors.print("[red]KEY_ID:[/red] not a valid UUID")
+        raise typer.Exit(2) from None
+    revoked = _run_or_exit(
+        settings,
+        _with_keys(settings, lambda conn, _: revoke_key(conn, user, key_uuid), write=True),
+    )
+    if not revoked:
+        errors.print(f"[red]{user} holds no live key {key_id}[/red]")
+        raise typer.Exit(1)
+    console.print(f"[green]revoked[/green] {key_id}")
 
 
 def main() -> None:

@@ -91,7 +91,8 @@ usage_events = sa.Table(
     metadata,
     sa.Column("event_id", sa.Uuid, primary_key=True),
     sa.Column("user_id", sa.String(255), nullable=False),
-    sa.Column("chat_id", sa.Uuid, nullable=False),
+    # null for an exchange of the OpenAI-compatible endpoint: it belongs to no chat
+    sa.Column("chat_id", sa.Uuid, nullable=True),
     # unique: an exchange is billed once, whatever retries or replays happen
     sa.Column("message_id", sa.Uuid, nullable=False, unique=True),
     sa.Column("model", sa.String(100), nullable=False),
@@ -107,17 +108,33 @@ usage_events = sa.Table(
 
 # One row per reply being generated: the budget it holds, the 409 rule (one per chat,
 # across every worker) and the stop flag. A row whose lease expired belonged to a process
-# that died; it is released by the sweeper.
+# that died; it is released by the sweeper. An exchange without a chat (the
+# OpenAI-compatible endpoint) has a null chat_id: unique ignores nulls, so it claims none.
 reservations = sa.Table(
     "reservations",
     metadata,
     sa.Column("reservation_id", sa.Uuid, primary_key=True),
     sa.Column("user_id", sa.String(255), nullable=False),
-    sa.Column("chat_id", sa.Uuid, nullable=False, unique=True),
+    sa.Column("chat_id", sa.Uuid, nullable=True, unique=True),
     sa.Column("tokens", sa.BigInteger, nullable=False),
     sa.Column("worker_id", sa.String(64), nullable=False),
     sa.Column("stop_requested", sa.Boolean, nullable=False, default=False),
     sa.Column("expires_at", UtcDateTime, nullable=False),
     sa.Column("created_at", UtcDateTime, nullable=False),
     sa.Index(None, "expires_at"),
+)
+
+# API keys (SPEC section 12): only an HMAC-SHA256 digest of the secret is kept, looked up
+# by its unique index on every request, so a revoked key fails at once on every worker.
+api_keys = sa.Table(
+    "api_keys",
+    metadata,
+    sa.Column("key_id", sa.Uuid, primary_key=True),
+    sa.Column("user_id", sa.String(255), nullable=False),
+    sa.Column("name", sa.String(100), nullable=False),
+    sa.Column("key_digest", sa.String(64), nullable=False, unique=True),
+    sa.Column("created_at", UtcDateTime, nullable=False),
+    sa.Column("last_used_at", UtcDateTime, nullable=True),
+    sa.Column("revoked_at", UtcDateTime, nullable=True),
+    sa.Index(None, "user_id", "created_at"),
 )

@@ -37,7 +37,11 @@ P = ParamSpec("P")
 # at most this many transactions of one turn run on the loop when the writer is idle
 INLINE_MOST = 2
 # imported by the writer process as it starts, so the first exchange does not wait
-TRANSACTION_MODULES = ("chatmeter.streaming.opening", "chatmeter.metering.settlement")
+TRANSACTION_MODULES = (
+    "chatmeter.streaming.opening",
+    "chatmeter.metering.settlement",
+    "chatmeter.auth.keys",
+)
 # PostgreSQL chose this transaction to lose a race (deadlock, serialization failure):
 # it rolled it back, and running it again is the remedy
 RACE_LOST = frozenset({"40P01", "40001"})

@@ -87,7 +87,7 @@ async def set_limit(conn: AsyncConnection, user_id: str, limit: int) -> Any:
 def event_json(row: Any) -> dict[str, Any]:
     return {
         "event_id": str(row.event_id),
-        "chat_id": str(row.chat_id),
+        "chat_id": None if row.chat_id is None else str(row.chat_id),  # None: via /v1
         "message_id": str(row.message_id),
         "model": row.model,
         "prompt_tokens": row.prompt_tokens,

@@ -6,8 +6,9 @@ concurrent requests can never both pass a check and then both spend. Settlement 
 the reservation for the real figure in the same transaction that writes the ledger row.
 
 Each reservation is also a row of `reservations`: one per chat (the 409 rule, across
-workers), with a lease that the streaming process renews. A process that dies stops
-renewing; `release_expired` hands its tokens back.
+workers; an exchange without a chat claims none), with a lease that the streaming
+process renews. A process that dies stops renewing; `release_expired` hands its tokens
+back.
 
 The functions are transaction steps (`chatmeter.db.steps`): they yield SQL and are
 composed with `yield from` into the transactions of the message path.
@@ -38,7 +39,7 @@ _REMAINING = "token_limit - total_tokens_used - reserved_tokens"
 class Reservation(Sendable):
     reservation_id: uuid.UUID
     user_id: str
-    chat_id: uuid.UUID
+    chat_id: uuid.UUID | None
     tokens: int
     prompt_estimate: int
 
@@ -93,7 +94,7 @@ def _remaining(user_id: str) -> Steps[int | None]:
 def reserve_budget(
     *,
     user_id: str,
-    chat_id: uuid.UUID,
+    chat_id: uuid.UUID | None,
     prompt_estimate: int,
     max_output_tokens: int,
     default_limit: int,
@@ -156,7 +157,7 @@ def _claim_chat(
             "ON CONFLICT (chat_id) DO NOTHING RETURNING reservation_id",
             values,
         )
-        if rows:
+        if rows or reservation.chat_id is None:  # null chat ids never conflict
             return True
         # the chat holds a reservation: a live reply (409), or one whose process died.
         # The chat is this user's, whose row `_take` has locked: the lock order holds.

@@ -42,7 +42,7 @@ T = TypeVar("T")
 
 def _encode(s: Settlement) -> bytes:
     values: dict[str, Any] = asdict(s)
-    values["chat_id"] = str(s.chat_id)
+    values["chat_id"] = None if s.chat_id is None else str(s.chat_id)
     values["reservation_id"] = str(s.reservation_id)
     values["message_id"] = str(s.message_id)
     values["created_at"] = s.created_at.isoformat()
@@ -53,7 +53,7 @@ def _decode(line: bytes) -> Settlement:
     values = orjson.loads(line)
     return Settlement(
         user_id=values["user_id"],
-        chat_id=uuid.UUID(values["chat_id"]),
+        chat_id=None if values["chat_id"] is None else uuid.UUID(values["chat_id"]),
         model=values["model"],
         reservation_id=uuid.UUID(values["reservation_id"]),
         message_id=uuid.UUID(values["message_id"]),

@@ -32,7 +32,7 @@ class UsageOut(BaseModel):
 class UsageEvent(BaseModel):
     model_config = ConfigDict(extra="forbid")
     event_id: uuid.UUID
-    chat_id: uuid.UUID
+    chat_id: uuid.UUID | None = Field(description="null for an exchange of /v1")
     message_id: uuid.UUID
     model: str
     prompt_tokens: int = Field(ge=0)

@@ -3,6 +3,8 @@
 One transaction saves the assistant message, writes the ledger row, adds to the user's
 total and releases the reservation. The assistant message id is the idempotency key: a
 retry after a lost commit acknowledgement finds the message and writes nothing twice.
+An exchange without a chat (the OpenAI-compatible endpoint) saves no message: its
+ledger row, unique by that id, is the key.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ log = logging.getLogger("chatmeter.metering")
 @dataclass(frozen=True, slots=True)
 class Settlement(Sendable):
     user_id: str
-    chat_id: uuid.UUID
+    chat_id: uuid.UUID | None  # None: an exchange of /v1, which belongs to no chat
     model: str
     reservation_id: uuid.UUID
     message_id: uuid.UUID
@@ -46,7 +48,8 @@ def settle_steps(s: Settlement, *, is_retry: bool = False) -> Steps[None]:
         # the user's row locked first: a settlement of the same message committing
         # meanwhile (another process replaying the same outbox) is then seen here
         yield from lock_user(s.user_id)
-        done = yield Sql("SELECT 1 FROM messages WHERE message_id = :id", {"id": s.message_id})
+        table = "usage_events" if s.chat_id is None else "messages"
+        done = yield Sql(f"SELECT 1 FROM {table} WHERE message_id = :id", {"id": s.message_id})
         if done:
             return
     usage = s.usage
@@ -57,24 +60,25 @@ def settle_steps(s: Settlement, *, is_retry: bool = False) -> Steps[None]:
         {"total": usage.total_tokens, "now": s.created_at, "user_id": s.user_id},
     )
     released = yield from take_reservation(s.reservation_id)
-    yield Sql(
-        "INSERT INTO messages (message_id, chat_id, role, content, tokens_consumed, status, "
-        "prompt_tokens, completion_tokens, metering_source, finish_reason, created_at) "
-        "VALUES (:message_id, :chat_id, 'assistant', :content, :total, :status, :prompt, "
-        ":completion, :source, :finish_reason, :created_at)",
-        {
-            "message_id": s.message_id,
-            "chat_id": s.chat_id,
-            "content": s.content,
-            "total": usage.total_tokens,
-            "status": s.status,
-            "prompt": usage.prompt_tokens,
-            "completion": usage.completion_tokens + usage.thinking_tokens,
-            "source": s.source,
-            "finish_reason": s.finish_reason,
-            "created_at": s.created_at,
-        },
-    )
+    if s.chat_id is not None:
+        yield Sql(
+            "INSERT INTO messages (message_id, chat_id, role, content, tokens_consumed, status, "
+            "prompt_tokens, completion_tokens, metering_source, finish_reason, created_at) "
+            "VALUES (:message_id, :chat_id, 'assistant', :content, :total, :status, :prompt, "
+            ":completion, :source, :finish_reason, :created_at)",
+            {
+                "message_id": s.message_id,
+                "chat_id": s.chat_id,
+                "content": s.content,
+                "total": usage.total_tokens,
+                "status": s.status,
+                "prompt": usage.prompt_tokens,
+                "completion": usage.completion_tokens + usage.thinking_tokens,
+                "source": s.source,
+                "finish_reason": s.finish_reason,
+                "created_at": s.created_at,
+            },
+        )
     if usage.total_tokens:
         yield Sql(
             "INSERT INTO usage_events (event_id, user_id, chat_id, message_id, model, "
@@ -102,10 +106,11 @@ def settle_steps(s: Settlement, *, is_retry: bool = False) -> Steps[None]:
             "WHERE user_id = :user_id",
             {"released": released, "user_id": s.user_id},
         )
-    yield Sql(
-        "UPDATE chats SET updated_at = :now WHERE chat_id = :chat_id",
-        {"now": s.created_at, "chat_id": s.chat_id},
-    )
+    if s.chat_id is not None:
+        yield Sql(
+            "UPDATE chats SET updated_at = :now WHERE chat_id = :chat_id",
+            {"now": s.created_at, "chat_id": s.chat_id},
+        )
 
 
 async def settle(transactor: Transactor, s: Settlement, *, is_retry: bool = False) -> None:

@@ -3,6 +3,8 @@
     open_exchange:   verify chat -> load history -> reserve budget -> save user message
                      (one write transaction, `opening.py`; a refusal is a JSON error and
                      saves nothing)
+    open_prompt_exchange: the same for a conversation the client sent (the
+                     OpenAI-compatible endpoint): reserve budget, no chat, nothing saved
     Exchange.events: stream pieces from the provider as they arrive -> settle -> end event
 
 Settlement runs on every path: the end, a stop, the client leaving, a provider failure.
@@ -14,12 +16,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
 from chatmeter.auth.tokens import Principal
+from chatmeter.db.steps import Steps
 from chatmeter.db.tables import utcnow
 from chatmeter.db.transactor import WriterGone
 from chatmeter.errors import ApiError
@@ -35,7 +38,15 @@ from chatmeter.providers.base import (
     Usage,
 )
 from chatmeter.services import Services
-from chatmeter.streaming.opening import PromptTooLarge, open_steps, undo_opening
+from chatmeter.streaming.opening import (
+    Opened,
+    Prompt,
+    PromptTooLarge,
+    context_length_exceeded,
+    open_prompt_steps,
+    open_steps,
+    undo_opening,
+)
 from chatmeter.streaming.text import storable
 
 log = logging.getLogger("chatmeter.exchange")
@@ -50,41 +61,56 @@ STREAM_ERROR_MESSAGES = {
 }
 
 
-async def count_bare_prompt(services: Services, model: str, system: str, message: str) -> int:
-    """The exact size of system prompt plus message with the model's tokenizer: only
-    asked when the cheap bound says the message alone may not fit (long non-ASCII text),
-    so such a message is refused only when it really does not fit."""
+def message_too_long() -> ApiError:
+    return ApiError(400, "INVALID_MESSAGE", "The message is too long for this chat's model.")
+
+
+async def count_bare_prompt(
+    services: Services,
+    model: str,
+    system: str,
+    texts: list[str],
+    refusal: Callable[[], ApiError] = message_too_long,
+) -> int:
+    """The exact size of system prompt plus `texts` with the model's tokenizer: only
+    asked when the cheap bound says they may not fit (long non-ASCII text), so such a
+    prompt is refused only when it really does not fit."""
     try:
         provider = await services.providers.get(model)
-        counts = await services.counter.count(provider, system, [message])
+        counts = await services.counter.count(provider, system, texts)
     except Exception:
-        raise ApiError(
-            400, "INVALID_MESSAGE", "The message is too long for this chat's model."
-        ) from None
-    return counts + 2 * PER_MESSAGE_OVERHEAD + EXCHANGE_OVERHEAD_TOKENS
+        raise refusal() from None
+    return counts + (len(texts) + 1) * PER_MESSAGE_OVERHEAD + EXCHANGE_OVERHEAD_TOKENS
 
 
 @dataclass(eq=False)
 class Exchange:
-    """An exchange whose checks passed: budget reserved, user message saved."""
+    """An exchange whose checks passed: budget reserved, user message saved. Without a
+    chat (`chat_id` None, the OpenAI-compatible endpoint) nothing of it is saved but its
+    ledger row, keyed by `message_id`."""
 
     services: Services
     user_id: str
-    chat_id: uuid.UUID
+    chat_id: uuid.UUID | None
     model: str
     request: GenerationRequest
     reservation: Reservation
-    user_message_id: uuid.UUID
-    user_message_at: datetime
+    user_message_id: uuid.UUID | None
+    user_message_at: datetime | None
     message_id: uuid.UUID = field(default_factory=new_id)
     started: bool = False
     asked: bool = False  # whether the provider may have received the request
+    billed: Metered | None = None  # what settlement billed, once it ran
 
     async def events(self) -> AsyncGenerator[dict[str, Any], None]:
         """Chunk events as the provider produces them, then the end (or error) event."""
         self.started = True
         services = self.services
-        reply = services.replies.register(self.chat_id, self.reservation.reservation_id)
+        # a reply without a chat is known by its own id: only its client's leaving stops it
+        reply = services.replies.register(
+            self.message_id if self.chat_id is None else self.chat_id,
+            self.reservation.reservation_id,
+        )
         pieces: list[str] = []
         outcome = StreamOutcome()
         failure: ProviderError | None = None
@@ -169,6 +195,7 @@ class Exchange:
                 await self._provider_or_none(), self.request, content, outcome.usage
             )
         finish = _finish_reason(status, outcome)
+        self.billed = metered
         settlement = self._settlement(content, status, finish, metered)
         saved = await self._write(settlement)
         usage = metered.usage
@@ -181,7 +208,7 @@ class Exchange:
             "done": True,
             "tokens_used": usage.total_tokens,
             "message_id": str(self.message_id),
-            "user_message_id": str(self.user_message_id),
+            "user_message_id": _str_or_none(self.user_message_id),
             "finish_reason": finish,
             "usage": {
                 "prompt_tokens": usage.prompt_tokens,
@@ -212,7 +239,9 @@ class Exchange:
         self, content: str, status: str, finish: str | None, metered: Metered
     ) -> Settlement:
         # strictly after the user message, so history keeps its order
-        created_at = max(utcnow(), self.user_message_at + timedelta(microseconds=1))
+        created_at = utcnow()
+        if self.user_message_at is not None:
+            created_at = max(created_at, self.user_message_at + timedelta(microseconds=1))
         return Settlement(
             user_id=self.user_id,
             chat_id=self.chat_id,
@@ -262,6 +291,10 @@ def _finish_reason(status: str, outcome: StreamOutcome) -> str:
     return {"stopped": "stopped", "interrupted": "interrupted"}.get(status, "error")
 
 
+def _str_or_none(value: uuid.UUID | None) -> str | None:
+    return None if value is None else str(value)
+
+
 def _uncancel() -> None:
     task = asyncio.current_task()
     if task is not None:
@@ -274,43 +307,68 @@ async def open_exchange(
     """The checks of the contract in order (chat 404/403, budget 403, reply 409), the
     history, the reservation and the user message: one write transaction, so a refusal
     leaves nothing behind."""
+    user_message_id = new_id()
     try:
-        return await _open(services, user, chat_id, message, None)
+        return await _open_chat(services, user, chat_id, message, None, user_message_id)
     except PromptTooLarge as too_large:
         exact = await count_bare_prompt(
             services,
             too_large.args[0],
             services.settings.system_prompt_for(too_large.args[0]),
-            message,
+            [message],
         )
-        return await _open(services, user, chat_id, message, exact)
+        return await _open_chat(services, user, chat_id, message, exact, user_message_id)
 
 
-async def _open(
+async def _open_chat(
     services: Services,
     user: Principal,
     chat_id: uuid.UUID,
     message: str,
     exact_prompt: int | None,
+    user_message_id: uuid.UUID,
 ) -> Exchange:
-    rules = services.opening_rules
-    user_message_id = new_id()
+    args = (chat_id, message, exact_prompt, user_message_id)
     try:
-        try:
-            opened = await services.transactor.run(
-                open_steps, rules, user.user_id, chat_id, message, exact_prompt, user_message_id
-            )
-        except WriterGone:
-            # the SQLite writer process died before it answered: the opening may have
-            # committed, and its reservation would hold the chat (409) until its lease
-            # ran out. Take it back if it did (a new process is started), then open again.
-            undone = await services.transactor.run(
-                undo_opening, user.user_id, chat_id, user_message_id, rules.worker_id
-            )
-            log.warning("the writer process died during an opening (committed: %s)", undone)
-            opened = await services.transactor.run(
-                open_steps, rules, user.user_id, chat_id, message, exact_prompt, user_message_id
-            )
+        return await _open(services, user, chat_id, open_steps, *args)
+    except WriterGone:
+        # the SQLite writer process died before it answered: the opening may have
+        # committed, and its reservation would hold the chat (409) until its lease ran
+        # out. Take it back if it did (a new process is started), then open again.
+        rules = services.opening_rules
+        undone = await services.transactor.run(
+            undo_opening, user.user_id, chat_id, user_message_id, rules.worker_id
+        )
+        log.warning("the writer process died during an opening (committed: %s)", undone)
+        return await _open(services, user, chat_id, open_steps, *args)
+
+
+async def open_prompt_exchange(services: Services, user: Principal, prompt: Prompt) -> Exchange:
+    """An exchange for a conversation the client sent (SPEC section 12): the same
+    reservation, provider, metering and settlement as a chat's, with no chat. Refusals:
+    budget 403, context 400 (`ApiError`)."""
+    try:
+        return await _open(services, user, None, open_prompt_steps, prompt, None)
+    except PromptTooLarge:
+        system = prompt.system_prompt
+        if system is None:
+            system = services.settings.system_prompt_for(prompt.model)
+        exact = await count_bare_prompt(
+            services, prompt.model, system, prompt.texts(), context_length_exceeded
+        )
+        return await _open(services, user, None, open_prompt_steps, prompt, exact)
+
+
+async def _open(
+    services: Services,
+    user: Principal,
+    chat_id: uuid.UUID | None,
+    steps: Callable[..., Steps[Opened]],
+    *args: object,
+) -> Exchange:
+    """Run an opening transaction, `steps(rules, user_id, *args)`, and make its exchange."""
+    try:
+        opened = await services.transactor.run(steps, services.opening_rules, user.user_id, *args)
     except ApiError as exc:
         if exc.code == "TOKEN_BUDGET_EXCEEDED":
             services.metrics.budget_refusals.inc()

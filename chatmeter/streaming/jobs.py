@@ -28,7 +28,10 @@ def first_event(exchange: Exchange) -> dict[str, Any]:
 
 
 async def begin_reply(exchange: Exchange, replies: ReplyLog) -> uuid.UUID:
-    """Open the reply's log with its first event; returns the reply id to read."""
+    """Open the reply's log with its first event; returns the reply id to read. Only a
+    chat's reply is resumable (an OpenAI-style exchange has no chat to resume from)."""
+    if exchange.chat_id is None:
+        raise ValueError("only a chat's reply has a log")
     await replies.begin(exchange.message_id, exchange.chat_id, first_event(exchange))
     return exchange.message_id
 

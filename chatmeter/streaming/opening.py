@@ -2,6 +2,9 @@
 history, fit the prompt to the model's context window, reserve the budget and save the
 user message, all or nothing. A refusal raises `ApiError` and leaves nothing behind.
 
+An exchange of the OpenAI-compatible endpoint (SPEC section 12) has no chat: the client
+sends the whole conversation (`Prompt`), which is reserved for as sent and not stored.
+
 It takes plain values only (`OpeningRules` holds what it needs of the settings): on
 SQLite it runs in the writer process (`db/sqlite_process.py`)."""
 
@@ -63,8 +66,24 @@ class Opened(Sendable):
     model: str
     request: GenerationRequest
     reservation: Reservation
-    user_message_id: uuid.UUID
-    user_message_at: datetime
+    user_message_id: uuid.UUID | None  # None without a chat: nothing is saved
+    user_message_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class Prompt(Sendable):
+    """A conversation the client owns, sent as given: its system prompt (None: the
+    model's), the turns before the last user message, that message, and the most output
+    the client asks for (None: the model's cap)."""
+
+    model: str
+    system_prompt: str | None
+    history: tuple[ChatTurn, ...]
+    message: str
+    max_output_tokens: int | None
+
+    def texts(self) -> list[str]:
+        return [*(turn.content for turn in self.history), self.message]
 
 
 class PromptTooLarge(Exception):
@@ -177,3 +196,42 @@ def undo_opening(
         return False
     yield from release_chat(user_id, chat_id, worker_id)
     return True
+
+
+def context_length_exceeded() -> ApiError:
+    return ApiError(
+        400, "CONTEXT_LENGTH_EXCEEDED", "The messages are too long for this model's context."
+    )
+
+
+def open_prompt_steps(
+    rules: OpeningRules, user_id: str, prompt: Prompt, exact_prompt: int | None
+) -> Steps[Opened]:
+    """Reserve for a whole conversation the client sent (no chat, nothing saved): the
+    prompt's bound (or `exact_prompt`, its counted size) plus the output cap, which is
+    the least of the client's, the model's, the context's room and the budget's."""
+    limits = rules.models[prompt.model]
+    system = limits.system_prompt if prompt.system_prompt is None else prompt.system_prompt
+    if exact_prompt is None:
+        texts = [system, *prompt.texts()]
+        size = sum(map(text_bound, texts)) + EXCHANGE_OVERHEAD_TOKENS
+    else:
+        size = exact_prompt
+    room = limits.context_window - size
+    if room < 1:
+        if exact_prompt is None:
+            raise PromptTooLarge(prompt.model)
+        raise context_length_exceeded()
+    cap = min(limits.max_output_tokens, room, prompt.max_output_tokens or room)
+    reservation = yield from reserve_budget(
+        user_id=user_id,
+        chat_id=None,
+        prompt_estimate=size,
+        max_output_tokens=cap,
+        default_limit=rules.default_token_limit,
+        worker_id=rules.worker_id,
+        ttl_seconds=rules.reservation_ttl_seconds,
+        now=utcnow(),
+    )
+    request = GenerationRequest(system, prompt.history, prompt.message, reservation.output_cap)
+    return Opened(prompt.model, request, reservation, None, None)

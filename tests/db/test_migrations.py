@@ -13,6 +13,7 @@ import sqlalchemy as sa
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from chatmeter.db.engine import make_engine
@@ -137,8 +138,10 @@ async def test_upgrade_from_empty_creates_the_spec_tables(
     assert ("message_id",) in unique, "an exchange is billed once"
     nullable = {name for name, c in tables["messages"]["columns"].items() if c["nullable"]}
     assert nullable == {"prompt_tokens", "completion_tokens", "metering_source", "finish_reason"}
-    for table in ("chats", "user_usage", "usage_events"):
+    for table in ("chats", "user_usage"):
         assert not any(c["nullable"] for c in tables[table]["columns"].values()), table
+    nullable = {name for name, c in tables["usage_events"]["columns"].items() if c["nullable"]}
+    assert nullable == {"chat_id"}, "only an exchange of /v1 has no chat"
     if backend == "postgres":
         chats = tables["chats"]["columns"]
         assert isinstance(chats["chat_id"]["type"], sa.Uuid)
@@ -147,7 +150,8 @@ async def test_upgrade_from_empty_creates_the_spec_tables(
         assert isinstance(tables["user_usage"]["columns"]["token_limit"]["type"], sa.BigInteger)
     async with engine.connect() as conn:
         version = (await conn.execute(sa.text("SELECT version_num FROM alembic_version"))).all()
-    assert version == [("0001",)]
+    head = ScriptDirectory.from_config(alembic_config(empty_url)).get_current_head()
+    assert version == [(head,)]
 
 
 async def test_migrated_schema_matches_the_tables_module(
@@ -183,3 +187,49 @@ async def test_upgrade_helper_is_idempotent_inside_a_running_loop(
     upgrade(empty_url)  # from inside this event loop: runs in a thread of its own
     upgrade(empty_url)
     assert await schema_differences(engine) == []
+
+
+async def test_downgrade_keeps_chatless_ledger_rows_and_hands_back_their_reservations(
+    empty_url: str, engine: AsyncEngine
+) -> None:
+    """Below 0003 there is no null chat_id: a /v1 ledger row keeps its tokens under the
+    nil chat id, and a /v1 reservation in flight gives its tokens back."""
+    await run_alembic(command.upgrade, empty_url, "0003_api_keys")
+    ids = {"e": uuid.uuid4(), "m": uuid.uuid4(), "r": uuid.uuid4(), "c": uuid.uuid4()}
+    async with engine.begin() as conn:
+        await conn.execute(
+            sa.text(
+                "INSERT INTO user_usage (user_id, total_tokens_used, token_limit,"
+                " reserved_tokens, updated_at) VALUES ('u', 7, 100, 30, CURRENT_TIMESTAMP)"
+            )
+        )
+        await conn.execute(
+            sa.text(
+                "INSERT INTO usage_events (event_id, user_id, chat_id, message_id, model,"
+                " prompt_tokens, completion_tokens, thinking_tokens, cached_tokens,"
+                " total_tokens, source, created_at) VALUES (:e, 'u', NULL, :m, 'x', 5, 2, 0,"
+                " 0, 7, 'provider', CURRENT_TIMESTAMP)"
+            ).bindparams(sa.bindparam("e", type_=sa.Uuid()), sa.bindparam("m", type_=sa.Uuid())),
+            {"e": ids["e"], "m": ids["m"]},
+        )
+        for reservation, chat, tokens in ((ids["r"], None, 20), (uuid.uuid4(), ids["c"], 10)):
+            await conn.execute(
+                sa.text(
+                    "INSERT INTO reservations (reservation_id, user_id, chat_id, tokens,"
+                    " worker_id, stop_requested, expires_at, created_at) VALUES (:r, 'u', :c,"
+                    " :t, 'w', false, CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"
+                ).bindparams(
+                    sa.bindparam("r", type_=sa.Uuid()), sa.bindparam("c", type_=sa.Uuid())
+                ),
+                {"r": reservation, "c": chat, "t": tokens},
+            )
+    await run_alembic(command.downgrade, empty_url, "0001")
+    async with engine.connect() as conn:
+        ledger = (await conn.execute(sa.text("SELECT total_tokens FROM usage_events"))).all()
+        reserved = (
+            await conn.execute(sa.text("SELECT reserved_tokens FROM user_usage"))
+        ).scalar_one()
+        left = (await conn.execute(sa.text("SELECT tokens FROM reservations"))).all()
+    assert ledger == [(7,)]
+    assert reserved == 10
+    assert left == [(10,)]
