@@ -456,8 +456,9 @@ Every server runs as a process of its own with one uvicorn worker (uvloop, httpt
 started the way production starts it (`chatmeter serve --workers 1`); the load comes from
 other processes. The **floor** (`chatmeter/bench/floor.py`) is a bare Starlette SSE endpoint
 served with the same uvicorn settings that streams the same pieces with the same pacing and
-event framing (`id: N` / `data: {json}`), and an end event of the same shape, with no auth,
-database or metering. Whatever chatmeter costs beyond the floor is what chatmeter adds.
+event framing (`id: N` / `data: {json}`), a first event naming the reply and an end event of
+the same shapes, with no auth, database or metering. Whatever chatmeter costs beyond the
+floor is what chatmeter adds.
 
 - **Load generator**: `wrk` (C, epoll), with one thread per connection (`-t N -c N`) so
   that each connection is one client with its own user, token and chat, all made before
