@@ -48,32 +48,36 @@ async def _trial(
 
     end: dict[str, object] | None = None
     ended_at = 0.0
-    async with on_a.stream(
-        "POST", slot.path, json={"message": BENCH_MESSAGE}, headers=headers
-    ) as response:
-        if response.status_code != 200:
-            raise TrialFailed(f"HTTP {response.status_code} from the generating worker")
-        pieces = 0
-        async for line in response.aiter_lines():
-            if not line.startswith("data:"):
-                continue
-            event = orjson.loads(line[5:])
-            if event.get("done") or event.get("error"):
-                ended_at = time.perf_counter()
-                end = event
-                break
-            if event.get("chunk"):
-                pieces += 1
-                if stop is None and pieces >= stop_after:
-                    sent_at = time.perf_counter()
-                    stop = asyncio.create_task(send_stop())
+    pieces = 0
+    try:
+        async with on_a.stream(
+            "POST", slot.path, json={"message": BENCH_MESSAGE}, headers=headers
+        ) as response:
+            if response.status_code != 200:
+                raise TrialFailed(f"HTTP {response.status_code} from the generating worker")
+            async for line in response.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                event = orjson.loads(line[5:])
+                if event.get("done") or event.get("error"):
+                    ended_at = time.perf_counter()
+                    end = event
+                    break
+                if event.get("chunk"):
+                    pieces += 1
+                    if stop is None and pieces >= stop_after:
+                        sent_at = time.perf_counter()
+                        stop = asyncio.create_task(send_stop())
+    finally:
+        if stop is not None and end is None:
+            stop.cancel()  # the stream failed: the trial with it
     if stop is None:
         raise TrialFailed(f"the reply ended after {pieces} pieces, before the stop")
+    if end is None:
+        raise TrialFailed("the stream ended without an end event")
     answer, answered_at = await stop
     if answer.status_code != 202:
         raise TrialFailed(f"the stop was answered {answer.status_code}: {answer.text[:80]}")
-    if end is None:
-        raise TrialFailed("the stream ended without an end event")
     if end.get("finish_reason") != "stopped":
         raise TrialFailed(f"the reply ended {end.get('finish_reason')!r} after {pieces} pieces")
     return (ended_at - sent_at) * 1000, (answered_at - sent_at) * 1000
