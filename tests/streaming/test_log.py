@@ -4,6 +4,8 @@ the bound on what is held; the Redis log against a real redis-server."""
 from __future__ import annotations
 
 import asyncio
+import gc
+import tracemalloc
 import uuid
 
 import orjson
@@ -92,6 +94,34 @@ async def test_finished_replies_expire_and_the_oldest_go_first_past_the_bound() 
     for reply_id in ids[:3]:
         await write_reply(small, reply_id, uuid.uuid4())
     assert small.has(live)
+
+
+async def test_what_the_memory_log_counts_is_what_it_holds() -> None:
+    """The bound (`CHATMETER_REPLAY_MAX_BYTES`) counts `held_bytes`; the memory really
+    taken by the held replies may not be several times that. (orjson's bytes keep a
+    4 KiB buffer whatever their length: two encoded events held per reply were 8 KiB
+    for a reply counted as 400 bytes.)"""
+    log = MemoryLog(replay_seconds=600, max_bytes=1 << 30)
+    replies = 500
+    pieces = [f"piece {i} of a reply " for i in range(10)]
+    ids = [(uuid.uuid4(), uuid.uuid4()) for _ in range(replies)]
+    first = [{**FIRST, "message_id": str(r), "user_message_id": str(c)} for r, c in ids]
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for (reply_id, chat_id), opening in zip(ids, first, strict=True):
+            await log.begin(reply_id, chat_id, opening)
+            for piece in pieces:
+                await log.append(reply_id, {"chunk": piece, "done": False})
+            await log.append(reply_id, {**END, "finish_reason": "stop", "usage": {"a": 1}})
+            await log.finish(reply_id)
+        gc.collect()
+        taken = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert len(log) == replies
+    assert taken <= 1.5 * log.held_bytes, (taken / replies, log.held_bytes / replies)
 
 
 async def test_the_redis_log_is_read_from_another_process(redis_server: RedisServer) -> None:
