@@ -12,7 +12,7 @@ import orjson
 import redis.asyncio as aioredis
 
 from chatmeter.streaming.log import MemoryLog, ReplyLog
-from chatmeter.streaming.redis_log import RedisLog, meta_key, stream_key
+from chatmeter.streaming.redis_log import RedisLog, chat_key, stream_key
 from tests.support.redis import RedisServer
 from tests.support.waiting import eventually
 
@@ -144,8 +144,15 @@ async def test_the_redis_log_is_read_from_another_process(redis_server: RedisSer
         assert await read_all(reader, reply_id, after=3) == events[3:]
         assert await reader.current(chat_id) == reply_id
         # keys per reply, expiring after the replay window
-        assert 0 < await writer_client.ttl(stream_key(reply_id)) <= 60
-        assert 0 < await writer_client.ttl(meta_key(reply_id)) <= 60
+
+        async def expiring() -> bool:
+            ttls = [
+                await writer_client.ttl(stream_key(reply_id)),
+                await writer_client.ttl(chat_key(chat_id)),
+            ]
+            return all(0 < ttl <= 60 for ttl in ttls)
+
+        await eventually(expiring)
         assert await reader.read(uuid.uuid4(), 0, 0.01) is None
     finally:
         await writer.aclose()
@@ -157,3 +164,29 @@ async def write_reply_rest(log: ReplyLog, reply_id: uuid.UUID) -> None:
         await log.append(reply_id, {"chunk": piece, "done": False})
     await log.append(reply_id, END)
     await log.finish(reply_id)
+
+
+async def test_an_end_written_before_the_finish_is_still_seen(redis_server: RedisServer) -> None:
+    """The end event reached Redis in one write, the finish in a later one."""
+    writer = RedisLog(aioredis.from_url(redis_server.url), MemoryLog(60, 1 << 20), 60, 30)
+    reader = RedisLog(aioredis.from_url(redis_server.url), MemoryLog(60, 1 << 20), 60, 30)
+    client = aioredis.from_url(redis_server.url)
+    try:
+        reply_id, chat_id = uuid.uuid4(), uuid.uuid4()
+        await writer.begin(reply_id, chat_id, FIRST)
+        for piece in ("a", "b"):
+            await writer.append(reply_id, {"chunk": piece, "done": False})
+        await writer.append(reply_id, END)
+
+        async def written() -> bool:
+            return bool(await client.xrange(stream_key(reply_id), min="(0-3", max="+"))
+
+        await eventually(written)
+        await writer.finish(reply_id)
+        events = await read_all(reader, reply_id)
+        assert [n for n, _ in events] == [1, 2, 3, 4] and events[-1][1] == END
+        assert await read_all(reader, reply_id, after=4) == []
+    finally:
+        await writer.aclose()
+        await reader.aclose()
+        await client.aclose()
