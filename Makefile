@@ -45,12 +45,13 @@ soak: $(STAMP) test-deps
 	$(BIN)/python -m tests.soak --trials $(SOAK_TRIALS) $(if $(SEED),--seed $(SEED)) \
 		--write docs/reliability.md --command "make soak$(if $(SEED), SEED=$(SEED))"
 
-# system packages the benchmark uses: wrk (the load generator) and PostgreSQL 15
+# system packages the benchmark uses: wrk (the load generator), PostgreSQL 15, redis-server
 bench-deps:
-	@if ! command -v wrk >/dev/null || [ ! -x /usr/lib/postgresql/15/bin/initdb ]; then \
+	@if ! command -v wrk >/dev/null || [ ! -x /usr/lib/postgresql/15/bin/initdb ] \
+		|| ! command -v redis-server >/dev/null; then \
 		if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 		$$SUDO apt-get update -qq && \
-		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq wrk postgresql-15 >/dev/null; \
+		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq wrk postgresql-15 redis-server >/dev/null; \
 	fi
 
 # SPEC section 9's benchmarks on this machine, against a bare Starlette SSE floor: about

@@ -20,6 +20,9 @@ def bench(
     postgres: Annotated[
         bool, typer.Option(help="Also measure throughput on a throwaway PostgreSQL.")
     ] = True,
+    redis: Annotated[
+        bool, typer.Option(help="Also measure with a throwaway Redis (throughput, stops).")
+    ] = True,
     local: Annotated[bool, typer.Option(help="Also measure the local model's tokens/s.")] = True,
     streams: Annotated[
         int | None, typer.Option(help="Streams held open at once (default 2000).", min=1)
@@ -42,6 +45,7 @@ def bench(
     options = BenchOptions(
         quick=quick,
         postgres=postgres,
+        redis=redis,
         local_model=local,
         streams=streams or (300 if quick else 2000),
     )

@@ -1,7 +1,8 @@
 """The floor: a bare Starlette SSE endpoint that streams what a `scripted` model streams.
 
 Same pieces, same pacing (`delay_ms` before each piece), same event framing
-(`id: N\\ndata: {json}\\n\\n`) and an end event of the same shape as chatmeter's, served by
+(`id: N\\ndata: {json}\\n\\n`), a first event naming the reply and an end event of the
+same shapes as chatmeter's (SPEC sections 5 and 11), served by
 the same uvicorn settings (uvloop, httptools, one worker) -- but no auth, no database and
 no metering. What chatmeter costs beyond this is what chatmeter adds.
 
@@ -37,14 +38,23 @@ def _event(event_id: int, data: dict[str, Any]) -> bytes:
     return b"id: %d\ndata: %s\n\n" % (event_id, orjson.dumps(data))
 
 
-def _end_event(message: str, reply: str) -> dict[str, Any]:
+def _first_event(message_id: str, user_message_id: str) -> dict[str, Any]:
+    return {
+        "chunk": "",
+        "done": False,
+        "message_id": message_id,
+        "user_message_id": user_message_id,
+    }
+
+
+def _end_event(message: str, reply: str, message_id: str, user_message_id: str) -> dict[str, Any]:
     prompt, completion = scripted_count(message), scripted_count(reply)
     return {
         "chunk": "",
         "done": True,
         "tokens_used": prompt + completion,
-        "message_id": str(uuid.uuid4()),
-        "user_message_id": str(uuid.uuid4()),
+        "message_id": message_id,
+        "user_message_id": user_message_id,
         "finish_reason": "stop",
         "usage": {
             "prompt_tokens": prompt,
@@ -72,11 +82,14 @@ def create_floor_app(models: dict[str, ModelConfig]) -> Starlette:
         reply, pieces, delay = script
 
         async def events() -> AsyncIterator[bytes]:
-            for event_id, piece in enumerate(pieces, 1):
+            ids = str(uuid.uuid4()), str(uuid.uuid4())
+            yield _event(1, _first_event(*ids))
+            for event_id, piece in enumerate(pieces, 2):
                 if delay:
                     await asyncio.sleep(delay)
                 yield _event(event_id, {"chunk": piece, "done": False})
-            yield _event(len(pieces) + 1, _end_event(str(body.get("message", "")), reply))
+            end = _end_event(str(body.get("message", "")), reply, *ids)
+            yield _event(len(pieces) + 2, end)
 
         return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
 

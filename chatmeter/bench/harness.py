@@ -29,7 +29,9 @@ PACED = Scenario(len(REPLY), CHUNKS, 100.0)  # one second of "provider" per exch
 # thirty seconds per stream: long enough that every stream is open at once even when
 # opening them all takes twice the ramp
 SLOW = Scenario(len(REPLY), 30, 1000.0)
-MODELS = {"bench": INSTANT, "paced": PACED, "slow": SLOW}
+# a reply to stop: its first piece comes quickly, its end would take eight seconds
+STOPPABLE = Scenario(len(REPLY), 160, 50.0)
+MODELS = {"bench": INSTANT, "paced": PACED, "slow": SLOW, "stoppable": STOPPABLE}
 LOCAL_MAX_TOKENS = 200
 HUGE_BUDGET = 10**15
 
@@ -38,6 +40,7 @@ HUGE_BUDGET = 10**15
 class BenchOptions:
     quick: bool = False
     postgres: bool = True
+    redis: bool = True
     local_model: bool = True
     streams: int = 2000
 
@@ -65,6 +68,14 @@ class BenchOptions:
     @property
     def local_runs(self) -> int:
         return 1 if self.quick else 5
+
+    @property
+    def stop_trials(self) -> int:
+        return 10 if self.quick else 30
+
+    @property
+    def held_replies(self) -> int:
+        return 500 if self.quick else 2000
 
 
 Progress = Callable[[str], None]
@@ -111,7 +122,11 @@ class Bench:
             "CHATMETER_DEFAULT_TOKEN_LIMIT": str(HUGE_BUDGET),
         }
 
-    def start_chatmeter(self, name: str, database_url: str) -> ServerProcess:
+    def start_chatmeter(
+        self, name: str, database_url: str, settings: dict[str, str] | None = None
+    ) -> ServerProcess:
+        """A chatmeter server on `database_url`, with `settings` (CHATMETER_* variables)
+        on top of the run's own."""
         upgrade(database_url)
         port = free_port()
         args = ["-m", "chatmeter", "serve", "--host", "127.0.0.1", "--port", str(port)]
@@ -119,7 +134,7 @@ class Bench:
             name,
             [*args, "--workers", "1"],
             port=port,
-            env=self.env(database_url),
+            env={**self.env(database_url), **(settings or {})},
             workdir=self.workdir,
             ready_path="/readyz",
         )

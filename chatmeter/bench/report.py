@@ -16,9 +16,13 @@ from chatmeter.bench.results import (
     LOCAL_SPEED_BAR,
     MEMORY_GROWTH_ALLOWED,
     OPEN_STREAMS_BAR,
+    REPLIES_COST_BAR,
+    STOP_LATENCY_BAR_MS,
     THROUGHPUT_BAR,
     BenchResults,
     Comparison,
+    HeldReplies,
+    StopLatency,
 )
 
 MIB = 1024 * 1024
@@ -54,6 +58,44 @@ def _added_rows(title: str, comparison: Comparison | None) -> list[Row]:
     return [Row(title, measured, bar, p50 <= ADDED_P50_BAR_MS and p99 <= ADDED_P99_BAR_MS)]
 
 
+def _bytes(value: float) -> str:
+    return f"{value:,.0f} B" if abs(value) < 100 * 1024 else f"{value / 1024:,.0f} KiB"
+
+
+def _redis_throughput_row(t: Comparison) -> Row:
+    target = "chatmeter-redis"
+    to_sqlite = t.ratio(target, "chatmeter")
+    measured = (
+        f"{to_sqlite:.1%} of the SQLite row, {t.ratio(target):.1%} of the floor "
+        f"({t.rate(target):,.0f} vs {t.rate('chatmeter'):,.0f} and {t.rate('floor'):,.0f} "
+        f"exchanges/s; errors {t.errors(target)})"
+    )
+    bar = f"≥ {1 - REPLIES_COST_BAR:.0%} of the SQLite row (at most {REPLIES_COST_BAR:.0%} below)"
+    met = to_sqlite >= 1 - REPLIES_COST_BAR and t.errors(target) == 0
+    return Row("Throughput at 50 concurrent, SQLite + Redis", measured, bar, met)
+
+
+def _stop_row(stop: StopLatency) -> Row:
+    trials = len(stop.latencies_ms)
+    measured = (
+        f"p50 {_ms(stop.p50)}, p99 {_ms(stop.p99)}, max {_ms(stop.max)} over {trials} stops; "
+        f"failures {len(stop.failures)}"
+    )
+    bar = f"p99 ≤ {STOP_LATENCY_BAR_MS:g} ms" if stop.bus else "no bar (the documented poll)"
+    return Row(f"Stop latency across workers, {stop.variant}", measured, bar, stop.met)
+
+
+def _held_row(held: HeldReplies) -> Row:
+    measured = (
+        f"{_bytes(held.net_per_reply)} per held reply beyond a server that drops replies "
+        f"({_bytes(held.per_reply)} RSS growth per exchange held, "
+        f"{_bytes(held.control.per_exchange)} dropped) over {held.held.exchanges:,} "
+        f"exchanges; the reply: {held.reply_chars} characters, {held.events_per_reply} "
+        f"events; errors {held.errors}"
+    )
+    return Row("Memory per held reply (SQLite, in-process log)", measured, "no bar", None)
+
+
 def summary_rows(results: BenchResults) -> list[Row]:
     rows: list[Row] = []
     rows += _added_rows(
@@ -79,6 +121,11 @@ def summary_rows(results: BenchResults) -> list[Row]:
                         t.ratio(target) >= THROUGHPUT_BAR and t.errors(target) == 0,
                     )
                 )
+        if "chatmeter-redis" in t.rounds and "chatmeter" in t.rounds:
+            rows.append(_redis_throughput_row(t))
+    rows += [_stop_row(stop) for stop in results.stop_latency]
+    if results.held_replies is not None:
+        rows.append(_held_row(results.held_replies))
     if (s := results.open_streams) is not None:
         peak = max(w.rss_peak for w in s.waves)
         first = s.waves[0]
@@ -299,8 +346,9 @@ def markdown(results: BenchResults, plot_name: str | None) -> str:
             "first arrived; *all open*: only pieces that came while every stream was open "
             "and none had ended (holding streams, not opening or settling any). First "
             "piece: request to first piece beyond the pause (starting the exchange, queueing "
-            "included). Peak RSS over the server's life (VmHWM of the worker and of its "
-            "SQLite writer process, added up): "
+            "included). Finished replies stay held for resuming (CHATMETER_REPLAY_SECONDS, "
+            "300 s), so wave 2 runs with wave 1's replies still held. Peak RSS over the "
+            "server's life (VmHWM of the worker and of its SQLite writer process, added up): "
             f"{s.process_peak_rss / MIB:,.0f} MiB.",
             "",
             "| wave | streams | errors | most streaming at once | RSS before | RSS peak "
@@ -320,6 +368,10 @@ def markdown(results: BenchResults, plot_name: str | None) -> str:
         samples = sorted({e for w in s.waves for e in w.error_samples})
         if samples:
             out += ["", "Errors seen (samples):", "", *(f"- `{e}`" for e in samples)]
+    if results.stop_latency:
+        out += ["", *_stop_section(results.stop_latency)]
+    if results.held_replies is not None:
+        out += ["", *_held_section(results.held_replies)]
     if (lm := results.local_model) is not None and lm.chatmeter:
         out += [
             "",
@@ -345,6 +397,58 @@ def markdown(results: BenchResults, plot_name: str | None) -> str:
     return "\n".join(out) + "\n"
 
 
+def _stop_section(stops: list[StopLatency]) -> list[str]:
+    lines = [
+        "### Stop latency across workers",
+        "",
+        "Two single-worker chatmeter servers, A and B, on one database (two hosts, in "
+        "effect: `--workers 2` shares one port, so a client cannot pick the worker). A "
+        "scripted reply streams from A (a piece every 50 ms); after its first piece, "
+        "`POST /api/chat/{id}/stop` goes to B. Latency: from sending the stop to the end "
+        'event (`finish_reason` "stopped") arriving on A\'s stream. One stop at a time, '
+        "each in a chat of its own, after two that are not counted. *Stop answered*: B's "
+        "202, which comes once the flag is in the database and the stop announced.",
+        "",
+        "| variant | stops | p50 | p99 | max | stop answered p50 | failures |",
+        "|---|--:|--:|--:|--:|--:|--:|",
+    ]
+    for stop in stops:
+        lines.append(
+            f"| {stop.variant} | {len(stop.latencies_ms)} | {_ms(stop.p50)} | "
+            f"{_ms(stop.p99)} | {_ms(stop.max)} | "
+            f"{_ms(stop.answer_p50)} "
+            f"| {len(stop.failures)} |"
+        )
+    failures = sorted({f for stop in stops for f in stop.failures})[:5]
+    if failures:
+        lines += ["", "Failures seen (samples):", "", *(f"- `{f}`" for f in failures)]
+    return lines
+
+
+def _held_section(held: HeldReplies) -> list[str]:
+    lines = [
+        "### Memory per held reply",
+        "",
+        f"A fresh chatmeter on a fresh SQLite file answers {held.held.exchanges:,} complete "
+        f"exchanges ({held.reply_chars}-character reply, {held.events_per_reply} events), 50 "
+        "at a time over 100 chats, after a warm-up of 200; RSS (worker and SQLite writer) "
+        "is read before them and once the server is idle after them. Each reply stays held "
+        "for resuming (CHATMETER_REPLAY_SECONDS, 300 s). The control is the same run on "
+        "a server that drops each reply at its end (CHATMETER_REPLAY_SECONDS=0): what grows "
+        "there too (caches, database pages) is not the held replies.",
+        "",
+        "| server | RSS before | RSS after | growth per exchange | errors |",
+        "|---|--:|--:|--:|--:|",
+    ]
+    for name, memory in (("replies held", held.held), ("control, replies dropped", held.control)):
+        lines.append(
+            f"| {name} | {memory.rss_before / MIB:,.1f} MiB | {memory.rss_after / MIB:,.1f} MiB "
+            f"| {_bytes(memory.per_exchange)} | {memory.errors} |"
+        )
+    lines += ["", f"Per held reply: **{_bytes(held.net_per_reply)}**."]
+    return lines
+
+
 METHOD = """
 ## How it was measured
 
@@ -352,8 +456,9 @@ Every server runs as a process of its own with one uvicorn worker (uvloop, httpt
 started the way production starts it (`chatmeter serve --workers 1`); the load comes from
 other processes. The **floor** (`chatmeter/bench/floor.py`) is a bare Starlette SSE endpoint
 served with the same uvicorn settings that streams the same pieces with the same pacing and
-event framing (`id: N` / `data: {json}`), and an end event of the same shape, with no auth,
-database or metering. Whatever chatmeter costs beyond the floor is what chatmeter adds.
+event framing (`id: N` / `data: {json}`), a first event naming the reply and an end event of
+the same shapes, with no auth, database or metering. Whatever chatmeter costs beyond the
+floor is what chatmeter adds.
 
 - **Load generator**: `wrk` (C, epoll), with one thread per connection (`-t N -c N`) so
   that each connection is one client with its own user, token and chat, all made before
@@ -374,7 +479,9 @@ database or metering. Whatever chatmeter costs beyond the floor is what chatmete
   **Saturated** (no delay, 50 clients as fast as they go) latency is queueing: by Little's
   law it is 50 / throughput, so it restates the throughput figure.
 - **Throughput** is complete exchanges per second at 50 concurrent clients, in rounds
-  alternating floor, chatmeter on SQLite and chatmeter on PostgreSQL so drift hits all.
+  alternating floor, chatmeter on SQLite, chatmeter on PostgreSQL and chatmeter on SQLite
+  with Redis (`CHATMETER_REDIS_URL`: replies logged to Redis Streams, a throwaway local
+  `redis-server` without persistence) so drift hits all.
   PostgreSQL 15 is a throwaway local server (`synchronous_commit=off`, as SQLite's WAL with
   `synchronous=NORMAL` does not wait for the disk either) on the same two cores; its CPU
   shows in the *other CPU* column of the PostgreSQL rounds.

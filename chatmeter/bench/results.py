@@ -18,6 +18,11 @@ ADDED_P99_BAR_MS = 10.0
 THROUGHPUT_BAR = 0.60
 OPEN_STREAMS_BAR = 2000
 LOCAL_SPEED_BAR = 0.97
+# plans, prices, rate limits and resumable replies may cost this much of the throughput,
+# with Redis configured or not
+REPLIES_COST_BAR = 0.10
+# SPEC section 11: a stop ends the reply within this, on whichever worker holds it
+STOP_LATENCY_BAR_MS = 100.0
 # "bounded memory": the second wave of streams may not peak more than this above the first
 MEMORY_GROWTH_ALLOWED = 0.10
 
@@ -86,9 +91,9 @@ class Comparison:
     def added_p99(self, target: str = "chatmeter") -> float:
         return self.p99(target) - self.p99("floor")
 
-    def ratio(self, target: str = "chatmeter") -> float:
-        floor = self.rate("floor")
-        return self.rate(target) / floor if floor else 0.0
+    def ratio(self, target: str = "chatmeter", reference: str = "floor") -> float:
+        base = self.rate(reference)
+        return self.rate(target) / base if base else 0.0
 
     def round_ratios(self, target: str = "chatmeter") -> list[float]:
         return [
@@ -153,6 +158,79 @@ class OpenStreams:
 
 
 @dataclass
+class StopLatency:
+    """Stops posted to one worker while another streams the reply: from sending the stop
+    to the end event (finish_reason "stopped") on the generating worker's stream."""
+
+    variant: str
+    bus: bool  # a signal carries the stop (the bar applies); False: the poll alone
+    latencies_ms: list[float]
+    answer_ms: list[float]  # the stop request's own answer (202) from the other worker
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def p50(self) -> float:
+        return percentile(self.latencies_ms, 50)
+
+    @property
+    def p99(self) -> float:
+        return percentile(self.latencies_ms, 99)
+
+    @property
+    def max(self) -> float:
+        return max(self.latencies_ms, default=float("nan"))
+
+    @property
+    def answer_p50(self) -> float:
+        return percentile(self.answer_ms, 50)
+
+    @property
+    def met(self) -> bool | None:
+        if not self.bus:
+            return None
+        return not self.failures and bool(self.latencies_ms) and self.p99 <= STOP_LATENCY_BAR_MS
+
+
+@dataclass
+class HeldMemory:
+    """RSS of one fresh server before and after a batch of complete exchanges."""
+
+    rss_before: int
+    rss_after: int
+    exchanges: int
+    errors: int
+
+    @property
+    def per_exchange(self) -> float:
+        return (self.rss_after - self.rss_before) / self.exchanges if self.exchanges else 0.0
+
+
+@dataclass
+class HeldReplies:
+    """Memory per finished reply held for resuming (CHATMETER_REPLAY_SECONDS), against a
+    control server that drops each reply at its end (CHATMETER_REPLAY_SECONDS=0)."""
+
+    reply_chars: int
+    events_per_reply: int
+    held: HeldMemory
+    control: HeldMemory
+
+    @property
+    def per_reply(self) -> float:
+        """RSS growth per exchange, replies held."""
+        return self.held.per_exchange
+
+    @property
+    def net_per_reply(self) -> float:
+        """What holding a reply adds: the growth beyond the control's."""
+        return self.held.per_exchange - self.control.per_exchange
+
+    @property
+    def errors(self) -> int:
+        return self.held.errors + self.control.errors
+
+
+@dataclass
 class LocalModel:
     max_tokens: int
     chatmeter: list[GenerationTiming]
@@ -192,6 +270,8 @@ class BenchResults:
     count_exchanges: int = 0
     statements: list[StatementCount] = field(default_factory=list)
     open_streams: OpenStreams | None = None
+    stop_latency: list[StopLatency] = field(default_factory=list)
+    held_replies: HeldReplies | None = None
     local_model: LocalModel | None = None
     skipped: dict[str, str] = field(default_factory=dict)  # section -> why
     finished: datetime | None = None

@@ -2,13 +2,18 @@
 
 Order of a run (each server a process of its own, one uvicorn worker):
 
-    floor, chatmeter on SQLite, chatmeter on PostgreSQL     started together, warmed up
+    throwaway PostgreSQL and Redis        for the whole run (each skipped if not installed)
+    floor, chatmeter on SQLite, on PostgreSQL, on SQLite + Redis    started together, warmed up
     one exchange at a time        floor / chatmeter, alternating rounds
-    50 concurrent, no delay       floor / SQLite / PostgreSQL, alternating rounds
+    50 concurrent, no delay       floor / SQLite / PostgreSQL / SQLite + Redis, alternating
     50 concurrent, paced model    floor / chatmeter, alternating rounds
     concurrency sweep             floor / chatmeter at each level (the plot)
     count-token calls             a clean batch of complete exchanges, /metrics before/after
+    SQL statements per exchange   chatmeter in this process, SQLite and PostgreSQL
+    stop latency                  two servers on one database, stop posted to the other:
+                                  PostgreSQL (NOTIFY), PostgreSQL + Redis, SQLite (poll)
     local model                   chatmeter / llama.cpp's own server, alternating
+    held replies                  a fresh chatmeter and a control: RSS around N exchanges
     open streams                  a fresh chatmeter; waves of slow streams
 """
 
@@ -38,14 +43,17 @@ from chatmeter.bench.harness import (
     alternate,
     wait_idle,
 )
+from chatmeter.bench.held_replies import measure_held_replies
 from chatmeter.bench.load import BENCH_MESSAGE, LoadResult, Slot, run_wrk, wrk_path
 from chatmeter.bench.local import measure_local_model
 from chatmeter.bench.machine import this_machine
 from chatmeter.bench.open_streams import measure_open_streams
 from chatmeter.bench.postgres import ThrowawayPostgres, postgres_available
 from chatmeter.bench.processes import ServerProcess, raise_open_files_limit
+from chatmeter.bench.redis_server import ThrowawayRedis, redis_available
 from chatmeter.bench.results import BenchResults, Comparison, SweepPoint
 from chatmeter.bench.statements import count_postgres, count_sqlite
+from chatmeter.bench.stop_latency import measure_stop_latency
 from chatmeter.bench.streams import run_stream
 from chatmeter.db.migrate import upgrade
 
@@ -84,7 +92,7 @@ def count_token_calls(
 
 
 def measure_scripted(
-    bench: Bench, results: BenchResults, postgres_url: str | None
+    bench: Bench, results: BenchResults, postgres_url: str | None, redis_url: str | None
 ) -> ServerProcess:
     """Every figure of the scripted model; returns the SQLite chatmeter, still running."""
     options = bench.options
@@ -92,6 +100,13 @@ def measure_scripted(
     floor = bench.start_floor()
     sqlite = bench.start_chatmeter("chatmeter", bench.sqlite_url("chatmeter"))
     pg = bench.start_chatmeter("chatmeter-pg", postgres_url) if postgres_url else None
+    with_redis = None
+    if redis_url:
+        with_redis = bench.start_chatmeter(
+            "chatmeter-redis",
+            bench.sqlite_url("chatmeter-redis"),
+            {"CHATMETER_REDIS_URL": redis_url},
+        )
     say("servers up; making clients (one user and one chat each)")
     levels, sweep_seconds = options.sweep
     most = max(*levels, 50)
@@ -105,7 +120,14 @@ def measure_scripted(
     }
     if pg is not None:
         slots["chatmeter-pg"] = bench.slots(pg, "bench", 50)
-    servers = {"floor": floor, "chatmeter": sqlite, "chatmeter-pg": pg}
+    if with_redis is not None:
+        slots["chatmeter-redis"] = bench.slots(with_redis, "bench", 50)
+    servers = {
+        "floor": floor,
+        "chatmeter": sqlite,
+        "chatmeter-pg": pg,
+        "chatmeter-redis": with_redis,
+    }
 
     for name, target_slots in slots.items():
         server = servers[name]
@@ -126,6 +148,8 @@ def measure_scripted(
     }
     if pg is not None:
         many["chatmeter-pg"] = (pg, slots["chatmeter-pg"][:50])
+    if with_redis is not None:
+        many["chatmeter-redis"] = (with_redis, slots["chatmeter-redis"][:50])
     results.throughput = Comparison(
         INSTANT, 50, alternate(bench, many, rounds, seconds, "50 concurrent")
     )
@@ -159,9 +183,51 @@ def measure_scripted(
     results.count_calls_per_exchange, results.count_exchanges = calls, complete
 
     floor.stop()
-    if pg is not None:
-        pg.stop()
+    for other in (pg, with_redis):
+        if other is not None:
+            other.stop()
     return sqlite
+
+
+def measure_stops(
+    bench: Bench, results: BenchResults, postgres_url: str | None, redis_url: str | None
+) -> None:
+    """Stop latency across two servers: each shared bus there is, and SQLite's poll."""
+    variants: list[tuple[str, str, str, str | None, bool]] = []
+    if postgres_url:
+        variants.append(("PostgreSQL, LISTEN/NOTIFY", "stop-pg", postgres_url, None, True))
+        if redis_url:
+            variants.append(
+                ("PostgreSQL + Redis pub/sub", "stop-redis", postgres_url, redis_url, True)
+            )
+    else:
+        results.skipped["stop latency, PostgreSQL"] = results.skipped.get(
+            "postgres", "no PostgreSQL"
+        )
+    variants.append(("SQLite, poll only", "stop-sqlite", bench.sqlite_url("stops"), None, False))
+    for variant, name, database_url, redis, bus in variants:
+        results.stop_latency.append(
+            measure_stop_latency(bench, variant, name, database_url, redis, bus)
+        )
+
+
+@contextlib.contextmanager
+def throwaway_redis(bench: Bench, results: BenchResults) -> Iterator[str | None]:
+    if not bench.options.redis:
+        results.skipped["redis"] = "--no-redis"
+        yield None
+        return
+    if not redis_available():
+        results.skipped["redis"] = "redis-server is not installed"
+        yield None
+        return
+    server = ThrowawayRedis()
+    bench.say("starting a throwaway Redis")
+    server.start()
+    try:
+        yield server.url
+    finally:
+        server.cleanup()
 
 
 @contextlib.contextmanager
@@ -202,20 +268,25 @@ def run_bench(options: BenchOptions, argv: list[str], progress: Progress) -> Ben
     workdir = Path(tempfile.mkdtemp(prefix="chatmeter-bench-"))
     bench = Bench(options, workdir, progress)
     try:
-        with throwaway_postgres(bench, results) as postgres_url:
-            chatmeter = measure_scripted(bench, results, postgres_url)
+        with (
+            throwaway_postgres(bench, results) as postgres_url,
+            throwaway_redis(bench, results) as redis_url,
+        ):
+            chatmeter = measure_scripted(bench, results, postgres_url, redis_url)
             progress("SQL statements per exchange")
             fresh = bench.sqlite_url("statements")
             upgrade(fresh)
             results.statements.append(count_sqlite(bench.config, fresh))
             if postgres_url:
                 results.statements.append(count_postgres(bench.config, postgres_url))
+            measure_stops(bench, results, postgres_url, redis_url)
         if options.local_model:
             results.local_model = measure_local_model(bench, chatmeter, LOCAL_MAX_TOKENS)
         else:
             results.skipped["local model"] = "--no-local"
         chatmeter.stop()
 
+        results.held_replies = measure_held_replies(bench, options.held_replies)
         results.open_streams = measure_open_streams(bench, SLOW, options.streams)
     except BaseException:
         for server in bench.servers:

@@ -39,7 +39,7 @@ def _request(host: str, path: str, token: str, message: str) -> bytes:
 
 
 async def _read_events(reader: asyncio.StreamReader, record: StreamRecord) -> None:
-    """Read a chunked SSE body, stamping each event; stop at the end or an error event."""
+    """Read a chunked SSE body, stamping each piece; stop at the end or an error event."""
     buffer = b""
     while True:
         size = int((await reader.readline()).split(b";")[0], 16)
@@ -53,6 +53,8 @@ async def _read_events(reader: asyncio.StreamReader, record: StreamRecord) -> No
                 record.ended_at = now
             elif b'"error":true' in event:
                 record.error = "error event: " + event.decode(errors="replace")[-120:]
+            elif b'"chunk":""' in event:
+                continue  # the first event names the reply: it is not a piece
             elif b"data:" in event:
                 record.piece_times.append(now)
     if record.ended_at is None and record.error is None:

@@ -97,6 +97,17 @@ class StopAccepted(BaseModel):
 # The `data` of the stream's events (SPEC section 5).
 
 
+class StreamStart(BaseModel):
+    """The first event (id 1): it names the reply, so a client that loses its connection
+    knows what to resume (`GET /api/chat/{chat_id}/stream`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    chunk: Literal[""]
+    done: Literal[False]
+    message_id: uuid.UUID
+    user_message_id: uuid.UUID
+
+
 class StreamChunk(BaseModel):
     """A piece of the reply."""
 
@@ -146,4 +157,4 @@ class StreamError(BaseModel):
     tokens_used: int = Field(ge=0)
 
 
-STREAM_EVENTS: tuple[type[BaseModel], ...] = (StreamChunk, StreamEnd, StreamError)
+STREAM_EVENTS: tuple[type[BaseModel], ...] = (StreamStart, StreamChunk, StreamEnd, StreamError)

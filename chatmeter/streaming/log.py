@@ -63,6 +63,12 @@ def encode_piece(piece: str) -> bytes:
     return dumps({"chunk": piece, "done": False})
 
 
+def encode_kept(event: dict[str, Any]) -> bytes:
+    """An event encoded to be kept: orjson's bytes keep a buffer of 4 KiB whatever their
+    length, so a held event is a right-sized copy (what `size` counts is what is held)."""
+    return bytes(memoryview(dumps(event)))
+
+
 @dataclass(eq=False, slots=True)
 class _Held:
     chat_id: uuid.UUID
@@ -100,7 +106,7 @@ class MemoryLog:
         return len(self._replies)
 
     async def begin(self, reply_id: uuid.UUID, chat_id: uuid.UUID, first: dict[str, Any]) -> None:
-        data = dumps(first)
+        data = encode_kept(first)
         held = _Held(chat_id, [data], REPLY_OVERHEAD_BYTES + len(data))
         self._replies[reply_id] = held
         self._by_chat[chat_id] = reply_id
@@ -115,7 +121,7 @@ class MemoryLog:
             piece: str | bytes = event["chunk"]
             grown = len(event["chunk"]) + PIECE_OVERHEAD_BYTES
         else:
-            piece = dumps(event)
+            piece = encode_kept(event)
             grown = len(piece)
         held.events.append(piece)
         held.size += grown

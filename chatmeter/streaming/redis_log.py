@@ -4,20 +4,21 @@ reaches the holder within milliseconds.
 
 Keys (prefix `chatmeter:`), each per reply id, never per chat, so a later reply can never
 reuse an earlier one's events:
-- `chatmeter:reply:{reply_id}`: a Stream; event N has the explicit id `0-N`, so
-  `XREAD BLOCK … 0-N` resumes exactly after event N;
-- `chatmeter:reply:{reply_id}:meta`: a hash: `chat_id`, and `last` (the id of the end
-  event) once the reply has ended;
+- `chatmeter:reply:{reply_id}`: a Stream of the reply's events. The events written
+  together (those of one loop turn) are one entry, whose id is `0-N` with N the number of
+  its last event and whose fields are `n` (the number of its first event), `d` (their
+  JSON payloads, one a line), `c` (the chat id, on the first entry) and `e` (on the entry
+  holding the end event). So `XREAD BLOCK … 0-N` finds exactly what follows event N, and
+  a reply costs a handful of Redis commands whatever its length;
 - `chatmeter:chat:{chat_id}:reply`: the chat's latest reply id.
-Each expires `CHATMETER_REPLAY_SECONDS` after the reply's end (and a lease's worth of
-seconds after its last event while it streams, so a dead worker's keys go too).
+Both expire `CHATMETER_REPLAY_SECONDS` after the reply's end (and, while it streams, a
+lease's worth of seconds after their last renewal, so a dead worker's keys go too).
 - channel `chatmeter:stop`: a chat id whose reply is to stop.
 
 The process that generates a reply also keeps it in a `MemoryLog`: its own readers (the
 request that asked, almost always) read memory, never Redis. Events go to Redis in the
-background, those of one loop turn in one pipeline, so a reply costs a handful of round
-trips whatever its length. If Redis goes away the reply still runs to its end and is
-saved and billed; only resuming it elsewhere fails until Redis is back.
+background. If Redis goes away the reply still runs to its end and is saved and billed;
+only resuming it elsewhere fails until Redis is back.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -45,17 +47,31 @@ def stream_key(reply_id: uuid.UUID) -> str:
     return f"{PREFIX}reply:{reply_id}"
 
 
-def meta_key(reply_id: uuid.UUID) -> str:
-    return f"{PREFIX}reply:{reply_id}:meta"
-
-
 def chat_key(chat_id: uuid.UUID) -> str:
     return f"{PREFIX}chat:{chat_id}:reply"
 
 
-def _number(entry_id: bytes) -> int:
-    """Event N's stream id is `0-N`."""
-    return int(entry_id.split(b"-")[1])
+@dataclass(eq=False, slots=True)
+class _Writing:
+    """A reply this process writes to Redis: what is queued, and what was written."""
+
+    chat_id: uuid.UUID
+    queued: list[bytes] = field(default_factory=list)
+    written: int = 0  # events already in Redis
+    renewed_at: float = 0.0
+    finished: bool = False
+
+
+def _entries(entries: Any, after: int) -> list[tuple[int, bytes]]:
+    """The events after `after` in stream entries (an entry may begin before it)."""
+    events: list[tuple[int, bytes]] = []
+    for _entry_id, fields in entries:
+        number = int(fields[b"n"])
+        for data in bytes(fields[b"d"]).split(b"\n"):
+            if number > after:
+                events.append((number, data))
+            number += 1
+    return events
 
 
 class RedisLog:
@@ -66,41 +82,29 @@ class RedisLog:
         self._local = local
         self._replay = max(1, int(replay_seconds))
         self._lease = max(1, int(lease_seconds))
-        self._pending: dict[uuid.UUID, list[tuple[int, bytes]]] = {}
-        self._numbers: dict[uuid.UUID, int] = {}
-        self._finishing: dict[uuid.UUID, int] = {}
-        self._chats: dict[uuid.UUID, uuid.UUID] = {}
+        self._writing: dict[uuid.UUID, _Writing] = {}
         self._flush: asyncio.Task[None] | None = None
 
     # -- writing: the generating process -------------------------------------------------
 
     async def begin(self, reply_id: uuid.UUID, chat_id: uuid.UUID, first: dict[str, Any]) -> None:
         await self._local.begin(reply_id, chat_id, first)
-        self._numbers[reply_id] = 0
-        self._chats[reply_id] = chat_id
-        self._queue(reply_id, dumps(first))
+        self._writing[reply_id] = _Writing(chat_id, [dumps(first)])
+        self._schedule()
 
     async def append(self, reply_id: uuid.UUID, event: dict[str, Any]) -> None:
         await self._local.append(reply_id, event)
-        if reply_id in self._numbers:
-            self._queue(reply_id, dumps(event))
+        writing = self._writing.get(reply_id)
+        if writing is not None and not writing.finished:
+            writing.queued.append(dumps(event))
+            self._schedule()
 
     async def finish(self, reply_id: uuid.UUID) -> None:
         await self._local.finish(reply_id)
-        number = self._numbers.pop(reply_id, None)
-        if number is None:
+        writing = self._writing.get(reply_id)
+        if writing is None:
             return
-        self._finishing[reply_id] = number
-        self._schedule()
-        flush = self._flush
-        if flush is not None:
-            # the end is in Redis before the job ends (shutdown waits for jobs)
-            with contextlib.suppress(Exception):
-                await asyncio.shield(flush)
-
-    def _queue(self, reply_id: uuid.UUID, data: bytes) -> None:
-        self._numbers[reply_id] += 1
-        self._pending.setdefault(reply_id, []).append((self._numbers[reply_id], data))
+        writing.finished = True
         self._schedule()
 
     def _schedule(self) -> None:
@@ -108,32 +112,41 @@ class RedisLog:
             self._flush = asyncio.get_running_loop().create_task(self._write())
 
     async def _write(self) -> None:
-        """Everything queued, in one pipeline; then whatever came meanwhile."""
+        """Everything queued, one entry a reply, in one pipeline; then what came since."""
+        loop = asyncio.get_running_loop()
         await asyncio.sleep(0)  # let the loop turn's other events join this write
-        while self._pending or self._finishing:
-            pending, self._pending = self._pending, {}
-            finishing, self._finishing = self._finishing, {}
+        while due := [(r, w) for r, w in self._writing.items() if w.queued or w.finished]:
             pipe = self._redis.pipeline(transaction=False)
-            for reply_id, events in pending.items():
+            now = loop.time()
+            for reply_id, writing in due:
                 key = stream_key(reply_id)
-                for number, data in events:
-                    pipe.xadd(key, {"d": data}, id=f"0-{number}")
-                if events[0][0] == 1:
-                    chat_id = self._chats[reply_id]
-                    pipe.hset(meta_key(reply_id), "chat_id", str(chat_id))
-                    pipe.set(chat_key(chat_id), str(reply_id), ex=self._lease + self._replay)
-                ttl = self._lease if reply_id not in finishing else self._replay
-                pipe.expire(key, ttl)
-                pipe.expire(meta_key(reply_id), ttl)
-            for reply_id, last in finishing.items():
-                self._chats.pop(reply_id, None)
-                pipe.hset(meta_key(reply_id), "last", last)
-                pipe.expire(stream_key(reply_id), self._replay)
-                pipe.expire(meta_key(reply_id), self._replay)
+                if writing.queued:
+                    first = writing.written + 1
+                    writing.written += len(writing.queued)
+                    fields: dict[Any, Any] = {"n": first, "d": b"\n".join(writing.queued)}
+                    if first == 1:
+                        fields["c"] = str(writing.chat_id)
+                        pipe.set(chat_key(writing.chat_id), str(reply_id), ex=self._lease)
+                    if writing.finished:
+                        fields["e"] = 1
+                    pipe.xadd(key, fields, id=f"0-{writing.written}")
+                    writing.queued = []
+                elif writing.finished:
+                    # the end was written already: an empty entry marks it
+                    end = writing.written + 1
+                    pipe.xadd(key, {"n": end, "d": b"", "e": 1}, id=f"0-{end}")
+                if writing.finished:
+                    del self._writing[reply_id]
+                    pipe.expire(key, self._replay)
+                    pipe.expire(chat_key(writing.chat_id), self._replay)
+                elif now - writing.renewed_at > self._lease / 3:
+                    writing.renewed_at = now
+                    pipe.expire(key, self._lease)
+                    pipe.expire(chat_key(writing.chat_id), self._lease)
             try:
                 await pipe.execute()
             except (RedisError, OSError):
-                log.warning("could not write %d replies to Redis", len(pending) + len(finishing))
+                log.warning("could not write %d replies to Redis", len(due))
 
     # -- reading: any process -----------------------------------------------------------
 
@@ -145,19 +158,20 @@ class RedisLog:
         redis: Any = self._redis  # redis-py's result types are unions of every reply shape
         try:
             entries = await redis.xrange(key, min=f"({start}", max="+")
-            if not entries and wait > 0:
-                found = await redis.xread({key: start}, block=max(1, int(wait * 1000)))
-                entries = found[0][1] if found else []
-            meta = await redis.hgetall(meta_key(reply_id))
+            if not entries:
+                last = await redis.xrevrange(key, max="+", min="-", count=1)
+                if not last:
+                    return None  # no such reply, or expired
+                if b"e" in last[0][1]:
+                    return Batch([], True)
+                if wait > 0:
+                    found = await redis.xread({key: start}, block=max(1, int(wait * 1000)))
+                    entries = found[0][1] if found else []
         except (RedisError, OSError):
             log.warning("could not read reply %s from Redis", reply_id)
             return None
-        if not meta:
-            return None
-        events = [(_number(entry_id), bytes(fields[b"d"])) for entry_id, fields in entries]
-        last = meta.get(b"last")
-        cursor = events[-1][0] if events else after
-        return Batch(events, last is not None and cursor >= int(last))
+        events = [(n, data) for n, data in _entries(entries, after) if data]
+        return Batch(events, any(b"e" in fields for _, fields in entries))
 
     async def current(self, chat_id: uuid.UUID) -> uuid.UUID | None:
         redis: Any = self._redis
@@ -172,10 +186,10 @@ class RedisLog:
             return True
         redis: Any = self._redis
         try:
-            held = await redis.hget(meta_key(reply_id), "chat_id")
+            first = await redis.xrange(stream_key(reply_id), min="-", max="+", count=1)
         except (RedisError, OSError):
             return False
-        return held is not None and held.decode() == str(chat_id)
+        return bool(first) and first[0][1].get(b"c", b"").decode() == str(chat_id)
 
     async def aclose(self) -> None:
         if self._flush is not None:

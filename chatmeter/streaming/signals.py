@@ -53,19 +53,22 @@ class PostgresSignals:
         self._dsn = dsn
         self._retry_seconds = retry_seconds
         self._conn: Any = None
+        # one query at a time on a connection: the listener's own and every publish
+        self._lock = asyncio.Lock()
 
     async def publish(self, chat_id: uuid.UUID) -> None:
-        conn = self._conn
         try:
-            if conn is not None and not conn.is_closed():
-                await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, str(chat_id))
-                return
+            async with self._lock:
+                conn = self._conn
+                if conn is not None and not conn.is_closed():
+                    await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, str(chat_id))
+                    return
             conn = await asyncpg.connect(self._dsn)
             try:
                 await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, str(chat_id))
             finally:
                 await conn.close()
-        except (OSError, asyncpg.PostgresError):
+        except Exception:
             # the flag is set; the holder's poll will find it
             log.warning("could not announce the stop of chat %s; the poll will", chat_id)
 
@@ -91,7 +94,8 @@ class PostgresSignals:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(lost.wait(), 30)
                     if not lost.is_set():
-                        await conn.execute("SELECT 1")
+                        async with self._lock:
+                            await conn.execute("SELECT 1")
             except Exception:
                 log.warning("the stop listener lost PostgreSQL; reconnecting")
             finally:

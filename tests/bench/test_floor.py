@@ -8,6 +8,7 @@ import orjson
 from chatmeter.bench.floor import create_floor_app, floor_path
 from chatmeter.config import ModelConfig
 from chatmeter.providers.scripted import split_into
+from chatmeter.streaming.log import encode_piece
 from chatmeter.streaming.sse import encode_event
 
 REPLY = "The floor streams exactly the pieces of the scripted model."
@@ -24,14 +25,23 @@ async def test_floor_streams_the_scripted_pieces_with_chatmeter_framing() -> Non
     assert answer.headers["cache-control"] == "no-cache"
     events = answer.content.split(b"\n\n")[:-1]
     pieces = split_into(REPLY, 5)
-    assert len(events) == len(pieces) + 1
-    for index, piece in enumerate(pieces, 1):
-        expected = encode_event(index, orjson.dumps({"chunk": piece, "done": False}))
-        assert events[index - 1] + b"\n\n" == expected
+    assert len(events) == len(pieces) + 2
+    # the first event names the reply (SPEC section 11), as chatmeter's does
+    head, data = events[0].split(b"\n", 1)
+    assert head == b"id: 1"
+    first = orjson.loads(data.removeprefix(b"data: "))
+    assert set(first) == {"chunk", "done", "message_id", "user_message_id"}
+    assert first["chunk"] == "" and first["done"] is False
+    for index, piece in enumerate(pieces, 2):
+        assert events[index - 1] + b"\n\n" == encode_event(index, encode_piece(piece))
     head, data = events[-1].split(b"\n", 1)
-    assert head == b"id: %d" % (len(pieces) + 1)
+    assert head == b"id: %d" % (len(pieces) + 2)
     end = orjson.loads(data.removeprefix(b"data: "))
     assert end["done"] is True and end["chunk"] == "" and end["finish_reason"] == "stop"
+    assert (end["message_id"], end["user_message_id"]) == (
+        first["message_id"],
+        first["user_message_id"],
+    )
     assert set(end["usage"]) == {
         "prompt_tokens",
         "completion_tokens",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 from chatmeter.bench.load import Slot, write_script
@@ -9,6 +10,7 @@ from chatmeter.bench.results import percentile
 from chatmeter.bench.statements import statement_kind
 from chatmeter.bench.streams import (
     StreamRecord,
+    _read_events,
     first_piece_lateness_ms,
     peak_concurrency,
     piece_lateness_ms,
@@ -59,3 +61,19 @@ def test_statement_kinds_name_the_verb_and_the_table() -> None:
     assert statement_kind("BEGIN IMMEDIATE") == "BEGIN"
     assert statement_kind("END") == "COMMIT"
     assert statement_kind("SAVEPOINT s1") == "SAVEPOINT"
+
+
+async def test_the_first_event_naming_the_reply_is_not_a_piece() -> None:
+    events = [
+        b'id: 1\ndata: {"chunk":"","done":false,"message_id":"m","user_message_id":"u"}\n\n',
+        b'id: 2\ndata: {"chunk":"A piece","done":false}\n\n',
+        b'id: 3\ndata: {"chunk":"","done":true,"finish_reason":"stop"}\n\n',
+    ]
+    reader = asyncio.StreamReader()
+    for event in events:
+        reader.feed_data(b"%x\r\n%s\r\n" % (len(event), event))
+    reader.feed_data(b"0\r\n\r\n")
+    reader.feed_eof()
+    record = StreamRecord()
+    await _read_events(reader, record)
+    assert record.ok and len(record.piece_times) == 1

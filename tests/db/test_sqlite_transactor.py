@@ -224,7 +224,7 @@ async def test_the_idle_writer_checkpoints_what_the_loop_committed(db_path: Path
             await transactor.run(wide_insert, f"row{i:03}")
         assert file_size(db_path) == size_before  # the loop never checkpoints
         # copied into the database file by the writer process, idle meanwhile
-        await eventually(lambda: file_size(db_path) >= size_before + 500_000, within=5)
+        await eventually(lambda: file_size(db_path) >= size_before + 500_000, within=60)
 
 
 def file_size(path: Path) -> int:

@@ -100,7 +100,8 @@ async def exchange(client: httpx.AsyncClient, chat_id: str, message: str) -> lis
     assert response.status_code == 200, response.text
     events = read_events(response.content)
     assert [event_id for event_id, _ in events] == list(range(1, len(events) + 1))
-    *pieces, (_, end) = events
+    (_, first), *pieces, (_, end) = events
+    assert first["message_id"] == end["message_id"] and first["chunk"] == ""
     assert end["done"] is True and end["finish_reason"] == "stop", end
     assert all(data["done"] is False for _, data in pieces)
     return [data["chunk"] for _, data in pieces]

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from tests.fakes.gemini_server import GeminiScript, ReceivedRequest
+from tests.support.sse import is_piece
 
 Kind = Literal[
     "complete",
@@ -185,7 +186,7 @@ class TrialResult:
 
     @property
     def chunks(self) -> list[str]:
-        return [e["chunk"] for e in self.events if not e.get("done") and not e.get("error")]
+        return [e["chunk"] for e in self.events if is_piece(e)]
 
     @property
     def final(self) -> dict[str, Any] | None:

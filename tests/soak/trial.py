@@ -43,7 +43,7 @@ from tests.soak.plan import (
 )
 from tests.soak.report import Report, figures
 from tests.support.process import chatmeter_process
-from tests.support.sse import StreamResult, parse_events
+from tests.support.sse import StreamResult, is_piece, parse_events
 
 TOML = """
 default_model = "gemini"
@@ -156,6 +156,8 @@ class Driver:
             async for event in parse_events(response.aiter_lines(), stream):
                 if event.get("done") or event.get("error"):
                     return
+                if not is_piece(event):
+                    continue  # the first event names the reply
                 if result.first_chunk is None:
                     result.first_chunk = self.loop.time()
                 if await self._fault(plan, slot, result):
@@ -245,7 +247,9 @@ async def run_soak(
                 ),
                 work_dir,
                 workers=config.workers,
-                extra_env={"GEMINI_TEST_KEY": "soak-key"},
+                # the trial's disconnects are those of the stop-on-disconnect policy; the
+                # default (the reply goes on) is tested in tests/streaming/test_resume.py
+                extra_env={"GEMINI_TEST_KEY": "soak-key", "CHATMETER_ON_DISCONNECT": "stop"},
             ) as url:
                 driver = Driver(url, engine, config)
                 try:
