@@ -90,7 +90,7 @@ class MessageEndpoint:
         try:
             return await self._send_message(Request(scope, receive), chat_id)
         except ApiError as exc:
-            return error_response(exc.status, exc.code, exc.message)
+            return exc.response()
         except BodyTooLarge:
             return too_large_response(self._max_body_bytes)
         except DATABASE_UNAVAILABLE as exc:
