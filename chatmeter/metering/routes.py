@@ -86,7 +86,7 @@ async def my_events(
     return json_response({"events": events, "next": following})
 
 
-def _user_id(raw: str) -> str:
+def user_id_of(raw: str) -> str:
     if not raw.strip() or len(raw) > 255 or "\x00" in raw:
         raise ApiError(400, "INVALID_REQUEST", "user_id: must be 1 to 255 characters")
     return raw
@@ -101,7 +101,7 @@ def _user_id(raw: str) -> str:
 async def set_limit(
     user_id: str, request: Request, _: AdminUser, services: ServicesDep
 ) -> Response:
-    user_id = _user_id(user_id)
+    user_id = user_id_of(user_id)
     try:
         body = parse_model(NewLimit, await read_json(request))
     except BadBody as exc:
@@ -113,6 +113,6 @@ async def set_limit(
 
 @router.get("/api/admin/users/{user_id}/usage", response_model=UsageOut, responses=errors(400, 403))
 async def user_usage(user_id: str, _: AdminUser, services: ServicesDep) -> Response:
-    user_id = _user_id(user_id)
+    user_id = user_id_of(user_id)
     row = await accounts.usage_of(services.engine, user_id, services.plans)
     return json_response(accounts.usage_json(row, services.plans))
