@@ -122,7 +122,7 @@ OPERATION = operation(
     description="Send a message; the reply streams back as server-sent events.",
     parameters=[CHAT_ID_PARAMETER],
     request_body=NewMessage,
-    responses={"200": STREAM_DOC, **error_responses(400, 403, 404, 409)},
+    responses={"200": STREAM_DOC, **error_responses(400, 403, 404, 409, 429)},
 )
 
 
