@@ -22,9 +22,11 @@ app = typer.Typer(
     add_completion=False,
 )
 db_app = typer.Typer(help="Database commands.", no_args_is_help=True)
-users_app = typer.Typer(help="Users' token budgets.", no_args_is_help=True)
+users_app = typer.Typer(help="Users' token budgets and plans.", no_args_is_help=True)
+usage_app = typer.Typer(help="Usage reports.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(users_app, name="users")
+app.add_typer(usage_app, name="usage")
 app.command("chat")(chat_command)
 app.command("bench")(bench_command)
 console = Console()
@@ -212,6 +214,69 @@ def users_set_plan(user: str, plan: str) -> None:
 def users_usage(user: str) -> None:
     """Show a user's usage and budget."""
     console.print(_usage_table(_usage_or_exit(user, None)))
+
+
+async def _report_rows(
+    settings: Settings, first: str | None, last: str | None, by: str
+) -> list[dict[str, Any]]:
+    from chatmeter.db.engine import make_engine
+    from chatmeter.db.tables import utcnow
+    from chatmeter.metering.summary import DayRange, group_by, summarize
+
+    zone = settings.zone
+    days = DayRange.parse(first, last, utcnow().astimezone(zone).date())
+    grouping = group_by(by, ("day", "model", "user"))
+    engine = make_engine(settings.database_url)
+    try:
+        async with engine.connect() as conn:
+            return await summarize(conn, days, zone, grouping, None)
+    finally:
+        await engine.dispose()
+
+
+@usage_app.command("report")
+def usage_report(
+    first: Annotated[
+        str | None, typer.Option("--from", help="First day, YYYY-MM-DD (default: 30 days ago).")
+    ] = None,
+    last: Annotated[
+        str | None, typer.Option("--to", help="Last day, YYYY-MM-DD (default: today).")
+    ] = None,
+    by: Annotated[str, typer.Option("--by", help="Group by day, model or user.")] = "day",
+    as_csv: Annotated[bool, typer.Option("--csv", help="CSV to stdout, with a header.")] = False,
+) -> None:
+    """Everyone's usage by day (in CHATMETER_TIMEZONE), model or user."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from chatmeter.errors import ApiError
+    from chatmeter.metering.summary import SUM_FIELDS
+    from chatmeter.metering.summary import as_csv as csv_text
+
+    settings = settings_or_exit()
+    try:
+        rows = asyncio.run(_report_rows(settings, first, last, by))
+    except ApiError as exc:
+        errors.print(f"[red]{exc.message.replace('from', '--from', 1)}[/red]")
+        raise typer.Exit(2) from None
+    except (SQLAlchemyError, OSError) as exc:
+        cause = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+        errors.print(f"[red]database error:[/red] {cause}")
+        raise typer.Exit(1) from None
+    if as_csv:
+        sys.stdout.write(csv_text(rows, by))  # type: ignore[arg-type]
+        return
+    table = Table(title=f"Usage by {by} ({settings.currency})")
+    table.add_column(by)
+    for column in ("requests", *SUM_FIELDS):
+        table.add_column(
+            "cost" if column == "cost_micros" else column.replace("_", " "), justify="right"
+        )
+    for row in rows:
+        figures = [f"{row[c]:,}" for c in ("requests", *SUM_FIELDS[:-1])]
+        table.add_row(str(row[by]), *figures, str(money(row["cost_micros"])))
+    if not rows:
+        table.caption = "no usage in these days"
+    console.print(table)
 
 
 def main() -> None:
