@@ -442,3 +442,22 @@ async def test_ledger_rows_are_what_the_totals_add_up_to(
             .all()
         )
     assert sum(costs) == state.spend
+
+
+async def test_metrics_count_refusals_by_reason_and_cost_by_model(
+    client: httpx.AsyncClient,
+) -> None:
+    user = fresh("max")
+    await on_plan(client, user, "tight")
+    await client.put(f"/api/admin/users/{user}/limit", json={"token_limit": 1}, headers=admin())
+    chat = await new_chat(client, user, model="priced")
+    refused = await stream_message(client, chat, "No", token_for(user))
+    assert refused.body["code"] == "TOKEN_BUDGET_EXCEEDED"
+    paying = fresh("pay")
+    paid = await stream_message(
+        client, await new_chat(client, paying, model="priced"), "Yes", token_for(paying)
+    )
+    assert paid.last["usage"]["cost_micros"] > 0
+    text = (await client.get("/metrics")).text
+    assert 'chatmeter_refusals_total{reason="token"}' in text
+    assert 'chatmeter_cost_billed_micros_total{model="priced"}' in text
