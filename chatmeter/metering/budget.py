@@ -9,8 +9,16 @@ Each reservation is also a row of `reservations`: one per chat (the 409 rule, ac
 workers), with a lease that the streaming process renews. A process that dies stops
 renewing; `release_expired` hands its tokens back.
 
+Plans (SPEC section 10) live in the same statement: the user's plan is resolved in SQL
+(`plans.PlanBook`), an ended period is rolled over (`period_start` older than the current
+one: the totals start again from 0, reservations stay), the rate limits pass (a GCRA
+arrival time and the count of active replies) and money is reserved beside the tokens
+(the tokens at the model's highest price). Only when it matches no row does a read say
+why (429, 403) or how much less still fits.
+
 The functions are transaction steps (`chatmeter.db.steps`): they yield SQL and are
-composed with `yield from` into the transactions of the message path.
+composed with `yield from` into the transactions of the message path. Lock order: a
+transaction that writes both tables locks the user's `user_usage` row first.
 """
 
 from __future__ import annotations
@@ -255,7 +263,9 @@ def _claim_chat(
         if rows:
             return True
         # the chat holds a reservation: a live reply (409), or one whose process died
+        # the chat is this user's, whose row `_take` has locked: user row first
         released = yield from _release(
+            reservation.user_id,
             "chat_id = :chat_id AND expires_at < :now",
             {"chat_id": reservation.chat_id, "now": now},
         )
@@ -264,24 +274,49 @@ def _claim_chat(
     return False
 
 
-def _release(condition: str, params: dict[str, object]) -> Steps[int]:
-    """Delete matching reservations and hand their tokens back to their users."""
-    released = yield Sql(
-        f"DELETE FROM reservations WHERE {condition} RETURNING user_id, tokens, micros", params
+def lock_user(user_id: str) -> Steps[None]:
+    """Lock the user's `user_usage` row (a write that changes nothing): the first lock of
+    a transaction that goes on to lock the user's reservations (user row first)."""
+    yield Sql(
+        "UPDATE user_usage SET reserved_tokens = reserved_tokens WHERE user_id = :user_id",
+        {"user_id": user_id},
     )
-    for user_id, tokens, micros in released:
+
+
+def _release(user_id: str, condition: str, params: dict[str, object]) -> Steps[int]:
+    """Delete the user's reservations that match and hand back what they held (tokens,
+    money, a reply each). The caller holds the lock of the user's row."""
+    rows = yield Sql(
+        f"DELETE FROM reservations WHERE user_id = :user_id AND {condition} "
+        "RETURNING tokens, micros",
+        {**params, "user_id": user_id},
+    )
+    if rows:
         yield Sql(
             "UPDATE user_usage SET reserved_tokens = reserved_tokens - :tokens, "
-            "reserved_micros = reserved_micros - :micros, active_replies = active_replies - 1 "
-            "WHERE user_id = :user_id",
-            {"user_id": user_id, "tokens": tokens, "micros": micros},
+            "reserved_micros = reserved_micros - CAST(:micros AS BIGINT), "
+            "active_replies = active_replies - :replies WHERE user_id = :user_id",
+            {
+                "user_id": user_id,
+                "tokens": sum(int(row[0]) for row in rows),
+                "micros": sum(int(row[1]) for row in rows),
+                "replies": len(rows),
+            },
         )
-    return len(released)
+    return len(rows)
 
 
 def release_expired(now: datetime) -> Steps[int]:
-    """Hand back the reservations of processes that died mid-stream."""
-    return (yield from _release("expires_at < :now", {"now": now}))
+    """Hand back the reservations of processes that died mid-stream: for each user who
+    has one, sorted by user_id, lock the user's row, then delete and release."""
+    rows = yield Sql(
+        "SELECT DISTINCT user_id FROM reservations WHERE expires_at < :now", {"now": now}
+    )
+    released = 0
+    for user_id in sorted(str(row[0]) for row in rows):
+        yield from lock_user(user_id)
+        released += yield from _release(user_id, "expires_at < :now", {"now": now})
+    return released
 
 
 @dataclass(frozen=True, slots=True)

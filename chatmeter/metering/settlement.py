@@ -68,8 +68,24 @@ def settle_steps(s: Settlement, *, is_retry: bool = False) -> Steps[None]:
         done = yield Sql("SELECT 1 FROM messages WHERE message_id = :id", {"id": s.message_id})
         if done:
             return
-    released = yield from take_reservation(s.reservation_id)
     usage = s.usage
+    # the user's row first, then the reservation (the lock order of `budget.py`)
+    yield Sql(
+        "UPDATE user_usage SET "
+        f"total_tokens_used = {_in_period('total_tokens_used', 'CAST(:total AS BIGINT)')}, "
+        f"spend_micros = {_in_period('spend_micros', 'CAST(:cost AS BIGINT)')}, "
+        f"period_start = CASE WHEN {_ENDED} THEN {_START} ELSE period_start END, "
+        "updated_at = :now WHERE user_id = :user_id",
+        {
+            "total": usage.total_tokens,
+            "cost": s.cost_micros,
+            "ps": s.period_start,
+            "at": to_micros(s.created_at),
+            "now": s.created_at,
+            "user_id": s.user_id,
+        },
+    )
+    released = yield from take_reservation(s.reservation_id)
     yield Sql(
         "INSERT INTO messages (message_id, chat_id, role, content, tokens_consumed, status, "
         "prompt_tokens, completion_tokens, metering_source, finish_reason, created_at, "
@@ -112,27 +128,17 @@ def settle_steps(s: Settlement, *, is_retry: bool = False) -> Steps[None]:
                 "cost": s.cost_micros,
             },
         )
-    yield Sql(
-        "UPDATE user_usage SET "
-        f"total_tokens_used = {_in_period('total_tokens_used', 'CAST(:total AS BIGINT)')}, "
-        f"spend_micros = {_in_period('spend_micros', 'CAST(:cost AS BIGINT)')}, "
-        f"period_start = CASE WHEN {_ENDED} THEN {_START} ELSE period_start END, "
-        "reserved_tokens = reserved_tokens - :released, "
-        "reserved_micros = reserved_micros - CAST(:released_micros AS BIGINT), "
-        "active_replies = active_replies - :replies, updated_at = :now "
-        "WHERE user_id = :user_id",
-        {
-            "total": usage.total_tokens,
-            "cost": s.cost_micros,
-            "ps": s.period_start,
-            "at": to_micros(s.created_at),
-            "released": released.tokens,
-            "released_micros": released.micros,
-            "replies": released.replies,
-            "now": s.created_at,
-            "user_id": s.user_id,
-        },
-    )
+    if released.replies:
+        yield Sql(
+            "UPDATE user_usage SET reserved_tokens = reserved_tokens - :released, "
+            "reserved_micros = reserved_micros - CAST(:released_micros AS BIGINT), "
+            "active_replies = active_replies - 1 WHERE user_id = :user_id",
+            {
+                "released": released.tokens,
+                "released_micros": released.micros,
+                "user_id": s.user_id,
+            },
+        )
     yield Sql(
         "UPDATE chats SET updated_at = :now WHERE chat_id = :chat_id",
         {"now": s.created_at, "chat_id": s.chat_id},
