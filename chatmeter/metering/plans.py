@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -106,6 +106,9 @@ class PlanBook(Sendable):
     emission_sql: str
     tolerance_sql: str
     concurrency_sql: str
+    # the last bounds computed per period: a period changes rarely, and computing one in
+    # a timezone costs ~10 us per statement (an object's cache, not the module's)
+    recent: dict[str, Bounds] = field(default_factory=dict)
 
     @classmethod
     def of(cls, settings: Settings) -> PlanBook:
@@ -149,7 +152,17 @@ class PlanBook(Sendable):
         return ZoneInfo(self.timezone)
 
     def bounds(self, plan: Plan, now: datetime) -> Bounds | None:
-        return bounds(plan.period, now, self.zone)
+        return self.current(plan.period, now)
+
+    def current(self, period: str, now: datetime) -> Bounds | None:
+        """The period containing `now` (None for `none`)."""
+        known = self.recent.get(period)
+        if known is not None and known.start <= now < known.end:
+            return known
+        found = bounds(period, now, self.zone)
+        if found is not None:
+            self.recent[period] = found
+        return found
 
     def period_start_at(self, plan_name: str, moment: datetime) -> int | None:
         """The start of the plan's period containing `moment`; None without a period."""
@@ -158,10 +171,9 @@ class PlanBook(Sendable):
 
     def period_params(self, now: datetime) -> dict[str, int]:
         """`:ps_N` of the reserve statement: each period's current start."""
-        zone = self.zone
         params: dict[str, int] = {}
         for index, period in enumerate(self.periods):
-            current = bounds(period, now, zone)
+            current = self.current(period, now)
             assert current is not None
             params[f"ps_{index}"] = current.start_micros
         return params
