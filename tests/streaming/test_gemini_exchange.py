@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from decimal import Decimal
 
 import httpx
 import pytest
@@ -43,6 +44,11 @@ async def stack(database_url: str, gemini: GeminiServer) -> AsyncIterator[Stack]
         base_url=gemini.url,
         timeout_seconds=5,
         max_output_tokens=256,
+        # SPEC section 10: what the exchanges below cost, exactly
+        price_input=Decimal("0.30"),
+        price_cached_input=Decimal("0.075"),
+        price_output=Decimal("2.50"),
+        price_thinking=Decimal("3.50"),
     )
     settings = make_settings(
         database_url,
@@ -76,6 +82,8 @@ async def test_provider_usage_is_billed_exactly_with_thinking(stack: Stack) -> N
         "cached_tokens": 5,
         "total_tokens": 160,
         "source": "provider",
+        # (37 - 5) x 0.30 + 5 x 0.075 + 3 x 2.50 + 120 x 3.50 = 437.475 -> 437
+        "cost_micros": 437,
     }
     assert result.last["tokens_used"] == 160
     assert stack.gemini.count_calls == 0  # usage came: no count-tokens call at all

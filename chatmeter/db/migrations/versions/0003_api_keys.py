@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0003_api_keys"
-down_revision = "0001"
+down_revision = "0002_plans"
 branch_labels = None
 depends_on = None
 
