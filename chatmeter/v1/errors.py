@@ -85,8 +85,8 @@ def from_api_error(exc: ApiError) -> OpenAIError:
     if exc.code in _QUOTA:
         return insufficient_quota(exc.message)
     if exc.code == "RATE_LIMITED":
-        retry_after = getattr(exc, "retry_after", None)
-        headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+        retry_after = exc.headers.get("Retry-After")
+        headers = {"Retry-After": retry_after} if retry_after is not None else None
         return OpenAIError(
             429, exc.message, type="requests", code="rate_limit_exceeded", headers=headers
         )

@@ -10,10 +10,12 @@ import openai
 import pytest
 import sqlalchemy as sa
 
+from chatmeter.config import PlanConfig
 from chatmeter.db.tables import usage_events
-from tests.conftest import auth
+from tests.conftest import auth, make_settings, scripted
 from tests.support.db import open_reservations
-from tests.v1.conftest import V1, sdk_for
+from tests.support.server import serve
+from tests.v1.conftest import V1, new_key, sdk_for
 
 HI = [{"role": "user", "content": "Hi"}]
 
@@ -151,3 +153,28 @@ async def test_unknown_paths_and_methods_keep_the_shape(v1: V1) -> None:
     wrong = await v1.http.get("/v1/chat/completions", headers=headers)
     assert_openai_shape(wrong, 405, "method_not_allowed")
     assert wrong.headers["allow"] == "POST"
+
+
+async def test_a_rate_limited_request_is_rate_limit_exceeded_with_retry_after(
+    database_url: str,
+) -> None:
+    """The plan's rate limits hold on /v1 too (one exchange core): 429
+    `rate_limit_exceeded` with `Retry-After`, nothing billed for the refused request."""
+    settings = make_settings(
+        database_url,
+        models={"scripted": scripted(reply="ok", chunks=1)},
+        plans={"one": PlanConfig(requests_per_minute=1)},
+        default_plan="one",
+    )
+    async with serve(settings) as server:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
+            key = await new_key(http, "rita")
+            async with sdk_for(server, key) as sdk:
+                await sdk.chat.completions.create(model="scripted", messages=HI)  # type: ignore[arg-type]
+                with pytest.raises(openai.RateLimitError) as caught:
+                    await sdk.chat.completions.create(model="scripted", messages=HI)  # type: ignore[arg-type]
+            assert caught.value.code == "rate_limit_exceeded"
+            assert int(caught.value.response.headers["Retry-After"]) >= 1
+            async with server.services.engine.connect() as conn:
+                count = sa.select(sa.func.count()).select_from(usage_events)
+                assert (await conn.execute(count)).scalar() == 1
