@@ -552,6 +552,7 @@ function endReply(chat, view, ended) {
 async function resumeOpenChat(chat) {
   const last = chat.messages[chat.messages.length - 1];
   if (!last || last.role !== "user" || state.streaming) return;
+  const firstMessage = chat.messages.length === 1; // the reply then titles the chat
   const controller = new AbortController();
   const stream = newStream(controller);
   stream.chatId = chat.chat_id;
@@ -578,7 +579,7 @@ async function resumeOpenChat(chat) {
       return;
     }
     const { status, tokens } = endReply(chat, view, ended);
-    await afterReply(chat, last.content, false, status, tokens);
+    await afterReply(chat, last.content, firstMessage, status, tokens);
   } catch (err) {
     if (err.name !== "AbortError") showNotice(describe("CONNECTION_LOST"));
     view.finish("interrupted", 0);
