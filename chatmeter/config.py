@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import tomllib
 from collections.abc import Mapping
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
     BaseModel,
@@ -20,15 +23,41 @@ from pydantic import (
 )
 
 from chatmeter.auth.tokens import ASYMMETRIC_ALGORITHMS, HMAC_ALGORITHMS
+from chatmeter.metering.cost import Prices
+from chatmeter.metering.periods import parse_period
 
 ENV_PREFIX = "CHATMETER_"
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant. Answer clearly and concisely."
 DEV_SECRET_FILE = ".chatmeter/dev-jwt-secret"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+DEFAULT_PLAN = "default"
+# the most money a limit or a price may name: micro-units fit a 64-bit integer
+MAX_AMOUNT = Decimal(10**12)
+_PLAN_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
 class ConfigError(Exception):
     """A configuration problem; the message names the key."""
+
+
+def _decimal(value: Any) -> Any:
+    """Money from TOML: an int, a float (read through its shortest text, never float
+    arithmetic) or a string of digits."""
+    if isinstance(value, bool):
+        raise ValueError("must be a number")
+    if isinstance(value, float):
+        return Decimal(repr(value))
+    return value
+
+
+def _amount(value: Decimal | None, decimals: int = 6) -> Decimal | None:
+    if value is None:
+        return None
+    if not value.is_finite() or value < 0 or value > MAX_AMOUNT:
+        raise ValueError(f"must be a number from 0 to {MAX_AMOUNT:,}")
+    if value != value.quantize(Decimal(1).scaleb(-decimals)):
+        raise ValueError(f"must have at most {decimals} decimal places")
+    return value
 
 
 class ModelConfig(BaseModel):
@@ -54,6 +83,79 @@ class ModelConfig(BaseModel):
     model_path: str | None = None
     threads: int = Field(default=2, ge=1, le=256)
     parallel: int = Field(default=4, ge=1, le=64)
+    # per million tokens, in CHATMETER_CURRENCY (SPEC section 10); none: the model is free
+    price_input: Decimal | None = None
+    price_cached_input: Decimal | None = None  # default: price_input
+    price_output: Decimal | None = None
+    price_thinking: Decimal | None = None  # default: price_output
+
+    @field_validator(
+        "price_input", "price_cached_input", "price_output", "price_thinking", mode="before"
+    )
+    @classmethod
+    def _price_number(cls, value: Any) -> Any:
+        return _decimal(value)
+
+    @field_validator("price_input", "price_cached_input", "price_output", "price_thinking")
+    @classmethod
+    def _price_range(cls, value: Decimal | None) -> Decimal | None:
+        # a price per million tokens is the price of one token in micro-units: at most
+        # 6 more decimals keep every cost exact before its one rounding
+        return _amount(value, decimals=12)
+
+    @property
+    def prices(self) -> Prices:
+        zero = Decimal(0)
+        given_input = self.price_input if self.price_input is not None else zero
+        given_output = self.price_output if self.price_output is not None else zero
+        return Prices(
+            input=given_input,
+            cached_input=(
+                self.price_cached_input if self.price_cached_input is not None else given_input
+            ),
+            output=given_output,
+            thinking=self.price_thinking if self.price_thinking is not None else given_output,
+        )
+
+
+class PlanConfig(BaseModel):
+    """One entry of the `[plans.NAME]` table: what a user may spend and how fast."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    token_limit: int | None = Field(default=None, ge=0, le=2**62)
+    spend_limit: Decimal | None = None  # in CHATMETER_CURRENCY
+    period: str = "none"
+    requests_per_minute: int | None = Field(default=None, ge=1, le=1_000_000)
+    concurrent_replies: int | None = Field(default=None, ge=1, le=1_000_000)
+
+    @field_validator("token_limit", "requests_per_minute", "concurrent_replies", mode="before")
+    @classmethod
+    def _whole_number(cls, value: Any) -> Any:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ValueError("must be a whole number")
+        return value
+
+    @field_validator("spend_limit", mode="before")
+    @classmethod
+    def _spend_number(cls, value: Any) -> Any:
+        return _decimal(value)
+
+    @field_validator("spend_limit")
+    @classmethod
+    def _spend_range(cls, value: Decimal | None) -> Decimal | None:
+        return _amount(value)
+
+    @field_validator("period")
+    @classmethod
+    def _known_period(cls, value: str) -> str:
+        return parse_period(value)
+
+    @property
+    def spend_limit_micros(self) -> int | None:
+        if self.spend_limit is None:
+            return None
+        return int(self.spend_limit.scaleb(6))
 
 
 def _builtin_local() -> ModelConfig:
@@ -97,6 +199,10 @@ class Settings(BaseModel):
     replay_seconds: float = Field(default=300.0, ge=0)
     replay_max_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
     redis_url: str | None = None
+    plans: dict[str, PlanConfig] = Field(default_factory=dict)
+    default_plan: str = DEFAULT_PLAN
+    timezone: str = "UTC"
+    currency: str = "USD"
     log_level: str = "INFO"
     log_content: bool = False
 
@@ -139,11 +245,52 @@ class Settings(BaseModel):
             raise ValueError(f"{value!r} is not a configured model (configured: {known})")
         return value
 
+    @field_validator("plans")
+    @classmethod
+    def _plan_names(cls, value: dict[str, PlanConfig]) -> dict[str, PlanConfig]:
+        for name in value:
+            if not _PLAN_NAME.fullmatch(name):
+                raise ValueError(
+                    f"{name!r}: a plan name is 1 to 64 letters, digits, '_', '.' or '-'"
+                )
+        return value
+
+    @field_validator("default_plan")
+    @classmethod
+    def _configured_plan(cls, value: str, info: ValidationInfo) -> str:
+        plans = info.data.get("plans")
+        if plans is not None and value != DEFAULT_PLAN and value not in plans:
+            known = ", ".join(sorted({DEFAULT_PLAN, *plans}))
+            raise ValueError(f"{value!r} is not a configured plan (configured: {known})")
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_timezone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"{value!r} is not an IANA timezone (like Europe/Paris)") from None
+        return value
+
+    @field_validator("currency")
+    @classmethod
+    def _currency_code(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Z]{3}", value):
+            raise ValueError("must be a three-letter currency code like USD or EUR")
+        return value
+
     @model_validator(mode="after")
-    def _with_local_model(self) -> Settings:
+    def _with_builtins(self) -> Settings:
         if "local" not in self.models:
             self.models["local"] = _builtin_local()
+        if DEFAULT_PLAN not in self.plans:
+            self.plans[DEFAULT_PLAN] = PlanConfig(token_limit=self.default_token_limit)
         return self
+
+    @property
+    def zone(self) -> ZoneInfo:
+        return ZoneInfo(self.timezone)
 
     @property
     def is_sqlite(self) -> bool:
@@ -153,7 +300,7 @@ class Settings(BaseModel):
         return self.models[model_name].system_prompt or self.system_prompt
 
 
-_ENV_FIELDS = {name for name in Settings.model_fields if name != "models"}
+_ENV_FIELDS = {name for name in Settings.model_fields if name not in ("models", "plans")}
 
 
 def _env_values(environ: Mapping[str, str]) -> dict[str, Any]:
@@ -190,7 +337,7 @@ def _describe(exc: ValidationError, toml_keys: set[str], toml_path: str | None) 
             key = "settings"
         elif location[0] in toml_keys:
             key = f"{'.'.join(location)} (in {toml_path})"
-        elif location[0] == "models":
+        elif location[0] in ("models", "plans"):
             key = ".".join(location)
         else:
             key = ENV_PREFIX + location[0].upper()

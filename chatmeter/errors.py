@@ -21,17 +21,30 @@ log = logging.getLogger("chatmeter")
 
 
 class ApiError(Exception):
-    """An answer for the client: raised anywhere before a stream starts."""
+    """An answer for the client: raised anywhere before a stream starts. `extra` adds
+    fields to the error body (`resets_at`), `headers` to the answer (`Retry-After`)."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        extra: Mapping[str, Any] | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
+        self.extra = dict(extra or {})
+        self.headers = dict(headers or {})
 
-    def __reduce__(self) -> tuple[type[ApiError], tuple[int, str, str]]:
+    def __reduce__(self) -> tuple[type[ApiError], tuple[Any, ...]]:
         # raised in the SQLite writer process and pickled back to the server
-        return (ApiError, (self.status, self.code, self.message))
+        return (ApiError, (self.status, self.code, self.message, self.extra, self.headers))
+
+    def response(self) -> Response:
+        return error_response(self.status, self.code, self.message, self.headers, **self.extra)
 
 
 def error_body(code: str, message: str, **extra: Any) -> dict[str, Any]:
@@ -39,9 +52,13 @@ def error_body(code: str, message: str, **extra: Any) -> dict[str, Any]:
 
 
 def error_response(
-    status: int, code: str, message: str, headers: Mapping[str, str] | None = None
+    status: int,
+    code: str,
+    message: str,
+    headers: Mapping[str, str] | None = None,
+    **extra: Any,
 ) -> Response:
-    response = json_response(error_body(code, message), status)
+    response = json_response(error_body(code, message, **extra), status)
     if headers:
         response.headers.update(headers)
     return response
@@ -92,7 +109,7 @@ _HTTP_CODES = {
 def install_error_handlers(app: FastAPI) -> None:
     async def on_api_error(_: Request, exc: Exception) -> Response:
         assert isinstance(exc, ApiError)
-        return error_response(exc.status, exc.code, exc.message)
+        return exc.response()
 
     async def on_validation(_: Request, exc: Exception) -> Response:
         # FastAPI would answer 422; the contract says 400 for every bad request

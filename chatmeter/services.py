@@ -20,6 +20,7 @@ from chatmeter.db.engine import make_engine
 from chatmeter.db.transactor import Transactor, make_transactor
 from chatmeter.metering.counting import TokenCounter
 from chatmeter.metering.outbox import Outbox
+from chatmeter.metering.plans import PlanBook
 from chatmeter.observability.metrics import Metrics
 from chatmeter.providers.factories import default_factories
 from chatmeter.providers.registry import ProviderRegistry
@@ -48,6 +49,10 @@ class Services:
     worker_id: str
     opening_rules: OpeningRules
     _background: set[asyncio.Task[Any]] = field(default_factory=set)
+
+    @property
+    def plans(self) -> PlanBook:
+        return self.opening_rules.plans
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         """Run `coro` to completion even if the request that started it goes away;

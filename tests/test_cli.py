@@ -232,3 +232,33 @@ def test_users_on_a_database_that_is_not_migrated(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert "chatmeter db upgrade" in " ".join(result.stderr.split())
+
+
+def test_users_set_plan_and_usage_report(database_url: str, tmp_path: Path) -> None:
+    toml = tmp_path / "plans.toml"
+    toml.write_text('[plans.free]\ntoken_limit = 300\nperiod = "day"\n')
+    config = {"CHATMETER_CONFIG": str(toml)}
+    user = f"user-{uuid.uuid4().hex[:8]}"
+    set_plan, unknown, report, as_csv, bad = run_many(
+        [
+            (["users", "set-plan", user, "free"], config),
+            (["users", "set-plan", user, "gold"], config),
+            (["usage", "report", "--by", "model"], config),
+            (["usage", "report", "--by", "user", "--csv"], config),
+            (["usage", "report", "--from", "2026-05-02", "--to", "2026-05-01"], config),
+        ],
+        cwd=tmp_path,
+        database_url=database_url,
+    )
+    assert set_plan.returncode == 0, set_plan.stderr
+    assert table_rows(set_plan.stdout) == [["0", "0", "300", "300"]]
+    assert "plan free (period day" in " ".join(set_plan.stdout.split())
+    assert unknown.returncode == 2 and "gold" in unknown.stderr
+    assert report.returncode == 0, report.stderr
+    assert "Usage by model" in report.stdout
+    assert as_csv.returncode == 0, as_csv.stderr
+    assert as_csv.stdout.splitlines() == [
+        "user,requests,prompt_tokens,completion_tokens,thinking_tokens,cached_tokens,"
+        "total_tokens,cost_micros"
+    ]
+    assert bad.returncode == 2 and "after" in bad.stderr

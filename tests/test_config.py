@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -278,3 +279,123 @@ def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
     message = refused({"CHATMETER_HISTORY_MESSAGES": "x", "CHATMETER_MAX_MESSAGE_CHARS": "y"})
     assert "CHATMETER_HISTORY_MESSAGES" in message
     assert "CHATMETER_MAX_MESSAGE_CHARS" in message
+
+
+# plans and prices (SPEC section 10)
+
+PLANS_TOML = """
+[plans.free]
+token_limit = 50000
+spend_limit = 0.50
+period = "day"
+requests_per_minute = 10
+concurrent_replies = 1
+
+[plans.pro]
+spend_limit = 20
+period = "month"
+
+[plans.burst]
+period = "30s"
+
+[models."gemini-flash"]
+provider = "gemini"
+price_input = 0.30
+price_cached_input = 0.075
+price_output = 2.50
+"""
+
+
+def test_plans_and_prices_are_read_exactly(tmp_path: Path) -> None:
+    path = write_toml(tmp_path, PLANS_TOML)
+    settings = load_settings(
+        environ={
+            "CHATMETER_CONFIG": path,
+            "CHATMETER_DEFAULT_PLAN": "free",
+            "CHATMETER_TIMEZONE": "Europe/Paris",
+            "CHATMETER_CURRENCY": "EUR",
+        }
+    )
+    free = settings.plans["free"]
+    assert free.token_limit == 50000
+    assert free.spend_limit == Decimal("0.50") and free.spend_limit_micros == 500_000
+    assert (free.period, free.requests_per_minute, free.concurrent_replies) == ("day", 10, 1)
+    pro = settings.plans["pro"]
+    assert (pro.token_limit, pro.spend_limit_micros, pro.period) == (None, 20_000_000, "month")
+    assert (pro.requests_per_minute, pro.concurrent_replies) == (None, None)
+    assert settings.plans["burst"].period == "30s"
+    assert (settings.default_plan, settings.timezone, settings.currency) == (
+        "free",
+        "Europe/Paris",
+        "EUR",
+    )
+    prices = settings.models["gemini-flash"].prices
+    # from the TOML floats' text, never through float arithmetic
+    assert prices.input == Decimal("0.30") and str(prices.input) == "0.3"
+    assert prices.cached_input == Decimal("0.075")
+    assert prices.output == Decimal("2.50")
+    assert prices.thinking == Decimal("2.50"), "price_thinking defaults to price_output"
+    assert all(type(p) is Decimal for p in (prices.input, prices.output))
+
+
+def test_builtin_default_plan_is_todays_behaviour() -> None:
+    settings = load_settings(environ={"CHATMETER_DEFAULT_TOKEN_LIMIT": "777"})
+    assert settings.default_plan == "default"
+    assert settings.timezone == "UTC" and settings.currency == "USD"
+    default = settings.plans["default"]
+    assert default.token_limit == 777
+    assert default.spend_limit is None and default.period == "none"
+    assert default.requests_per_minute is None and default.concurrent_replies is None
+
+
+def test_prices_default_to_free_and_cached_input_to_input(tmp_path: Path) -> None:
+    path = write_toml(tmp_path, '[models.m]\nprovider = "scripted"\nprice_input = 1\n')
+    prices = load_settings(environ={"CHATMETER_CONFIG": path}).models["m"].prices
+    assert prices.cached_input == prices.input == Decimal(1)
+    assert prices.output == prices.thinking == Decimal(0)
+    assert load_settings(environ={}).models["local"].prices.is_free
+
+
+@pytest.mark.parametrize(
+    ("toml", "key"),
+    [
+        ("[plans.p]\ntoken_limit = -1\n", "plans.p.token_limit"),
+        ("[plans.p]\ntoken_limit = 1.5\n", "plans.p.token_limit"),
+        ('[plans.p]\ntoken_limit = "many"\n', "plans.p.token_limit"),
+        ("[plans.p]\nspend_limit = -0.5\n", "plans.p.spend_limit"),
+        ('[plans.p]\nspend_limit = "lots"\n', "plans.p.spend_limit"),
+        ("[plans.p]\nspend_limit = true\n", "plans.p.spend_limit"),
+        ("[plans.p]\nspend_limit = 0.0000001\n", "plans.p.spend_limit"),
+        ('[plans.p]\nperiod = "fortnight"\n', "plans.p.period"),
+        ('[plans.p]\nperiod = "0s"\n', "plans.p.period"),
+        ('[plans.p]\nperiod = "5y"\n', "plans.p.period"),
+        ("[plans.p]\nrequests_per_minute = 0\n", "plans.p.requests_per_minute"),
+        ("[plans.p]\nconcurrent_replies = 0\n", "plans.p.concurrent_replies"),
+        ("[plans.p]\nconcurent_replies = 1\n", "plans.p.concurent_replies"),
+        ('[plans."a b"]\n', "plans"),
+        ('[models.m]\nprovider = "scripted"\nprice_input = -1\n', "models.m.price_input"),
+        ('[models.m]\nprovider = "scripted"\nprice_output = "x"\n', "models.m.price_output"),
+        ('[models.m]\nprovider = "scripted"\nprice_thinking = nan\n', "models.m.price_thinking"),
+    ],
+)
+def test_bad_plan_or_price_names_the_key(tmp_path: Path, toml: str, key: str) -> None:
+    message = refused({"CHATMETER_CONFIG": write_toml(tmp_path, toml)})
+    assert key in message, message
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("CHATMETER_DEFAULT_PLAN", "gold"),
+        ("CHATMETER_TIMEZONE", "Mars/Olympus"),
+        ("CHATMETER_TIMEZONE", "../etc/passwd"),
+        ("CHATMETER_CURRENCY", "dollars"),
+    ],
+)
+def test_bad_plan_setting_in_the_environment(key: str, value: str) -> None:
+    message = refused({key: value})
+    assert key in message, message
+
+
+def test_plans_cannot_come_from_the_environment() -> None:
+    assert "CHATMETER_PLANS" in refused({"CHATMETER_PLANS": "{}"})

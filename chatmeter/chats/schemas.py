@@ -68,6 +68,7 @@ class Message(BaseModel):
     completion_tokens: int | None
     metering_source: str | None
     finish_reason: str | None
+    cost_micros: int = Field(ge=0, description="millionths of the currency (SPEC section 10)")
     created_at: datetime
 
 
@@ -86,6 +87,9 @@ class ErrorBody(BaseModel):
     error: Literal[True]
     code: str = Field(pattern="^[A-Z][A-Z0-9_]*$")
     message: str
+    resets_at: datetime | None = Field(
+        default=None, description="when a spent budget of a plan with a period resets"
+    )
 
 
 class StopAccepted(BaseModel):
@@ -113,6 +117,7 @@ class StreamUsage(BaseModel):
     cached_tokens: int = Field(ge=0)
     total_tokens: int = Field(ge=0)
     source: Literal["provider", "counted", "estimated"]
+    cost_micros: int = Field(ge=0, description="millionths of the currency (SPEC section 10)")
 
 
 class StreamEnd(BaseModel):

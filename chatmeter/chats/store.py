@@ -65,6 +65,7 @@ def message_json(row: Any) -> dict[str, Any]:
         "completion_tokens": row.completion_tokens,
         "metering_source": row.metering_source,
         "finish_reason": row.finish_reason,
+        "cost_micros": row.cost_micros,
         "created_at": row.created_at.isoformat(),
     }
 

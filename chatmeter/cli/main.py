@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -14,6 +14,7 @@ from chatmeter.auth.tokens import mint_token, parse_ttl
 from chatmeter.bench.cli import bench as bench_command
 from chatmeter.cli.chat import chat_command
 from chatmeter.config import ConfigError, Settings, dev_jwt_secret, load_settings
+from chatmeter.metering.cost import money
 
 app = typer.Typer(
     help="chatmeter: a self-hosted backend for AI chat with exact token metering.",
@@ -21,9 +22,11 @@ app = typer.Typer(
     add_completion=False,
 )
 db_app = typer.Typer(help="Database commands.", no_args_is_help=True)
-users_app = typer.Typer(help="Users' token budgets.", no_args_is_help=True)
+users_app = typer.Typer(help="Users' token budgets and plans.", no_args_is_help=True)
+usage_app = typer.Typer(help="Usage reports.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(users_app, name="users")
+app.add_typer(usage_app, name="usage")
 app.command("chat")(chat_command)
 app.command("bench")(bench_command)
 console = Console()
@@ -140,44 +143,59 @@ def _safe_url(url: str) -> str:
     return url
 
 
-async def _with_connection(settings: Settings, user: str, limit: int | None) -> dict[str, int]:
+async def _with_connection(
+    settings: Settings, user: str, limit: int | None, plan: str | None = None
+) -> dict[str, Any]:
     from chatmeter.db.engine import IMMEDIATE, make_engine
     from chatmeter.metering import accounts
+    from chatmeter.metering.plans import PlanBook
 
+    book = PlanBook.of(settings)
     engine = make_engine(settings.database_url)
     try:
         async with engine.connect() as conn:
             conn = await conn.execution_options(**IMMEDIATE)
             async with conn.begin():
-                if limit is None:
-                    row = await accounts.read_usage(conn, user, settings.default_token_limit)
+                if plan is not None:
+                    row = await accounts.set_plan(conn, user, plan, book)
+                elif limit is None:
+                    row = await accounts.read_usage(conn, user, book)
                 else:
-                    row = await accounts.set_limit(conn, user, limit)
-                usage: dict[str, int] = accounts.usage_json(row)
-                return usage
+                    row = await accounts.set_limit(conn, user, limit, book)
+                return accounts.usage_json(row, book)
     finally:
         await engine.dispose()
 
 
-def _usage_table(usage: dict[str, int]) -> Table:
+_USAGE_COLUMNS = ("total_tokens_used", "reserved_tokens", "token_limit", "tokens_remaining")
+
+
+def _usage_table(usage: dict[str, Any]) -> Table:
+    """The token figures as a table; the plan, its period and the spend as its caption."""
     table = Table(title=f"Usage of {usage['user_id']}")
-    for column in ("total_tokens_used", "reserved_tokens", "token_limit", "tokens_remaining"):
+    for column in _USAGE_COLUMNS:
         table.add_column(column.replace("_", " "), justify="right")
-    table.add_row(
-        *(
-            f"{usage[c]:,}"
-            for c in ("total_tokens_used", "reserved_tokens", "token_limit", "tokens_remaining")
-        )
-    )
+    table.add_row(*("no limit" if usage[c] is None else f"{usage[c]:,}" for c in _USAGE_COLUMNS))
+    spend = f"{money(usage['spend_micros'])} {usage['currency']}"
+    if usage["spend_limit_micros"] is not None:
+        spend += f" of {money(usage['spend_limit_micros'])}"
+    resets = f", resets {usage['resets_at']}" if usage["resets_at"] else ""
+    table.caption = f"plan {usage['plan']} (period {usage['period']}{resets}), spent {spend}"
     return table
 
 
-def _usage_or_exit(user: str, limit: int | None) -> dict[str, int]:
+def _usage_or_exit(user: str, limit: int | None, plan: str | None = None) -> dict[str, Any]:
     from sqlalchemy.exc import SQLAlchemyError
+
+    from chatmeter.metering.accounts import UnknownPlan
 
     settings = settings_or_exit()
     try:
-        return asyncio.run(_with_connection(settings, user, limit))
+        return asyncio.run(_with_connection(settings, user, limit, plan))
+    except UnknownPlan:
+        known = ", ".join(sorted(settings.plans))
+        errors.print(f"[red]unknown plan[/red] {plan!r} (configured: {known})")
+        raise typer.Exit(2) from None
     except (SQLAlchemyError, OSError) as exc:
         cause = str(getattr(exc, "orig", None) or exc).splitlines()[0]
         errors.print(
@@ -189,14 +207,83 @@ def _usage_or_exit(user: str, limit: int | None) -> dict[str, int]:
 
 @users_app.command("set-limit")
 def users_set_limit(user: str, limit: Annotated[int, typer.Argument(min=0)]) -> None:
-    """Set a user's token budget."""
+    """Set a user's token budget (over the plan's, until a plan is assigned again)."""
     console.print(_usage_table(_usage_or_exit(user, limit)))
+
+
+@users_app.command("set-plan")
+def users_set_plan(user: str, plan: str) -> None:
+    """Put a user on a plan (SPEC section 10)."""
+    console.print(_usage_table(_usage_or_exit(user, None, plan)))
 
 
 @users_app.command("usage")
 def users_usage(user: str) -> None:
     """Show a user's usage and budget."""
     console.print(_usage_table(_usage_or_exit(user, None)))
+
+
+async def _report_rows(
+    settings: Settings, first: str | None, last: str | None, by: str
+) -> list[dict[str, Any]]:
+    from chatmeter.db.engine import make_engine
+    from chatmeter.db.tables import utcnow
+    from chatmeter.metering.summary import DayRange, group_by, summarize
+
+    zone = settings.zone
+    days = DayRange.parse(first, last, utcnow().astimezone(zone).date())
+    grouping = group_by(by, ("day", "model", "user"))
+    engine = make_engine(settings.database_url)
+    try:
+        async with engine.connect() as conn:
+            return await summarize(conn, days, zone, grouping, None)
+    finally:
+        await engine.dispose()
+
+
+@usage_app.command("report")
+def usage_report(
+    first: Annotated[
+        str | None, typer.Option("--from", help="First day, YYYY-MM-DD (default: 30 days ago).")
+    ] = None,
+    last: Annotated[
+        str | None, typer.Option("--to", help="Last day, YYYY-MM-DD (default: today).")
+    ] = None,
+    by: Annotated[str, typer.Option("--by", help="Group by day, model or user.")] = "day",
+    as_csv: Annotated[bool, typer.Option("--csv", help="CSV to stdout, with a header.")] = False,
+) -> None:
+    """Everyone's usage by day (in CHATMETER_TIMEZONE), model or user."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from chatmeter.errors import ApiError
+    from chatmeter.metering.summary import SUM_FIELDS
+    from chatmeter.metering.summary import as_csv as csv_text
+
+    settings = settings_or_exit()
+    try:
+        rows = asyncio.run(_report_rows(settings, first, last, by))
+    except ApiError as exc:
+        errors.print(f"[red]{exc.message.replace('from', '--from', 1)}[/red]")
+        raise typer.Exit(2) from None
+    except (SQLAlchemyError, OSError) as exc:
+        cause = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+        errors.print(f"[red]database error:[/red] {cause}")
+        raise typer.Exit(1) from None
+    if as_csv:
+        sys.stdout.write(csv_text(rows, by))  # type: ignore[arg-type]
+        return
+    table = Table(title=f"Usage by {by} ({settings.currency})")
+    table.add_column(by)
+    for column in ("requests", *SUM_FIELDS):
+        table.add_column(
+            "cost" if column == "cost_micros" else column.replace("_", " "), justify="right"
+        )
+    for row in rows:
+        figures = [f"{row[c]:,}" for c in ("requests", *SUM_FIELDS[:-1])]
+        table.add_row(str(row[by]), *figures, str(money(row["cost_micros"])))
+    if not rows:
+        table.caption = "no usage in these days"
+    console.print(table)
 
 
 def main() -> None:

@@ -73,6 +73,7 @@ messages = sa.Table(
     sa.Column("metering_source", sa.String(16), nullable=True),
     sa.Column("finish_reason", sa.String(32), nullable=True),
     sa.Column("created_at", UtcDateTime, nullable=False),
+    sa.Column("cost_micros", sa.BigInteger, nullable=False, default=0, server_default="0"),
     sa.Index(None, "chat_id", "created_at"),
 )
 
@@ -84,6 +85,19 @@ user_usage = sa.Table(
     sa.Column("token_limit", sa.BigInteger, nullable=False),
     sa.Column("reserved_tokens", sa.BigInteger, nullable=False, default=0),
     sa.Column("updated_at", UtcDateTime, nullable=False),
+    # SPEC section 10. `token_limit` is the plan's, unless an admin set one for this user
+    # (`token_limit_overridden`) until a plan is assigned again.
+    sa.Column("plan", sa.String(64), nullable=False, server_default="default"),
+    sa.Column("token_limit_overridden", sa.Boolean, nullable=False, server_default=sa.false()),
+    # the start of the period the totals belong to, in Unix microseconds; the reserve and
+    # settle statements roll it over when the plan's current period began later
+    sa.Column("period_start", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("spend_micros", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("reserved_micros", sa.BigInteger, nullable=False, server_default="0"),
+    # the user's reservations (replies streaming now), for `concurrent_replies`
+    sa.Column("active_replies", sa.Integer, nullable=False, server_default="0"),
+    # requests_per_minute as GCRA: the theoretical arrival time, Unix microseconds
+    sa.Column("rate_tat", sa.BigInteger, nullable=False, server_default="0"),
 )
 
 usage_events = sa.Table(
@@ -102,7 +116,9 @@ usage_events = sa.Table(
     sa.Column("total_tokens", sa.BigInteger, nullable=False),
     sa.Column("source", sa.String(16), nullable=False),
     sa.Column("created_at", UtcDateTime, nullable=False),
+    sa.Column("cost_micros", sa.BigInteger, nullable=False, default=0, server_default="0"),
     sa.Index(None, "user_id", "created_at"),
+    sa.Index(None, "created_at"),
 )
 
 # One row per reply being generated: the budget it holds, the 409 rule (one per chat,
@@ -119,5 +135,6 @@ reservations = sa.Table(
     sa.Column("stop_requested", sa.Boolean, nullable=False, default=False),
     sa.Column("expires_at", UtcDateTime, nullable=False),
     sa.Column("created_at", UtcDateTime, nullable=False),
+    sa.Column("micros", sa.BigInteger, nullable=False, server_default="0"),  # money held
     sa.Index(None, "expires_at"),
 )

@@ -9,8 +9,16 @@ Each reservation is also a row of `reservations`: one per chat (the 409 rule, ac
 workers), with a lease that the streaming process renews. A process that dies stops
 renewing; `release_expired` hands its tokens back.
 
+Plans (SPEC section 10) live in the same statement: the user's plan is resolved in SQL
+(`plans.PlanBook`), an ended period is rolled over (`period_start` older than the current
+one: the totals start again from 0, reservations stay), the rate limits pass (a GCRA
+arrival time and the count of active replies) and money is reserved beside the tokens
+(the tokens at the model's highest price). Only when it matches no row does a read say
+why (429, 403) or how much less still fits.
+
 The functions are transaction steps (`chatmeter.db.steps`): they yield SQL and are
-composed with `yield from` into the transactions of the message path.
+composed with `yield from` into the transactions of the message path. Lock order: a
+transaction that writes both tables locks the user's `user_usage` row first.
 """
 
 from __future__ import annotations
@@ -18,13 +26,15 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from decimal import Decimal
 
 from chatmeter.db.steps import Sql, Steps
 from chatmeter.errors import ApiError
 from chatmeter.ids import new_id
+from chatmeter.metering.cost import reserve_micros, tokens_for_micros
+from chatmeter.metering.periods import to_micros
+from chatmeter.metering.plans import STANDING_COLUMNS, PlanBook, Standing, retry_after_seconds
 from chatmeter.values import Sendable
-
-_REMAINING = "token_limit - total_tokens_used - reserved_tokens"
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +44,8 @@ class Reservation(Sendable):
     chat_id: uuid.UUID
     tokens: int
     prompt_estimate: int
+    plan: str = "default"  # the user's plan when the reply opened (its period settles it)
+    micros: int = 0  # the money held: the tokens at the model's highest price
 
     @property
     def output_cap(self) -> int:
@@ -41,9 +53,34 @@ class Reservation(Sendable):
         return self.tokens - self.prompt_estimate
 
 
-def budget_exceeded() -> ApiError:
+def _resets(resets_at: datetime | None) -> dict[str, str]:
+    return {"resets_at": resets_at.isoformat()} if resets_at is not None else {}
+
+
+def budget_exceeded(resets_at: datetime | None = None) -> ApiError:
     return ApiError(
-        403, "TOKEN_BUDGET_EXCEEDED", "Your token budget is spent. Ask an admin to raise it."
+        403,
+        "TOKEN_BUDGET_EXCEEDED",
+        "Your token budget is spent. Ask an admin to raise it.",
+        _resets(resets_at),
+    )
+
+
+def spend_exceeded(resets_at: datetime | None = None) -> ApiError:
+    return ApiError(
+        403,
+        "SPEND_LIMIT_EXCEEDED",
+        "Your spending limit is reached. Ask an admin to raise it.",
+        _resets(resets_at),
+    )
+
+
+def rate_limited(retry_after: int) -> ApiError:
+    return ApiError(
+        429,
+        "RATE_LIMITED",
+        f"Too many requests: try again in {retry_after} s.",
+        headers={"Retry-After": str(retry_after)},
     )
 
 
@@ -56,31 +93,68 @@ def as_uuid(value: object) -> uuid.UUID:
     return value if isinstance(value, uuid.UUID) else uuid.UUID(str(value))
 
 
-def ensure_user(user_id: str, default_limit: int, now: datetime) -> Steps[None]:
-    """Create the user's budget row with the default limit on first sight."""
+def ensure_user(user_id: str, book: PlanBook, now: datetime) -> Steps[None]:
+    """Create the user's budget row on the default plan on first sight."""
     yield Sql(
         "INSERT INTO user_usage (user_id, total_tokens_used, token_limit, reserved_tokens, "
-        "updated_at) VALUES (:user_id, 0, :limit, 0, :now) "
-        "ON CONFLICT (user_id) DO NOTHING",
-        {"user_id": user_id, "limit": default_limit, "now": now},
+        "updated_at, plan, token_limit_overridden, period_start, spend_micros, "
+        "reserved_micros, active_replies, rate_tat) VALUES (:user_id, 0, :limit, 0, :now, "
+        ":plan, :no, 0, 0, 0, 0, 0) ON CONFLICT (user_id) DO NOTHING",
+        {
+            "user_id": user_id,
+            "limit": book.plan(book.default).stored_token_limit,
+            "now": now,
+            "plan": book.default,
+            "no": False,
+        },
     )
 
 
-def _take(user_id: str, tokens: int) -> Steps[bool]:
-    """Atomically add `tokens` to the user's reservation if it fits under the limit."""
+def _take(
+    book: PlanBook, user_id: str, tokens: int, micros: int, now: datetime
+) -> Steps[str | None]:
+    """The one atomic statement of SPEC sections 6 and 10: roll the period over if it
+    ended, pass the rate limits, and add `tokens` (and `micros`) to the user's
+    reservation if both fit under the limits. Returns the user's plan, None when it
+    matched no row (a limit, or a user not seen before)."""
+    start = book.period_start_sql
+    ended = f"period_start < {start}"
     rows = yield Sql(
-        "UPDATE user_usage SET reserved_tokens = reserved_tokens + :tokens "
-        f"WHERE user_id = :user_id AND {_REMAINING} >= :tokens RETURNING user_id",
-        {"user_id": user_id, "tokens": tokens},
+        "UPDATE user_usage SET "
+        f"total_tokens_used = CASE WHEN {ended} THEN 0 ELSE total_tokens_used END, "
+        f"spend_micros = CASE WHEN {ended} THEN 0 ELSE spend_micros END, "
+        f"period_start = CASE WHEN {ended} THEN {start} ELSE period_start END, "
+        "reserved_tokens = reserved_tokens + :tokens, "
+        "reserved_micros = reserved_micros + CAST(:micros AS BIGINT), "
+        "active_replies = active_replies + 1, "
+        "rate_tat = (CASE WHEN rate_tat > CAST(:now_us AS BIGINT) THEN rate_tat "
+        f"ELSE CAST(:now_us AS BIGINT) END) + {book.emission_sql} "
+        "WHERE user_id = :user_id "
+        f"AND rate_tat <= CAST(:now_us AS BIGINT) + {book.tolerance_sql} "
+        f"AND active_replies < {book.concurrency_sql} "
+        f"AND {book.token_limit_sql} - (CASE WHEN {ended} THEN 0 ELSE total_tokens_used END) "
+        "- reserved_tokens >= :tokens "
+        f"AND (CAST(:micros AS BIGINT) = 0 OR {book.spend_limit_sql} - "
+        f"(CASE WHEN {ended} THEN 0 ELSE spend_micros END) - reserved_micros "
+        ">= CAST(:micros AS BIGINT)) "
+        "RETURNING plan",
+        {
+            "user_id": user_id,
+            "tokens": tokens,
+            "micros": micros,
+            "now_us": to_micros(now),
+            **book.period_params(now),
+        },
     )
-    return bool(rows)
+    return str(rows[0][0]) if rows else None
 
 
-def _remaining(user_id: str) -> Steps[int | None]:
+def _standing(book: PlanBook, user_id: str, now: datetime) -> Steps[Standing | None]:
     rows = yield Sql(
-        f"SELECT {_REMAINING} FROM user_usage WHERE user_id = :user_id", {"user_id": user_id}
+        f"SELECT {STANDING_COLUMNS} FROM user_usage WHERE user_id = :user_id",
+        {"user_id": user_id},
     )
-    return int(rows[0][0]) if rows else None
+    return Standing.of(book, rows[0], now) if rows else None
 
 
 def reserve_budget(
@@ -89,43 +163,79 @@ def reserve_budget(
     chat_id: uuid.UUID,
     prompt_estimate: int,
     max_output_tokens: int,
-    default_limit: int,
+    book: PlanBook,
+    highest_price: Decimal,
     worker_id: str,
     ttl_seconds: float,
     now: datetime,
 ) -> Steps[Reservation]:
-    """Reserve `prompt_estimate + max_output_tokens`, or as much output as the budget
-    still allows (at least one token). Raises 403 TOKEN_BUDGET_EXCEEDED or 409
-    REPLY_IN_PROGRESS, in that order (SPEC section 4)."""
-    granted = yield from _reserve_tokens(
-        user_id, prompt_estimate, prompt_estimate + max_output_tokens, default_limit, now
+    """Reserve `prompt_estimate + max_output_tokens`, or as much output as the token and
+    spend limits still allow (at least one token). Raises, in the order of SPEC sections
+    4 and 10: 429 RATE_LIMITED, 403 TOKEN_BUDGET_EXCEEDED or SPEND_LIMIT_EXCEEDED, 409
+    REPLY_IN_PROGRESS."""
+    granted, plan = yield from _reserve(
+        book, user_id, prompt_estimate, prompt_estimate + max_output_tokens, highest_price, now
     )
-    reservation = Reservation(new_id(), user_id, chat_id, granted, prompt_estimate)
+    reservation = Reservation(
+        new_id(),
+        user_id,
+        chat_id,
+        granted,
+        prompt_estimate,
+        plan,
+        reserve_micros(granted, highest_price),
+    )
     if not (yield from _claim_chat(reservation, worker_id, ttl_seconds, now)):
         raise reply_in_progress()
     return reservation
 
 
-def _reserve_tokens(
-    user_id: str, prompt_estimate: int, full: int, default_limit: int, now: datetime
-) -> Steps[int]:
-    # the common case, a user far from the limit, costs one statement
-    if (yield from _take(user_id, full)):
-        return full
+def _reserve(
+    book: PlanBook,
+    user_id: str,
+    prompt_estimate: int,
+    full: int,
+    highest_price: Decimal,
+    now: datetime,
+) -> Steps[tuple[int, str]]:
+    # the common case, a user far from every limit, costs one statement
+    plan = yield from _take(book, user_id, full, reserve_micros(full, highest_price), now)
+    if plan is not None:
+        return full, plan
     for _ in range(3):
-        remaining = yield from _remaining(user_id)
-        if remaining is None:
-            yield from ensure_user(user_id, default_limit, now)
-            if (yield from _take(user_id, full)):
-                return full
-            continue
-        wanted = min(full, remaining)
-        if wanted < prompt_estimate + 1:
-            raise budget_exceeded()
+        standing = yield from _standing(book, user_id, now)
+        if standing is None:
+            yield from ensure_user(user_id, book, now)
+            wanted = full
+        else:
+            wanted = _allowed(standing, prompt_estimate, full, highest_price, now)
         # conditional again: another worker may have reserved since we looked
-        if (yield from _take(user_id, wanted)):
-            return wanted
+        micros = reserve_micros(wanted, highest_price)
+        plan = yield from _take(book, user_id, wanted, micros, now)
+        if plan is not None:
+            return wanted, plan
     raise budget_exceeded()
+
+
+def _allowed(
+    standing: Standing, prompt_estimate: int, full: int, highest_price: Decimal, now: datetime
+) -> int:
+    """Why the statement matched no row, as the contract's error, or the smaller
+    reservation that still fits (the output cap lowered to what both limits allow)."""
+    wait = standing.rate_wait_us(now)
+    if wait:
+        raise rate_limited(retry_after_seconds(wait))
+    if standing.active_replies >= standing.plan.concurrency:
+        raise rate_limited(1)
+    wanted = min(full, standing.tokens_room)
+    if wanted < prompt_estimate + 1:
+        raise budget_exceeded(standing.resets_at)
+    affordable = tokens_for_micros(standing.spend_room, highest_price)
+    if affordable is not None and affordable < wanted:
+        wanted = affordable
+        if wanted < prompt_estimate + 1:
+            raise spend_exceeded(standing.resets_at)
+    return wanted
 
 
 def _claim_chat(
@@ -136,6 +246,7 @@ def _claim_chat(
         "user_id": reservation.user_id,
         "chat_id": reservation.chat_id,
         "tokens": reservation.tokens,
+        "micros": reservation.micros,
         "worker_id": worker_id,
         "no": False,
         "expires_at": now + timedelta(seconds=ttl_seconds),
@@ -143,16 +254,18 @@ def _claim_chat(
     }
     for _ in range(2):
         rows = yield Sql(
-            "INSERT INTO reservations (reservation_id, user_id, chat_id, tokens, worker_id, "
-            "stop_requested, expires_at, created_at) VALUES (:reservation_id, :user_id, "
-            ":chat_id, :tokens, :worker_id, :no, :expires_at, :now) "
+            "INSERT INTO reservations (reservation_id, user_id, chat_id, tokens, micros, "
+            "worker_id, stop_requested, expires_at, created_at) VALUES (:reservation_id, "
+            ":user_id, :chat_id, :tokens, :micros, :worker_id, :no, :expires_at, :now) "
             "ON CONFLICT (chat_id) DO NOTHING RETURNING reservation_id",
             values,
         )
         if rows:
             return True
         # the chat holds a reservation: a live reply (409), or one whose process died
+        # the chat is this user's, whose row `_take` has locked: user row first
         released = yield from _release(
+            reservation.user_id,
             "chat_id = :chat_id AND expires_at < :now",
             {"chat_id": reservation.chat_id, "now": now},
         )
@@ -161,33 +274,67 @@ def _claim_chat(
     return False
 
 
-def _release(condition: str, params: dict[str, object]) -> Steps[int]:
-    """Delete matching reservations and hand their tokens back to their users."""
-    released = yield Sql(
-        f"DELETE FROM reservations WHERE {condition} RETURNING user_id, tokens", params
+def lock_user(user_id: str) -> Steps[None]:
+    """Lock the user's `user_usage` row (a write that changes nothing): the first lock of
+    a transaction that goes on to lock the user's reservations (user row first)."""
+    yield Sql(
+        "UPDATE user_usage SET reserved_tokens = reserved_tokens WHERE user_id = :user_id",
+        {"user_id": user_id},
     )
-    for user_id, tokens in released:
+
+
+def _release(user_id: str, condition: str, params: dict[str, object]) -> Steps[int]:
+    """Delete the user's reservations that match and hand back what they held (tokens,
+    money, a reply each). The caller holds the lock of the user's row."""
+    rows = yield Sql(
+        f"DELETE FROM reservations WHERE user_id = :user_id AND {condition} "
+        "RETURNING tokens, micros",
+        {**params, "user_id": user_id},
+    )
+    if rows:
         yield Sql(
-            "UPDATE user_usage SET reserved_tokens = reserved_tokens - :tokens "
-            "WHERE user_id = :user_id",
-            {"user_id": user_id, "tokens": tokens},
+            "UPDATE user_usage SET reserved_tokens = reserved_tokens - :tokens, "
+            "reserved_micros = reserved_micros - CAST(:micros AS BIGINT), "
+            "active_replies = active_replies - :replies WHERE user_id = :user_id",
+            {
+                "user_id": user_id,
+                "tokens": sum(int(row[0]) for row in rows),
+                "micros": sum(int(row[1]) for row in rows),
+                "replies": len(rows),
+            },
         )
-    return len(released)
+    return len(rows)
 
 
 def release_expired(now: datetime) -> Steps[int]:
-    """Hand back the reservations of processes that died mid-stream."""
-    return (yield from _release("expires_at < :now", {"now": now}))
-
-
-def take_reservation(reservation_id: uuid.UUID) -> Steps[int]:
-    """Delete the reservation row and return its tokens: 0 if it is already gone (its
-    lease ran out and the sweeper released it), so settling never releases twice."""
+    """Hand back the reservations of processes that died mid-stream: for each user who
+    has one, sorted by user_id, lock the user's row, then delete and release."""
     rows = yield Sql(
-        "DELETE FROM reservations WHERE reservation_id = :id RETURNING tokens",
+        "SELECT DISTINCT user_id FROM reservations WHERE expires_at < :now", {"now": now}
+    )
+    released = 0
+    for user_id in sorted(str(row[0]) for row in rows):
+        yield from lock_user(user_id)
+        released += yield from _release(user_id, "expires_at < :now", {"now": now})
+    return released
+
+
+@dataclass(frozen=True, slots=True)
+class Released:
+    tokens: int = 0
+    micros: int = 0
+    replies: int = 0  # 1 if the reservation was still there, else 0
+
+
+def take_reservation(reservation_id: uuid.UUID) -> Steps[Released]:
+    """Delete the reservation row and return what it held: nothing if it is already
+    gone (its lease ran out and the sweeper released it), so settling never releases
+    twice."""
+    rows = yield Sql(
+        "DELETE FROM reservations WHERE reservation_id = :id RETURNING tokens, micros",
         {"id": reservation_id},
     )
-    return int(rows[0][0]) if rows else 0
+    return Released(int(rows[0][0]), int(rows[0][1]), 1) if rows else Released()
 
 
 RENEW_BATCH = 100

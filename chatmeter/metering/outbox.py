@@ -54,6 +54,8 @@ def _decode(line: bytes) -> Settlement:
         usage=Usage(**values["usage"]),
         source=values["source"],
         created_at=datetime.fromisoformat(values["created_at"]),
+        cost_micros=values.get("cost_micros", 0),
+        period_start=values.get("period_start"),
     )
 
 

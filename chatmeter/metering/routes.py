@@ -21,12 +21,24 @@ router = APIRouter(tags=["usage"])
 
 
 class UsageOut(BaseModel):
+    """A user's usage (SPEC sections 4 and 10). `token_limit` and `tokens_remaining`
+    are null for a plan without a token limit; the period fields without a period."""
+
     model_config = ConfigDict(extra="forbid")
     user_id: str
     total_tokens_used: int = Field(ge=0)
-    token_limit: int = Field(ge=0)
+    token_limit: int | None = Field(ge=0)
     reserved_tokens: int = Field(ge=0)
-    tokens_remaining: int = Field(ge=0)
+    tokens_remaining: int | None = Field(ge=0)
+    plan: str
+    period: str = Field(description='none, day, week, month or a fixed length like "6h"')
+    period_start: datetime | None
+    resets_at: datetime | None
+    currency: str
+    spend_micros: int = Field(ge=0, description="millionths of the currency")
+    spend_limit_micros: int | None = Field(ge=0)
+    requests_per_minute: int | None = Field(ge=1)
+    concurrent_replies: int | None = Field(ge=1)
 
 
 class UsageEvent(BaseModel):
@@ -41,6 +53,7 @@ class UsageEvent(BaseModel):
     cached_tokens: int = Field(ge=0)
     total_tokens: int = Field(ge=0)
     source: Literal["provider", "counted", "estimated"]
+    cost_micros: int = Field(ge=0)
     created_at: datetime
 
 
@@ -57,9 +70,8 @@ class NewLimit(BaseModel):
 
 @router.get("/api/usage", response_model=UsageOut, responses=errors())
 async def my_usage(user: CurrentUser, services: ServicesDep) -> Response:
-    limit = services.settings.default_token_limit
-    row = await accounts.usage_of(services.engine, user.user_id, limit)
-    return json_response(accounts.usage_json(row))
+    row = await accounts.usage_of(services.engine, user.user_id, services.plans)
+    return json_response(accounts.usage_json(row, services.plans))
 
 
 @router.get("/api/usage/events", response_model=EventPage, responses=errors(400))
@@ -74,7 +86,7 @@ async def my_events(
     return json_response({"events": events, "next": following})
 
 
-def _user_id(raw: str) -> str:
+def user_id_of(raw: str) -> str:
     if not raw.strip() or len(raw) > 255 or "\x00" in raw:
         raise ApiError(400, "INVALID_REQUEST", "user_id: must be 1 to 255 characters")
     return raw
@@ -89,18 +101,18 @@ def _user_id(raw: str) -> str:
 async def set_limit(
     user_id: str, request: Request, _: AdminUser, services: ServicesDep
 ) -> Response:
-    user_id = _user_id(user_id)
+    user_id = user_id_of(user_id)
     try:
         body = parse_model(NewLimit, await read_json(request))
     except BadBody as exc:
         raise ApiError(400, "INVALID_REQUEST", exc.message) from None
     async with write_transaction(services.engine) as conn:
-        row = await accounts.set_limit(conn, user_id, body.token_limit)
-    return json_response(accounts.usage_json(row))
+        row = await accounts.set_limit(conn, user_id, body.token_limit, services.plans)
+    return json_response(accounts.usage_json(row, services.plans))
 
 
 @router.get("/api/admin/users/{user_id}/usage", response_model=UsageOut, responses=errors(400, 403))
 async def user_usage(user_id: str, _: AdminUser, services: ServicesDep) -> Response:
-    user_id = _user_id(user_id)
-    row = await accounts.usage_of(services.engine, user_id, services.settings.default_token_limit)
-    return json_response(accounts.usage_json(row))
+    user_id = user_id_of(user_id)
+    row = await accounts.usage_of(services.engine, user_id, services.plans)
+    return json_response(accounts.usage_json(row, services.plans))

@@ -18,6 +18,7 @@ from chatmeter.db.transactor import Transactor
 from chatmeter.ids import new_id
 from chatmeter.metering.budget import take_reservation
 from chatmeter.metering.counting import Source
+from chatmeter.metering.periods import to_micros
 from chatmeter.providers.base import Usage
 from chatmeter.values import Sendable
 
@@ -37,6 +38,27 @@ class Settlement(Sendable):
     usage: Usage
     source: Source
     created_at: datetime
+    cost_micros: int = 0
+    # the start (Unix microseconds) of the user's period at `created_at`; None when the
+    # plan has no period. An exchange counts in the period in which it settles.
+    period_start: int | None = None
+
+
+_START = "CAST(:ps AS BIGINT)"
+_ENDED = f"period_start < {_START}"
+# the ledger row is in the period the row holds after this statement: always, unless
+# it is a settlement replayed late, from a period that has ended since
+_COUNTS = f"CAST(:at AS BIGINT) >= (CASE WHEN {_ENDED} THEN {_START} ELSE period_start END)"
+
+
+def _in_period(column: str, amount: str) -> str:
+    """`column` plus `amount`, in the period the exchange settles in: the stored period
+    rolls over first if it ended (SPEC section 10), so that `column` stays the sum of
+    the ledger rows since `period_start`."""
+    return (
+        f"(CASE WHEN {_ENDED} THEN 0 ELSE {column} END) "
+        f"+ (CASE WHEN {_COUNTS} THEN {amount} ELSE 0 END)"
+    )
 
 
 def settle_steps(s: Settlement, *, is_retry: bool = False) -> Steps[None]:
@@ -46,13 +68,29 @@ def settle_steps(s: Settlement, *, is_retry: bool = False) -> Steps[None]:
         done = yield Sql("SELECT 1 FROM messages WHERE message_id = :id", {"id": s.message_id})
         if done:
             return
-    released = yield from take_reservation(s.reservation_id)
     usage = s.usage
+    # the user's row first, then the reservation (the lock order of `budget.py`)
+    yield Sql(
+        "UPDATE user_usage SET "
+        f"total_tokens_used = {_in_period('total_tokens_used', 'CAST(:total AS BIGINT)')}, "
+        f"spend_micros = {_in_period('spend_micros', 'CAST(:cost AS BIGINT)')}, "
+        f"period_start = CASE WHEN {_ENDED} THEN {_START} ELSE period_start END, "
+        "updated_at = :now WHERE user_id = :user_id",
+        {
+            "total": usage.total_tokens,
+            "cost": s.cost_micros,
+            "ps": s.period_start,
+            "at": to_micros(s.created_at),
+            "now": s.created_at,
+            "user_id": s.user_id,
+        },
+    )
+    released = yield from take_reservation(s.reservation_id)
     yield Sql(
         "INSERT INTO messages (message_id, chat_id, role, content, tokens_consumed, status, "
-        "prompt_tokens, completion_tokens, metering_source, finish_reason, created_at) "
-        "VALUES (:message_id, :chat_id, 'assistant', :content, :total, :status, :prompt, "
-        ":completion, :source, :finish_reason, :created_at)",
+        "prompt_tokens, completion_tokens, metering_source, finish_reason, created_at, "
+        "cost_micros) VALUES (:message_id, :chat_id, 'assistant', :content, :total, :status, "
+        ":prompt, :completion, :source, :finish_reason, :created_at, :cost)",
         {
             "message_id": s.message_id,
             "chat_id": s.chat_id,
@@ -64,14 +102,16 @@ def settle_steps(s: Settlement, *, is_retry: bool = False) -> Steps[None]:
             "source": s.source,
             "finish_reason": s.finish_reason,
             "created_at": s.created_at,
+            "cost": s.cost_micros,
         },
     )
     if usage.total_tokens:
         yield Sql(
             "INSERT INTO usage_events (event_id, user_id, chat_id, message_id, model, "
             "prompt_tokens, completion_tokens, thinking_tokens, cached_tokens, total_tokens, "
-            "source, created_at) VALUES (:event_id, :user_id, :chat_id, :message_id, :model, "
-            ":prompt, :completion, :thinking, :cached, :total, :source, :created_at)",
+            "source, created_at, cost_micros) VALUES (:event_id, :user_id, :chat_id, "
+            ":message_id, :model, :prompt, :completion, :thinking, :cached, :total, :source, "
+            ":created_at, :cost)",
             {
                 "event_id": new_id(),
                 "user_id": s.user_id,
@@ -85,19 +125,20 @@ def settle_steps(s: Settlement, *, is_retry: bool = False) -> Steps[None]:
                 "total": usage.total_tokens,
                 "source": s.source,
                 "created_at": s.created_at,
+                "cost": s.cost_micros,
             },
         )
-    yield Sql(
-        "UPDATE user_usage SET total_tokens_used = total_tokens_used + :total, "
-        "reserved_tokens = reserved_tokens - :released, updated_at = :now "
-        "WHERE user_id = :user_id",
-        {
-            "total": usage.total_tokens,
-            "released": released,
-            "now": s.created_at,
-            "user_id": s.user_id,
-        },
-    )
+    if released.replies:
+        yield Sql(
+            "UPDATE user_usage SET reserved_tokens = reserved_tokens - :released, "
+            "reserved_micros = reserved_micros - CAST(:released_micros AS BIGINT), "
+            "active_replies = active_replies - 1 WHERE user_id = :user_id",
+            {
+                "released": released.tokens,
+                "released_micros": released.micros,
+                "user_id": s.user_id,
+            },
+        )
     yield Sql(
         "UPDATE chats SET updated_at = :now WHERE chat_id = :chat_id",
         {"now": s.created_at, "chat_id": s.chat_id},

@@ -4,6 +4,12 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+_REFUSAL_REASONS = {
+    "TOKEN_BUDGET_EXCEEDED": "token",
+    "SPEND_LIMIT_EXCEEDED": "spend",
+    "RATE_LIMITED": "rate",
+}
+
 
 class Metrics:
     def __init__(self) -> None:
@@ -27,6 +33,18 @@ class Metrics:
         self.budget_refusals = Counter(
             "chatmeter_budget_refusals", "Exchanges refused for a spent budget", registry=r
         )
+        self.refusals = Counter(
+            "chatmeter_refusals",
+            "Messages refused by a plan's limits, by reason (token, spend, rate)",
+            ["reason"],
+            registry=r,
+        )
+        self.cost_billed = Counter(
+            "chatmeter_cost_billed_micros",
+            "Money billed to users, in micro-units of the configured currency",
+            ["model"],
+            registry=r,
+        )
         self.settle_failures = Counter(
             "chatmeter_settle_failures", "Settlement attempts that failed", registry=r
         )
@@ -39,6 +57,16 @@ class Metrics:
             registry=r,
             buckets=(0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
         )
+
+    def count_refusal(self, code: str) -> None:
+        """A message refused before it streamed: by the plan's limits, or anything else
+        (not counted here)."""
+        reason = _REFUSAL_REASONS.get(code)
+        if reason is None:
+            return
+        self.refusals.labels(reason).inc()
+        if reason == "token":
+            self.budget_refusals.inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -24,6 +24,7 @@ from chatmeter.db.tables import utcnow
 from chatmeter.errors import ApiError
 from chatmeter.ids import new_id
 from chatmeter.metering.budget import Reservation
+from chatmeter.metering.cost import cost_micros
 from chatmeter.metering.counting import EXCHANGE_OVERHEAD_TOKENS, PER_MESSAGE_OVERHEAD, Metered
 from chatmeter.metering.settlement import Settlement, settle_with_retries
 from chatmeter.providers.base import (
@@ -189,6 +190,7 @@ class Exchange:
                 "cached_tokens": usage.cached_tokens,
                 "total_tokens": usage.total_tokens,
                 "source": metered.source,
+                "cost_micros": settlement.cost_micros,
             },
         }
 
@@ -212,6 +214,8 @@ class Exchange:
     ) -> Settlement:
         # strictly after the user message, so history keeps its order
         created_at = max(utcnow(), self.user_message_at + timedelta(microseconds=1))
+        plans = self.services.opening_rules.plans
+        prices = self.services.settings.models[self.model].prices
         return Settlement(
             user_id=self.user_id,
             chat_id=self.chat_id,
@@ -224,6 +228,8 @@ class Exchange:
             usage=metered.usage,
             source=metered.source,
             created_at=created_at,
+            cost_micros=cost_micros(metered.usage, prices),
+            period_start=plans.period_start_at(self.reservation.plan, created_at),
         )
 
     async def _write(self, settlement: Settlement) -> bool:
@@ -252,6 +258,7 @@ class Exchange:
         services.metrics.tokens_billed.labels(self.model, "total").inc(
             settlement.usage.total_tokens
         )
+        services.metrics.cost_billed.labels(self.model).inc(settlement.cost_micros)
         return True
 
 
@@ -297,8 +304,7 @@ async def _open(
             open_steps, services.opening_rules, user.user_id, chat_id, message, exact_prompt
         )
     except ApiError as exc:
-        if exc.code == "TOKEN_BUDGET_EXCEEDED":
-            services.metrics.budget_refusals.inc()
+        services.metrics.count_refusal(exc.code)
         raise
     return Exchange(
         services=services,

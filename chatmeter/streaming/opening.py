@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from decimal import Decimal
 
 from chatmeter.chats.store import owned_chat_steps
 from chatmeter.config import Settings
@@ -20,6 +21,7 @@ from chatmeter.errors import ApiError
 from chatmeter.ids import new_id
 from chatmeter.metering.budget import Reservation, reserve_budget
 from chatmeter.metering.counting import EXCHANGE_OVERHEAD_TOKENS, text_bound
+from chatmeter.metering.plans import PlanBook
 from chatmeter.providers.base import ChatTurn, GenerationRequest
 from chatmeter.values import Sendable
 
@@ -29,6 +31,7 @@ class ModelLimits(Sendable):
     system_prompt: str
     context_window: int
     max_output_tokens: int
+    highest_price: Decimal = Decimal(0)  # per token, in micro-units: what is reserved
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,7 +40,7 @@ class OpeningRules(Sendable):
 
     models: Mapping[str, ModelLimits]
     history_messages: int
-    default_token_limit: int
+    plans: PlanBook
     worker_id: str
     reservation_ttl_seconds: float
 
@@ -49,11 +52,12 @@ class OpeningRules(Sendable):
                     settings.system_prompt_for(name),
                     config.context_window,
                     config.max_output_tokens,
+                    config.prices.highest,
                 )
                 for name, config in settings.models.items()
             },
             history_messages=settings.history_messages,
-            default_token_limit=settings.default_token_limit,
+            plans=PlanBook.of(settings),
             worker_id=worker_id,
             reservation_ttl_seconds=settings.reservation_ttl_seconds,
         )
@@ -128,8 +132,9 @@ def open_steps(
     message: str,
     exact_prompt: int | None,
 ) -> Steps[Opened]:
-    """The checks of the contract in order (chat 404/403, budget 403, reply 409), the
-    history, the reservation (its output cap is the request's) and the user message."""
+    """The checks of the contract in order (chat 404/403, rate 429, budget 403, reply
+    409), the history, the reservation (its output cap is the request's) and the user
+    message."""
     now = utcnow()
     chat = yield from owned_chat_steps(chat_id, user_id)
     limits = rules.models.get(chat.model)
@@ -145,7 +150,8 @@ def open_steps(
         chat_id=chat_id,
         prompt_estimate=prompt_size,
         max_output_tokens=output_cap,
-        default_limit=rules.default_token_limit,
+        book=rules.plans,
+        highest_price=limits.highest_price,
         worker_id=rules.worker_id,
         ttl_seconds=rules.reservation_ttl_seconds,
         now=now,

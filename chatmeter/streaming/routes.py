@@ -91,7 +91,7 @@ class MessageEndpoint:
         try:
             return await self._send_message(Request(scope, receive), chat_id)
         except ApiError as exc:
-            return error_response(exc.status, exc.code, exc.message)
+            return exc.response()
         except BodyTooLarge:
             return too_large_response(self._max_body_bytes)
         except DATABASE_UNAVAILABLE as exc:
@@ -132,7 +132,7 @@ OPERATION = operation(
     description="Send a message; the reply streams back as server-sent events.",
     parameters=[CHAT_ID_PARAMETER],
     request_body=NewMessage,
-    responses={"200": STREAM_DOC, **error_responses(400, 403, 404, 409)},
+    responses={"200": STREAM_DOC, **error_responses(400, 403, 404, 409, 429)},
 )
 
 

@@ -57,6 +57,20 @@ SPEC_COLUMNS = {
         "created_at",
     },
 }
+# SPEC section 10: plans, periods, spend, rate limits and cost
+PLAN_COLUMNS = {
+    "messages": {"cost_micros"},
+    "usage_events": {"cost_micros"},
+    "user_usage": {
+        "plan",
+        "token_limit_overridden",
+        "period_start",
+        "spend_micros",
+        "reserved_micros",
+        "active_replies",
+        "rate_tat",
+    },
+}
 PRIMARY_KEYS = {
     "chats": ["chat_id"],
     "messages": ["message_id"],
@@ -126,7 +140,7 @@ async def test_upgrade_from_empty_creates_the_spec_tables(
     assert set(SPEC_COLUMNS) <= set(tables)
     assert "alembic_version" in tables
     for table, columns in SPEC_COLUMNS.items():
-        assert set(tables[table]["columns"]) == columns, table
+        assert set(tables[table]["columns"]) == columns | PLAN_COLUMNS.get(table, set()), table
         assert tables[table]["pk"] == PRIMARY_KEYS[table], table
     fks = tables["messages"]["fks"]
     assert [(fk["constrained_columns"], fk["referred_table"]) for fk in fks] == [
@@ -147,7 +161,7 @@ async def test_upgrade_from_empty_creates_the_spec_tables(
         assert isinstance(tables["user_usage"]["columns"]["token_limit"]["type"], sa.BigInteger)
     async with engine.connect() as conn:
         version = (await conn.execute(sa.text("SELECT version_num FROM alembic_version"))).all()
-    assert version == [("0001",)]
+    assert version == [("0002_plans",)]
 
 
 async def test_migrated_schema_matches_the_tables_module(
@@ -183,3 +197,27 @@ async def test_upgrade_helper_is_idempotent_inside_a_running_loop(
     upgrade(empty_url)  # from inside this event loop: runs in a thread of its own
     upgrade(empty_url)
     assert await schema_differences(engine) == []
+
+
+async def test_existing_users_move_onto_the_default_plan_keeping_their_limits(
+    empty_url: str, engine: AsyncEngine
+) -> None:
+    await run_alembic(command.upgrade, empty_url, "0001")
+    async with engine.begin() as conn:
+        await conn.execute(
+            sa.text(
+                "INSERT INTO user_usage (user_id, total_tokens_used, token_limit,"
+                " reserved_tokens, updated_at) VALUES ('old', 40, 5000, 0, CURRENT_TIMESTAMP)"
+            )
+        )
+    await run_alembic(command.upgrade, empty_url, "head")
+    async with engine.connect() as conn:
+        row = (await conn.execute(sa.text("SELECT * FROM user_usage"))).mappings().one()
+    assert row["plan"] == "default"
+    assert bool(row["token_limit_overridden"]) is True
+    assert (row["token_limit"], row["total_tokens_used"]) == (5000, 40)
+    assert (row["spend_micros"], row["reserved_micros"], row["active_replies"]) == (0, 0, 0)
+    await run_alembic(command.downgrade, empty_url, "0001")
+    async with engine.connect() as conn:
+        kept = (await conn.execute(sa.text("SELECT user_id, token_limit FROM user_usage"))).all()
+    assert kept == [("old", 5000)]

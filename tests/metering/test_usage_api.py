@@ -26,6 +26,28 @@ USAGE_FIELDS = {
     "token_limit",
     "reserved_tokens",
     "tokens_remaining",
+    # SPEC section 10
+    "plan",
+    "period",
+    "period_start",
+    "resets_at",
+    "currency",
+    "spend_micros",
+    "spend_limit_micros",
+    "requests_per_minute",
+    "concurrent_replies",
+}
+# a user on the built-in default plan: no period, no spend limit, no rate limits
+DEFAULT_PLAN_FIELDS = {
+    "plan": "default",
+    "period": "none",
+    "period_start": None,
+    "resets_at": None,
+    "currency": "USD",
+    "spend_micros": 0,
+    "spend_limit_micros": None,
+    "requests_per_minute": None,
+    "concurrent_replies": None,
 }
 EVENT_FIELDS = {
     "event_id",
@@ -38,6 +60,7 @@ EVENT_FIELDS = {
     "cached_tokens",
     "total_tokens",
     "source",
+    "cost_micros",
     "created_at",
 }
 
@@ -112,6 +135,7 @@ async def test_first_look_creates_the_row_with_the_default_limit(
         "token_limit": DEFAULT_LIMIT,
         "reserved_tokens": 0,
         "tokens_remaining": DEFAULT_LIMIT,
+        **DEFAULT_PLAN_FIELDS,
     }
     row = await usage_row(server, alice)
     assert (row.total_tokens_used, row.token_limit, row.reserved_tokens) == (0, DEFAULT_LIMIT, 0)
@@ -271,6 +295,7 @@ async def test_admin_sets_a_limit_the_user_sees(
         "token_limit": 500,
         "reserved_tokens": 0,
         "tokens_remaining": 500,
+        **DEFAULT_PLAN_FIELDS,
     }
     assert (await usage_row(server, alice)).token_limit == 500
     mine = (await client.get("/api/usage", headers=auth(alice))).json()
@@ -375,6 +400,7 @@ async def test_admin_reads_a_new_users_usage(
         "token_limit": DEFAULT_LIMIT,
         "reserved_tokens": 0,
         "tokens_remaining": DEFAULT_LIMIT,
+        **DEFAULT_PLAN_FIELDS,
     }
 
 

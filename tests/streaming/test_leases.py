@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from decimal import Decimal
 
 import httpx
 
@@ -39,7 +40,8 @@ async def test_only_live_replies_are_renewed(database_url: str) -> None:
                 chat_id=uuid.UUID(lost_chat),
                 prompt_estimate=10,
                 max_output_tokens=90,
-                default_limit=100_000,
+                book=services.plans,
+                highest_price=Decimal(0),
                 worker_id=services.worker_id,
                 ttl_seconds=1.5,
                 now=utcnow(),

@@ -68,3 +68,52 @@ async def ledger_row(engine: AsyncEngine, message_id: str) -> Any:
     async with engine.connect() as conn:
         query = sa.select(usage_events).where(usage_events.c.message_id == uuid.UUID(message_id))
         return (await conn.execute(query)).one_or_none()
+
+
+@dataclass
+class PeriodBooks:
+    """A user's totals beside the sums of the ledger rows in the stored period."""
+
+    total: int
+    spend: int
+    reserved: int
+    reserved_micros: int
+    active: int
+    period_start: int
+    ledger_total: int
+    ledger_spend: int
+
+
+async def period_books(engine: AsyncEngine, user_id: str) -> PeriodBooks:
+    from chatmeter.metering.periods import from_micros
+
+    async with engine.connect() as conn:
+        row = (
+            await conn.execute(sa.select(user_usage).where(user_usage.c.user_id == user_id))
+        ).one()
+        sums = (
+            await conn.execute(
+                sa.select(
+                    sa.func.coalesce(sa.func.sum(usage_events.c.total_tokens), 0),
+                    sa.func.coalesce(sa.func.sum(usage_events.c.cost_micros), 0),
+                ).where(
+                    usage_events.c.user_id == user_id,
+                    usage_events.c.created_at >= from_micros(row.period_start),
+                )
+            )
+        ).one()
+    return PeriodBooks(
+        total=row.total_tokens_used,
+        spend=row.spend_micros,
+        reserved=row.reserved_tokens,
+        reserved_micros=row.reserved_micros,
+        active=row.active_replies,
+        period_start=row.period_start,
+        ledger_total=int(sums[0]),
+        ledger_spend=int(sums[1]),
+    )
+
+
+def balanced(state: PeriodBooks) -> bool:
+    """SPEC section 10: the totals are the ledger's sums in the current period."""
+    return state.total == state.ledger_total and state.spend == state.ledger_spend

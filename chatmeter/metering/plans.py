@@ -1,0 +1,236 @@
+"""Plans at run time (SPEC section 10): each user's limits, periods and rates, as values
+and as the SQL fragments the reserve statement evaluates per row.
+
+The plans are few and fixed for the life of a process, so the one reserve statement
+carries them in its text (`CASE plan WHEN 'free' THEN 50000 … END`): a user's plan is
+resolved by the database in the same UPDATE that reserves, with no read before it. Only
+the current periods' starts change over time; they are parameters (`:ps_N`), computed
+here from `now`."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from chatmeter.config import PlanConfig, Settings
+from chatmeter.metering.periods import MICROS, Bounds, bounds, to_micros
+from chatmeter.values import Sendable
+
+# "no limit" in the statements' arithmetic: far above any real figure, far below 2**63
+UNLIMITED = 2**62
+MINUTE_US = 60 * MICROS
+
+
+@dataclass(frozen=True, slots=True)
+class Plan(Sendable):
+    name: str
+    token_limit: int | None
+    spend_limit_micros: int | None
+    period: str
+    requests_per_minute: int | None
+    concurrent_replies: int | None
+
+    @classmethod
+    def of(cls, name: str, config: PlanConfig) -> Plan:
+        return cls(
+            name,
+            config.token_limit,
+            config.spend_limit_micros,
+            config.period,
+            config.requests_per_minute,
+            config.concurrent_replies,
+        )
+
+    @property
+    def stored_token_limit(self) -> int:
+        return UNLIMITED if self.token_limit is None else self.token_limit
+
+    @property
+    def stored_spend_limit(self) -> int:
+        return UNLIMITED if self.spend_limit_micros is None else self.spend_limit_micros
+
+    @property
+    def emission_us(self) -> int:
+        """GCRA: the time one request takes to refill (60 s / requests_per_minute)."""
+        return 0 if self.requests_per_minute is None else MINUTE_US // self.requests_per_minute
+
+    @property
+    def tolerance_us(self) -> int:
+        """GCRA: how far ahead of now the arrival time may run (a burst of N)."""
+        if self.requests_per_minute is None:
+            return UNLIMITED
+        return (self.requests_per_minute - 1) * self.emission_us
+
+    @property
+    def concurrency(self) -> int:
+        return UNLIMITED if self.concurrent_replies is None else self.concurrent_replies
+
+    def json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "token_limit": self.token_limit,
+            "spend_limit_micros": self.spend_limit_micros,
+            "period": self.period,
+            "requests_per_minute": self.requests_per_minute,
+            "concurrent_replies": self.concurrent_replies,
+        }
+
+
+def _by_plan(values: Mapping[str, str], default: str) -> str:
+    """An SQL expression that is `values[plan]` for the row's plan, `values[default]`
+    for a plan no longer configured. Plan names are checked at start-up (letters,
+    digits, `_.-`), so they are safe as literals."""
+    otherwise = values[default]
+    branches = [f"WHEN '{name}' THEN {v}" for name, v in values.items() if v != otherwise]
+    if not branches:
+        return otherwise
+    return f"(CASE plan {' '.join(branches)} ELSE {otherwise} END)"
+
+
+@dataclass(frozen=True, slots=True)
+class PlanBook(Sendable):
+    """Every configured plan, the default one, and the reserve statement's fragments."""
+
+    plans: Mapping[str, Plan]
+    default: str
+    timezone: str
+    currency: str
+    periods: tuple[str, ...]  # the distinct periods of the plans: `:ps_N` is periods[N]
+    period_start_sql: str  # the current period's start for the row's plan
+    token_limit_sql: str
+    spend_limit_sql: str
+    emission_sql: str
+    tolerance_sql: str
+    concurrency_sql: str
+
+    @classmethod
+    def of(cls, settings: Settings) -> PlanBook:
+        plans = {name: Plan.of(name, config) for name, config in settings.plans.items()}
+        default = settings.default_plan
+        periods = tuple(sorted({p.period for p in plans.values() if p.period != "none"}))
+
+        def start(plan: Plan) -> str:
+            # a plan without a period keeps the stored start: it never rolls over
+            if plan.period == "none":
+                return "period_start"
+            return f"CAST(:ps_{periods.index(plan.period)} AS BIGINT)"
+
+        def each(value: Any) -> dict[str, str]:
+            return {name: str(value(plan)) for name, plan in plans.items()}
+
+        plan_limit = _by_plan(each(lambda p: p.stored_token_limit), default)
+        return cls(
+            plans=plans,
+            default=default,
+            timezone=settings.timezone,
+            currency=settings.currency,
+            periods=periods,
+            period_start_sql=_by_plan(each(start), default),
+            token_limit_sql=(
+                f"(CASE WHEN token_limit_overridden THEN token_limit ELSE {plan_limit} END)"
+            ),
+            spend_limit_sql=_by_plan(each(lambda p: p.stored_spend_limit), default),
+            emission_sql=_by_plan(each(lambda p: p.emission_us), default),
+            tolerance_sql=_by_plan(each(lambda p: p.tolerance_us), default),
+            concurrency_sql=_by_plan(each(lambda p: p.concurrency), default),
+        )
+
+    def plan(self, name: str | None) -> Plan:
+        """The plan of that name; a plan no longer configured is the default one."""
+        found = self.plans.get(name) if name is not None else None
+        return found if found is not None else self.plans[self.default]
+
+    @property
+    def zone(self) -> ZoneInfo:
+        return ZoneInfo(self.timezone)
+
+    def bounds(self, plan: Plan, now: datetime) -> Bounds | None:
+        return bounds(plan.period, now, self.zone)
+
+    def period_start_at(self, plan_name: str, moment: datetime) -> int | None:
+        """The start of the plan's period containing `moment`; None without a period."""
+        current = self.bounds(self.plan(plan_name), moment)
+        return current.start_micros if current is not None else None
+
+    def period_params(self, now: datetime) -> dict[str, int]:
+        """`:ps_N` of the reserve statement: each period's current start."""
+        zone = self.zone
+        params: dict[str, int] = {}
+        for index, period in enumerate(self.periods):
+            current = bounds(period, now, zone)
+            assert current is not None
+            params[f"ps_{index}"] = current.start_micros
+        return params
+
+
+def limit_of(plan: Plan, token_limit: int, overridden: bool) -> int | None:
+    """The user's token limit: an admin's override, else the plan's (None: no limit)."""
+    return token_limit if overridden else plan.token_limit
+
+
+def retry_after_seconds(micros: int) -> int:
+    """`Retry-After` in whole seconds, at least 1."""
+    return max(1, math.ceil(micros / MICROS))
+
+
+# the columns `Standing.of` reads, in its order
+STANDING_COLUMNS = (
+    "plan, token_limit_overridden, token_limit, total_tokens_used, reserved_tokens, "
+    "spend_micros, reserved_micros, period_start, active_replies, rate_tat"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Standing:
+    """A user's budget row as of `now`: what the reserve statement sees, rollover
+    included (a period that ended counts as 0 even before a statement rolled it)."""
+
+    plan: Plan
+    bounds: Bounds | None
+    token_limit: int | None
+    total_tokens_used: int
+    reserved_tokens: int
+    spend_micros: int
+    reserved_micros: int
+    active_replies: int
+    rate_tat: int
+
+    @classmethod
+    def of(cls, book: PlanBook, row: tuple[Any, ...], now: datetime) -> Standing:
+        name, overridden, limit, total, reserved, spend, reserved_micros, start, active, tat = row
+        plan = book.plan(name)
+        current = book.bounds(plan, now)
+        if current is not None and int(start) < current.start_micros:
+            total = spend = 0  # the period ended: the next statement starts it again
+        return cls(
+            plan=plan,
+            bounds=current,
+            token_limit=limit_of(plan, int(limit), bool(overridden)),
+            total_tokens_used=int(total),
+            reserved_tokens=int(reserved),
+            spend_micros=int(spend),
+            reserved_micros=int(reserved_micros),
+            active_replies=int(active),
+            rate_tat=int(tat),
+        )
+
+    @property
+    def resets_at(self) -> datetime | None:
+        return self.bounds.end if self.bounds is not None else None
+
+    @property
+    def tokens_room(self) -> int:
+        limit = UNLIMITED if self.token_limit is None else self.token_limit
+        return limit - self.total_tokens_used - self.reserved_tokens
+
+    @property
+    def spend_room(self) -> int:
+        return self.plan.stored_spend_limit - self.spend_micros - self.reserved_micros
+
+    def rate_wait_us(self, now: datetime) -> int:
+        """How long until the rate limit lets one more request through (0: now)."""
+        return max(0, self.rate_tat - self.plan.tolerance_us - to_micros(now))

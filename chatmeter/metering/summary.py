@@ -1,0 +1,145 @@
+"""Usage summaries (SPEC section 10): the ledger's sums by day, model or user over a
+range of days in the configured timezone, as JSON rows or CSV.
+
+By model or user, the database groups. By day, it groups by quarter hour in UTC (every
+timezone's offset today is a whole number of quarter hours) and the quarters are added up
+into local days here: the database does the heavy part the same way on SQLite and
+PostgreSQL, and days follow DST exactly."""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta
+from typing import Any, Literal
+from zoneinfo import ZoneInfo
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from chatmeter.db.tables import usage_events
+from chatmeter.errors import ApiError
+from chatmeter.metering.periods import EPOCH
+
+GroupBy = Literal["day", "model", "user"]
+SUM_FIELDS = (
+    "prompt_tokens",
+    "completion_tokens",
+    "thinking_tokens",
+    "cached_tokens",
+    "total_tokens",
+    "cost_micros",
+)
+DEFAULT_DAYS = 30
+MOST_DAYS = 366
+QUARTER_SECONDS = 900
+
+
+def _invalid(message: str) -> ApiError:
+    return ApiError(400, "INVALID_REQUEST", message)
+
+
+def _day(raw: str, name: str) -> date:
+    try:
+        if len(raw) != 10:
+            raise ValueError
+        return date.fromisoformat(raw)
+    except ValueError:
+        raise _invalid(f"{name}: a date written YYYY-MM-DD is required") from None
+
+
+@dataclass(frozen=True, slots=True)
+class DayRange:
+    first: date
+    last: date  # inclusive
+
+    @classmethod
+    def parse(cls, raw_from: str | None, raw_to: str | None, today: date) -> DayRange:
+        last = _day(raw_to, "to") if raw_to is not None else today
+        first = (
+            _day(raw_from, "from")
+            if raw_from is not None
+            else last - timedelta(days=DEFAULT_DAYS - 1)
+        )
+        if first > last:
+            raise _invalid("from: must not be after to")
+        if (last - first).days + 1 > MOST_DAYS:
+            raise _invalid(f"from, to: at most {MOST_DAYS} days at a time")
+        return cls(first, last)
+
+    def instants(self, zone: ZoneInfo) -> tuple[datetime, datetime]:
+        """From the first day's local midnight to the midnight after the last day."""
+        following = self.last + timedelta(days=1)
+        start = datetime(self.first.year, self.first.month, self.first.day, tzinfo=zone)
+        end = datetime(following.year, following.month, following.day, tzinfo=zone)
+        return start, end
+
+
+def group_by(raw: str, allowed: tuple[str, ...]) -> GroupBy:
+    if raw not in allowed:
+        raise _invalid(f"group_by: must be one of {', '.join(allowed)}")
+    return raw  # type: ignore[return-value]
+
+
+def _quarter(conn: AsyncConnection) -> Any:
+    created = usage_events.c.created_at
+    if conn.dialect.name == "postgresql":
+        epoch = sa.extract("epoch", created)
+        return sa.cast(sa.func.floor(epoch / QUARTER_SECONDS), sa.BigInteger)
+    seconds = sa.cast(sa.func.strftime("%s", created), sa.Integer)
+    return sa.cast(seconds / QUARTER_SECONDS, sa.Integer)
+
+
+async def summarize(
+    conn: AsyncConnection,
+    days: DayRange,
+    zone: ZoneInfo,
+    by: GroupBy,
+    user_id: str | None,
+) -> list[dict[str, Any]]:
+    start, end = days.instants(zone)
+    key: Any = {
+        "day": _quarter(conn),
+        "model": usage_events.c.model,
+        "user": usage_events.c.user_id,
+    }[by].label("key")
+    sums = [sa.func.coalesce(sa.func.sum(usage_events.c[f]), 0) for f in SUM_FIELDS]
+    query = (
+        sa.select(key, sa.func.count(), *sums)
+        .where(usage_events.c.created_at >= start, usage_events.c.created_at < end)
+        .group_by(key)
+    )
+    if user_id is not None:
+        query = query.where(usage_events.c.user_id == user_id)
+    rows = (await conn.execute(query)).all()
+    totals: dict[str, list[int]] = {}
+    for group, *figures in rows:
+        if by == "day":
+            moment = EPOCH + timedelta(seconds=int(group) * QUARTER_SECONDS)
+            group = moment.astimezone(zone).date().isoformat()
+        into = totals.setdefault(str(group), [0] * (len(SUM_FIELDS) + 1))
+        for index, figure in enumerate(figures):
+            into[index] += int(figure)
+    return [
+        {by: group, "requests": figures[0], **dict(zip(SUM_FIELDS, figures[1:], strict=True))}
+        for group, figures in sorted(totals.items())
+    ]
+
+
+def as_csv(rows: Iterable[dict[str, Any]], by: GroupBy) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\r\n")
+    columns = [by, "requests", *SUM_FIELDS]
+    writer.writerow(columns)
+    for row in rows:
+        writer.writerow([_safe_cell(row[c]) for c in columns])
+    return out.getvalue()
+
+
+def _safe_cell(value: Any) -> Any:
+    """A user id or model name that a spreadsheet would run as a formula is quoted."""
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + value
+    return value

@@ -1,0 +1,233 @@
+"""The reserve and settle statements across period boundaries (SPEC section 10), driven
+at chosen instants on SQLite and PostgreSQL: the rollover happens inside them, with no
+job, across DST changes and month lengths, with reservations in flight carried over."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from chatmeter.config import PlanConfig
+from chatmeter.db.engine import make_engine
+from chatmeter.db.tables import chats, user_usage
+from chatmeter.db.transactor import Transactor, make_transactor
+from chatmeter.errors import ApiError
+from chatmeter.ids import new_id
+from chatmeter.metering.budget import Reservation, reserve_budget
+from chatmeter.metering.cost import Prices, cost_micros
+from chatmeter.metering.periods import to_micros
+from chatmeter.metering.plans import PlanBook
+from chatmeter.metering.settlement import Settlement, settle_steps
+from chatmeter.providers.base import Usage
+from tests.conftest import make_settings
+from tests.support.db import balanced, period_books
+
+PRICES = Prices(Decimal("0.5"), Decimal("0.5"), Decimal("1.5"), Decimal("1.5"))
+PLANS = {
+    "daily": PlanConfig(token_limit=100_000, spend_limit=Decimal("0.02"), period="day"),
+    "monthly": PlanConfig(token_limit=10_000, period="month"),
+    "minute": PlanConfig(token_limit=10_000, period="1m"),
+}
+
+
+def utc(*parts: int) -> datetime:
+    return datetime(*parts, tzinfo=UTC)
+
+
+class Books:
+    def __init__(self, engine: AsyncEngine, transactor: Transactor, book: PlanBook) -> None:
+        self.engine = engine
+        self.transactor = transactor
+        self.book = book
+
+    async def user(self, user_id: str, plan: str) -> uuid.UUID:
+        chat_id = new_id()
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                sa.insert(user_usage).values(
+                    user_id=user_id,
+                    total_tokens_used=0,
+                    token_limit=10_000,
+                    reserved_tokens=0,
+                    updated_at=utc(2026, 1, 1),
+                    plan=plan,
+                )
+            )
+            await conn.execute(
+                sa.insert(chats).values(
+                    chat_id=chat_id,
+                    user_id=user_id,
+                    title="t",
+                    model="m",
+                    is_active=True,
+                    created_at=utc(2026, 1, 1),
+                    updated_at=utc(2026, 1, 1),
+                )
+            )
+        return chat_id
+
+    async def reserve(self, user_id: str, at: datetime, output: int = 100) -> Reservation:
+        reservation: Reservation = await self.transactor.run(
+            reserve_budget,
+            user_id=user_id,
+            chat_id=new_id(),  # a chat of its own: several may be in flight
+            prompt_estimate=20,
+            max_output_tokens=output,
+            book=self.book,
+            highest_price=PRICES.highest,
+            worker_id="test",
+            ttl_seconds=600,
+            now=at,
+        )
+        return reservation
+
+    async def settle(
+        self, chat_id: uuid.UUID, r: Reservation, at: datetime, usage: Usage
+    ) -> Settlement:
+        settlement = Settlement(
+            user_id=r.user_id,
+            chat_id=chat_id,
+            model="m",
+            reservation_id=r.reservation_id,
+            message_id=new_id(),
+            content="reply",
+            status="complete",
+            finish_reason="stop",
+            usage=usage,
+            source="provider",
+            created_at=at,
+            cost_micros=cost_micros(usage, PRICES),
+            period_start=self.book.period_start_at(r.plan, at),
+        )
+        await self.transactor.run(settle_steps, settlement)
+        return settlement
+
+    async def exchange(self, user_id: str, chat_id: uuid.UUID, at: datetime, usage: Usage) -> None:
+        reservation = await self.reserve(user_id, at)
+        await self.settle(chat_id, reservation, at + timedelta(milliseconds=1), usage)
+
+
+@pytest.fixture
+async def ledger(database_url: str) -> AsyncIterator[Books]:
+    settings = make_settings(database_url, plans=PLANS, timezone="America/New_York")
+    engine = make_engine(database_url)
+    transactor = make_transactor(database_url, 30_000)
+    await transactor.start()
+    try:
+        yield Books(engine, transactor, PlanBook.of(settings))
+    finally:
+        await transactor.close()
+        await engine.dispose()
+
+
+async def test_days_roll_over_at_local_midnight_across_a_dst_change(ledger: Books) -> None:
+    chat = await ledger.user("dora", "daily")
+    # 23:30 on Saturday 7 March in New York (EST, UTC-5)
+    await ledger.exchange("dora", chat, utc(2026, 3, 8, 4, 30), Usage(60, 40))
+    state = await period_books(ledger.engine, "dora")
+    assert (state.total, state.spend) == (100, 90) and balanced(state)
+    assert state.period_start == to_micros(utc(2026, 3, 7, 5))
+    # 00:30 on Sunday 8 March: a new day, the statement itself starts it again
+    await ledger.exchange("dora", chat, utc(2026, 3, 8, 5, 30), Usage(10, 20))
+    state = await period_books(ledger.engine, "dora")
+    assert (state.total, state.spend) == (30, 35) and balanced(state)
+    assert state.period_start == to_micros(utc(2026, 3, 8, 5))
+    # 23:30 EDT on the 23-hour Sunday: still the same day
+    await ledger.exchange("dora", chat, utc(2026, 3, 9, 3, 30), Usage(1, 1))
+    state = await period_books(ledger.engine, "dora")
+    assert state.total == 32 and balanced(state)
+    # 00:10 EDT on Monday: 4:10 UTC, an hour earlier in UTC than the day before
+    await ledger.exchange("dora", chat, utc(2026, 3, 9, 4, 10), Usage(3, 4))
+    state = await period_books(ledger.engine, "dora")
+    assert state.total == 7 and balanced(state)
+    assert state.period_start == to_micros(utc(2026, 3, 9, 4))
+    assert (state.reserved, state.reserved_micros, state.active) == (0, 0, 0)
+
+
+async def test_months_roll_over_from_31_january_to_1_march(ledger: Books) -> None:
+    chat = await ledger.user("mona", "monthly")
+    # 31 January, 23:00 in New York
+    await ledger.exchange("mona", chat, utc(2026, 2, 1, 4), Usage(500, 500))
+    state = await period_books(ledger.engine, "mona")
+    assert state.total == 1000 and balanced(state)
+    # nothing in February; the next exchange is on 1 March, 00:00:01 local
+    await ledger.exchange("mona", chat, utc(2026, 3, 1, 5, 0, 1), Usage(7, 3))
+    state = await period_books(ledger.engine, "mona")
+    assert state.total == 10 and balanced(state)
+    assert state.period_start == to_micros(utc(2026, 3, 1, 5))
+
+
+async def test_a_boundary_crossed_while_replies_stream(ledger: Books) -> None:
+    chat = await ledger.user("bea", "monthly")
+    await ledger.exchange("bea", chat, utc(2026, 1, 20), Usage(900, 100))
+    # two replies open just before the month ends, and stream across its end
+    eve = utc(2026, 2, 1, 4, 59, 59)  # 31 January, 23:59:59 EST
+    first = await ledger.reserve("bea", eve)
+    second = await ledger.reserve("bea", eve)
+    state = await period_books(ledger.engine, "bea")
+    assert state.total == 1000 and state.reserved == 240 and state.active == 2
+    # the first settles in February: it counts there, January's usage is gone
+    await ledger.settle(chat, first, utc(2026, 2, 1, 5, 0, 1), Usage(50, 50))
+    state = await period_books(ledger.engine, "bea")
+    assert state.total == 100 and balanced(state)
+    assert state.reserved == 120 and state.active == 1, "the reservation in flight carries over"
+    await ledger.settle(chat, second, utc(2026, 2, 1, 5, 0, 2), Usage(20, 30))
+    state = await period_books(ledger.engine, "bea")
+    assert state.total == 150 and balanced(state)
+    assert (state.reserved, state.reserved_micros, state.active) == (0, 0, 0)
+
+
+async def test_a_settlement_replayed_after_its_period_ended_stays_in_it(ledger: Books) -> None:
+    chat = await ledger.user("otto", "minute")
+    start = utc(2026, 4, 1, 12)
+    late = await ledger.reserve("otto", start)
+    # the next minute's exchanges settle first; the late one (a spooled settlement,
+    # replayed) was made in the minute before
+    await ledger.exchange("otto", chat, start + timedelta(seconds=61), Usage(10, 10))
+    await ledger.settle(chat, late, start + timedelta(seconds=30), Usage(5, 5))
+    state = await period_books(ledger.engine, "otto")
+    assert state.total == 20 and balanced(state)
+    assert (state.reserved, state.active) == (0, 0)
+
+
+async def test_one_conditional_update_cannot_reset_twice(ledger: Books) -> None:
+    chat = await ledger.user("rex", "minute")
+    start = utc(2026, 4, 1, 12)
+    await ledger.exchange("rex", chat, start, Usage(100, 100))
+    boundary = start + timedelta(minutes=1)
+    # the first statement of the new minute rolls over and settles; statements of the
+    # same minute (another worker, the same instant) find it rolled and keep its usage
+    await ledger.exchange("rex", chat, boundary, Usage(3, 3))
+    for _ in range(3):
+        await ledger.exchange("rex", chat, boundary, Usage(1, 1))
+    state = await period_books(ledger.engine, "rex")
+    assert state.total == 12 and balanced(state)
+
+
+async def test_spend_limit_holds_and_resets_with_the_period(ledger: Books) -> None:
+    chat = await ledger.user("sam", "daily")
+    noon = utc(2026, 6, 1, 16)  # 12:00 EDT
+    # 0.02 = 20,000 micro-units; 2,000 output tokens at 1.5 = 3,000 micro-units
+    usage = Usage(2000, 2000)  # 1,000 + 3,000 = 4,000 micro-units
+    for _ in range(4):
+        await ledger.exchange("sam", chat, noon, usage)
+    state = await period_books(ledger.engine, "sam")
+    assert state.spend == 16_000 and balanced(state)
+    # 4,000 left buys 2,666 tokens at the highest price: the output cap is lowered
+    lowered = await ledger.reserve("sam", noon, output=5000)
+    assert lowered.tokens == 2666 and lowered.micros <= 4000
+    with pytest.raises(ApiError) as refused:
+        await ledger.reserve("sam", noon)
+    assert refused.value.code == "SPEND_LIMIT_EXCEEDED"
+    assert refused.value.extra["resets_at"] == "2026-06-02T04:00:00+00:00"
+    # the next day the money is there again
+    await ledger.settle(chat, lowered, utc(2026, 6, 2, 4, 0, 1), Usage(20, 10))
+    state = await period_books(ledger.engine, "sam")
+    assert state.spend == 25 and balanced(state)
+    assert (await ledger.reserve("sam", utc(2026, 6, 2, 5))).tokens == 120
