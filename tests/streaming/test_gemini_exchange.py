@@ -76,6 +76,7 @@ async def test_provider_usage_is_billed_exactly_with_thinking(stack: Stack) -> N
         "cached_tokens": 5,
         "total_tokens": 160,
         "source": "provider",
+        "cost_micros": 0,  # a model without prices costs 0 (SPEC 10)
     }
     assert result.last["tokens_used"] == 160
     assert stack.gemini.count_calls == 0  # usage came: no count-tokens call at all

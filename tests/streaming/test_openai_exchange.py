@@ -97,6 +97,7 @@ async def test_request_fields_and_exact_usage(stack: Stack) -> None:
         "cached_tokens": 8,
         "total_tokens": 50,
         "source": "provider",
+        "cost_micros": 0,  # a model without prices costs 0 (SPEC 10)
     }
     row = await ledger_row(stack.server.services.engine, result.last["message_id"])
     assert row.total_tokens == 50 and row.source == "provider"
