@@ -16,6 +16,7 @@ from chatmeter.chats.routes import router as chats_router
 from chatmeter.config import Settings, load_settings
 from chatmeter.errors import install_error_handlers
 from chatmeter.limits import BodySizeLimit
+from chatmeter.metering.admin_users import router as admin_users_router
 from chatmeter.metering.plan_routes import router as plans_router
 from chatmeter.metering.routes import router as usage_router
 from chatmeter.observability.logs import keep_content_out_of_logs
@@ -72,7 +73,15 @@ def create_app(settings: Settings) -> Chatmeter:
     )
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
-    routers = (chats_router, stream_router, usage_router, plans_router, system_router, web_router)
+    routers = (
+        chats_router,
+        stream_router,
+        usage_router,
+        plans_router,
+        admin_users_router,
+        system_router,
+        web_router,
+    )
     for router in routers:
         app.include_router(router)
     install_openapi(app, {"/api/chat/{chat_id}/message": {"post": MESSAGE_OPERATION}})
