@@ -5,6 +5,7 @@
 import { Api, ApiError, describe } from "./api.js";
 import { copyCode, showMarkdown } from "./markdown.js";
 import { readEvents } from "./sse.js";
+import { money, showUsagePanel } from "./usage.js";
 
 const TOKEN_KEY = "chatmeter.token";
 const CHAT_KEY = "chatmeter.chat";
@@ -47,6 +48,18 @@ const ui = {
   send: $("send"),
   stop: $("stop"),
   status: $("status"),
+  modelPicker: $("model-picker"),
+  modelSelect: $("model-select"),
+  usage: {
+    panel: $("usage-panel"),
+    plan: $("usage-plan"),
+    period: $("usage-period"),
+    resets: $("usage-resets"),
+    tokens: $("usage-tokens"),
+    spend: $("usage-spend"),
+    chartBox: $("usage-chart-box"),
+    chart: $("usage-chart"),
+  },
 };
 
 const numbers = new Intl.NumberFormat();
@@ -183,7 +196,8 @@ async function signIn(token, wantedChat) {
   ui.who.textContent = usage.user_id;
   ui.who.title = `Signed in as ${usage.user_id}`;
   renderUsage(usage);
-  await loadChats();
+  ui.usage.panel.open = window.matchMedia("(min-width: 701px)").matches;
+  await Promise.all([loadChats(), loadModels(), refreshUsagePanel(usage)]);
   const chatId = wantedChat || sessionStorage.getItem(CHAT_KEY);
   if (chatId) {
     await openChat(chatId);
@@ -196,6 +210,15 @@ async function signIn(token, wantedChat) {
 // ---------------------------------------------------------------- budget
 
 function renderUsage(usage) {
+  if (usage.token_limit === null) {
+    // a plan without a token limit: nothing to run out of
+    ui.budgetBar.max = 1;
+    ui.budgetBar.value = 0;
+    ui.budgetText.textContent = `${fmt(usage.total_tokens_used)} tokens used, no limit`;
+    ui.budget.dataset.level = "ok";
+    state.usage = usage;
+    return;
+  }
   const limit = Math.max(usage.token_limit, 0);
   const spent = usage.total_tokens_used + usage.reserved_tokens;
   ui.budgetBar.max = Math.max(limit, 1);
@@ -210,7 +233,47 @@ function renderUsage(usage) {
 async function refreshUsage() {
   const usage = await state.api.usage();
   renderUsage(usage);
+  refreshUsagePanel(usage).catch(report);
   return usage;
+}
+
+function refreshUsagePanel(usage) {
+  return showUsagePanel(state.api, usage, ui.usage);
+}
+
+// ---------------------------------------------------------------- model picker
+
+function priceWords(model, currency) {
+  const prices = model.prices;
+  if (!prices || (!prices.input && !prices.output)) return "";
+  const perMillion = (price) => money(Math.round(price * 1_000_000), currency);
+  return ` · ${perMillion(prices.input)} in / ${perMillion(prices.output)} out per 1M tokens`;
+}
+
+/** Fill the Model select from GET /api/models; hidden when the server has none to offer. */
+async function loadModels() {
+  let listed;
+  try {
+    listed = await state.api.models();
+  } catch (err) {
+    if (err instanceof ApiError && err.status === 404) {
+      ui.modelPicker.hidden = true;
+      return;
+    }
+    throw err;
+  }
+  const options = listed.models.map((model) => {
+    const option = el("option", "", model.name + priceWords(model, listed.currency));
+    option.value = model.name;
+    option.selected = model.default;
+    return option;
+  });
+  ui.modelSelect.replaceChildren(...options);
+  ui.modelPicker.hidden = options.length === 0;
+}
+
+function chosenModel() {
+  return ui.modelPicker.hidden ? undefined : ui.modelSelect.value || undefined;
 }
 
 // ---------------------------------------------------------------- chat list
@@ -286,6 +349,9 @@ function renderConversation() {
   ui.titleRow.hidden = false;
   ui.chatTitle.textContent = chat ? chat.title : "New conversation";
   ui.chatModel.textContent = chat ? chat.model : "";
+  if (chat && [...ui.modelSelect.options].some((o) => o.value === chat.model)) {
+    ui.modelSelect.value = chat.model; // "New chat" then starts on the same model
+  }
   ui.chatModel.hidden = !chat;
   ui.renameChat.hidden = !chat;
   ui.deleteChat.hidden = !chat;
@@ -382,7 +448,7 @@ function setStreaming(streaming) {
 
 async function ensureChat() {
   if (state.current) return state.current;
-  const chat = await state.api.createChat();
+  const chat = await state.api.createChat(chosenModel());
   state.current = { ...chat, messages: [] };
   state.chats = [chat, ...state.chats];
   rememberChat(chat.chat_id);
@@ -713,6 +779,15 @@ ui.newChat.addEventListener("click", () => {
   ui.message.focus();
 });
 ui.moreChats.addEventListener("click", () => loadChats(true).catch(report));
+ui.modelSelect.addEventListener("change", () => {
+  // the model is a new chat's: picking one while a chat is open starts a new one
+  if (!state.current || state.streaming) return;
+  state.current = null;
+  rememberChat(null);
+  renderConversation();
+  renderChatList();
+  setStatus(`The next message starts a new chat on ${ui.modelSelect.value}.`);
+});
 ui.renameChat.addEventListener("click", startRename);
 ui.renameCancel.addEventListener("click", endRename);
 ui.renameForm.addEventListener("submit", (event) => {
