@@ -111,7 +111,7 @@ function limitCell(user) {
   input.setAttribute("aria-label", `Token limit for ${user.user_id}`);
   const save = el("button", "", "Set");
   save.type = "submit";
-  save.setAttribute("aria-label", `Set the token limit for ${user.user_id}`);
+  save.setAttribute("aria-label", `Set limit for ${user.user_id}`);
   form.append(input, save);
   form.addEventListener("submit", (event) => {
     event.preventDefault();
@@ -225,6 +225,17 @@ async function downloadCsv() {
 
 // ---------------------------------------------------------------- start
 
+/** Who the token names, for the top bar only (the server checked the token). */
+function signedInAs(token) {
+  try {
+    const part = token.split(".")[1].replace(/-/g, "+").replace(/_/g, "/");
+    const claims = JSON.parse(atob(part));
+    return String(claims.user_id || claims.sub || "");
+  } catch {
+    return "";
+  }
+}
+
 async function start(token) {
   const api = new Api(token);
   state.api = api;
@@ -245,8 +256,7 @@ async function start(token) {
   }
   sessionStorage.setItem(TOKEN_KEY, token);
   state.plans = plans.plans;
-  const me = await api.usage();
-  ui.who.textContent = me.user_id;
+  ui.who.textContent = signedInAs(token);
   ui.signin.hidden = true;
   ui.denied.hidden = true;
   ui.console.hidden = false;
