@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: run test check bench bench-deps soak install test-deps clean
+.PHONY: run test check bench bench-deps soak install test-deps clean vendor-web
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -67,3 +67,8 @@ check: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache
+
+# re-vendor the web page's libraries (marked, DOMPurify, highlight.js) from npm; the
+# versions are in the script, the files are committed (the page needs no build step)
+vendor-web:
+	./scripts/vendor-web.sh

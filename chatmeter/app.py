@@ -18,6 +18,7 @@ from chatmeter.config import Settings, load_settings
 from chatmeter.cors import ApiCors
 from chatmeter.errors import install_error_handlers
 from chatmeter.limits import BodySizeLimit
+from chatmeter.metering.admin_users import router as admin_users_router
 from chatmeter.metering.plan_routes import router as plans_router
 from chatmeter.metering.routes import router as usage_router
 from chatmeter.observability.logs import keep_content_out_of_logs
@@ -96,6 +97,7 @@ def create_app(settings: Settings) -> Chatmeter:
         usage_router,
         plans_router,
         keys_router,
+        admin_users_router,
         system_router,
         web_router,
     )

@@ -1,9 +1,12 @@
-"""Serves the single-page chat client shipped inside the package: the page at `/` and
-its few files at `/static/NAME`. No build step; the files are read as they are."""
+"""Serves the web pages shipped inside the package: the chat page at `/`, the admin
+console at `/admin`, and their files at `/static/NAME` (the vendored libraries at
+`/static/vendor/NAME`). No build step; the files are read as they are."""
 
 from __future__ import annotations
 
+import re
 from importlib import resources
+from importlib.resources.abc import Traversable
 
 from fastapi import APIRouter
 from starlette.responses import Response
@@ -12,15 +15,17 @@ from chatmeter.errors import ApiError
 
 router = APIRouter(include_in_schema=False)
 
-ASSETS = {
-    "app.js": "text/javascript; charset=utf-8",
-    "api.js": "text/javascript; charset=utf-8",
-    "sse.js": "text/javascript; charset=utf-8",
-    "app.css": "text/css; charset=utf-8",
-    "favicon.svg": "image/svg+xml",
+MEDIA_TYPES = {
+    ".js": "text/javascript; charset=utf-8",
+    ".mjs": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".svg": "image/svg+xml",
 }
 
-# The page loads only its own files and talks only to this server; model output that
+# a file name, or one folder and a file name: no `..`, no hidden files
+ASSET_PATH = re.compile(r"^(?:[a-z]+/)?[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+# The pages load only their own files and talk only to this server; model output that
 # slipped into the DOM as HTML could still not run a script or fetch anything.
 PAGE_HEADERS = {
     "Cache-Control": "no-cache",
@@ -33,19 +38,31 @@ PAGE_HEADERS = {
 }
 
 
-def _read(name: str) -> bytes:
-    return resources.files("chatmeter.web").joinpath("static", name).read_bytes()
+def _static() -> Traversable:
+    return resources.files("chatmeter.web").joinpath("static")
+
+
+def _page(name: str) -> Response:
+    body = _static().joinpath(name).read_bytes()
+    return Response(body, media_type="text/html", headers=PAGE_HEADERS)
 
 
 @router.get("/")
 async def index() -> Response:
-    return Response(_read("index.html"), media_type="text/html", headers=PAGE_HEADERS)
+    return _page("index.html")
 
 
-@router.get("/static/{name}")
+@router.get("/admin")
+async def admin() -> Response:
+    """The admin console; it shows admin data only to a token the API accepts as admin."""
+    return _page("admin.html")
+
+
+@router.get("/static/{name:path}")
 async def asset(name: str) -> Response:
-    media_type = ASSETS.get(name)
-    if media_type is None:
+    media_type = MEDIA_TYPES.get(name[name.rfind(".") :]) if "." in name else None
+    file = _static().joinpath(*name.split("/")) if ASSET_PATH.match(name) else None
+    if media_type is None or file is None or not file.is_file():
         raise ApiError(404, "NOT_FOUND", f"no such file: {name}")
     headers = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"}
-    return Response(_read(name), media_type=media_type, headers=headers)
+    return Response(file.read_bytes(), media_type=media_type, headers=headers)

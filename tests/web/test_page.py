@@ -5,37 +5,25 @@ from __future__ import annotations
 
 import asyncio
 import re
-import shutil
 import time
 from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager
-from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
-from playwright.async_api import Browser, Page, ViewportSize, async_playwright, expect
+from playwright.async_api import Page, expect
 
-from chatmeter.config import ModelConfig
 from chatmeter.providers.base import GenerationRequest, ProviderError, StreamOutcome
-from tests.conftest import auth, make_settings, scripted, token_for
-from tests.support.server import RunningServer, serve
+from tests.conftest import auth, scripted, token_for
 from tests.support.sse import stream_message
-
-CHROMIUM = Path("/usr/bin/chromium")
-LAUNCH_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-    "--disable-quic",
-]
-ROOT = Path(__file__).resolve().parents[2]
-ARTIFACTS = ROOT / "test-artifacts"
-DESKTOP: ViewportSize = {"width": 1280, "height": 800}
-PHONE: ViewportSize = {"width": 375, "height": 740}
+from tests.web.pages import (
+    PHONE,
+    ServerFactory,
+    api,
+    assistant_replies,
+    chat_id_of,
+    reply_text,
+    shot,
+)
 
 STORY = (
     "Once upon a time, a careful meter counted every token the model spoke, "
@@ -43,105 +31,6 @@ STORY = (
 )
 SLOW = " ".join(f"word{n}" for n in range(1, 41))
 PAYLOAD = '<script>window.__pwned=1</script> <img src=x onerror="window.__pwned=1"> stays text.'
-
-expect.set_options(timeout=10_000)
-
-
-@pytest.fixture(scope="module")
-def chromium() -> Path:
-    if not CHROMIUM.exists():
-        pytest.fail(
-            f"Chromium is not installed at {CHROMIUM}: the web page tests need it. "
-            "Install it with `apt-get install chromium` (`make test-deps` does).",
-            pytrace=False,
-        )
-    return CHROMIUM
-
-
-@pytest.fixture(scope="module")
-async def browser(chromium: Path) -> AsyncIterator[Browser]:
-    async with async_playwright() as playwright:
-        launched = await playwright.chromium.launch(executable_path=str(chromium), args=LAUNCH_ARGS)
-        try:
-            yield launched
-        finally:
-            await launched.close()
-
-
-@pytest.fixture
-def sqlite_url(sqlite_template: Path, tmp_path: Path) -> str:
-    path = tmp_path / "chatmeter.db"
-    shutil.copyfile(sqlite_template, path)
-    return f"sqlite+aiosqlite:///{path}"
-
-
-ServerFactory = Callable[..., AbstractAsyncContextManager[RunningServer]]
-
-
-@pytest.fixture
-def chatmeter(sqlite_url: str) -> ServerFactory:
-    """`async with chatmeter(model_config) as server`: a server whose chats use that model."""
-
-    def start(model: ModelConfig, **overrides: Any) -> AbstractAsyncContextManager[RunningServer]:
-        settings = make_settings(
-            sqlite_url, default_model="main", models={"main": model}, **overrides
-        )
-        return serve(settings)
-
-    return start
-
-
-class PageErrors(list[str]):
-    pass
-
-
-@pytest.fixture
-async def open_page(browser: Browser) -> AsyncIterator[Callable[..., Any]]:
-    """Opens pages in fresh browser contexts; fails the test on any uncaught script error."""
-    contexts = []
-    errors = PageErrors()
-
-    async def open_(url: str, viewport: ViewportSize = DESKTOP, **options: Any) -> Page:
-        context = await browser.new_context(viewport=viewport, locale="en-US", **options)
-        contexts.append(context)
-        page = await context.new_page()
-        page.on("pageerror", lambda exc: errors.append(str(exc)))
-        await page.goto(url)
-        return page
-
-    yield open_
-    for context in contexts:
-        await context.close()
-    assert not errors, f"script errors on the page: {errors}"
-
-
-async def shot(page: Page, name: str) -> Path:
-    ARTIFACTS.mkdir(exist_ok=True)
-    path = ARTIFACTS / f"{name}.png"
-    await page.screenshot(path=str(path))
-    return path
-
-
-async def api(
-    server: RunningServer, method: str, path: str, user: str, *, admin: bool = False, **kwargs: Any
-) -> httpx.Response:
-    async with httpx.AsyncClient(base_url=server.url, timeout=10) as http:
-        response = await http.request(method, path, headers=auth(user, admin=admin), **kwargs)
-    return response
-
-
-def chat_id_of(page: Page) -> str:
-    match = re.search(r"#chat=([0-9a-f-]{36})", page.url)
-    assert match, f"the selected chat is not in the address: {page.url}"
-    return match.group(1)
-
-
-def assistant_replies(page: Page) -> Any:
-    return page.locator("#messages .msg.assistant")
-
-
-def reply_text(page: Page) -> Any:
-    return assistant_replies(page).last.locator(".msg-body")
 
 
 async def test_a_person_signs_in_chats_and_watches_the_reply_stream(

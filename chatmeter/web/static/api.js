@@ -72,8 +72,8 @@ export class Api {
     this.token = token;
   }
 
-  async _fetch(method, path, body, signal) {
-    const headers = { Authorization: `Bearer ${this.token}` };
+  async _fetch(method, path, body, signal, extraHeaders) {
+    const headers = { Authorization: `Bearer ${this.token}`, ...extraHeaders };
     const init = { method, headers, signal, cache: "no-store" };
     if (body !== undefined) {
       headers["Content-Type"] = "application/json";
@@ -106,8 +106,54 @@ export class Api {
     return this._json("GET", `/api/chat?${query}`);
   }
 
-  createChat() {
-    return this._json("POST", "/api/chat", {});
+  createChat(model) {
+    return this._json("POST", "/api/chat", model ? { model } : {});
+  }
+
+  models() {
+    return this._json("GET", "/api/models");
+  }
+
+  usageSummary(groupBy = "day", from, to) {
+    const query = new URLSearchParams({ group_by: groupBy });
+    if (from) query.set("from", from);
+    if (to) query.set("to", to);
+    return this._json("GET", `/api/usage/summary?${query}`);
+  }
+
+  adminUsers(q, limit, offset) {
+    const query = new URLSearchParams({ limit: String(limit), offset: String(offset) });
+    if (q) query.set("q", q);
+    return this._json("GET", `/api/admin/users?${query}`);
+  }
+
+  adminPlans() {
+    return this._json("GET", "/api/admin/plans");
+  }
+
+  setPlan(userId, plan) {
+    return this._json("PUT", `/api/admin/users/${encodeURIComponent(userId)}/plan`, { plan });
+  }
+
+  setLimit(userId, tokenLimit) {
+    const path = `/api/admin/users/${encodeURIComponent(userId)}/limit`;
+    return this._json("PUT", path, { token_limit: tokenLimit });
+  }
+
+  adminSummary(groupBy = "day", from, to) {
+    const query = new URLSearchParams({ group_by: groupBy });
+    if (from) query.set("from", from);
+    if (to) query.set("to", to);
+    return this._json("GET", `/api/admin/usage/summary?${query}`);
+  }
+
+  /** Everyone's usage as CSV text (a link cannot send the bearer header). */
+  async adminSummaryCsv(groupBy, from, to) {
+    const query = new URLSearchParams({ format: "csv", group_by: groupBy });
+    if (from) query.set("from", from);
+    if (to) query.set("to", to);
+    const response = await this._fetch("GET", `/api/admin/usage/summary?${query}`);
+    return response.blob();
   }
 
   getChat(chatId) {
@@ -131,5 +177,16 @@ export class Api {
   openReply(chatId, message, signal) {
     const path = `/api/chat/${encodeURIComponent(chatId)}/message`;
     return this._fetch("POST", path, { message }, signal);
+  }
+
+  /** Resume a reply (SPEC 11) after event `lastEventId`: the open Response, or null when
+   *  there is nothing to resume (204: the messages are in the chat). */
+  async resumeReply(chatId, messageId, lastEventId, signal) {
+    const query = new URLSearchParams();
+    if (messageId) query.set("message_id", messageId);
+    const headers = lastEventId ? { "Last-Event-ID": String(lastEventId) } : {};
+    const path = `/api/chat/${encodeURIComponent(chatId)}/stream?${query}`;
+    const response = await this._fetch("GET", path, undefined, signal, headers);
+    return response.status === 204 ? null : response;
   }
 }

@@ -1,12 +1,16 @@
 // The chat page: sign in, pick or start a chat, stream replies, watch the budget.
-// Model and user text is only ever set with textContent, never parsed as HTML.
+// A person's text is only ever set with textContent; the model's is rendered as
+// sanitized Markdown by markdown.js, never put into the page as HTML directly.
 
 import { Api, ApiError, describe } from "./api.js";
+import { copyCode, showMarkdown } from "./markdown.js";
 import { readEvents } from "./sse.js";
+import { money, showUsagePanel } from "./usage.js";
 
 const TOKEN_KEY = "chatmeter.token";
 const CHAT_KEY = "chatmeter.chat";
 const STOP_GRACE_MS = 8000; // after Stop, how long to wait for the end event
+const RESUME_DELAYS_MS = [250, 500, 1000, 2000, 4000, 8000]; // a dropped stream's retries
 const DEFAULT_TITLE = "New chat";
 
 const $ = (id) => document.getElementById(id);
@@ -44,6 +48,18 @@ const ui = {
   send: $("send"),
   stop: $("stop"),
   status: $("status"),
+  modelPicker: $("model-picker"),
+  modelSelect: $("model-select"),
+  usage: {
+    panel: $("usage-panel"),
+    plan: $("usage-plan"),
+    period: $("usage-period"),
+    resets: $("usage-resets"),
+    tokens: $("usage-tokens"),
+    spend: $("usage-spend"),
+    chartBox: $("usage-chart-box"),
+    chart: $("usage-chart"),
+  },
 };
 
 const numbers = new Intl.NumberFormat();
@@ -180,7 +196,8 @@ async function signIn(token, wantedChat) {
   ui.who.textContent = usage.user_id;
   ui.who.title = `Signed in as ${usage.user_id}`;
   renderUsage(usage);
-  await loadChats();
+  ui.usage.panel.open = window.matchMedia("(min-width: 701px)").matches;
+  await Promise.all([loadChats(), loadModels(), refreshUsagePanel(usage)]);
   const chatId = wantedChat || sessionStorage.getItem(CHAT_KEY);
   if (chatId) {
     await openChat(chatId);
@@ -193,6 +210,15 @@ async function signIn(token, wantedChat) {
 // ---------------------------------------------------------------- budget
 
 function renderUsage(usage) {
+  if (usage.token_limit === null) {
+    // a plan without a token limit: nothing to run out of
+    ui.budgetBar.max = 1;
+    ui.budgetBar.value = 0;
+    ui.budgetText.textContent = `${fmt(usage.total_tokens_used)} tokens used, no limit`;
+    ui.budget.dataset.level = "ok";
+    state.usage = usage;
+    return;
+  }
   const limit = Math.max(usage.token_limit, 0);
   const spent = usage.total_tokens_used + usage.reserved_tokens;
   ui.budgetBar.max = Math.max(limit, 1);
@@ -207,7 +233,47 @@ function renderUsage(usage) {
 async function refreshUsage() {
   const usage = await state.api.usage();
   renderUsage(usage);
+  refreshUsagePanel(usage).catch(report);
   return usage;
+}
+
+function refreshUsagePanel(usage) {
+  return showUsagePanel(state.api, usage, ui.usage);
+}
+
+// ---------------------------------------------------------------- model picker
+
+function priceWords(model, currency) {
+  const prices = model.prices;
+  if (!prices || (!prices.input && !prices.output)) return "";
+  const perMillion = (price) => money(Math.round(price * 1_000_000), currency);
+  return ` · ${perMillion(prices.input)} in / ${perMillion(prices.output)} out per 1M tokens`;
+}
+
+/** Fill the Model select from GET /api/models; hidden when the server has none to offer. */
+async function loadModels() {
+  let listed;
+  try {
+    listed = await state.api.models();
+  } catch (err) {
+    if (err instanceof ApiError && err.status === 404) {
+      ui.modelPicker.hidden = true;
+      return;
+    }
+    throw err;
+  }
+  const options = listed.models.map((model) => {
+    const option = el("option", "", model.name + priceWords(model, listed.currency));
+    option.value = model.name;
+    option.selected = model.default;
+    return option;
+  });
+  ui.modelSelect.replaceChildren(...options);
+  ui.modelPicker.hidden = options.length === 0;
+}
+
+function chosenModel() {
+  return ui.modelPicker.hidden ? undefined : ui.modelSelect.value || undefined;
 }
 
 // ---------------------------------------------------------------- chat list
@@ -274,6 +340,7 @@ async function openChat(chatId) {
   renderChatList();
   scrollToBottom();
   if (window.matchMedia("(min-width: 701px)").matches) ui.message.focus();
+  resumeOpenChat(chat).catch(report);
 }
 
 function renderConversation() {
@@ -282,6 +349,9 @@ function renderConversation() {
   ui.titleRow.hidden = false;
   ui.chatTitle.textContent = chat ? chat.title : "New conversation";
   ui.chatModel.textContent = chat ? chat.model : "";
+  if (chat && [...ui.modelSelect.options].some((o) => o.value === chat.model)) {
+    ui.modelSelect.value = chat.model; // "New chat" then starts on the same model
+  }
   ui.chatModel.hidden = !chat;
   ui.renameChat.hidden = !chat;
   ui.deleteChat.hidden = !chat;
@@ -296,14 +366,16 @@ const STATUS_WORDS = {
   failed: "Failed",
 };
 
-/** One message bubble. Its text is set with textContent: model output stays text. */
+/** One message bubble: a person's text as text, the model's as sanitized Markdown. */
 function messageNode(message) {
   const node = el("article", `msg ${message.role}`);
   node.dataset.role = message.role;
   node.append(el("span", "sr-only", message.role === "user" ? "You said:" : "The model said:"));
-  const body = el("div", "msg-body", message.content);
+  const assistant = message.role === "assistant";
+  const body = el("div", "msg-body", assistant ? undefined : message.content);
+  if (assistant) showMarkdown(body, message.content);
   node.append(body);
-  if (message.role === "assistant") {
+  if (assistant) {
     const meta = el("div", "msg-meta");
     const tokens = el("span", "msg-tokens");
     meta.append(tokens);
@@ -325,6 +397,38 @@ function finishNode(node, status, tokens) {
   if (!body.textContent && status !== "complete") body.classList.add("nothing");
 }
 
+/** The reply being written: its text so far, re-rendered as Markdown at most once a
+ *  frame. The view follows the reply down unless the reader has scrolled up. */
+class ReplyView {
+  constructor() {
+    this.node = messageNode({ role: "assistant", content: "", status: "complete" });
+    this.node.classList.add("streaming");
+    this.node.setAttribute("aria-busy", "true");
+    this.node.querySelector(".msg-tokens").textContent = "Writing…";
+    this.body = this.node.querySelector(".msg-body");
+    this.text = "";
+    this.frame = 0;
+  }
+
+  append(chunk) {
+    this.text += chunk;
+    if (!this.frame) this.frame = requestAnimationFrame(() => this.flush());
+  }
+
+  flush() {
+    cancelAnimationFrame(this.frame);
+    this.frame = 0;
+    const follow = nearBottom();
+    showMarkdown(this.body, this.text);
+    if (follow) scrollToBottom();
+  }
+
+  finish(status, tokens) {
+    this.flush();
+    finishNode(this.node, status, tokens);
+  }
+}
+
 function appendNode(node) {
   if (ui.empty.isConnected) ui.empty.remove();
   ui.messages.append(node);
@@ -344,7 +448,7 @@ function setStreaming(streaming) {
 
 async function ensureChat() {
   if (state.current) return state.current;
-  const chat = await state.api.createChat();
+  const chat = await state.api.createChat(chosenModel());
   state.current = { ...chat, messages: [] };
   state.chats = [chat, ...state.chats];
   rememberChat(chat.chat_id);
@@ -363,12 +467,12 @@ async function send() {
   hideNotice();
   setStatus("");
   const controller = new AbortController();
-  const stream = { chatId: null, controller, stopRequested: false, stopTimer: 0 };
+  const stream = newStream(controller);
   state.streaming = stream;
   setStreaming(true);
   ui.stop.disabled = true; // until the reply has started
   let userNode = null;
-  let replyNode = null;
+  let view = null;
   try {
     const chat = await ensureChat();
     stream.chatId = chat.chat_id;
@@ -379,28 +483,23 @@ async function send() {
     autosize();
     const response = await state.api.openReply(chat.chat_id, text, controller.signal);
     ui.stop.disabled = stream.stopRequested;
-    replyNode = messageNode({ role: "assistant", content: "", status: "complete" });
-    replyNode.classList.add("streaming");
-    replyNode.setAttribute("aria-busy", "true");
-    replyNode.querySelector(".msg-tokens").textContent = "Writing…";
-    appendNode(replyNode);
-    const body = replyNode.querySelector(".msg-body");
-    const ended = await readReply(response, body);
-    const tokens = ended.tokens_used || 0;
-    const stopped = ended.finish_reason === "stopped";
-    const status = ended.error ? "failed" : stopped ? "stopped" : "complete";
-    finishNode(replyNode, status, tokens);
-    if (ended.error) showNotice(describe(ended.code, ended.message, 200));
-    chat.messages.push(
-      { role: "user", content: text, status: "complete", tokens_consumed: 0 },
-      { role: "assistant", content: body.textContent, status, tokens_consumed: tokens },
-    );
+    chat.messages.push({ role: "user", content: text, status: "complete", tokens_consumed: 0 });
+    view = new ReplyView();
+    appendNode(view.node);
+    const ended = await followReply(stream, view, response);
+    if (ended === null) {
+      // the reply is over and no longer replayable: the saved chat has it
+      view.finish("complete", 0);
+      await resync(stream.chatId);
+      return;
+    }
+    const { status, tokens } = endReply(chat, view, ended);
     await afterReply(chat, text, firstMessage, status, tokens);
   } catch (err) {
-    if (replyNode) {
-      // the stream broke (network, server gone, abort): show what the server kept
+    if (view) {
+      // the stream broke for good (network, server gone, abort): show what the server kept
       if (err.name !== "AbortError") showNotice(describe("CONNECTION_LOST"));
-      finishNode(replyNode, "interrupted", 0);
+      view.finish("interrupted", 0);
       if (state.api && stream.chatId) await resync(stream.chatId);
     } else if (err.name !== "AbortError") {
       // refused before streaming: nothing was saved, so the text goes back in the box
@@ -439,21 +538,123 @@ async function afterReply(chat, text, firstMessage, status, tokens) {
   }
 }
 
-/** Append each chunk as it arrives; resolves to the end or error event. */
-async function readReply(response, body) {
-  const text = document.createTextNode("");
-  body.append(text);
-  for await (const event of readEvents(response.body)) {
-    if (event.error || event.done) return event;
-    if (typeof event.chunk === "string" && event.chunk) {
-      const follow = nearBottom();
-      text.appendData(event.chunk);
-      if (follow) scrollToBottom();
+function newStream(controller) {
+  return {
+    chatId: null,
+    controller,
+    stopRequested: false,
+    stopTimer: 0,
+    messageId: null, // the reply, named by its first event (SPEC 11)
+    lastEventId: 0, // the last event shown: a resume asks for the ones after it
+  };
+}
+
+/** Show each chunk as it arrives; resolves to the end or error event. Events at or
+ *  before the last one shown (a resume overlapping) are skipped: each piece shows once. */
+async function readReply(response, view, stream) {
+  for await (const { id, data: event } of readEvents(response.body)) {
+    const number = Number(id);
+    if (id !== "" && Number.isInteger(number)) {
+      if (number <= stream.lastEventId) continue;
+      stream.lastEventId = number;
     }
+    if (event.message_id && !stream.messageId) stream.messageId = event.message_id;
+    if (event.error || event.done) return event;
+    if (typeof event.chunk === "string" && event.chunk) view.append(event.chunk);
   }
   const lost = new Error("stream ended early");
   lost.name = "ConnectionLost";
   throw lost;
+}
+
+const pause = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+/** Read the reply to its end; when the connection drops, resume it from the last event
+ *  shown (SPEC 11) a few times, waiting longer each time. Resolves to the end or error
+ *  event, or null when the server has nothing left to resume (the chat has the reply). */
+async function followReply(stream, view, response) {
+  let attempt = 0;
+  for (;;) {
+    try {
+      return await readReply(response, view, stream);
+    } catch (err) {
+      if (err.name === "AbortError" || attempt >= RESUME_DELAYS_MS.length) throw err;
+    }
+    setStatus("Connection lost; reconnecting…");
+    for (;;) {
+      await pause(RESUME_DELAYS_MS[attempt]);
+      attempt += 1;
+      try {
+        response = await state.api.resumeReply(
+          stream.chatId,
+          stream.messageId,
+          stream.lastEventId,
+          stream.controller.signal,
+        );
+        break;
+      } catch (err) {
+        const network = err instanceof ApiError && err.code === "NETWORK";
+        if (!network || attempt >= RESUME_DELAYS_MS.length) throw err;
+      }
+    }
+    setStatus("");
+    if (response === null) return null;
+  }
+}
+
+/** The end (or error) event arrived: show how the reply ended and keep it in the chat. */
+function endReply(chat, view, ended) {
+  const tokens = ended.tokens_used || 0;
+  const stopped = ended.finish_reason === "stopped";
+  const status = ended.error ? "failed" : stopped ? "stopped" : "complete";
+  view.finish(status, tokens);
+  if (ended.error) showNotice(describe(ended.code, ended.message, 200));
+  chat.messages.push({ role: "assistant", content: view.text, status, tokens_consumed: tokens });
+  return { status, tokens };
+}
+
+/** The open chat's last message is the person's: its reply may still be streaming (the
+ *  page was reloaded, or another window sent it). Follow it from its first event. */
+async function resumeOpenChat(chat) {
+  const last = chat.messages[chat.messages.length - 1];
+  if (!last || last.role !== "user" || state.streaming) return;
+  const firstMessage = chat.messages.length === 1; // the reply then titles the chat
+  const controller = new AbortController();
+  const stream = newStream(controller);
+  stream.chatId = chat.chat_id;
+  let response;
+  try {
+    response = await state.api.resumeReply(chat.chat_id, null, 0, controller.signal);
+  } catch (err) {
+    report(err);
+    return;
+  }
+  if (response === null || state.current !== chat || state.streaming) {
+    response?.body?.cancel().catch(() => {});
+    return;
+  }
+  state.streaming = stream;
+  setStreaming(true);
+  const view = new ReplyView();
+  appendNode(view.node);
+  try {
+    const ended = await followReply(stream, view, response);
+    if (ended === null) {
+      view.finish("complete", 0);
+      await resync(chat.chat_id);
+      return;
+    }
+    const { status, tokens } = endReply(chat, view, ended);
+    await afterReply(chat, last.content, firstMessage, status, tokens);
+  } catch (err) {
+    if (err.name !== "AbortError") showNotice(describe("CONNECTION_LOST"));
+    view.finish("interrupted", 0);
+    if (state.api) await resync(chat.chat_id);
+  } finally {
+    clearTimeout(stream.stopTimer);
+    if (state.streaming === stream) state.streaming = null;
+    setStreaming(false);
+  }
 }
 
 /** After a broken stream, load the chat as the server saved it. */
@@ -578,6 +779,15 @@ ui.newChat.addEventListener("click", () => {
   ui.message.focus();
 });
 ui.moreChats.addEventListener("click", () => loadChats(true).catch(report));
+ui.modelSelect.addEventListener("change", () => {
+  // the model is a new chat's: picking one while a chat is open starts a new one
+  if (!state.current || state.streaming) return;
+  state.current = null;
+  rememberChat(null);
+  renderConversation();
+  renderChatList();
+  setStatus(`The next message starts a new chat on ${ui.modelSelect.value}.`);
+});
 ui.renameChat.addEventListener("click", startRename);
 ui.renameCancel.addEventListener("click", endRename);
 ui.renameForm.addEventListener("submit", (event) => {
@@ -602,6 +812,10 @@ ui.message.addEventListener("keydown", (event) => {
 });
 ui.message.addEventListener("input", autosize);
 ui.stop.addEventListener("click", () => stopReply());
+ui.messages.addEventListener("click", (event) => {
+  const button = event.target.closest?.("button.copy-code");
+  if (button) copyCode(button);
+});
 
 // a `#token=` (or `#chat=`) link opened in a tab that already shows the page
 window.addEventListener("hashchange", () => {

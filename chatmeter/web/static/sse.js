@@ -9,13 +9,15 @@ export function splitLines(text) {
   return [lines, rest];
 }
 
-/** The parsed JSON data of each event of `body` (a ReadableStream of bytes), in order.
- *  The reader is cancelled when the caller stops early (break, throw, return). */
+/** Each event of `body` (a ReadableStream of bytes), in order, as `{id, data}`: `data` is
+ *  its parsed JSON, `id` the last event id seen (a string, "" before any; SPEC 11 resumes
+ *  after it). The reader is cancelled when the caller stops early (break, throw, return). */
 export async function* readEvents(body) {
   const reader = body.getReader();
   const decoder = new TextDecoder();
   let pending = "";
   let data = [];
+  let id = "";
   let finished = false;
   try {
     for (;;) {
@@ -34,7 +36,7 @@ export async function* readEvents(body) {
           if (data.length) {
             const text = data.join("\n");
             data = [];
-            yield JSON.parse(text);
+            yield { id, data: JSON.parse(text) };
           }
           continue;
         }
@@ -44,6 +46,7 @@ export async function* readEvents(body) {
         let value = colon < 0 ? "" : line.slice(colon + 1);
         if (value.startsWith(" ")) value = value.slice(1);
         if (field === "data") data.push(value);
+        else if (field === "id" && !value.includes("\0")) id = value;
       }
       if (finished) return;
     }

@@ -1,0 +1,55 @@
+"""GET /api/admin/users: every user with their plan, limits, usage and spend, searchable
+and paged, for the admin console (issue 17)."""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from fastapi import APIRouter, Query
+from pydantic import BaseModel, ConfigDict
+from starlette.responses import Response
+
+from chatmeter.db.tables import user_usage
+from chatmeter.deps import AdminUser, ServicesDep
+from chatmeter.jsonutil import json_response
+from chatmeter.metering import accounts
+from chatmeter.metering.routes import UsageOut
+from chatmeter.openapi import errors
+
+router = APIRouter(tags=["usage"])
+
+
+class UserPage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    users: list[UsageOut]
+    total: int
+    limit: int
+    offset: int
+
+
+@router.get("/api/admin/users", response_model=UserPage, responses=errors(400, 403))
+async def list_users(
+    _: AdminUser,
+    services: ServicesDep,
+    q: str = Query(default="", max_length=255, description="part of the user id, any case"),
+    limit: int = Query(default=50, ge=1, le=500),
+    offset: int = Query(default=0, ge=0, le=2**31),
+) -> Response:
+    """Users known to chatmeter (seen at least once), ordered by id, as `GET /api/usage`
+    shows each; `total` counts every match of `q`."""
+    matches: sa.ColumnElement[bool] = sa.true()
+    if q:
+        matches = sa.func.lower(user_usage.c.user_id).contains(q.lower(), autoescape=True)
+    page = (
+        sa.select(user_usage)
+        .where(matches)
+        .order_by(user_usage.c.user_id)
+        .limit(limit)
+        .offset(offset)
+    )
+    count = sa.select(sa.func.count()).select_from(user_usage).where(matches)
+    async with services.engine.connect() as conn:
+        rows = (await conn.execute(page)).all()
+        total = (await conn.execute(count)).scalar_one()
+    users = [accounts.usage_json(row, services.plans) for row in rows]
+    body = {"users": users, "total": total, "limit": limit, "offset": offset}
+    return json_response(body)

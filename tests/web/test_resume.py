@@ -1,0 +1,77 @@
+"""A reply keeps coming on the page when the page is reloaded mid-reply or the network
+drops under it (SPEC 11), and is shown once, without duplicated text."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from playwright.async_api import Page, expect
+
+from tests.conftest import scripted, token_for
+from tests.support.proxy import cutting_proxy
+from tests.web.pages import ServerFactory, api, assistant_replies, chat_id_of, reply_text, shot
+
+WORDS = 60
+REPLY = " ".join(f"word{n}" for n in range(1, WORDS + 1))
+
+
+async def test_a_reload_mid_reply_ends_with_the_full_reply_once(
+    chatmeter: ServerFactory, open_page: Callable[..., Any]
+) -> None:
+    async with chatmeter(scripted(reply=REPLY, chunks=WORDS, delay_ms=100)) as server:
+        page: Page = await open_page(f"{server.url}/#token={token_for('pia')}")
+        message = page.get_by_role("textbox", name="Message")
+        await message.fill("Count to sixty")
+        await message.press("Enter")
+        await expect(reply_text(page)).to_contain_text("word3")
+        chat_id = chat_id_of(page)
+
+        await page.reload()
+        # the reply goes on where it is, from its first word, once
+        await expect(page.get_by_role("button", name="Stop")).to_be_visible()
+        await expect(assistant_replies(page)).to_have_count(1)
+        await expect(reply_text(page)).to_contain_text("word1 word2 word3")
+        await expect(reply_text(page)).to_have_text(REPLY)
+        await expect(page.get_by_role("button", name="Send")).to_be_visible()
+        assert await reply_text(page).text_content() == REPLY
+        await expect(page.locator("#chat-title")).to_have_text("Count to sixty")
+        await expect(assistant_replies(page)).to_have_count(1)
+        await expect(page.locator("#messages .msg.user")).to_have_count(1)
+
+        saved = (await api(server, "GET", f"/api/chat/{chat_id}", "pia")).json()
+        reply = saved["messages"][-1]
+        assert (reply["role"], reply["status"], reply["content"]) == (
+            "assistant",
+            "complete",
+            REPLY,
+        )
+        await expect(assistant_replies(page).last.locator(".msg-tokens")).to_have_text(
+            f"{reply['tokens_consumed']} tokens"
+        )
+        # a reload after the end shows the saved reply, and nothing is resumed twice
+        await page.reload()
+        await expect(reply_text(page)).to_have_text(REPLY)
+        await expect(assistant_replies(page)).to_have_count(1)
+
+
+async def test_a_reply_survives_the_network_dropping_mid_reply(
+    chatmeter: ServerFactory, open_page: Callable[..., Any]
+) -> None:
+    async with (
+        chatmeter(scripted(reply=REPLY, chunks=WORDS, delay_ms=60)) as server,
+        cutting_proxy(server.url, events=8, request_marker=b"/message HTTP/1.1") as proxy,
+    ):
+        page: Page = await open_page(f"{proxy.url}/#token={token_for('quin')}")
+        message = page.get_by_role("textbox", name="Message")
+        await message.fill("Count again")
+        await message.press("Enter")
+        await expect(reply_text(page)).to_have_text(REPLY)
+        assert proxy.cuts == 1  # the connection was cut mid-reply, and the page went on
+        assert await reply_text(page).text_content() == REPLY
+        await expect(assistant_replies(page)).to_have_count(1)
+        await expect(assistant_replies(page).last.locator(".badge")).to_have_count(0)
+        await expect(page.get_by_role("alert")).to_be_hidden()
+        chat = (await api(server, "GET", f"/api/chat/{chat_id_of(page)}", "quin")).json()
+        assert [m["content"] for m in chat["messages"]] == ["Count again", REPLY]
+        await shot(page, "desktop-resumed")
