@@ -55,6 +55,8 @@ class ChatmeterProtocol(HttpToolsProtocol):
         self.reading_head = True  # the bytes coming are a request head
         self.head_bytes = 0  # of the head being read
         self.request_started = False  # a byte of the current request has come
+        # when the request being read must be in; None while none is being read
+        self.read_deadline: float | None = None
         self.read_timer: asyncio.TimerHandle | None = None
         self.refused = False  # answered with an error: the rest is dropped, then closed
         self.dropped_bytes = 0
@@ -62,10 +64,11 @@ class ChatmeterProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._arm_read_timer()
+        self._start_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._cancel_read_timer()
+        if self.read_timer is not None:
+            self.read_timer.cancel()
         if self.linger_timer is not None:
             self.linger_timer.cancel()
         super().connection_lost(exc)
@@ -105,7 +108,7 @@ class ChatmeterProtocol(HttpToolsProtocol):
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
-        self._cancel_read_timer()
+        self.read_deadline = None
         # what comes next is the head of the next request
         self.reading_head = True
         self.head_bytes = 0
@@ -116,14 +119,14 @@ class ChatmeterProtocol(HttpToolsProtocol):
         # armed only when nothing is in progress: a pipelined request may be answered now
         idle = self.cycle is None or self.cycle.response_complete
         if idle and self.reading_head and not self.transport.is_closing():
-            self._arm_read_timer()
+            self._start_reading()
 
     def send_400_response(self, msg: str) -> None:
         self._refuse(400, "INVALID_REQUEST", "The request is not valid HTTP/1.1.")
 
     def _refuse(self, status: int, code: str, message: str) -> None:
         """Answer in the error shape and close, parsing nothing more."""
-        self._cancel_read_timer()
+        self.read_deadline = None
         self.refused = True
         body = dumps({"error": True, "code": code, "message": message})
         head = [STATUS_LINE[status]]
@@ -146,18 +149,21 @@ class ChatmeterProtocol(HttpToolsProtocol):
         else:
             self.transport.close()
 
-    def _arm_read_timer(self) -> None:
-        self._cancel_read_timer()
-        self.read_timer = self.loop.call_later(self.read_timeout, self._on_read_timeout)
+    def _start_reading(self) -> None:
+        """The connection waits for a request: it must be in within the timeout. One timer
+        per connection, moved on lazily: arming and cancelling one per request would cost
+        more than the rest of this class."""
+        self.read_deadline = self.loop.time() + self.read_timeout
+        if self.read_timer is None:
+            self.read_timer = self.loop.call_later(self.read_timeout, self._on_read_timer)
 
-    def _cancel_read_timer(self) -> None:
-        if self.read_timer is not None:
-            self.read_timer.cancel()
-            self.read_timer = None
-
-    def _on_read_timeout(self) -> None:
+    def _on_read_timer(self) -> None:
         self.read_timer = None
-        if self.transport.is_closing():
+        if self.read_deadline is None or self.transport.is_closing():
+            return  # nothing is being read: the next request arms it again
+        left = self.read_deadline - self.loop.time()
+        if left > 0:
+            self.read_timer = self.loop.call_later(left, self._on_read_timer)
             return
         if self.request_started and self.reading_head:
             self._refuse(
