@@ -186,6 +186,8 @@ class Settings(BaseModel):
     history_messages: int = Field(default=10, ge=0, le=1000)
     max_message_chars: int = Field(default=5000, ge=1, le=1_000_000)
     max_body_bytes: int = Field(default=64 * 1024, ge=1024)
+    # a request (head and body) must arrive within this of the connection being ready
+    request_read_timeout_seconds: float = Field(default=20.0, gt=0)
     # before default_model, which is checked against it
     models: dict[str, ModelConfig] = Field(default_factory=dict)
     default_model: str = "local"

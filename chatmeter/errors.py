@@ -13,6 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from sqlalchemy.exc import InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 from chatmeter.jsonutil import json_response
@@ -126,6 +127,11 @@ def install_error_handlers(app: FastAPI) -> None:
         # keep the exception's headers: a 405 must say what is allowed (`Allow`)
         return error_response(status, code, str(exc.detail), exc.headers)
 
+    async def on_client_left(_: Request, exc: Exception) -> Response:
+        # left (or was cut off for being too slow) before the body was all there: not a
+        # bug; the answer goes nowhere, but answering keeps it out of the error log
+        return error_response(400, "INVALID_REQUEST", "The request body did not arrive.")
+
     async def on_database_down(_: Request, exc: Exception) -> Response:
         return database_down_response(exc)
 
@@ -135,6 +141,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ApiError, on_api_error)
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(StarletteHTTPException, on_http)
+    app.add_exception_handler(ClientDisconnect, on_client_left)
     for unavailable in DATABASE_UNAVAILABLE:
         app.add_exception_handler(unavailable, on_database_down)
     app.add_exception_handler(Exception, on_unexpected)

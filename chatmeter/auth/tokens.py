@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 import unicodedata
 import uuid
@@ -88,6 +89,7 @@ class TokenVerifier:
         else:
             raise InvalidToken("token algorithm not accepted")
         claims = self._decode(token, key, algorithm)
+        check_registered_claims(claims)
         return principal_from_claims(claims), float(claims["exp"])
 
     async def _signing_key(self, token: str) -> Any:
@@ -125,6 +127,34 @@ class TokenVerifier:
             raise InvalidToken("token lacks an expiry") from None
         except (jwt.PyJWTError, ValueError, TypeError):
             raise InvalidToken("invalid token") from None
+
+
+NUMERIC_DATE_CLAIMS = ("exp", "nbf", "iat")
+STRING_CLAIMS = ("iss", "sub", "jti")
+
+
+def check_registered_claims(claims: dict[str, Any]) -> None:
+    """RFC 7519's registered claims have types: `exp`, `nbf`, `iat` are JSON numbers, `iss`,
+    `sub`, `jti` strings, `aud` a string or a list of them. PyJWT reads `"exp":
+    "1999999999"` as a number; a token that spells a claim otherwise than its issuer
+    would is not one chatmeter trusts."""
+    for name in NUMERIC_DATE_CLAIMS:
+        value = claims.get(name)
+        if name in claims and (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+        ):
+            raise InvalidToken(f"token claim {name} is not a number")
+    for name in STRING_CLAIMS:
+        if name in claims and not isinstance(claims[name], str):
+            raise InvalidToken(f"token claim {name} is not a string")
+    if "aud" in claims:
+        audience = claims["aud"]
+        if not isinstance(audience, str) and not (
+            isinstance(audience, list) and all(isinstance(item, str) for item in audience)
+        ):
+            raise InvalidToken("token claim aud is not a string or a list of strings")
 
 
 def _storable_id(text: str) -> bool:

@@ -8,10 +8,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from chatmeter.visible import has_visible_text
+
 
 def _clean_title(value: str) -> str:
     value = value.strip()
-    if not value:
+    if not has_visible_text(value):
         raise ValueError("must not be blank")
     if "\x00" in value:
         raise ValueError("must not contain NUL")

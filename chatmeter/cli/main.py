@@ -55,6 +55,8 @@ def serve(
     """Serve the API and the web chat page."""
     import uvicorn
 
+    from chatmeter.http_protocol import http_protocol
+
     settings = settings_or_exit()  # fail before forking workers, naming the bad key
     if not settings.jwt_secret and not settings.jwt_jwks_url:
         _print_dev_banner(settings, host, port)
@@ -72,7 +74,7 @@ def serve(
         port=port,
         workers=workers,
         loop="uvloop",
-        http="httptools",
+        http=http_protocol(settings),  # httptools, with bounded heads and a read timeout
         log_level="info",
         access_log=False,
         timeout_graceful_shutdown=30,

@@ -7,13 +7,14 @@ The embedded `local` model speaks the same protocol, so it reuses this adapter.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator
+import contextlib
+from collections.abc import AsyncGenerator, AsyncIterator
 from urllib.parse import urlsplit
 
 import httpx
 import openai
 from openai.types import CompletionUsage
-from openai.types.chat import ChatCompletionMessageParam
+from openai.types.chat import ChatCompletionChunk, ChatCompletionMessageParam
 
 from chatmeter.config import ModelConfig, Settings, model_api_key
 from chatmeter.providers.base import (
@@ -81,8 +82,9 @@ class OpenAICompatibleProvider:
             raise _provider_error(exc, before_output=True) from exc
 
         wrote = False
+        chunks = aiter(stream)
         try:
-            async for chunk in stream:
+            async for chunk in chunks:
                 # Usage comes in a last chunk with no choices; some servers (vLLM with
                 # continuous usage) repeat it on every chunk, so the last one wins.
                 if chunk.usage is not None:
@@ -108,6 +110,7 @@ class OpenAICompatibleProvider:
             # the response closes the HTTP connection, which is how a Chat Completions
             # server learns to stop generating (llama.cpp cancels the slot's task).
             await stream.close()
+            await _finish(chunks)
 
         if outcome.finish_reason == "content_filter" and not wrote:
             raise ProviderError(
@@ -202,6 +205,18 @@ def _message(role: Role, content: str) -> ChatCompletionMessageParam:
     if role == "user":
         return {"role": "user", "content": content}
     return {"role": "assistant", "content": content}
+
+
+async def _finish(chunks: AsyncIterator[ChatCompletionChunk]) -> None:
+    """End the SDK's chain of async generators (its SSE decoder down to httpx's
+    `aiter_raw`) on this loop. Closing the response does not: left suspended when we stop
+    reading early, they are finalized whenever the garbage collector reaches them, maybe
+    after their event loop is gone. Read after the close, the chain fails at its bottom and
+    every generator in it ends."""
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(1.0):  # never wait on a connection that is closed
+            async for _ in chunks:
+                pass
 
 
 def _is_permanent(status: int) -> bool:

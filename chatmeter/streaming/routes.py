@@ -36,6 +36,7 @@ from chatmeter.streaming.exchange import open_exchange
 from chatmeter.streaming.jobs import begin_reply, run_reply
 from chatmeter.streaming.sse import ReplyStream
 from chatmeter.streaming.stopping import stop_chat_reply
+from chatmeter.visible import has_visible_text
 
 router = APIRouter(prefix="/api/chat", tags=["stream"])
 
@@ -48,7 +49,7 @@ def _message(body: object, max_chars: int) -> str:
     if not isinstance(body, dict):
         raise ApiError(400, "INVALID_REQUEST", "the request body must be a JSON object")
     message = body.get("message")
-    if not isinstance(message, str) or not message.strip():
+    if not isinstance(message, str) or not has_visible_text(message):
         raise ApiError(400, "INVALID_MESSAGE", "message: a non-blank string is required")
     if len(message) > max_chars:
         raise ApiError(400, "INVALID_MESSAGE", f"message: at most {max_chars} characters")

@@ -118,6 +118,49 @@ async def test_non_numeric_exp_is_refused(verifier: TokenVerifier) -> None:
     assert await refused(verifier, hs256(claims)) == "invalid token"
 
 
+FAR = int(time.time()) + 3600
+WRONG_TYPES = {
+    "exp a numeric string": {"exp": str(FAR)},
+    "exp a float string": {"exp": f"{FAR}.0"},
+    "nbf a numeric string": {"nbf": "1000000000"},
+    "iat a numeric string": {"iat": "1000000000"},
+    "iat a list": {"iat": [1000000000]},
+    "iat true": {"iat": True},
+    "nbf null": {"nbf": None},
+    "sub a number": {"sub": 42, "user_id": "alice"},
+    "iss a number": {"iss": 7},
+    "iss an object": {"iss": {"url": ISSUER}},
+    "aud a number": {"aud": 1},
+    "aud a list holding a number": {"aud": ["chatmeter-api", 2]},
+    "jti a number": {"jti": 12345},
+}
+
+
+@pytest.mark.parametrize("name", WRONG_TYPES)
+async def test_registered_claims_of_the_wrong_type_are_refused(
+    verifier: TokenVerifier, name: str
+) -> None:
+    """SPEC §3: `exp` as a string (PyJWT would read "1999999999" as a number) and the other
+    registered claims spelled as no issuer would are 401, even when well signed."""
+    claims = {**claims_for("alice"), **WRONG_TYPES[name]}
+    token = hand_signed({"alg": "HS256", "typ": "JWT"}, claims, TEST_SECRET.encode())
+    await refused(verifier, token)
+
+
+async def test_registered_claims_of_the_right_types_are_accepted(verifier: TokenVerifier) -> None:
+    claims = {
+        **claims_for("alice"),
+        "exp": FAR + 0.5,
+        "nbf": 1000000000,
+        "iat": 1000000000.25,
+        "iss": ISSUER,
+        "jti": "abc",
+        "aud": ["chatmeter-api", "other"],
+    }
+    token = hand_signed({"alg": "HS256", "typ": "JWT"}, claims, TEST_SECRET.encode())
+    assert (await verifier.verify(token)).user_id == "alice"
+
+
 async def test_not_yet_valid_token_is_refused(verifier: TokenVerifier) -> None:
     claims = {**claims_for("alice"), "nbf": int(time.time()) + 600}
     assert await refused(verifier, hs256(claims)) == "token not yet valid"

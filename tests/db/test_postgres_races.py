@@ -26,9 +26,11 @@ from chatmeter.db.transactor import RACE_ATTEMPTS, PostgresTransactor
 from chatmeter.errors import ApiError
 from chatmeter.ids import new_id
 from chatmeter.metering.budget import release_expired, renew_leases
+from chatmeter.metering.plans import PlanBook
 from chatmeter.metering.settlement import Settlement, settle_steps
 from chatmeter.providers.base import Usage
 from chatmeter.streaming.opening import ModelLimits, Opened, OpeningRules, open_steps
+from tests.conftest import make_settings
 from tests.support.postgres import PostgresServer
 from tests.support.waiting import eventually
 
@@ -54,7 +56,7 @@ async def transactor(dsn: str) -> AsyncIterator[PostgresTransactor]:
 RULES = OpeningRules(
     models={"m": ModelLimits("Be brief.", context_window=100_000, max_output_tokens=200)},
     history_messages=20,
-    default_token_limit=LIMIT,
+    plans=PlanBook.of(make_settings("sqlite+aiosqlite://", default_token_limit=LIMIT)),
     worker_id="w1",
     reservation_ttl_seconds=120.0,
 )

@@ -71,6 +71,19 @@ def slow_insert(name: str, seconds: float) -> Steps[str]:
     return (yield from insert(name))
 
 
+def write_locked(path: Path) -> bool:
+    """Another connection holds the database's write lock."""
+    conn = sqlite3.connect(path, timeout=0, isolation_level=None)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("ROLLBACK")
+        return False
+    except sqlite3.OperationalError:
+        return True
+    finally:
+        conn.close()
+
+
 def names(path: Path) -> set[str]:
     with sqlite3.connect(path) as conn:
         return {row[0] for row in conn.execute("SELECT name FROM items")}
@@ -160,7 +173,7 @@ async def test_a_writer_that_dies_fails_what_it_held_and_is_started_again(db_pat
         pid = transactor.pid
         assert pid is not None
         held = asyncio.ensure_future(transactor.run(slow_insert, "held", 5.0))
-        await asyncio.sleep(0.3)
+        await eventually(lambda: write_locked(db_path))  # the writer is inside it
         os.kill(pid, signal.SIGKILL)
         # a ConnectionError: the API answers 503 DATABASE_ERROR, settlement retries
         with pytest.raises(WriterGone):

@@ -217,6 +217,13 @@ def hostile_tokens(jwks: JwksServer, attacker: JwksServer) -> dict[str, str]:
         "expired at 0": hs256(admin_claims(exp=0)),
         "not valid for ten minutes": hs256(admin_claims(nbf=now + 600)),
         "issued in the future": hs256(admin_claims(iat=now + 600)),
+        # registered claims of the wrong type (SPEC §3), well signed
+        "exp a numeric string": hs256(admin_claims(exp=str(now + 3600))),
+        "iat a numeric string": hs256(admin_claims(iat=str(now))),
+        "nbf a numeric string": hs256(admin_claims(nbf=str(now - 60))),
+        "issuer a list": hmac_signed(
+            {"alg": "HS256"}, admin_claims(iss=[ISSUER]), TEST_SECRET.encode()
+        ),
         # someone else's token
         "wrong audience": hs256(admin_claims(aud="another-api")),
         "audience list without ours": hs256(admin_claims(aud=["a", "b"])),
@@ -242,7 +249,7 @@ def hostile_tokens(jwks: JwksServer, attacker: JwksServer) -> dict[str, str]:
         "five thousand dots": "." * 5000,
         "spaces inside": "abc def.ghi jkl.mno",
         "garbage": "definitely-not-a-token-at-all",
-        "100 KB": "eyJ" + "A" * 50_000 + "." + "B" * 50_000 + ".C",
+        "60 KB": "eyJ" + "A" * 30_000 + "." + "B" * 30_000 + ".C",
     }
 
 
@@ -279,8 +286,8 @@ MALFORMED: dict[str, bytes] = {
     "latin-1": "Bearer caf\u00e9.\u00e9t\u00e9.na\u00efve".encode("latin-1"),
     "utf-8 emoji": "Bearer \U0001f984.\U0001f984.\U0001f984".encode(),
     "tab for a space": b"Bearer\t" + b"x" * 40,
-    "100 KB": b"Bearer " + b"A" * 100_000,
-    "100 KB of dots": b"bearer " + b"." * 100_000,
+    "60 KB": b"Bearer " + b"A" * 60_000,
+    "60 KB of dots": b"bearer " + b"." * 60_000,
     "basic with the secret": b"Basic " + base64.b64encode(b"admin:" + TEST_SECRET.encode()),
     "bearer bearer": b"Bearer Bearer Bearer",
     "raw bytes only": b"\xff\xfe",

@@ -15,6 +15,7 @@ import pytest
 from chatmeter.metering.outbox import Outbox
 from chatmeter.metering.settlement import Settlement
 from chatmeter.providers.base import Usage
+from tests.support.waiting import eventually
 
 
 def settlement() -> Settlement:
@@ -57,7 +58,7 @@ async def test_append_during_a_stalled_replay_does_not_hang(tmp_path: Path) -> N
     outbox.append(first)
     dead = DeadDatabase()
     replay = asyncio.create_task(outbox.replay(dead))  # type: ignore[arg-type]
-    await asyncio.sleep(0.1)  # the replay now waits on the database
+    await eventually(lambda: dead.calls == 1)  # the replay now waits on the database
     async with asyncio.timeout(2):
         # synchronous: with the lock held across the replay's await, this blocked the
         # event loop for good

@@ -22,10 +22,12 @@ from chatmeter.db.engine import make_engine
 from chatmeter.db.transactor import Transactor, make_transactor
 from chatmeter.ids import new_id
 from chatmeter.metering.outbox import Outbox
+from chatmeter.metering.plans import PlanBook
 from chatmeter.metering.settlement import Settlement
 from chatmeter.observability.metrics import Metrics
 from chatmeter.providers.base import Usage
 from chatmeter.streaming.opening import ModelLimits, OpeningRules, open_steps
+from tests.conftest import make_settings
 from tests.support.db import books
 from tests.support.outage import DatabaseOutage
 from tests.support.waiting import eventually
@@ -34,7 +36,7 @@ USER = "rita-outbox"
 RULES = OpeningRules(
     models={"m": ModelLimits("Be brief.", context_window=100_000, max_output_tokens=100)},
     history_messages=20,
-    default_token_limit=1_000_000,
+    plans=PlanBook.of(make_settings("sqlite+aiosqlite://", default_token_limit=1_000_000)),
     worker_id="w-test",
     reservation_ttl_seconds=120.0,
 )

@@ -4,7 +4,9 @@ speaks the Chat Completions streaming protocol (tests/fakes/openai_server.py).""
 from __future__ import annotations
 
 import asyncio
+import gc
 import socket
+import types
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
@@ -24,6 +26,7 @@ from chatmeter.providers.openai_compat import (
     server_root,
 )
 from tests.fakes.openai_server import OpenAIScript, OpenAIServer, fake_token_count
+from tests.support.waiting import eventually
 
 REQUEST = GenerationRequest(
     system_prompt="You are terse.",
@@ -318,6 +321,53 @@ async def test_closing_the_stream_closes_the_upstream_connection(
     assert await openai_server.wait_disconnected()
     assert not openai_server.streams[-1].completed
     assert openai_server.streams[-1].sent < 100
+
+
+def suspended_generators() -> set[types.AsyncGeneratorType[object, object]]:
+    return {
+        g
+        for g in gc.get_objects()
+        if isinstance(g, types.AsyncGeneratorType) and g.ag_frame is not None
+    }
+
+
+@pytest.mark.parametrize("how", ["aclose", "cancel", "to the end"])
+async def test_no_generator_of_the_sdk_waits_for_the_garbage_collector(
+    provider: OpenAICompatibleProvider, openai_server: OpenAIServer, how: str
+) -> None:
+    """A stream stopped early (aclose, as the exchange does on a stop or a disconnect)
+    left the SDK's generators, its SSE decoder down to httpx's `Response.aiter_raw`,
+    suspended in a reference cycle: collected whenever the garbage collector ran, maybe
+    after their event loop was gone, they failed a later test with
+    PytestUnraisableExceptionWarning. With the collector off, every generator the stream
+    opened must end on this loop by itself."""
+    pieces = 3 if how == "to the end" else 100
+    openai_server.script = OpenAIScript(pieces=["x"] * pieces, delay=0.05)
+    gc.collect()
+    gc.disable()
+    try:
+        before = suspended_generators()
+        stream = provider.stream(REQUEST, StreamOutcome())
+        if how == "aclose":
+            assert [await anext(stream), await anext(stream)] == ["x", "x"]
+            await stream.aclose()
+        elif how == "cancel":
+            received: list[str] = []
+
+            async def consume() -> None:
+                async for piece in stream:
+                    received.append(piece)
+
+            consuming = asyncio.create_task(consume())
+            await eventually(lambda: len(received) >= 2)
+            consuming.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await consuming
+        else:
+            assert [piece async for piece in stream] == ["x"] * 3
+        await eventually(lambda: not suspended_generators() - before)
+    finally:
+        gc.enable()
 
 
 async def test_cancelling_the_consumer_closes_the_upstream_connection(

@@ -11,6 +11,7 @@ import uvicorn
 
 from chatmeter.app import Chatmeter, create_app
 from chatmeter.config import Settings
+from chatmeter.http_protocol import http_protocol
 from chatmeter.services import Services
 
 
@@ -34,7 +35,12 @@ async def serve(settings: Settings) -> AsyncIterator[RunningServer]:
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     config = uvicorn.Config(
-        app, log_level="warning", lifespan="on", access_log=False, timeout_graceful_shutdown=5
+        app,
+        http=http_protocol(settings),  # as `chatmeter serve` has it
+        log_level="warning",
+        lifespan="on",
+        access_log=False,
+        timeout_graceful_shutdown=5,
     )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))

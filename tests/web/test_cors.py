@@ -18,7 +18,7 @@ from playwright.async_api import Browser, Page, async_playwright
 from chatmeter.config import ConfigError, load_settings
 from tests.conftest import auth, make_settings, token_for
 from tests.support.server import RunningServer, serve
-from tests.web.test_page import CHROMIUM, LAUNCH_ARGS
+from tests.web.pages import CHROMIUM, LAUNCH_ARGS
 
 PAGE = b"<!doctype html><title>a product</title><p>a product's front end</p>"
 
