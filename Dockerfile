@@ -45,7 +45,7 @@ FROM ${BASE}
 # libgomp1: llama.cpp's OpenMP runtime, which the xllamacpp wheel does not bundle
 RUN apt-get update -qq \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends libgomp1 \
- && rm -rf /var/lib/apt/lists/*
+ && apt-get clean && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin
 # A fixed numeric id, so that volume ownership and `runAsNonRoot` checks are predictable.
 RUN useradd --uid 10001 --user-group --home-dir /data --no-create-home \
         --shell /usr/sbin/nologin chatmeter \
