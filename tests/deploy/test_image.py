@@ -36,7 +36,7 @@ from tests.deploy.container import (
 pytestmark = pytest.mark.timeout(1800)
 UID = 10001
 # the image adds the venv to its base: the dependencies, llama.cpp (stripped) and the model
-MAX_ADDED_MB = 320
+MAX_ADDED_MB = 300
 
 
 @pytest.fixture(scope="module")
