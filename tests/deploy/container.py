@@ -199,10 +199,16 @@ def chrooted(root: Path, config: dict[str, Any]) -> list[str]:
     ]  # fmt: skip
 
 
-def namespace_setup(root: Path, data: Path) -> str:
+def namespace_setup(root: Path, data: Path, binds: dict[Path, str]) -> str:
     """Shell commands run in the new mount namespace before the chroot: what a runtime
-    mounts (proc, a small /dev, /dev/shm for multiprocessing, sysfs, the volume)."""
+    mounts (proc, a small /dev, /dev/shm for multiprocessing, sysfs, the volume, and
+    `binds`: host folder → path in the container)."""
     r = shlex.quote(str(root))
+    bound = [
+        f"mkdir -p {r}{shlex.quote(inside)} && mount --bind {shlex.quote(str(host))} "
+        f"{r}{shlex.quote(inside)}"
+        for host, inside in binds.items()
+    ]
     devices = " ".join(f"{n}" for n in ("null", "zero", "full", "random", "urandom", "tty"))
     return "; ".join(
         [
@@ -215,13 +221,20 @@ def namespace_setup(root: Path, data: Path) -> str:
             f"mkdir {r}/dev/shm",
             f"mount -t tmpfs -o mode=1777 shm {r}/dev/shm",
             f"mount --bind {shlex.quote(str(data))} {r}/data",
+            *bound,
         ]
     )
 
 
 @contextmanager
-def running(image: str, workdir: Path, env: dict[str, str] | None = None) -> Iterator[Container]:
-    """Start the image's entrypoint; stop it and clean up after."""
+def running(
+    image: str,
+    workdir: Path,
+    env: dict[str, str] | None = None,
+    binds: dict[Path, str] | None = None,
+) -> Iterator[Container]:
+    """Start the image's entrypoint with `env` added to the image's; stop it and clean
+    up after."""
     config = dict(inspect(image)["Config"])
     config["Env"] = [*config["Env"], *(f"{k}={v}" for k, v in (env or {}).items())]
     uid, gid = (int(part) for part in config["User"].split(":"))
@@ -233,7 +246,8 @@ def running(image: str, workdir: Path, env: dict[str, str] | None = None) -> Ite
     try:
         root = Path(run("podman", "mount", cid).strip())
         command = [*config["Entrypoint"], *(config.get("Cmd") or [])]
-        script = namespace_setup(root, data) + "; exec " + shlex.join(chrooted(root, config))
+        setup = namespace_setup(root, data, binds or {})
+        script = setup + "; exec " + shlex.join(chrooted(root, config))
         with open(log, "wb") as out:
             process = subprocess.Popen(
                 ["unshare", "--mount", "--net", "--propagation", "private", "sh", "-c",

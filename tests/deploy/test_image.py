@@ -17,6 +17,8 @@ from typing import Any
 import pytest
 from alembic.script import ScriptDirectory
 
+from chatmeter.auth.tokens import mint_token
+from chatmeter.bench.postgres import PG_BIN
 from chatmeter.db.migrate import alembic_config
 from tests.deploy.container import (
     BASE_IMAGE,
@@ -31,12 +33,14 @@ from tests.deploy.container import (
     process_tree,
     running,
 )
+from tests.support.postgres import PostgresServer
 
 # a cold build (base image, dependencies) takes minutes; a warm one reuses both
 pytestmark = pytest.mark.timeout(1800)
 UID = 10001
 # the image adds the venv to its base: the dependencies, llama.cpp (stripped) and the model
 MAX_ADDED_MB = 300
+SECRET = "image-test-secret-that-is-long-enough-for-hs256"
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +59,32 @@ def container(
 ) -> Iterator[Container]:
     # development mode (no CHATMETER_JWT_SECRET): the secret is made in the volume
     with running(IMAGE, tmp_path_factory.mktemp("container")) as started:
+        answer = probe(started, "ready", "--within", "300")
+        assert answer["status"] == 200, f"{answer}\n{started.output()}"
+        yield started
+
+
+@pytest.fixture(scope="module")
+def postgres_container(
+    image: dict[str, Any], postgres: PostgresServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Container]:
+    """The image as compose.yaml runs it: on PostgreSQL, with a configured JWT secret and
+    a mounted settings file. The server's socket folder is mounted in (the container has
+    its own network), and opened to other users so that the image's user reaches it."""
+    postgres.createdb("chatmeter_image")
+    postgres.root.chmod(0o711)
+    workdir = tmp_path_factory.mktemp("postgres-container")
+    settings = workdir / "settings"
+    settings.mkdir()
+    (settings / "chatmeter.toml").write_text("default_token_limit = 12345\n")
+    env = {
+        "CHATMETER_DATABASE_URL": "postgresql+asyncpg://postgres@/chatmeter_image"
+        f"?host=/run/postgresql&port={postgres.port}",
+        "CHATMETER_JWT_SECRET": SECRET,
+        "CHATMETER_CONFIG": "/etc/chatmeter/chatmeter.toml",
+    }
+    binds = {postgres.root: "/run/postgresql", settings: "/etc/chatmeter"}
+    with running(IMAGE, workdir, env, binds) as started:
         answer = probe(started, "ready", "--within", "300")
         assert answer["status"] == 200, f"{answer}\n{started.output()}"
         yield started
@@ -132,3 +162,26 @@ def test_runs_as_the_non_root_user(container: Container) -> None:
         assert set(uids) == {UID} and set(gids) == {UID}, (pid, uids, gids)
     for path in Path(container.data).rglob("*"):
         assert path.stat().st_uid == UID, path
+
+
+def test_runs_on_postgres_with_a_secret_and_a_settings_file(
+    postgres_container: Container, postgres: PostgresServer
+) -> None:
+    version = subprocess.run(
+        [str(PG_BIN / "psql"), "-h", "127.0.0.1", "-p", str(postgres.port), "-U", "postgres",
+         "-d", "chatmeter_image", "-tAc", "SELECT version_num FROM alembic_version"],
+        capture_output=True, text=True, timeout=60, check=True,
+    ).stdout.strip()  # fmt: skip
+    url = "sqlite+aiosqlite:///unused.db"
+    assert version == ScriptDirectory.from_config(alembic_config(url)).get_current_head()
+    token = mint_token(SECRET, "bob", ttl_seconds=600)
+    answer = probe(postgres_container, "chat", "--token", token)
+    assert answer["status"] == 200 and answer["text"].strip(), answer
+    assert answer["events"][-1]["done"] is True, answer
+    # the settings file was read; no development secret was made
+    assert answer["usage"]["token_limit"] == 12345
+    assert answer["usage"]["total_tokens_used"] == answer["events"][-1]["tokens_used"] > 0
+    assert "development mode" not in postgres_container.output()
+    assert not (postgres_container.data / ".chatmeter").exists()
+    for pid in process_tree(postgres_container.pid):
+        assert set(ids(pid)[0]) == {UID}
