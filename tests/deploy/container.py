@@ -38,6 +38,7 @@ DEFAULT_MIRROR = "http://deb.debian.org/debian"
 # certificates for pip. Documentation and apt's lists are dropped, as slim images do.
 BASE_PACKAGES = "python3,python3-venv,ca-certificates"
 BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+MOUNT_NET = ("--mount", "--net")
 
 
 def run(*args: str, timeout: float = 600, **kwargs: Any) -> str:
@@ -184,9 +185,6 @@ class Container:
         return self.log.read_text(errors="replace")
 
 
-MOUNT_NET = ("--mount", "--net")
-
-
 def chrooted(root: Path, config: dict[str, Any]) -> list[str]:
     """chroot into `root` as the image's user, with only the image's environment, in
     its working directory."""
@@ -209,7 +207,7 @@ def namespace_setup(root: Path, data: Path, binds: dict[Path, str]) -> str:
         f"{r}{shlex.quote(inside)}"
         for host, inside in binds.items()
     ]
-    devices = " ".join(f"{n}" for n in ("null", "zero", "full", "random", "urandom", "tty"))
+    devices = "null zero full random urandom tty"
     return "; ".join(
         [
             "set -e",
