@@ -10,6 +10,7 @@
 ARG BASE=python:3.11-slim-bookworm
 
 FROM ${BASE} AS build
+LABEL org.opencontainers.image.title=chatmeter
 # The package index pip uses, for a build behind a mirror: --build-arg PIP_INDEX_URL=…
 # (unset: pip's default, PyPI). A proxy's or mirror's own certificate authority comes in
 # as a build secret: --secret id=pip_cert,src=/etc/ssl/certs/ca-certificates.crt.
@@ -43,6 +44,9 @@ RUN /opt/chatmeter/bin/pip install -q --no-deps --no-build-isolation /src \
  && /opt/chatmeter/bin/pip uninstall -q -y pip setuptools
 
 FROM ${BASE}
+LABEL org.opencontainers.image.title=chatmeter \
+      org.opencontainers.image.description="Self-hosted backend for AI chat products with exact token metering" \
+      org.opencontainers.image.licenses=Apache-2.0
 # libgomp1: llama.cpp's OpenMP runtime, which the xllamacpp wheel does not bundle
 RUN apt-get update -qq \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends libgomp1 \
