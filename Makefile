@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: run test check bench bench-deps soak install test-deps clean vendor-web
+.PHONY: run test test-image check bench bench-deps soak install test-deps clean vendor-web
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,20 +22,28 @@ run: $(STAMP)
 	$(BIN)/chatmeter db upgrade
 	$(BIN)/chatmeter serve --host $(HOST) --port $(PORT)
 
-# system packages the tests use: PostgreSQL 15 server binaries, Chromium, redis-server, and
-# Node with npm (the OpenAI JS SDK test installs its npm package into tests/v1/js itself)
+# system packages the tests use: PostgreSQL 15 server binaries, Chromium, redis-server,
+# Node with npm (the OpenAI JS SDK test installs its npm package into tests/v1/js itself),
+# and for the container image test (tests/deploy) podman, debootstrap and iproute2
 test-deps:
 	@if [ ! -x /usr/lib/postgresql/15/bin/initdb ] || ! command -v chromium >/dev/null \
 		|| ! command -v redis-server >/dev/null \
-		|| ! command -v node >/dev/null || ! command -v npm >/dev/null; then \
+		|| ! command -v node >/dev/null || ! command -v npm >/dev/null \
+		|| ! command -v podman >/dev/null || ! command -v debootstrap >/dev/null \
+		|| ! command -v ip >/dev/null; then \
 		if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 		$$SUDO apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq postgresql-15 chromium \
-			redis-server nodejs npm >/dev/null; \
+			redis-server nodejs npm podman debootstrap iproute2 >/dev/null; \
 	fi
 
 test: $(STAMP) test-deps
 	$(BIN)/pytest -q -p no:cacheprovider
+
+# the container image and compose.yaml alone (`make test` runs them too): builds the image
+# with podman on a Debian base made with debootstrap (cached), runs it, checks compose.yaml
+test-image: $(STAMP) test-deps
+	$(BIN)/pytest -q -p no:cacheprovider tests/deploy
 
 # the randomized reliability trial (issue 7): 1,000 exchanges on 2 workers on PostgreSQL
 # with random disconnects, stops and upstream drops; about a minute on 2 CPUs; writes
