@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import shutil
 import sqlite3
 import tempfile
@@ -28,7 +27,6 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from chatmeter.auth.tokens import mint_token
 from chatmeter.config import load_settings
-from chatmeter.db.sqlite_process import TRACE_ENV
 from tools.bench.load import BENCH_MESSAGE
 
 WARM_UP_EXCHANGES = 3
@@ -86,8 +84,11 @@ def traced_sqlite(on_statement: Callable[[str], None]) -> Iterator[None]:
         sqlite3.connect = original
 
 
-async def _run_exchanges(config: Path, database_url: str, exchanges: int, start: Any) -> None:
-    """Warm up, call `await start()`, then run `exchanges` exchanges one at a time."""
+async def _run_exchanges(
+    config: Path, database_url: str, exchanges: int, start: Any, trace: Path | None = None
+) -> None:
+    """Warm up, call `await start()`, then run `exchanges` exchanges one at a time; the
+    SQLite writer process appends its statements to `trace`."""
     from chatmeter.app import create_app
 
     secret = "statement-count-secret-" + "x" * 24
@@ -96,6 +97,7 @@ async def _run_exchanges(config: Path, database_url: str, exchanges: int, start:
         database_url=database_url,
         jwt_secret=secret,
         default_token_limit=10**15,
+        sqlite_trace_file=str(trace) if trace else None,
     )
     app = create_app(settings)
     headers = {"Authorization": f"Bearer {mint_token(secret, 'statement-count')}"}
@@ -131,16 +133,8 @@ def count_sqlite(config: Path, database_url: str, exchanges: int = 20) -> Statem
         counting = True
         writer_lines_before = len(trace.read_text().splitlines())
 
-    previous = os.environ.get(TRACE_ENV)
-    os.environ[TRACE_ENV] = str(trace)  # the writer process inherits it
-    try:
-        with traced_sqlite(on_statement):
-            asyncio.run(_run_exchanges(config, database_url, exchanges, start))
-    finally:
-        if previous is None:
-            del os.environ[TRACE_ENV]
-        else:
-            os.environ[TRACE_ENV] = previous
+    with traced_sqlite(on_statement):
+        asyncio.run(_run_exchanges(config, database_url, exchanges, start, trace))
     for statement in trace.read_text().splitlines()[writer_lines_before:]:
         on_statement(statement)
     shutil.rmtree(trace.parent, ignore_errors=True)
