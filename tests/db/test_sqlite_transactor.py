@@ -18,9 +18,10 @@ from pathlib import Path
 
 import pytest
 
+from chatmeter.config import load_settings
 from chatmeter.db.sqlite_process import MAX_BATCH
 from chatmeter.db.steps import Sql, Steps
-from chatmeter.db.transactor import SqliteTransactor, WriterGone
+from chatmeter.db.transactor import SqliteTransactor, WriterGone, make_transactor
 from tests.support.waiting import eventually
 
 
@@ -260,3 +261,25 @@ async def test_an_exception_that_cannot_cross_comes_back_named(db_path: Path) ->
         assert names(db_path) == {"next"}
     with pytest.raises(WriterGone):  # closed: nothing starts a writer again
         await transactor.run(insert, "late")
+
+
+async def test_the_trace_setting_reaches_the_writer_process(db_path: Path, tmp_path: Path) -> None:
+    trace = tmp_path / "configured.sql"
+    settings = load_settings(
+        environ={
+            "CHATMETER_DATABASE_URL": f"sqlite+aiosqlite:///{db_path}",
+            "CHATMETER_SQLITE_TRACE_FILE": str(trace),
+        }
+    )
+    transactor = make_transactor(
+        settings.database_url,
+        settings.sqlite_busy_timeout_ms,
+        sqlite_trace_file=settings.sqlite_trace_file,
+    )
+    try:
+        await transactor.start()
+        # more than a quiet turn's worth: they go to the writer process
+        await asyncio.gather(*(transactor.run(insert, n) for n in "xyz"))
+    finally:
+        await transactor.close()
+    assert trace.read_text().splitlines().count("COMMIT") >= 1
