@@ -4,7 +4,7 @@ database through (SQLAlchemy, aiosqlite, sqlite3 or asyncpg directly):
 - SQLite: every connection made while counting gets sqlite3's trace callback, which
   SQLite calls with each statement it runs (chatmeter runs in this process for that;
   nothing is timed here), and the SQLite writer process writes its statements to a
-  file (`CHATMETER_SQLITE_TRACE`);
+  file (the `sqlite_trace_file` setting);
 - PostgreSQL: the server's own `pg_stat_statements` (the throwaway server preloads it).
 """
 
