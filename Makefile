@@ -50,7 +50,7 @@ test-image: $(STAMP) test-deps
 # docs/reliability.md. SEED=N replays a run. (`make test` runs a 120-trial version.)
 SOAK_TRIALS ?= 1000
 soak: $(STAMP) test-deps
-	$(BIN)/python -m tests.soak --trials $(SOAK_TRIALS) $(if $(SEED),--seed $(SEED)) \
+	$(BIN)/python -m tools.soak --trials $(SOAK_TRIALS) $(if $(SEED),--seed $(SEED)) \
 		--write docs/reliability.md --command "make soak$(if $(SEED), SEED=$(SEED))"
 
 # system packages the benchmark uses: wrk (the load generator), PostgreSQL 15, redis-server
@@ -66,12 +66,12 @@ bench-deps:
 # 6 minutes; writes docs/benchmarks.md and docs/bench-concurrency.png. Run it on a quiet
 # machine. BENCH_ARGS=--quick: a short run that writes no docs.
 bench: $(STAMP) bench-deps
-	$(BIN)/chatmeter bench $(BENCH_ARGS)
+	$(BIN)/python -m tools.bench $(BENCH_ARGS)
 
 check: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy chatmeter
+	$(BIN)/mypy chatmeter tools
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache

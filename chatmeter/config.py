@@ -198,6 +198,9 @@ class Settings(BaseModel):
     settle_retry_seconds: float = Field(default=10.0, ge=0)
     outbox_dir: str = ".chatmeter/outbox"
     sqlite_busy_timeout_ms: int = Field(default=30_000, ge=0)
+    # a file the SQLite writer process appends every statement it runs to, one a line
+    # (for diagnosis: the benchmark counts them); none by default
+    sqlite_trace_file: str | None = None
     count_cache_size: int = Field(default=4096, ge=1)
     # replies outlive their connection (SPEC section 11)
     on_disconnect: Literal["continue", "stop"] = "continue"

@@ -97,7 +97,11 @@ async def start_services(settings: Settings, engine: AsyncEngine | None = None) 
     )
     worker_id = new_worker_id()
     secret = dev_jwt_secret(settings) if not settings.jwt_jwks_url else settings.jwt_secret
-    transactor = make_transactor(settings.database_url, settings.sqlite_busy_timeout_ms)
+    transactor = make_transactor(
+        settings.database_url,
+        settings.sqlite_busy_timeout_ms,
+        sqlite_trace_file=settings.sqlite_trace_file,
+    )
     reply_log, stop_signals = _reply_sharing(settings)
     services = Services(
         settings=settings,

@@ -75,6 +75,31 @@ def test_help(tmp_path: Path) -> None:
         assert command in result.stdout
 
 
+def test_bench_runs_the_checkouts_benchmark(tmp_path: Path) -> None:
+    result = run("bench", "--help", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "chatmeter bench" in result.stdout
+    assert "--quick" in result.stdout
+
+
+def test_bench_without_the_tools_points_to_make_bench(tmp_path: Path) -> None:
+    # an installed wheel: chatmeter without the checkout's `tools` package
+    no_tools = (
+        "import sys; sys.modules['tools'] = None; sys.argv = ['chatmeter', 'bench', '--quick']; "
+        "from chatmeter.cli.main import main; main()"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", no_tools],
+        cwd=tmp_path,
+        env=command_env(None, {}),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "make bench" in result.stderr
+
+
 def test_db_upgrade_creates_the_tables(tmp_path: Path) -> None:
     path = tmp_path / "fresh.db"
     url = sqlite_url(path)

@@ -91,7 +91,6 @@ async def test_metrics(client: httpx.AsyncClient) -> None:
         "chatmeter_count_token_calls",
         "chatmeter_budget_refusals",
         "chatmeter_active_streams",
-        "chatmeter_first_piece_seconds",
     ):
         assert expected in names, names
     assert all(name.startswith("chatmeter_") for name in names), names

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib
 import sys
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine
@@ -13,7 +14,6 @@ from rich.console import Console
 from rich.table import Table
 
 from chatmeter.auth.tokens import mint_token, parse_ttl
-from chatmeter.bench.cli import bench as bench_command
 from chatmeter.cli.chat import chat_command
 from chatmeter.config import ConfigError, Settings, dev_jwt_secret, load_settings
 from chatmeter.metering.cost import money
@@ -32,10 +32,26 @@ app.add_typer(users_app, name="users")
 app.add_typer(usage_app, name="usage")
 app.add_typer(keys_app, name="keys")
 app.command("chat")(chat_command)
-app.command("bench")(bench_command)
 console = Console()
 errors = Console(stderr=True)
 T = TypeVar("T")
+
+
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    add_help_option=False,
+)
+def bench(ctx: typer.Context) -> None:
+    """Measure chatmeter against a bare SSE floor (SPEC §9): `make bench` in a source
+    checkout, where the benchmark lives (`tools/bench`, not part of the installed package)."""
+    try:
+        tool = importlib.import_module("tools.bench.cli")
+    except ImportError:
+        errors.print(
+            "the benchmark is not installed with chatmeter: run `make bench` in a checkout"
+        )
+        raise typer.Exit(2) from None
+    tool.main(ctx.args, "chatmeter bench")
 
 
 def settings_or_exit() -> Settings:

@@ -47,7 +47,6 @@ MAX_BATCH = 16
 BATCH_HEADER = struct.Struct(">II")  # payload length, how many jobs
 JOB_ID = struct.Struct(">Q")
 ANSWER_HEADER = struct.Struct(">I")  # payload length
-TRACE_ENV = "CHATMETER_SQLITE_TRACE"
 # with nothing asked for this long, the process checkpoints the WAL
 IDLE_SECONDS = 0.5
 
@@ -286,14 +285,13 @@ def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=logging.WARNING)
-    path, busy_timeout_ms = sys.argv[1], int(sys.argv[2])
+    # the trace file ("" for none): every statement, one per line (sqlite_trace_file)
+    path, busy_timeout_ms, trace_path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     answers = os.dup(1)
     os.dup2(2, 1)  # stdout is the answers' pipe: anything else printed goes to stderr
-    for module in sys.argv[3:]:  # the transactions' modules, imported before the first job
+    for module in sys.argv[4:]:  # the transactions' modules, imported before the first job
         __import__(module)
     _write_all(answers, encode_answers([]))  # ready: a process that ends before this failed
-    # every statement, one per line, to this file (`chatmeter bench` counts them)
-    trace_path = os.environ.get(TRACE_ENV)
     with contextlib.ExitStack() as stack:
         trace = stack.enter_context(open(trace_path, "a", buffering=1)) if trace_path else None
         serve(Writer(path, busy_timeout_ms, trace), 0, answers)

@@ -140,9 +140,11 @@ class SqliteTransactor:
         *,
         inline: bool = True,
         start_backoff_seconds: float = START_BACKOFF_SECONDS,
+        trace_file: str | None = None,
     ) -> None:
         self._path = sqlite_path(url)
         self._busy_timeout_ms = busy_timeout_ms
+        self._trace_file = trace_file
         self._process: asyncio.subprocess.Process | None = None
         self._answers: asyncio.Task[None] | None = None
         self._starting = asyncio.Lock()
@@ -190,6 +192,7 @@ class SqliteTransactor:
                     "chatmeter.db.sqlite_process",
                     self._path,
                     str(self._busy_timeout_ms),
+                    self._trace_file or "",
                     *TRANSACTION_MODULES,
                     stdin=asyncio.subprocess.PIPE,
                     stdout=asyncio.subprocess.PIPE,
@@ -384,7 +387,9 @@ async def _nothing_to_reset(_: asyncpg.Connection) -> None:
     return None
 
 
-def make_transactor(url: str, busy_timeout_ms: int) -> Transactor:
+def make_transactor(
+    url: str, busy_timeout_ms: int, *, sqlite_trace_file: str | None = None
+) -> Transactor:
     if url.startswith("sqlite"):
-        return SqliteTransactor(url, busy_timeout_ms)
+        return SqliteTransactor(url, busy_timeout_ms, trace_file=sqlite_trace_file)
     return PostgresTransactor(url)

@@ -34,17 +34,12 @@ def estimate_tokens(text: str) -> int:
     return math.ceil(len(text) / 4 * 1.05)
 
 
-def prompt_upper_bound(request: GenerationRequest) -> int:
-    """A bound the prompt's real token count stays under, with no tokenizer call: the
-    byte-level BPE and SentencePiece byte-fallback tokenizers of current models never
-    make more tokens than a text has UTF-8 bytes. Used to size the reservation, so the
-    budget holds exactly; the real figure replaces it at settlement."""
-    texts = [request.system_prompt, *(turn.content for turn in request.history), request.message]
-    return sum(map(text_bound, texts)) + EXCHANGE_OVERHEAD_TOKENS
-
-
 def text_bound(text: str) -> int:
-    """The most tokens `text` can be as one message of a prompt (see above)."""
+    """The most tokens `text` can be as one message of a prompt, with no tokenizer call:
+    the byte-level BPE and SentencePiece byte-fallback tokenizers of current models never
+    make more tokens than a text has UTF-8 bytes. Summed over a prompt's texts (plus
+    EXCHANGE_OVERHEAD_TOKENS), it sizes the reservation, so the budget holds exactly; the
+    real figure replaces it at settlement."""
     return len(text.encode("utf-8")) + PER_MESSAGE_OVERHEAD
 
 

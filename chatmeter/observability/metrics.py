@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
 _REFUSAL_REASONS = {
     "TOKEN_BUDGET_EXCEEDED": "token",
@@ -56,12 +56,6 @@ class Metrics:
         )
         self.active_streams = Gauge(
             "chatmeter_active_streams", "Replies being generated now", registry=r
-        )
-        self.first_piece_seconds = Histogram(
-            "chatmeter_first_piece_seconds",
-            "Request to first piece from the provider",
-            registry=r,
-            buckets=(0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
         )
 
     def count_refusal(self, code: str) -> None:

@@ -7,7 +7,7 @@ reported (if any). It never touches the database or the web framework.
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal, Protocol
 
 from chatmeter.values import Sendable
@@ -58,7 +58,6 @@ class StreamOutcome:
 
     usage: Usage | None = None
     finish_reason: str | None = None
-    extra: dict[str, object] = field(default_factory=dict)
 
 
 ErrorCode = Literal[

@@ -89,10 +89,6 @@ class OpenAICompatibleProvider:
                 # continuous usage) repeat it on every chunk, so the last one wins.
                 if chunk.usage is not None:
                     outcome.usage = usage_from(chunk.usage)
-                    # llama.cpp's own speed figures ride on its usage chunk; kept for the
-                    # benchmark that compares our tokens/s with llama.cpp's (SPEC §9).
-                    if chunk.model_extra and "timings" in chunk.model_extra:
-                        outcome.extra["timings"] = chunk.model_extra["timings"]
                 for choice in chunk.choices[:1]:
                     if choice.finish_reason:
                         outcome.finish_reason = choice.finish_reason

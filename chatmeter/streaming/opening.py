@@ -105,7 +105,7 @@ def fit_to_context(
     context window; lower the cap if even the bare message leaves too little room.
     Returns the history kept, the prompt size and the output cap. `exact_prompt`, the
     counted size of system prompt and message alone, replaces the bound (no history).
-    The bound is `counting.prompt_upper_bound`, each text measured once."""
+    The bound is `counting.text_bound` of each text, each measured once."""
     cap = limits.max_output_tokens
     if exact_prompt is not None:
         turns: Sequence[ChatTurn] = ()

@@ -13,14 +13,15 @@ import pickle
 import signal
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
 
-from chatmeter.db.sqlite_process import MAX_BATCH, TRACE_ENV
+from chatmeter.config import load_settings
+from chatmeter.db.sqlite_process import MAX_BATCH
 from chatmeter.db.steps import Sql, Steps
-from chatmeter.db.transactor import SqliteTransactor, WriterGone
+from chatmeter.db.transactor import SqliteTransactor, WriterGone, make_transactor
 from tests.support.waiting import eventually
 
 
@@ -38,11 +39,15 @@ def db_path(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def commits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[], int]]:
-    """How many COMMITs the writer process has run (it writes its statements to a file)."""
-    trace = tmp_path / "writer.sql"
-    monkeypatch.setenv(TRACE_ENV, str(trace))
-    yield lambda: trace.read_text().splitlines().count("COMMIT") if trace.exists() else 0
+def commits(db_path: Path) -> Callable[[], int]:
+    """How many COMMITs the writer process of `running(db_path)` has run (it writes its
+    statements to a file)."""
+    trace = trace_file(db_path)
+    return lambda: trace.read_text().splitlines().count("COMMIT") if trace.exists() else 0
+
+
+def trace_file(db_path: Path) -> Path:
+    return db_path.parent / "writer.sql"
 
 
 @contextlib.asynccontextmanager
@@ -50,7 +55,10 @@ async def running(db_path: Path, *, inline: bool = True) -> AsyncIterator[Sqlite
     """A transactor on `db_path` with its writer process up, closed afterwards;
     `inline=False` sends every transaction to the writer."""
     transactor = SqliteTransactor(
-        f"sqlite+aiosqlite:///{db_path}", busy_timeout_ms=5000, inline=inline
+        f"sqlite+aiosqlite:///{db_path}",
+        busy_timeout_ms=5000,
+        inline=inline,
+        trace_file=str(trace_file(db_path)),
     )
     try:
         await transactor.start()
@@ -266,3 +274,25 @@ async def test_an_exception_that_cannot_cross_comes_back_named(db_path: Path) ->
         assert names(db_path) == {"next"}
     with pytest.raises(WriterGone):  # closed: nothing starts a writer again
         await transactor.run(insert, "late")
+
+
+async def test_the_trace_setting_reaches_the_writer_process(db_path: Path, tmp_path: Path) -> None:
+    trace = tmp_path / "configured.sql"
+    settings = load_settings(
+        environ={
+            "CHATMETER_DATABASE_URL": f"sqlite+aiosqlite:///{db_path}",
+            "CHATMETER_SQLITE_TRACE_FILE": str(trace),
+        }
+    )
+    transactor = make_transactor(
+        settings.database_url,
+        settings.sqlite_busy_timeout_ms,
+        sqlite_trace_file=settings.sqlite_trace_file,
+    )
+    try:
+        await transactor.start()
+        # more than a quiet turn's worth: they go to the writer process
+        await asyncio.gather(*(transactor.run(insert, n) for n in "xyz"))
+    finally:
+        await transactor.close()
+    assert trace.read_text().splitlines().count("COMMIT") >= 1

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from chatmeter.bench.postgres import ThrowawayPostgres
-from chatmeter.bench.processes import free_port
+from tools.bench.postgres import ThrowawayPostgres
+from tools.bench.processes import free_port
 
 __all__ = ["PostgresServer", "free_port"]
 

@@ -1,8 +1,8 @@
-"""The test session's throwaway redis-server: the benchmark's (chatmeter/bench)."""
+"""The test session's throwaway redis-server: the benchmark's (tools/bench)."""
 
 from __future__ import annotations
 
-from chatmeter.bench.redis_server import ThrowawayRedis
+from tools.bench.redis_server import ThrowawayRedis
 
 __all__ = ["RedisServer"]
 
