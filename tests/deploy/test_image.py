@@ -18,7 +18,6 @@ import pytest
 from alembic.script import ScriptDirectory
 
 from chatmeter.auth.tokens import mint_token
-from chatmeter.bench.postgres import PG_BIN
 from chatmeter.db.migrate import alembic_config
 from tests.deploy.container import (
     BASE_IMAGE,
@@ -34,6 +33,7 @@ from tests.deploy.container import (
     running,
 )
 from tests.support.postgres import PostgresServer
+from tools.bench.postgres import PG_BIN
 
 # a cold build (base image, dependencies) takes minutes; a warm one reuses both
 pytestmark = pytest.mark.timeout(1800)
