@@ -41,6 +41,7 @@ log = logging.getLogger("chatmeter.redis")
 
 PREFIX = "chatmeter:"
 STOP_CHANNEL = PREFIX + "stop"
+READ_RETRY_SECONDS = 10.0
 
 
 def stream_key(reply_id: uuid.UUID) -> str:
@@ -60,6 +61,11 @@ class _Writing:
     written: int = 0  # events already in Redis
     renewed_at: float = 0.0
     finished: bool = False
+
+
+def _number(entry_id: bytes) -> int:
+    """An entry's id is `0-N`, N the number of its last event."""
+    return int(entry_id.split(b"-")[1])
 
 
 def _entries(entries: Any, after: int) -> list[tuple[int, bytes]]:
@@ -153,23 +159,36 @@ class RedisLog:
     async def read(self, reply_id: uuid.UUID, after: int, wait: float) -> Batch | None:
         if self._local.has(reply_id):
             return await self._local.read(reply_id, after, wait)
+        # Redis that fails for a moment (a reconnect) costs the reader a pause, not the
+        # rest of the reply; one that stays away ends the resume
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + READ_RETRY_SECONDS
+        while True:
+            try:
+                return await self._read_redis(reply_id, after, wait)
+            except (RedisError, OSError) as exc:
+                if loop.time() >= give_up:
+                    log.warning("could not read reply %s from Redis: %r", reply_id, exc)
+                    return None
+                await asyncio.sleep(0.2)
+
+    async def _read_redis(self, reply_id: uuid.UUID, after: int, wait: float) -> Batch | None:
         key = stream_key(reply_id)
         start = f"0-{after}"
         redis: Any = self._redis  # redis-py's result types are unions of every reply shape
-        try:
-            entries = await redis.xrange(key, min=f"({start}", max="+")
-            if not entries:
-                last = await redis.xrevrange(key, max="+", min="-", count=1)
-                if not last:
-                    return None  # no such reply, or expired
-                if b"e" in last[0][1]:
-                    return Batch([], True)
-                if wait > 0:
-                    found = await redis.xread({key: start}, block=max(1, int(wait * 1000)))
-                    entries = found[0][1] if found else []
-        except (RedisError, OSError):
-            log.warning("could not read reply %s from Redis", reply_id)
-            return None
+        entries = await redis.xrange(key, min=f"({start}", max="+")
+        if not entries:
+            last = await redis.xrevrange(key, max="+", min="-", count=1)
+            if not last:
+                return None  # no such reply, or expired
+            if _number(last[0][0]) > after:
+                # written between the two reads: read again, the end may be in it
+                entries = await redis.xrange(key, min=f"({start}", max="+")
+            elif b"e" in last[0][1]:
+                return Batch([], True)  # the reader has every event
+            elif wait > 0:
+                found = await redis.xread({key: start}, block=max(1, int(wait * 1000)))
+                entries = found[0][1] if found else []
         events = [(n, data) for n, data in _entries(entries, after) if data]
         return Batch(events, any(b"e" in fields for _, fields in entries))
 

@@ -12,6 +12,7 @@ directory and entrypoint, as a container runtime would.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -265,12 +266,26 @@ def running(
                 start_new_session=True,
             )  # fmt: skip
         try:
+            in_own_namespaces(process)
             yield Container(root, data, process, log, config)
         finally:
             stop(process)
     finally:
         subprocess.run(["podman", "umount", cid], capture_output=True)
         subprocess.run(["podman", "rm", "--force", cid], capture_output=True)
+
+
+def in_own_namespaces(process: subprocess.Popen[bytes], within: float = 60) -> None:
+    """Wait until `unshare` has made the container's namespaces: until then its pid is
+    in the host's, and an `nsenter --target` of it would probe the host's loopback."""
+    deadline = time.monotonic() + within
+    host = os.readlink("/proc/self/ns/net")
+    while time.monotonic() < deadline and process.poll() is None:
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/{process.pid}/ns/net") != host:
+                return
+        time.sleep(0.01)
+    raise AssertionError("the container's network namespace was not made")
 
 
 def stop(process: subprocess.Popen[bytes]) -> None:

@@ -46,7 +46,7 @@ async def test_a_reply_is_resumed_from_another_worker(
                 rest = await resume(on_b, chat_id, "ann", last_event_id_header="4")
                 assert rest.status == 200
                 assert rest.ids == list(range(5, 5 + len(rest.events)))
-                assert rest.last["done"] is True
+                assert rest.last["done"] is True, (first.ids, rest.ids, rest.events[-2:])
                 assert first.text + rest.text == SLOW.reply
                 # replay of the finished reply from B: byte for byte the same events
                 again = await resume(on_b, chat_id, "ann")
