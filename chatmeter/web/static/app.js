@@ -197,8 +197,11 @@ async function signIn(token, wantedChat) {
   ui.who.title = `Signed in as ${usage.user_id}`;
   renderUsage(usage);
   ui.usage.panel.open = window.matchMedia("(min-width: 701px)").matches;
+  const chatId = wantedChat || sessionStorage.getItem(CHAT_KEY); // before any send sets it
   await Promise.all([loadChats(), loadModels(), refreshUsagePanel(usage)]);
-  const chatId = wantedChat || sessionStorage.getItem(CHAT_KEY);
+  // the message box works from here on: a message sent (or a chat picked) while the rest
+  // loaded wins over the chat remembered from before, which would replace its live reply
+  if (state.current || state.streaming) return;
   if (chatId) {
     await openChat(chatId);
   } else {
@@ -321,6 +324,7 @@ function forgetChat(chatId) {
 // ---------------------------------------------------------------- conversation
 
 async function openChat(chatId) {
+  const streaming = state.streaming;
   let chat;
   try {
     chat = await state.api.getChat(chatId);
@@ -334,6 +338,9 @@ async function openChat(chatId) {
     }
     throw err;
   }
+  // a reply started while the chat loaded: it is what the person is doing now, and
+  // showing this older copy would take its live text off the page
+  if (state.streaming && state.streaming !== streaming) return;
   state.current = chat;
   rememberChat(chat.chat_id);
   renderConversation();
