@@ -10,6 +10,7 @@ from starlette.responses import Response
 
 from chatmeter.db.tables import user_usage
 from chatmeter.deps import AdminUser, ServicesDep
+from chatmeter.errors import ApiError
 from chatmeter.jsonutil import json_response
 from chatmeter.metering import accounts
 from chatmeter.metering.routes import UsageOut
@@ -36,6 +37,10 @@ async def list_users(
 ) -> Response:
     """Users known to chatmeter (seen at least once), ordered by id, as `GET /api/usage`
     shows each; `total` counts every match of `q`."""
+    if "\x00" in q:
+        # no user id holds a NUL (PostgreSQL text cannot): nothing to match, and asking
+        # PostgreSQL would fail
+        raise ApiError(400, "INVALID_REQUEST", "q: must not contain NUL characters")
     matches: sa.ColumnElement[bool] = sa.true()
     if q:
         matches = sa.func.lower(user_usage.c.user_id).contains(q.lower(), autoescape=True)

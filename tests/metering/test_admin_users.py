@@ -84,7 +84,15 @@ async def test_only_admins_list_users(client: httpx.AsyncClient) -> None:
 
 @pytest.mark.parametrize(
     "query",
-    ["limit=0", "limit=501", "limit=x", "offset=-1", "offset=9999999999", "q=" + "x" * 256],
+    [
+        "limit=0",
+        "limit=501",
+        "limit=x",
+        "offset=-1",
+        "offset=9999999999",
+        "q=" + "x" * 256,
+        "q=a%00b",
+    ],
 )
 async def test_bad_queries_are_400(client: httpx.AsyncClient, query: str) -> None:
     response = await client.get(f"/api/admin/users?{query}", headers=admin())

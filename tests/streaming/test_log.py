@@ -132,12 +132,13 @@ async def test_the_redis_log_is_read_from_another_process(redis_server: RedisSer
     try:
         reply_id, chat_id = uuid.uuid4(), uuid.uuid4()
         await writer.begin(reply_id, chat_id, FIRST)
-        follower = asyncio.create_task(read_all(reader, reply_id))
 
         async def started() -> bool:
             return await reader.holds(reply_id, chat_id)
 
+        # a resume asks `holds` first (the route's 204 otherwise), then follows
         await eventually(started)
+        follower = asyncio.create_task(read_all(reader, reply_id))
         await write_reply_rest(writer, reply_id)
         events = await follower
         assert [n for n, _ in events] == [1, 2, 3, 4] and events[3][1] == END
