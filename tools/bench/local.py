@@ -54,10 +54,17 @@ def measure_local_model(bench: Bench, chatmeter: ServerProcess, max_tokens: int)
     result = LocalModel(max_tokens, [], [])
 
     async def measure() -> None:
+        # a connection per request: each server closes a connection idle for a few
+        # seconds (llama.cpp's keep-alive is 5 s) while the other one is timed, and a
+        # request sent on a connection closed under it fails
+        fresh = httpx.Limits(max_keepalive_connections=0)
         async with (
-            httpx.AsyncClient(base_url=chatmeter.url, timeout=300) as ours,
+            httpx.AsyncClient(base_url=chatmeter.url, timeout=300, limits=fresh) as ours,
             httpx.AsyncClient(
-                base_url=address, timeout=300, headers={"Authorization": f"Bearer {api_key}"}
+                base_url=address,
+                timeout=300,
+                headers={"Authorization": f"Bearer {api_key}"},
+                limits=fresh,
             ) as theirs,
         ):
             bench.say("local model: warming up (chatmeter loads the model on first use)")
