@@ -64,6 +64,28 @@ class OpeningRules(Sendable):
             reservation_ttl_seconds=settings.reservation_ttl_seconds,
         )
 
+    def reserve(
+        self,
+        user_id: str,
+        chat_id: uuid.UUID | None,
+        limits: ModelLimits,
+        prompt_estimate: int,
+        max_output_tokens: int,
+        now: datetime,
+    ) -> Steps[Reservation]:
+        """`reserve_budget` under this worker's plans, model prices and lease."""
+        return reserve_budget(
+            user_id=user_id,
+            chat_id=chat_id,
+            prompt_estimate=prompt_estimate,
+            max_output_tokens=max_output_tokens,
+            book=self.plans,
+            highest_price=limits.highest_price,
+            worker_id=self.worker_id,
+            ttl_seconds=self.reservation_ttl_seconds,
+            now=now,
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class Opened(Sendable):
@@ -164,17 +186,7 @@ def open_steps(
         kept, prompt_size, output_cap = fit_to_context(limits, history, message, exact_prompt)
     except PromptTooLarge:
         raise PromptTooLarge(chat.model) from None
-    reservation = yield from reserve_budget(
-        user_id=user_id,
-        chat_id=chat_id,
-        prompt_estimate=prompt_size,
-        max_output_tokens=output_cap,
-        book=rules.plans,
-        highest_price=limits.highest_price,
-        worker_id=rules.worker_id,
-        ttl_seconds=rules.reservation_ttl_seconds,
-        now=now,
-    )
+    reservation = yield from rules.reserve(user_id, chat_id, limits, prompt_size, output_cap, now)
     yield Sql(
         "INSERT INTO messages (message_id, chat_id, role, content, tokens_consumed, status, "
         "created_at) VALUES (:message_id, :chat_id, 'user', :content, 0, 'complete', :now)",
@@ -228,16 +240,6 @@ def open_prompt_steps(
             raise PromptTooLarge(prompt.model)
         raise context_length_exceeded()
     cap = min(limits.max_output_tokens, room, prompt.max_output_tokens or room)
-    reservation = yield from reserve_budget(
-        user_id=user_id,
-        chat_id=None,
-        prompt_estimate=size,
-        max_output_tokens=cap,
-        book=rules.plans,
-        highest_price=limits.highest_price,
-        worker_id=rules.worker_id,
-        ttl_seconds=rules.reservation_ttl_seconds,
-        now=utcnow(),
-    )
+    reservation = yield from rules.reserve(user_id, None, limits, size, cap, utcnow())
     request = GenerationRequest(system, prompt.history, prompt.message, reservation.output_cap)
     return Opened(prompt.model, request, reservation, None, None)
