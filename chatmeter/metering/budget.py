@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
 
+from chatmeter.db.rows import as_uuid
 from chatmeter.db.steps import Sql, Steps
 from chatmeter.errors import ApiError
 from chatmeter.ids import new_id
@@ -93,11 +94,6 @@ def rate_limited(retry_after: int) -> ApiError:
 
 def reply_in_progress() -> ApiError:
     return ApiError(409, "REPLY_IN_PROGRESS", "A reply is already being generated in this chat.")
-
-
-def as_uuid(value: object) -> uuid.UUID:
-    """A uuid column as read back: native on PostgreSQL, 32 hex digits on SQLite."""
-    return value if isinstance(value, uuid.UUID) else uuid.UUID(str(value))
 
 
 def ensure_user(user_id: str, book: PlanBook, now: datetime) -> Steps[None]:
