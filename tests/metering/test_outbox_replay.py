@@ -65,9 +65,7 @@ async def reply_to_settle(engine: AsyncEngine, transactor: Transactor, n: int) -
     """A real exchange opened (chat, user message, reservation) and its settlement,
     as the exchange would have spooled it."""
     chat = await transactor.run(insert_chat, USER, f"chat {n}", "m")
-    opened = await transactor.run(
-        open_steps, RULES, USER, chat.chat_id, f"hi {n}", None, new_id()
-    )
+    opened = await transactor.run(open_steps, RULES, USER, chat.chat_id, f"hi {n}", None, new_id())
     return Settlement(
         user_id=USER,
         chat_id=chat.chat_id,

@@ -32,7 +32,7 @@ async def test_only_live_replies_are_renewed(database_url: str) -> None:
             streaming = asyncio.create_task(
                 stream_message(client, live_chat, "go", token_for("lou"))
             )
-            await eventually(lambda: open_reservations(services.engine, "lou"))
+            await eventually(lambda: open_reservations(server.engine, "lou"))
             # a reservation of this worker that no exchange will ever settle
             await services.transactor.run(
                 reserve_budget,
@@ -46,15 +46,15 @@ async def test_only_live_replies_are_renewed(database_url: str) -> None:
                 ttl_seconds=1.5,
                 now=utcnow(),
             )
-            assert await open_reservations(services.engine, "lou") == 2
+            assert await open_reservations(server.engine, "lou") == 2
             # the live one is renewed past its 1.5 s lease; the lost one is released
-            await eventually(lambda: _just_one_left(services, "lou"), within=8, every=0.1)
+            await eventually(lambda: _just_one_left(server, "lou"), within=8, every=0.1)
             assert not streaming.done()  # still streaming, lease renewed (6 s reply)
             result = await streaming
             assert result.last["done"] is True
-            state = await books(services.engine, "lou")
+            state = await books(server.engine, "lou")
             assert state.reserved == 0 and state.total == state.ledger
 
 
-async def _just_one_left(services, user: str) -> bool:  # type: ignore[no-untyped-def]
-    return await open_reservations(services.engine, user) == 1
+async def _just_one_left(server, user: str) -> bool:  # type: ignore[no-untyped-def]
+    return await open_reservations(server.engine, user) == 1
