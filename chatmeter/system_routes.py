@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict
 from starlette.responses import Response
 
 from chatmeter.chats.schemas import ErrorBody
-from chatmeter.db.steps import Sql, Steps
+from chatmeter.db.health import database_answers
 from chatmeter.deps import ServicesDep
 from chatmeter.errors import error_response
 from chatmeter.jsonutil import json_response
@@ -34,10 +34,6 @@ PROMETHEUS_TEXT = "text/plain; version=0.0.4"
 @router.get("/healthz", response_model=Health)
 async def healthz() -> Response:
     return json_response({"status": "ok"})
-
-
-def database_answers() -> Steps[None]:
-    yield Sql("SELECT 1", {})
 
 
 @router.get(
