@@ -7,7 +7,7 @@ import base64
 import uuid
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from chatmeter.db.rows import as_datetime, as_uuid
 from chatmeter.db.steps import Rows, Sql, Steps
@@ -106,18 +106,41 @@ def insert_chat(user_id: str, title: str, model: str) -> Steps[Chat]:
     return chat
 
 
-def owned_chat_steps(chat_id: uuid.UUID, user_id: str) -> Steps[Chat]:
-    """The active chat `chat_id` of `user_id`: 404 if unknown or deleted, 403 if another
-    user's (in that order, as the contract says)."""
-    rows = yield Sql(
-        f"SELECT {CHAT_COLUMNS} FROM chats WHERE chat_id = :chat_id", {"chat_id": chat_id}
-    )
-    chat = read_chat(rows[0]) if rows else None
+@dataclass(frozen=True, slots=True)
+class ChatRef:
+    """What the message path needs of a chat (its opening reads it with the history)."""
+
+    user_id: str
+    model: str
+    is_active: bool
+
+
+class Owned(Protocol):
+    @property
+    def user_id(self) -> str: ...
+    @property
+    def is_active(self) -> bool: ...
+
+
+AnyChat = TypeVar("AnyChat", bound=Owned)
+
+
+def check_owned(chat: AnyChat | None, user_id: str) -> AnyChat:
+    """`chat` if it is the active chat of `user_id`: 404 if unknown or deleted, 403 if
+    another user's (in that order, as the contract says)."""
     if chat is None or not chat.is_active:
         raise ApiError(404, "CHAT_NOT_FOUND", "This chat does not exist or was deleted.")
     if chat.user_id != user_id:
         raise ApiError(403, "FORBIDDEN", "This chat belongs to someone else.")
     return chat
+
+
+def owned_chat_steps(chat_id: uuid.UUID, user_id: str) -> Steps[Chat]:
+    """The active chat `chat_id` of `user_id` (`check_owned`)."""
+    rows = yield Sql(
+        f"SELECT {CHAT_COLUMNS} FROM chats WHERE chat_id = :chat_id", {"chat_id": chat_id}
+    )
+    return check_owned(read_chat(rows[0]) if rows else None, user_id)
 
 
 def encode_cursor(moment: datetime, item_id: uuid.UUID) -> str:
