@@ -60,6 +60,7 @@ def list_keys(user_id: str) -> Steps[list[dict[str, Any]]]:
         f"SELECT key_id, name, created_at, last_used_at FROM api_keys WHERE {_LIVE} "
         "ORDER BY created_at DESC, key_id DESC",
         {"user_id": user_id},
+        alone=True,
     )
     return [key_json(row) for row in rows]
 

@@ -138,7 +138,9 @@ def check_owned(chat: AnyChat | None, user_id: str) -> AnyChat:
 def owned_chat_steps(chat_id: uuid.UUID, user_id: str) -> Steps[Chat]:
     """The active chat `chat_id` of `user_id` (`check_owned`)."""
     rows = yield Sql(
-        f"SELECT {CHAT_COLUMNS} FROM chats WHERE chat_id = :chat_id", {"chat_id": chat_id}
+        f"SELECT {CHAT_COLUMNS} FROM chats WHERE chat_id = :chat_id",
+        {"chat_id": chat_id},
+        alone=True,
     )
     return check_owned(read_chat(rows[0]) if rows else None, user_id)
 
@@ -194,7 +196,7 @@ def list_chats(
         before,
         limit,
     )
-    rows = yield Sql(text, {**params, "user_id": user_id, "yes": True})
+    rows = yield Sql(text, {**params, "user_id": user_id, "yes": True}, alone=True)
     page = [read_chat(row) for row in rows[:limit]]
     following = next_cursor(rows, limit, page[-1].updated_at, page[-1].chat_id) if page else None
     return [chat.json() for chat in page], following
@@ -207,6 +209,7 @@ def chat_with_messages(chat_id: uuid.UUID, user_id: str) -> Steps[dict[str, Any]
         f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE chat_id = :chat_id "
         "ORDER BY created_at, role DESC",
         {"chat_id": chat_id},
+        alone=True,
     )
     return {**chat.json(), "messages": [message_json(row) for row in rows]}
 

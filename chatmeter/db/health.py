@@ -6,4 +6,4 @@ from chatmeter.db.steps import Sql, Steps
 
 
 def database_answers() -> Steps[None]:
-    yield Sql("SELECT 1", {})
+    yield Sql("SELECT 1", {}, alone=True)

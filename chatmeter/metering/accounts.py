@@ -48,7 +48,9 @@ def usage_json(row: UsageRow, book: PlanBook, now: datetime | None = None) -> di
 
 def _read(user_id: str) -> Steps[UsageRow | None]:
     rows = yield Sql(
-        f"SELECT {USAGE_COLUMNS} FROM user_usage WHERE user_id = :user_id", {"user_id": user_id}
+        f"SELECT {USAGE_COLUMNS} FROM user_usage WHERE user_id = :user_id",
+        {"user_id": user_id},
+        alone=True,
     )
     return rows[0] if rows else None
 
@@ -82,11 +84,12 @@ def find_users(part: str, limit: int, offset: int) -> Steps[tuple[int, list[Usag
     escaped = part.lower().replace("/", "//").replace("%", "/%").replace("_", "/_")
     where = "WHERE lower(user_id) LIKE :pattern ESCAPE '/'" if part else ""
     pattern = {"pattern": f"%{escaped}%"} if part else {}
-    counted = yield Sql(f"SELECT COUNT(*) FROM user_usage {where}", pattern)
+    counted = yield Sql(f"SELECT COUNT(*) FROM user_usage {where}", pattern, alone=True)
     rows = yield Sql(
         f"SELECT {USAGE_COLUMNS} FROM user_usage {where} ORDER BY user_id "
         "LIMIT :limit OFFSET :offset",
         {**pattern, "limit": limit, "offset": offset},
+        alone=True,
     )
     return int(counted[0][0]), rows
 
@@ -166,7 +169,7 @@ def list_events(
         before,
         limit,
     )
-    rows = yield Sql(text, {**params, "user_id": user_id})
+    rows = yield Sql(text, {**params, "user_id": user_id}, alone=True)
     page = rows[:limit]
     following = None
     if page:

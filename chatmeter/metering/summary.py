@@ -101,6 +101,7 @@ def summarize(
         f"SELECT {key}, COUNT(*), {sums} FROM usage_events "
         f"WHERE created_at >= :start AND created_at < :end{mine} GROUP BY 1",
         {"start": start, "end": end, **({"user_id": user_id} if user_id is not None else {})},
+        alone=True,
     )
     totals: dict[str, list[int]] = {}
     for group, *figures in rows:
