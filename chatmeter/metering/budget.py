@@ -175,11 +175,14 @@ def reserve_budget(
     worker_id: str,
     ttl_seconds: float,
     now: datetime,
+    release_expired_claim: bool = True,
 ) -> Steps[Reservation]:
     """Reserve `prompt_estimate + max_output_tokens`, or as much output as the token and
     spend limits still allow (at least one token). Raises, in the order of SPEC sections
     4 and 10: 429 RATE_LIMITED, 403 TOKEN_BUDGET_EXCEEDED or SPEND_LIMIT_EXCEEDED, 409
-    REPLY_IN_PROGRESS."""
+    REPLY_IN_PROGRESS. A chat held by a dead process's reservation is released first,
+    unless `release_expired_claim` is False (409: its reply is settled from its log
+    first, `streaming/orphans.py`)."""
     granted, plan = yield from _reserve(
         book, user_id, prompt_estimate, prompt_estimate + max_output_tokens, highest_price, now
     )
@@ -192,7 +195,9 @@ def reserve_budget(
         plan,
         reserve_micros(granted, highest_price),
     )
-    if not (yield from _claim_chat(reservation, worker_id, ttl_seconds, now)):
+    if not (
+        yield from _claim_chat(reservation, worker_id, ttl_seconds, now, release_expired_claim)
+    ):
         raise reply_in_progress()
     return reservation
 
@@ -246,7 +251,11 @@ def _allowed(
 
 
 def _claim_chat(
-    reservation: Reservation, worker_id: str, ttl_seconds: float, now: datetime
+    reservation: Reservation,
+    worker_id: str,
+    ttl_seconds: float,
+    now: datetime,
+    release_expired: bool = True,
 ) -> Steps[bool]:
     values = {
         "reservation_id": reservation.reservation_id,
@@ -269,6 +278,8 @@ def _claim_chat(
         )
         if rows or reservation.chat_id is None:  # null chat ids never conflict
             return True
+        if not release_expired:
+            return False
         # the chat holds a reservation: a live reply (409), or one whose process died.
         # The chat is this user's, whose row `_take` has locked: the lock order holds.
         released = yield from _release(

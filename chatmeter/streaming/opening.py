@@ -45,6 +45,9 @@ class OpeningRules(Sendable):
     plans: PlanBook
     worker_id: str
     reservation_ttl_seconds: float
+    # with Redis: an opening does not release a chat held by a dead process's
+    # reservation (409); the sweeper settles that reply from its log first (`orphans.py`)
+    settles_orphans: bool = False
 
     @classmethod
     def of(cls, settings: Settings, worker_id: str) -> OpeningRules:
@@ -62,6 +65,7 @@ class OpeningRules(Sendable):
             plans=PlanBook.of(settings),
             worker_id=worker_id,
             reservation_ttl_seconds=settings.reservation_ttl_seconds,
+            settles_orphans=bool(settings.redis_url),
         )
 
     def reserve(
@@ -84,6 +88,7 @@ class OpeningRules(Sendable):
             worker_id=self.worker_id,
             ttl_seconds=self.reservation_ttl_seconds,
             now=now,
+            release_expired_claim=not self.settles_orphans,
         )
 
 

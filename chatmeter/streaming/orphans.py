@@ -72,6 +72,15 @@ def expired_chat_reservations(now: datetime) -> Steps[list[tuple[uuid.UUID, uuid
     return [(as_uuid(row[0]), as_uuid(row[1])) for row in rows]
 
 
+def chat_claim_expired(chat_id: uuid.UUID, now: datetime) -> Steps[bool]:
+    """Whether the chat is held by a reservation whose lease ran out."""
+    rows = yield Sql(
+        "SELECT 1 FROM reservations WHERE chat_id = :chat_id AND expires_at < :now",
+        {"chat_id": chat_id, "now": now},
+    )
+    return bool(rows)
+
+
 def prompt_of(record: ReplyRecord, system_prompt: str) -> Steps[GenerationRequest | None]:
     """The request the reply was generated for, as its opening made it: the user message
     and the `history_turns` latest messages before it (in the order of

@@ -22,6 +22,7 @@ from typing import Protocol
 from chatmeter.db.tables import utcnow
 from chatmeter.db.transactor import Transactor
 from chatmeter.metering.budget import flagged_stops, release_expired, renew_leases
+from chatmeter.streaming.orphans import chat_claim_expired
 
 log = logging.getLogger("chatmeter.replies")
 
@@ -141,6 +142,19 @@ class ReplyRegistry:
             # break the lock order (`budget.py`)
             expires_at = now + timedelta(seconds=self.lease_seconds)
             await self.transactor.run(renew_leases, live, expires_at)
+        await self._sweep(now)
+
+    async def sweep_chat(self, chat_id: uuid.UUID) -> bool:
+        """A message found its chat held (409). If the holder's lease ran out (its
+        process died) and the opening left it to the sweeper (Redis: its reply is
+        settled from its log), sweep now rather than at the next round. True if so."""
+        now = utcnow()
+        if self.orphans is None or not await self.transactor.run(chat_claim_expired, chat_id, now):
+            return False
+        await self._sweep(now)
+        return True
+
+    async def _sweep(self, now: datetime) -> None:
         if self.orphans is not None:
             await self.orphans.settle_expired(now)
         released = await self.transactor.run(release_expired, now)

@@ -245,3 +245,30 @@ async def test_the_prompt_is_rebuilt_as_the_opening_made_it(
         assert entry_id == b"0-1"
         assert ReplyRecord.decode(fields[b"m"]) == record
         assert orjson.loads(fields[b"d"])["message_id"] == str(exchange.message_id)
+
+
+async def test_a_message_into_a_dead_replys_chat_settles_that_reply_first(
+    database_url: str, redis_server: RedisServer
+) -> None:
+    """The opening does not release the expired reservation unbilled (as it does without
+    Redis): the dead reply is settled from its log, then the message goes through."""
+    async with two_workers(database_url, redis_server.url) as (a, b):
+        exchange = await abandoned_reply(a, "tom", PIECES)
+        await logged(b, exchange, "".join(PIECES))
+        chat_id = str(exchange.chat_id)
+        async with httpx.AsyncClient(base_url=b.url, timeout=30) as on_b:
+            held = await stream_message(on_b, chat_id, "now?", token_for("tom"))
+            assert held.status == 409  # the lease still runs
+            await expire_lease(a, exchange)
+            after = await stream_message(on_b, chat_id, "now", token_for("tom"))
+        assert after.status == 200 and after.last["done"] is True
+        rows = await chat_rows(b.services.engine, chat_id)
+        assert [(r.role, r.status) for r in rows][2:] == [
+            ("user", "complete"),
+            ("assistant", "interrupted"),
+            ("user", "complete"),
+            ("assistant", "complete"),
+        ]
+        assert rows[3].content == "".join(PIECES)
+        state = await books(b.services.engine, "tom")
+        assert state.ledger_rows == 3 and state.total == state.ledger and state.reserved == 0
