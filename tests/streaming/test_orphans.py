@@ -17,6 +17,7 @@ from typing import Any
 
 import httpx
 import orjson
+import redis.asyncio as aioredis
 import sqlalchemy as sa
 
 from chatmeter.auth.tokens import Principal
@@ -24,7 +25,7 @@ from chatmeter.db.tables import reservations, utcnow
 from chatmeter.metering.budget import release_expired
 from chatmeter.streaming.exchange import Exchange, open_exchange
 from chatmeter.streaming.jobs import begin_reply, record_of
-from chatmeter.streaming.log import ReplyRecord
+from chatmeter.streaming.log import MemoryLog, ReplyRecord
 from chatmeter.streaming.orphans import OrphanSettler, prompt_of
 from chatmeter.streaming.redis_log import RedisLog, stream_key
 from tests.conftest import make_settings, scripted, token_for
@@ -272,3 +273,72 @@ async def test_a_message_into_a_dead_replys_chat_settles_that_reply_first(
         assert rows[3].content == "".join(PIECES)
         state = await books(b.services.engine, "tom")
         assert state.ledger_rows == 3 and state.total == state.ledger and state.reserved == 0
+
+
+async def test_the_redis_log_keeps_what_a_dead_reply_needs(redis_server: RedisServer) -> None:
+    """`RedisLog.left_behind` and `end_left` on their own, with a real redis-server."""
+    lease = 2.0
+    writer = RedisLog(aioredis.from_url(redis_server.url), MemoryLog(60, 1 << 20), 60, lease)
+    other = RedisLog(aioredis.from_url(redis_server.url), MemoryLog(60, 1 << 20), 60, lease)
+    redis: Any = aioredis.from_url(redis_server.url)
+    try:
+        reply_id, chat_id = uuid.uuid4(), uuid.uuid4()
+        record = ReplyRecord(
+            reservation_id=uuid.uuid4(),
+            user_id="ulla",
+            chat_id=chat_id,
+            message_id=reply_id,
+            user_message_id=uuid.uuid4(),
+            user_message_at=utcnow(),
+            model="scripted",
+            plan="default",
+            history_turns=3,
+            output_cap=500,
+        )
+        first = {"chunk": "", "done": False, "message_id": str(reply_id), "user_message_id": "u"}
+        await writer.begin(reply_id, chat_id, first, record)
+        for piece in PIECES:  # one loop turn: written together, one entry
+            await writer.append(reply_id, {"chunk": piece, "done": False})
+
+        async def written() -> bool:
+            left = await other.left_behind(chat_id)
+            return left is not None and left.last_event == 1 + len(PIECES)
+
+        await eventually(written)
+        left = await other.left_behind(chat_id)
+        assert left is not None
+        assert (left.reply_id, left.record, left.text) == (reply_id, record, "".join(PIECES))
+        # a dead writer's keys outlive its lease: three of them
+        assert lease < await redis.ttl(stream_key(reply_id)) <= 3 * lease
+        # a reply without a record (a process older than this one wrote it) is not settled
+        plain_reply, plain_chat = uuid.uuid4(), uuid.uuid4()
+        await writer.begin(plain_reply, plain_chat, first)
+
+        async def plain_written() -> bool:
+            return await other.holds(plain_reply, plain_chat)
+
+        await eventually(plain_written)
+        assert await other.left_behind(plain_chat) is None
+        assert await other.left_behind(uuid.uuid4()) is None  # no log at all
+
+        follower = asyncio.create_task(read_from(other, reply_id, 1 + len(PIECES)))
+        end = {"chunk": "", "done": True, "finish_reason": "interrupted"}
+        await other.end_left(left, end)
+        assert await asyncio.wait_for(follower, 30) == [(2 + len(PIECES), end)]
+        assert await other.left_behind(chat_id) is None  # it has its end now
+        assert 0 < await redis.ttl(stream_key(reply_id)) <= 60  # the replay window
+    finally:
+        await writer.aclose()
+        await other.aclose()
+        await redis.aclose()
+
+
+async def read_from(log: RedisLog, reply_id: uuid.UUID, after: int) -> list[tuple[int, Any]]:
+    events: list[tuple[int, Any]] = []
+    while True:
+        batch = await log.read(reply_id, after, 5.0)
+        assert batch is not None
+        events += [(n, orjson.loads(data)) for n, data in batch.events]
+        after = events[-1][0] if events else after
+        if batch.finished:
+            return events
