@@ -18,7 +18,7 @@ from datetime import datetime
 from chatmeter.db.steps import Sql, Steps
 from chatmeter.db.transactor import Transactor
 from chatmeter.ids import new_id
-from chatmeter.metering.budget import Released, lock_user, take_reservation
+from chatmeter.metering.budget import lock_user, take_reservation
 from chatmeter.metering.counting import Source
 from chatmeter.metering.periods import to_micros
 from chatmeter.providers.base import Usage
@@ -63,10 +63,10 @@ def _in_period(column: str, amount: str) -> str:
     )
 
 
-def settle_steps(s: Settlement, *, is_retry: bool = False) -> Steps[Released]:
+def settle_steps(s: Settlement, *, is_retry: bool = False) -> Steps[bool]:
     """The settlement's statements, one transaction. A retry first checks whether an
-    earlier attempt committed after all. Returns what the reservation held, nothing if
-    it was gone already."""
+    earlier attempt committed after all. Returns whether it took the reservation (False:
+    it was gone already)."""
     if is_retry:
         # the user's row locked first: a settlement of the same message committing
         # meanwhile (another process replaying the same outbox) is then seen here
@@ -74,7 +74,7 @@ def settle_steps(s: Settlement, *, is_retry: bool = False) -> Steps[Released]:
         table = "usage_events" if s.chat_id is None else "messages"
         done = yield Sql(f"SELECT 1 FROM {table} WHERE message_id = :id", {"id": s.message_id})
         if done:
-            return Released()
+            return False
     usage = s.usage
     # the user's row first, then the reservation (the lock order of `budget.py`)
     yield Sql(
@@ -152,7 +152,7 @@ def settle_steps(s: Settlement, *, is_retry: bool = False) -> Steps[Released]:
             "UPDATE chats SET updated_at = :now WHERE chat_id = :chat_id",
             {"now": s.created_at, "chat_id": s.chat_id},
         )
-    return released
+    return bool(released.replies)
 
 
 async def settle(transactor: Transactor, s: Settlement, *, is_retry: bool = False) -> None:

@@ -58,20 +58,7 @@ class ReplyRecord:
     output_cap: int
 
     def encode(self) -> bytes:
-        return dumps(
-            {
-                "reservation_id": str(self.reservation_id),
-                "user_id": self.user_id,
-                "chat_id": str(self.chat_id),
-                "message_id": str(self.message_id),
-                "user_message_id": str(self.user_message_id),
-                "user_message_at": self.user_message_at.isoformat(),
-                "model": self.model,
-                "plan": self.plan,
-                "history_turns": self.history_turns,
-                "output_cap": self.output_cap,
-            }
-        )
+        return dumps(self)  # orjson: the fields by name, ids as text, the time ISO 8601
 
     @classmethod
     def decode(cls, data: bytes) -> ReplyRecord:

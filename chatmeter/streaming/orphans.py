@@ -14,7 +14,10 @@ settles such a reply before releasing the rest:
     -> the end event appended to the log, so its readers see the reply end.
 
 Billed once: the settlement is the reservation's deletion; a transaction that did not
-delete it (another sweeper, on another worker, settled it first) rolls back.
+delete it (another sweeper, on another worker, settled it first) rolls back. A process
+that was only stalled past its lease, not dead, finds its reply settled when it settles
+it itself: its message id is taken (the settlement's idempotency key), so it writes
+nothing, and its later events land after the end event its readers already saw.
 """
 
 from __future__ import annotations
@@ -116,8 +119,7 @@ def settle_left_steps(s: Settlement, now: datetime) -> Steps[bool]:
     )
     if not held:
         return False
-    released = yield from settle_steps(s)
-    if not released.replies:
+    if not (yield from settle_steps(s)):
         raise SettledElsewhere(str(s.reservation_id))  # never billed without the deletion
     return True
 
