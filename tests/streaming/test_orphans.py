@@ -23,6 +23,7 @@ import sqlalchemy as sa
 from chatmeter.auth.tokens import Principal
 from chatmeter.db.tables import reservations, utcnow
 from chatmeter.metering.budget import release_expired
+from chatmeter.metering.settlement import settle_with_retries
 from chatmeter.streaming.exchange import Exchange, open_exchange
 from chatmeter.streaming.jobs import begin_reply, record_of
 from chatmeter.streaming.log import MemoryLog, ReplyRecord
@@ -144,8 +145,13 @@ async def test_the_sweeper_settles_a_dead_reply_from_its_log(
         assert end["user_message_id"] == str(exchange.user_message_id)
         assert end["usage"]["source"] == "counted"
 
-        # settled once: a later sweep finds nothing, the chat works again
+        # settled once: a later sweep finds nothing; A, had it been only stalled, settling
+        # the reply itself writes nothing (the message id is the settlement's key)
         assert await settler(a).settle_expired(utcnow()) == 0
+        late = exchange._settlement(text + " and more", "complete", "stop", expected)
+        await settle_with_retries(a.services.transactor, late, within_seconds=10)
+        assert await books(b.services.engine, "olga") == state
+        assert (await chat_rows(b.services.engine, chat_id))[-1].content == text
         async with httpx.AsyncClient(base_url=a.url, timeout=30) as on_a:
             again = await stream_message(on_a, chat_id, "again", token_for("olga"))
         assert again.last["done"] is True
