@@ -21,7 +21,7 @@ import sqlalchemy as sa
 from chatmeter.db.tables import usage_events, user_usage
 from chatmeter.metering.cost import Prices, cost_micros
 from chatmeter.providers.base import Usage
-from tests.conftest import TEST_SECRET, make_settings, scripted, token_for
+from tests.conftest import TEST_SECRET, auth, make_settings, scripted, token_for
 from tests.scale.test_workers import holder_pid
 from tests.streaming.test_exchange import new_chat
 from tests.streaming.test_resume import resume
@@ -29,7 +29,7 @@ from tests.support.db import books, chat_rows
 from tests.support.process import chatmeter_process
 from tests.support.redis import RedisServer
 from tests.support.server import RunningServer, serve
-from tests.support.sse import StreamResult, stream_message
+from tests.support.sse import StreamResult, parse_events, stream_message
 from tests.support.waiting import eventually
 
 LEASE = 3.0
@@ -84,32 +84,37 @@ async def kill_mid_reply(
     assert client.status == 200 and len(client.chunks) == PIECES_BEFORE_THE_KILL
     reader: asyncio.Task[StreamResult] | None = None
     if follow:
-
-        async def follow_on_b() -> StreamResult:
-            async with httpx.AsyncClient(base_url=b.url, timeout=60) as on_b:
-                return await resume(on_b, chat_id, user)
-
-        reader = asyncio.create_task(follow_on_b())
+        # B follows the reply from Redis, and has read past what A's client read
+        await _logged_in_redis(b, chat_id)
+        followed = StreamResult(0, httpx.Headers())
+        reader = asyncio.create_task(_follow(b, chat_id, user, followed))
+        await eventually(lambda: len(followed.chunks) > PIECES_BEFORE_THE_KILL, within=30)
     pid = await holder_pid(database_url, chat_id)
     assert pid != os.getpid()
-    if reader is not None:
-        # B's reader is following: it has the first pieces from Redis
-        await _reader_caught_up(b, chat_id)
     os.kill(pid, signal.SIGKILL)
     return chat_id, client, reader
 
 
-async def _reader_caught_up(b: RunningServer, chat_id: str) -> None:
+async def _logged_in_redis(b: RunningServer, chat_id: str) -> None:
     log = b.services.reply_log
 
-    async def enough() -> bool:
+    async def logged() -> bool:
         reply_id = await log.current(uuid.UUID(chat_id))
-        if reply_id is None:
-            return False
-        batch = await log.read(reply_id, 0, 0)
-        return batch is not None and len(batch.events) > PIECES_BEFORE_THE_KILL + 1
+        return reply_id is not None and await log.holds(reply_id, uuid.UUID(chat_id))
 
-    await eventually(enough, within=30)
+    await eventually(logged, within=30)
+
+
+async def _follow(b: RunningServer, chat_id: str, user: str, result: StreamResult) -> StreamResult:
+    """`GET /api/chat/{chat_id}/stream` on B from the first event, to the end."""
+    async with httpx.AsyncClient(base_url=b.url, timeout=60) as on_b:
+        async with on_b.stream(
+            "GET", f"/api/chat/{chat_id}/stream", headers=auth(user)
+        ) as response:
+            result.status = response.status_code
+            async for _ in parse_events(response.aiter_lines(), result):
+                pass
+    return result
 
 
 async def test_with_redis_a_killed_workers_reply_is_settled_from_its_log(
