@@ -65,6 +65,10 @@ def refused_for_good(exc: BaseException) -> bool:
 
 
 class Transactor(Protocol):
+    # whether the database runs data-modifying CTEs (PostgreSQL): a transaction's writes
+    # can then be one statement, one round trip
+    writable_ctes: bool
+
     async def run(self, steps: Callable[P, Steps[T]], *args: P.args, **kwargs: P.kwargs) -> T:
         """Run the transaction `steps(*args, **kwargs)` and commit it; roll back and
         raise if it raises. A retry calls `run` again and starts afresh."""
@@ -132,6 +136,8 @@ class SqliteTransactor:
     costs about a millisecond of waking up each way, far more than the transaction.
     This connection never checkpoints the WAL (the writer process does, also when it is
     idle), so no stall lands on the loop. `inline=False` sends everything."""
+
+    writable_ctes = False
 
     def __init__(
         self,
@@ -335,6 +341,8 @@ class PostgresTransactor:
     checkout, its own BEGIN and a ROLLBACK on return, round trips the message path does
     without."""
 
+    writable_ctes = True
+
     def __init__(self, url: str, pool_size: int = 10) -> None:
         self._dsn = url.replace("postgresql+asyncpg://", "postgresql://", 1)
         self._pool_size = pool_size
@@ -350,7 +358,7 @@ class PostgresTransactor:
         attempt = 1
         while True:
             try:
-                async with pool.acquire() as conn, conn.transaction():
+                async with pool.acquire() as conn:
                     return await run_asyncpg(conn, self._statements, steps(*args, **kwargs))
             except asyncpg.PostgresError as exc:
                 if exc.sqlstate not in RACE_LOST or attempt == RACE_ATTEMPTS:

@@ -13,11 +13,12 @@ settles such a reply before releasing the rest:
     saved `interrupted` with the logged text, the ledger row, the totals (`settle_steps`)
     -> the end event appended to the log, so its readers see the reply end.
 
-Billed once: the settlement is the reservation's deletion; a transaction that did not
-delete it (another sweeper, on another worker, settled it first) rolls back. A process
-that was only stalled past its lease, not dead, finds its reply settled when it settles
-it itself: its message id is taken (the settlement's idempotency key), so it writes
-nothing, and its later events land after the end event its readers already saw.
+Billed once: the settlement is the reservation's deletion, and only the transaction that
+finds the reservation under its user's row lock settles (another sweeper, on another
+worker, that comes second finds it gone and writes nothing). A process that was only
+stalled past its lease, not dead, finds its reply settled when it settles it itself: its
+message id is taken (the settlement's idempotency key), so it writes nothing, and its
+later events land after the end event its readers already saw.
 """
 
 from __future__ import annotations
@@ -61,10 +62,6 @@ class LeftLogs(Protocol):
         """Append the end event of a reply settled without its process."""
 
 
-class SettledElsewhere(Exception):
-    """The reservation was gone when this settlement went to take it: roll back."""
-
-
 def expired_chat_reservations(now: datetime) -> Steps[list[tuple[uuid.UUID, uuid.UUID]]]:
     """The reservations of chats whose lease ran out: `(reservation_id, chat_id)`."""
     rows = yield Sql(
@@ -106,12 +103,13 @@ def prompt_of(record: ReplyRecord, system_prompt: str) -> Steps[GenerationReques
     return GenerationRequest(system_prompt, tuple(history), str(message[0][0]), record.output_cap)
 
 
-def settle_left_steps(s: Settlement, now: datetime) -> Steps[bool]:
+def settle_left_steps(s: Settlement, now: datetime, writable_ctes: bool) -> Steps[bool]:
     """Settle a reply left by a dead process, if its reservation is still there and
     expired; False if not (another sweeper settled it, or its process renewed the lease
-    after all). The user's row is locked first (the lock order of `budget.py`): every
-    transaction that deletes a reservation locks its user's row first, so what this one
-    sees of the reservation holds until it commits."""
+    after all). The user's row is locked first (the lock order of `budget.py`), and every
+    transaction that deletes a reservation locks its user's row first: the reservation
+    seen here is the one the settlement deletes, in this transaction, and no other
+    transaction can take it meanwhile."""
     yield from lock_user(s.user_id)
     held = yield Sql(
         "SELECT 1 FROM reservations WHERE reservation_id = :id AND expires_at < :now",
@@ -119,8 +117,7 @@ def settle_left_steps(s: Settlement, now: datetime) -> Steps[bool]:
     )
     if not held:
         return False
-    if not (yield from settle_steps(s)):
-        raise SettledElsewhere(str(s.reservation_id))  # never billed without the deletion
+    yield from settle_steps(s, writable_ctes=writable_ctes)
     return True
 
 
@@ -180,10 +177,10 @@ class OrphanSettler:
             cost_micros=cost_micros(metered.usage, model.prices if model else Prices()),
             period_start=self.plans.period_start_at(record.plan, created_at),
         )
-        try:
-            if not await self.transactor.run(settle_left_steps, settlement, now):
-                return False
-        except SettledElsewhere:
+        settled = await self.transactor.run(
+            settle_left_steps, settlement, now, self.transactor.writable_ctes
+        )
+        if not settled:
             return False
         self.metrics.exchanges.labels(STATUS, metered.source).inc()
         self.metrics.tokens_billed.labels(record.model, "total").inc(metered.usage.total_tokens)
