@@ -1,5 +1,5 @@
 """Users' budget rows (`user_usage`) and their ledger (`usage_events`): reads and admin
-changes. Reservation and settlement live in `budget.py`."""
+changes. The reservation lives in `budget.py`, settlement in `settlement.py`."""
 
 from __future__ import annotations
 

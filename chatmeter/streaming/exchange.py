@@ -27,9 +27,9 @@ from chatmeter.db.tables import utcnow
 from chatmeter.db.transactor import WriterGone
 from chatmeter.errors import ApiError
 from chatmeter.ids import new_id
-from chatmeter.metering.budget import Reservation
 from chatmeter.metering.cost import cost_micros
 from chatmeter.metering.counting import EXCHANGE_OVERHEAD_TOKENS, PER_MESSAGE_OVERHEAD, Metered
+from chatmeter.metering.reservations import Reservation
 from chatmeter.metering.settlement import Settlement, settle_with_retries
 from chatmeter.providers.base import (
     GenerationRequest,

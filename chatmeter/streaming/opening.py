@@ -23,16 +23,10 @@ from chatmeter.config import Settings
 from chatmeter.db.steps import Sql, Steps
 from chatmeter.db.tables import utcnow
 from chatmeter.errors import ApiError
-from chatmeter.metering.budget import (
-    Ask,
-    Reservation,
-    lock_user,
-    release_chat,
-    reserve_at_once,
-    reserve_budget,
-)
+from chatmeter.metering.budget import Ask, reserve_at_once, reserve_budget
 from chatmeter.metering.counting import EXCHANGE_OVERHEAD_TOKENS, text_bound
 from chatmeter.metering.plans import PlanBook
+from chatmeter.metering.reservations import Reservation, lock_user, release_chat
 from chatmeter.providers.base import ChatTurn, GenerationRequest
 
 

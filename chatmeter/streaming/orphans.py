@@ -3,7 +3,7 @@
 A reply's process renews its reservation's lease while it generates; one that dies stops
 renewing, and after the lease a surviving process's sweeper (`replies.py`) finds the
 reservation expired. Without Redis the reply died with its process: the sweeper releases
-the reservation (`budget.release_expired`) and nothing is billed. With Redis the reply's
+the reservation (`reservations.release_expired`) and nothing is billed. With Redis the reply's
 log outlives the process, its first entry holding the reply's `ReplyRecord`; the sweeper
 settles such a reply before releasing the rest:
 
@@ -31,8 +31,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from chatmeter.db.steps import Sql, Steps
 from chatmeter.db.tables import utcnow
-from chatmeter.metering.budget import as_uuid, lock_user
+from chatmeter.ids import as_uuid
 from chatmeter.metering.cost import Prices, cost_micros
+from chatmeter.metering.reservations import lock_user
 from chatmeter.metering.settlement import Settlement, settle_steps
 from chatmeter.providers.base import ChatTurn, GenerationRequest
 from chatmeter.streaming.events import end_event
@@ -106,7 +107,7 @@ def prompt_of(record: ReplyRecord, system_prompt: str) -> Steps[GenerationReques
 def settle_left_steps(s: Settlement, now: datetime, writable_ctes: bool) -> Steps[bool]:
     """Settle a reply left by a dead process, if its reservation is still there and
     expired; False if not (another sweeper settled it, or its process renewed the lease
-    after all). The user's row is locked first (the lock order of `budget.py`), and every
+    after all). The user's row is locked first (the lock order of `reservations.py`), and every
     transaction that deletes a reservation locks its user's row first: the reservation
     seen here is the one the settlement deletes, in this transaction, and no other
     transaction can take it meanwhile."""

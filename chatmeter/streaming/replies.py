@@ -21,7 +21,7 @@ from typing import Protocol
 
 from chatmeter.db.tables import utcnow
 from chatmeter.db.transactor import Transactor
-from chatmeter.metering.budget import flagged_stops, release_expired, renew_leases
+from chatmeter.metering.reservations import flagged_stops, release_expired, renew_leases
 from chatmeter.streaming.orphans import chat_claim_expired
 
 log = logging.getLogger("chatmeter.replies")
@@ -139,7 +139,7 @@ class ReplyRegistry:
         if live:
             # renewed first, so a late renewal never sweeps a live reply; two
             # transactions, as one would lock reservations rows before users' rows and
-            # break the lock order (`budget.py`)
+            # break the lock order (`reservations.py`)
             expires_at = now + timedelta(seconds=self.lease_seconds)
             await self.transactor.run(renew_leases, live, expires_at)
         await self._sweep(now)

@@ -19,10 +19,11 @@ from chatmeter.db.tables import chats, messages, user_usage
 from chatmeter.db.transactor import Transactor, make_transactor
 from chatmeter.errors import ApiError
 from chatmeter.ids import new_id
-from chatmeter.metering.budget import Ask, Reservation, release_expired, reserve_budget
+from chatmeter.metering.budget import Ask, reserve_budget
 from chatmeter.metering.cost import Prices, cost_micros
 from chatmeter.metering.periods import to_micros
 from chatmeter.metering.plans import PlanBook
+from chatmeter.metering.reservations import Reservation, release_expired
 from chatmeter.metering.settlement import Settlement, settle_steps
 from chatmeter.providers.base import Usage
 from chatmeter.streaming.opening import ModelLimits, OpeningRules, open_steps

@@ -22,7 +22,7 @@ import sqlalchemy as sa
 
 from chatmeter.auth.tokens import Principal
 from chatmeter.db.tables import reservations, utcnow
-from chatmeter.metering.budget import release_expired
+from chatmeter.metering.reservations import release_expired
 from chatmeter.metering.settlement import settle_with_retries
 from chatmeter.streaming.exchange import Exchange, open_exchange
 from chatmeter.streaming.jobs import begin_reply, record_of
