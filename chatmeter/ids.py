@@ -24,3 +24,8 @@ def new_id() -> uuid.UUID:
         | 0b10 << 62
         | (rand & _RAND_B)
     )
+
+
+def as_uuid(value: object) -> uuid.UUID:
+    """A uuid column as read back: native on PostgreSQL, 32 hex digits on SQLite."""
+    return value if isinstance(value, uuid.UUID) else uuid.UUID(str(value))

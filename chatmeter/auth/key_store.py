@@ -7,11 +7,11 @@ import uuid
 from typing import Any
 
 from chatmeter.auth.keys import KeyDigester, new_key
-from chatmeter.db.rows import as_datetime, as_optional_datetime, as_uuid
+from chatmeter.db.rows import as_datetime, as_optional_datetime
 from chatmeter.db.steps import Sql, Steps
 from chatmeter.db.tables import utcnow
 from chatmeter.errors import ApiError
-from chatmeter.ids import new_id
+from chatmeter.ids import as_uuid, new_id
 
 # live keys one user may hold: enough for every app and environment, and a bound on rows
 MAX_KEYS_PER_USER = 100

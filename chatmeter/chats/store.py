@@ -9,11 +9,11 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar
 
-from chatmeter.db.rows import as_datetime, as_uuid
+from chatmeter.db.rows import as_datetime
 from chatmeter.db.steps import Rows, Sql, Steps
 from chatmeter.db.tables import utcnow
 from chatmeter.errors import ApiError
-from chatmeter.ids import new_id
+from chatmeter.ids import as_uuid, new_id
 
 Cursor = tuple[datetime, uuid.UUID]  # the moment and id of the last item of a page
 

@@ -1,4 +1,5 @@
-"""Column values as read back by the steps (`steps.py`), typed the same on both databases.
+"""Column values as read back by the steps (`steps.py`), typed the same on both databases
+(a uuid: `ids.as_uuid`).
 
 PostgreSQL (asyncpg) returns native values; SQLite returns what `steps.sqlite_value`
 and SQLAlchemy's types stored: uuids as 32 hex digits, timestamps as UTC text
@@ -9,9 +10,7 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime
 
-
-def as_uuid(value: object) -> uuid.UUID:
-    return value if isinstance(value, uuid.UUID) else uuid.UUID(str(value))
+from chatmeter.ids import as_uuid
 
 
 def as_datetime(value: object) -> datetime:

@@ -1,6 +1,6 @@
 """Users' budget rows (`user_usage`) and their ledger (`usage_events`): reads and admin
-changes, as transaction steps (`db/steps.py`). Reservation and settlement live in
-`budget.py`, and so does a user's first row (`ensure_user`)."""
+changes, as transaction steps (`db/steps.py`). The reservation lives in `budget.py`, and
+so does a user's first row (`ensure_user`); settlement in `settlement.py`."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ from datetime import datetime
 from typing import Any
 
 from chatmeter.chats.store import Cursor, next_cursor, page_before
-from chatmeter.db.rows import as_datetime, as_optional_uuid, as_uuid
+from chatmeter.db.rows import as_datetime, as_optional_uuid
 from chatmeter.db.steps import Sql, Steps
 from chatmeter.db.tables import utcnow
+from chatmeter.ids import as_uuid
 from chatmeter.metering.budget import ensure_user
 from chatmeter.metering.plans import STANDING_COLUMNS, PlanBook, Standing
 

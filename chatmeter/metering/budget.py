@@ -5,10 +5,8 @@ output cap; it matches no row when the reservation would pass the limit, so two
 concurrent requests can never both pass a check and then both spend. Settlement swaps
 the reservation for the real figure in the same transaction that writes the ledger row.
 
-Each reservation is also a row of `reservations`: one per chat (the 409 rule, across
-workers; an exchange without a chat claims none), with a lease that the streaming
-process renews. A process that dies stops renewing; `release_expired` hands its tokens
-back.
+Each reservation is also a row of `reservations` (`reservations.py`: the chat's claim,
+its lease, the stop flag).
 
 Plans (SPEC section 10) live in the same statement: the user's plan is resolved in SQL
 (`plans.PlanBook`), an ended period is rolled over (`period_start` older than the current
@@ -20,12 +18,7 @@ why (429, 403) or how much less still fits.
 The functions are transaction steps (`chatmeter.db.steps`): they yield SQL and are
 composed with `yield from` into the transactions of the message path.
 
-Lock order (PostgreSQL): a transaction that writes both tables locks the user's
-`user_usage` row first, then the user's `reservations` rows; one that touches several
-users takes them one at a time, sorted by user_id. Two transactions that took the same
-rows in opposite orders deadlocked (an opening's INSERT waiting on a settlement's DELETE
-of the chat's reservation, the settlement waiting on the opening's user row). SQLite has
-one writer at a time and no such race; the same statements run on both.
+Locks are taken in the order `reservations.py` states: the user's row first.
 """
 
 from __future__ import annotations
@@ -36,29 +29,13 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
 
-from chatmeter.db.rows import as_uuid
 from chatmeter.db.steps import Conflict, Sql, Steps
 from chatmeter.errors import ApiError
 from chatmeter.ids import new_id
 from chatmeter.metering.cost import reserve_micros, tokens_for_micros
 from chatmeter.metering.periods import to_micros
 from chatmeter.metering.plans import STANDING_COLUMNS, PlanBook, Standing, retry_after_seconds
-
-
-@dataclass(frozen=True, slots=True)
-class Reservation:
-    reservation_id: uuid.UUID
-    user_id: str
-    chat_id: uuid.UUID | None
-    tokens: int
-    prompt_estimate: int
-    plan: str = "default"  # the user's plan when the reply opened (its period settles it)
-    micros: int = 0  # the money held: the tokens at the model's highest price
-
-    @property
-    def output_cap(self) -> int:
-        """The most output tokens the budget allows: what is sent to the provider."""
-        return self.tokens - self.prompt_estimate
+from chatmeter.metering.reservations import Reservation, claim_chat
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +52,9 @@ class Ask:
     worker_id: str
     ttl_seconds: float
     now: datetime
+    # a chat held by a dead process's reservation is released first; False: 409, its
+    # reply is settled from its log first (Redis, `streaming/orphans.py`)
+    release_expired_claim: bool = True
 
     @property
     def full(self) -> int:
@@ -251,7 +231,10 @@ def reserve_budget(ask: Ask) -> Steps[Reservation]:
         plan,
         reserve_micros(granted, ask.highest_price),
     )
-    if not (yield from _claim_chat(reservation, ask.worker_id, ask.ttl_seconds, ask.now)):
+    claimed = yield from claim_chat(
+        reservation, ask.worker_id, ask.ttl_seconds, ask.now, ask.release_expired_claim
+    )
+    if not claimed:
         raise reply_in_progress()
     return reservation
 
@@ -302,128 +285,3 @@ def _allowed(
         if wanted < prompt_estimate + 1:
             raise spend_exceeded(standing.resets_at)
     return wanted
-
-
-def _claim_chat(
-    reservation: Reservation, worker_id: str, ttl_seconds: float, now: datetime
-) -> Steps[bool]:
-    values = {
-        "reservation_id": reservation.reservation_id,
-        "user_id": reservation.user_id,
-        "chat_id": reservation.chat_id,
-        "tokens": reservation.tokens,
-        "micros": reservation.micros,
-        "worker_id": worker_id,
-        "no": False,
-        "expires_at": now + timedelta(seconds=ttl_seconds),
-        "now": now,
-    }
-    for _ in range(2):
-        rows = yield Sql(
-            "INSERT INTO reservations (reservation_id, user_id, chat_id, tokens, micros, "
-            "worker_id, stop_requested, expires_at, created_at) VALUES (:reservation_id, "
-            ":user_id, :chat_id, :tokens, :micros, :worker_id, :no, :expires_at, :now) "
-            "ON CONFLICT (chat_id) DO NOTHING RETURNING reservation_id",
-            values,
-        )
-        if rows or reservation.chat_id is None:  # null chat ids never conflict
-            return True
-        # the chat holds a reservation: a live reply (409), or one whose process died.
-        # The chat is this user's, whose row `_take` has locked: the lock order holds.
-        released = yield from _release(
-            reservation.user_id,
-            "chat_id = :chat_id AND expires_at < :now",
-            {"chat_id": reservation.chat_id, "now": now},
-        )
-        if not released:
-            return False
-    return False
-
-
-def lock_user(user_id: str) -> Steps[None]:
-    """Lock the user's `user_usage` row (a write that changes nothing): the first lock of
-    a transaction that goes on to lock the user's reservations (see the lock order)."""
-    yield Sql(
-        "UPDATE user_usage SET reserved_tokens = reserved_tokens WHERE user_id = :user_id",
-        {"user_id": user_id},
-    )
-
-
-def _release(user_id: str, condition: str, params: dict[str, object]) -> Steps[int]:
-    """Delete the user's reservations that match and hand back what they held (tokens,
-    money, a reply each). The caller holds the lock of the user's row."""
-    rows = yield Sql(
-        f"DELETE FROM reservations WHERE user_id = :user_id AND {condition} "
-        "RETURNING tokens, micros",
-        {**params, "user_id": user_id},
-    )
-    if rows:
-        yield Sql(
-            "UPDATE user_usage SET reserved_tokens = reserved_tokens - :tokens, "
-            "reserved_micros = reserved_micros - CAST(:micros AS BIGINT), "
-            "active_replies = active_replies - :replies WHERE user_id = :user_id",
-            {
-                "user_id": user_id,
-                "tokens": sum(int(row[0]) for row in rows),
-                "micros": sum(int(row[1]) for row in rows),
-                "replies": len(rows),
-            },
-        )
-    return len(rows)
-
-
-def release_chat(user_id: str, chat_id: uuid.UUID, worker_id: str) -> Steps[int]:
-    """Release the reservation `worker_id` holds on the user's chat (the caller holds
-    the lock of the user's row)."""
-    where = "chat_id = :chat_id AND worker_id = :worker_id"
-    return (yield from _release(user_id, where, {"chat_id": chat_id, "worker_id": worker_id}))
-
-
-def release_expired(now: datetime) -> Steps[int]:
-    """Hand back the reservations of processes that died mid-stream: for each user who
-    has one, sorted by user_id, lock the user's row, then delete and release."""
-    rows = yield Sql(
-        "SELECT DISTINCT user_id FROM reservations WHERE expires_at < :now", {"now": now}
-    )
-    released = 0
-    for user_id in sorted(str(row[0]) for row in rows):
-        yield from lock_user(user_id)
-        released += yield from _release(user_id, "expires_at < :now", {"now": now})
-    return released
-
-
-RENEW_BATCH = 100
-
-
-def renew_leases(reservation_ids: list[uuid.UUID], expires_at: datetime) -> Steps[None]:
-    """Extend the leases of the replies this process is streaming, 100 to a statement
-    (padded, so the statement text, and the prepared statement, is always the same). A
-    reservation whose exchange was lost without settling is not renewed, and expires."""
-    names = [f"r{i}" for i in range(RENEW_BATCH)]
-    text = (
-        "UPDATE reservations SET expires_at = :expires_at "
-        f"WHERE reservation_id IN ({', '.join(':' + n for n in names)})"
-    )
-    for start in range(0, len(reservation_ids), RENEW_BATCH):
-        batch = reservation_ids[start : start + RENEW_BATCH]
-        batch += [batch[0]] * (RENEW_BATCH - len(batch))
-        yield Sql(text, {"expires_at": expires_at, **dict(zip(names, batch, strict=True))})
-
-
-def request_stop(chat_id: uuid.UUID, now: datetime) -> Steps[str | None]:
-    """Flag the live reply of `chat_id` to stop; returns the worker holding it."""
-    rows = yield Sql(
-        "UPDATE reservations SET stop_requested = :yes "
-        "WHERE chat_id = :chat_id AND expires_at >= :now RETURNING worker_id",
-        {"yes": True, "chat_id": chat_id, "now": now},
-    )
-    return str(rows[0][0]) if rows else None
-
-
-def flagged_stops(worker_id: str) -> Steps[list[uuid.UUID]]:
-    """The chats whose replies this worker holds and someone asked to stop."""
-    rows = yield Sql(
-        "SELECT chat_id FROM reservations WHERE worker_id = :worker_id AND stop_requested = :yes",
-        {"worker_id": worker_id, "yes": True},
-    )
-    return [as_uuid(row[0]) for row in rows]

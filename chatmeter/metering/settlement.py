@@ -18,9 +18,9 @@ from datetime import datetime
 from chatmeter.db.steps import Sql, Steps
 from chatmeter.db.transactor import Transactor
 from chatmeter.ids import new_id
-from chatmeter.metering.budget import lock_user
 from chatmeter.metering.counting import Source
 from chatmeter.metering.periods import to_micros
+from chatmeter.metering.reservations import lock_user
 from chatmeter.providers.base import Usage
 
 log = logging.getLogger("chatmeter.metering")
@@ -79,7 +79,7 @@ def settle_steps(
     params = _params(s)
     writes = _writes(s)
     if writable_ctes:
-        # the lock order of `budget.py` inside one statement: `locked` takes the user's
+        # the lock order of `reservations.py` inside one statement: `locked` takes the user's
         # row before `gone` deletes the reservation (its one-time filter runs first);
         # the DELETE, not a read, says whether the reservation was still there, so a
         # sweeper that released it meanwhile is never released twice

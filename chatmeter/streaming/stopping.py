@@ -14,7 +14,7 @@ from datetime import datetime
 from chatmeter.chats.store import owned_chat_steps
 from chatmeter.db.steps import Steps
 from chatmeter.db.tables import utcnow
-from chatmeter.metering.budget import request_stop
+from chatmeter.metering.reservations import request_stop
 from chatmeter.services import Services
 
 

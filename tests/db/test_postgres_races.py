@@ -25,8 +25,8 @@ from chatmeter.db.tables import utcnow
 from chatmeter.db.transactor import RACE_ATTEMPTS, PostgresTransactor
 from chatmeter.errors import ApiError
 from chatmeter.ids import new_id
-from chatmeter.metering.budget import release_expired, renew_leases
 from chatmeter.metering.plans import PlanBook
+from chatmeter.metering.reservations import release_expired, renew_leases
 from chatmeter.metering.settlement import Settlement, settle_steps
 from chatmeter.providers.base import Usage
 from chatmeter.streaming.opening import ModelLimits, Opened, OpeningRules, open_steps

@@ -5,8 +5,9 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime, timedelta, timezone
 
-from chatmeter.db.rows import as_datetime, as_optional_datetime, as_optional_uuid, as_uuid
+from chatmeter.db.rows import as_datetime, as_optional_datetime, as_optional_uuid
 from chatmeter.db.steps import sqlite_value
+from chatmeter.ids import as_uuid
 
 
 def test_a_moment_stored_on_sqlite_reads_back_aware_in_utc() -> None:

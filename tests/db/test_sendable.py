@@ -6,7 +6,7 @@ import pickle
 from datetime import UTC, datetime
 
 from chatmeter.ids import new_id
-from chatmeter.metering.budget import Reservation
+from chatmeter.metering.reservations import Reservation
 from chatmeter.metering.settlement import Settlement
 from chatmeter.providers.base import ChatTurn, GenerationRequest, Usage
 from chatmeter.streaming.opening import ModelLimits, Opened, OpeningRules

@@ -69,27 +69,9 @@ def _bytes(value: float) -> str:
     return f"{value:,.0f} B" if abs(value) < 100 * 1024 else f"{value / 1024:,.0f} KiB"
 
 
-def _plan_throughput_row(t: Comparison) -> Row:
-    target = "chatmeter-plan"
-    to_plain = t.ratio(target, "chatmeter")
-    measured = (
-        f"{to_plain:.1%} of the SQLite row (default plan), {t.ratio(target):.1%} of the floor "
-        f"({t.rate(target):,.0f} vs {t.rate('chatmeter'):,.0f} and {t.rate('floor'):,.0f} "
-        f"exchanges/s; errors {t.errors(target)})"
-    )
-    bar = f"≥ {1 - REPLIES_COST_BAR:.0%} of the SQLite row (at most {REPLIES_COST_BAR:.0%} below)"
-    met = to_plain >= 1 - REPLIES_COST_BAR and t.errors(target) == 0
-    return Row(
-        "Throughput at 50 concurrent, SQLite, a plan with a period, a spend limit and both "
-        "rate limits",
-        measured,
-        bar,
-        met,
-    )
-
-
-def _redis_throughput_row(t: Comparison) -> Row:
-    target = "chatmeter-redis"
+def _against_sqlite_row(t: Comparison, target: str, title: str) -> Row:
+    """A set-up that SPEC section 9 allows to cost at most 10 % of the SQLite row's
+    throughput (plans, resumable replies with Redis), from the same rounds."""
     to_sqlite = t.ratio(target, "chatmeter")
     measured = (
         f"{to_sqlite:.1%} of the SQLite row, {t.ratio(target):.1%} of the floor "
@@ -98,7 +80,7 @@ def _redis_throughput_row(t: Comparison) -> Row:
     )
     bar = f"≥ {1 - REPLIES_COST_BAR:.0%} of the SQLite row (at most {REPLIES_COST_BAR:.0%} below)"
     met = to_sqlite >= 1 - REPLIES_COST_BAR and t.errors(target) == 0
-    return Row("Throughput at 50 concurrent, SQLite + Redis", measured, bar, met)
+    return Row(title, measured, bar, met)
 
 
 def _stop_row(stop: StopLatency) -> Row:
@@ -157,9 +139,17 @@ def summary_rows(results: BenchResults) -> list[Row]:
                     )
                 )
         if "chatmeter-redis" in t.rounds and "chatmeter" in t.rounds:
-            rows.append(_redis_throughput_row(t))
+            rows.append(
+                _against_sqlite_row(
+                    t, "chatmeter-redis", "Throughput at 50 concurrent, SQLite + Redis"
+                )
+            )
         if "chatmeter-plan" in t.rounds and "chatmeter" in t.rounds:
-            rows.append(_plan_throughput_row(t))
+            title = (
+                "Throughput at 50 concurrent, SQLite, the default plan with a period, a spend "
+                "limit and both rate limits"
+            )
+            rows.append(_against_sqlite_row(t, "chatmeter-plan", title))
     rows += [_stop_row(stop) for stop in results.stop_latency]
     if results.held_replies is not None:
         rows.append(_held_row(results.held_replies))
