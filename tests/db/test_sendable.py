@@ -8,8 +8,8 @@ from datetime import UTC, datetime
 from chatmeter.ids import new_id
 from chatmeter.metering.budget import Reservation
 from chatmeter.metering.settlement import Settlement
-from chatmeter.providers.base import ChatTurn, GenerationRequest, Usage
-from chatmeter.streaming.opening import ModelLimits, Opened, OpeningRules
+from chatmeter.providers.base import ChatTurn, GenerationRequest, Sampling, Usage
+from chatmeter.streaming.opening import ModelLimits, Opened, OpeningRules, Prompt
 
 
 def test_transaction_values_round_trip_through_pickle() -> None:
@@ -38,6 +38,8 @@ def test_transaction_values_round_trip_through_pickle() -> None:
             new_id(),
             at,
         ),
+        Prompt("m", None, (), "q", None, Sampling(0.5, 1.0, ("END", "\n"))),
+        GenerationRequest("s", (), "q", 9, Sampling(top_p=0.9)),
     ]
     for value in values:
         copy = pickle.loads(pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL))
