@@ -5,8 +5,10 @@ from __future__ import annotations
 import pickle
 from datetime import UTC, datetime
 
+from chatmeter.config import Settings
 from chatmeter.ids import new_id
 from chatmeter.metering.budget import Reservation
+from chatmeter.metering.plans import PlanBook
 from chatmeter.metering.settlement import Settlement
 from chatmeter.providers.base import ChatTurn, GenerationRequest, Sampling, Usage
 from chatmeter.streaming.opening import ModelLimits, Opened, OpeningRules, Prompt
@@ -28,7 +30,9 @@ def test_transaction_values_round_trip_through_pickle() -> None:
             "provider",
             at,
         ),
-        OpeningRules({"m": ModelLimits("be brief", 8192, 1024)}, 20, 10**12, "w", 30.0),
+        OpeningRules(
+            {"m": ModelLimits("be brief", 8192, 1024)}, 20, PlanBook.of(Settings()), "w", 30.0
+        ),
         Opened(
             "m",
             GenerationRequest(

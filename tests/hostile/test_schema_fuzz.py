@@ -19,6 +19,7 @@ from hypothesis.configuration import set_hypothesis_home_dir
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
+from schemathesis.core.result import Err
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
     ignored_auth,
@@ -56,6 +57,9 @@ class Fuzzer:
     def run(self) -> None:
         schema = schemathesis.openapi.from_url(self.base_url + "/openapi.json")
         for result in schema.get_all_operations():
+            if isinstance(result, Err):  # a part of the description it cannot read
+                self.failures.append(f"invalid schema: {result.err()}")
+                continue
             operation = result.ok()
             for mode in GenerationMode:
                 self._fuzz(operation, mode)

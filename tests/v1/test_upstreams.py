@@ -13,6 +13,7 @@ import httpx
 import openai
 import pytest
 from openai import AsyncOpenAI
+from openai.types.chat import ChatCompletionMessageParam
 
 from chatmeter.config import ModelConfig
 from tests.conftest import make_settings
@@ -23,7 +24,7 @@ from tests.support.server import RunningServer, serve
 from tests.v1.conftest import new_key, sdk_for
 from tests.v1.test_completions import exchange_id
 
-CONVERSATION = [
+CONVERSATION: list[ChatCompletionMessageParam] = [
     {"role": "system", "content": "Be exact."},
     {"role": "user", "content": "first"},
     {"role": "assistant", "content": "first answer"},
@@ -102,7 +103,7 @@ async def test_openai_compatible_upstream_exact_usage(stack: Stack, upstream: Op
     )
     completion = await stack.sdk.chat.completions.create(
         model="vllm",
-        messages=CONVERSATION,  # type: ignore[arg-type]
+        messages=CONVERSATION,
         max_tokens=50,
     )
     sent = upstream.last_body
@@ -136,7 +137,7 @@ async def test_gemini_upstream_streamed_with_thinking_and_cache(
     )
     stream = await stack.sdk.chat.completions.create(
         model="gemini",
-        messages=CONVERSATION,  # type: ignore[arg-type]
+        messages=CONVERSATION,
         stream=True,
         stream_options={"include_usage": True},
     )
