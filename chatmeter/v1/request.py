@@ -104,7 +104,7 @@ def _output_cap(body: dict[str, Any]) -> int | None:
     return min(caps) if caps else None
 
 
-def _unit(body: dict[str, Any], name: str, high: int) -> float | None:
+def _in_range(body: dict[str, Any], name: str, high: int) -> float | None:
     value = body.get(name)
     if value is None:
         return None
@@ -132,8 +132,8 @@ def _stop(value: object) -> tuple[str, ...]:
 def _sampling(body: dict[str, Any]) -> Sampling:
     """OpenAI's ranges: temperature 0..2, top_p 0..1, up to four stop sequences."""
     return Sampling(
-        temperature=_unit(body, "temperature", 2),
-        top_p=_unit(body, "top_p", 1),
+        temperature=_in_range(body, "temperature", 2),
+        top_p=_in_range(body, "top_p", 1),
         stop=_stop(body.get("stop")),
     )
 
