@@ -14,7 +14,7 @@ import pickle
 import random
 import sqlite3
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any, ParamSpec, Protocol, TypeVar
 
@@ -25,6 +25,7 @@ from chatmeter.db.sqlite_process import (
     Outcome,
     commit_batch,
     connect_sqlite,
+    dumps,
     encode_jobs,
     sqlite_path,
 )
@@ -36,12 +37,6 @@ P = ParamSpec("P")
 
 # at most this many transactions of one turn run on the loop when the writer is idle
 INLINE_MOST = 2
-# imported by the writer process as it starts, so the first exchange does not wait
-TRANSACTION_MODULES = (
-    "chatmeter.streaming.opening",
-    "chatmeter.metering.settlement",
-    "chatmeter.auth.keys",
-)
 # PostgreSQL chose this transaction to lose a race (deadlock, serialization failure):
 # it rolled it back, and running it again is the remedy
 RACE_LOST = frozenset({"40P01", "40001"})
@@ -88,7 +83,7 @@ def _pickles(job: _Job) -> bool:
     """Whether the call of `job` can be sent; if not, its caller hears why."""
     _, call, future = job
     try:
-        pickle.dumps(call, protocol=pickle.HIGHEST_PROTOCOL)
+        dumps(call)
     except Exception as exc:
         future.set_exception(exc)
         return False
@@ -147,10 +142,12 @@ class SqliteTransactor:
         inline: bool = True,
         start_backoff_seconds: float = START_BACKOFF_SECONDS,
         trace_file: str | None = None,
+        preload: Sequence[str] = (),
     ) -> None:
         self._path = sqlite_path(url)
         self._busy_timeout_ms = busy_timeout_ms
         self._trace_file = trace_file
+        self._preload = tuple(preload)
         self._process: asyncio.subprocess.Process | None = None
         self._answers: asyncio.Task[None] | None = None
         self._starting = asyncio.Lock()
@@ -199,7 +196,7 @@ class SqliteTransactor:
                     self._path,
                     str(self._busy_timeout_ms),
                     self._trace_file or "",
-                    *TRANSACTION_MODULES,
+                    *self._preload,
                     stdin=asyncio.subprocess.PIPE,
                     stdout=asyncio.subprocess.PIPE,
                 )
@@ -396,8 +393,15 @@ async def _nothing_to_reset(_: asyncpg.Connection) -> None:
 
 
 def make_transactor(
-    url: str, busy_timeout_ms: int, *, sqlite_trace_file: str | None = None
+    url: str,
+    busy_timeout_ms: int,
+    *,
+    sqlite_trace_file: str | None = None,
+    preload: Sequence[str] = (),
 ) -> Transactor:
+    """The transactor for `url`. `preload` names the modules of the transactions the
+    application runs: the SQLite writer process imports them as it starts, so that the
+    first exchange does not wait for the imports."""
     if url.startswith("sqlite"):
-        return SqliteTransactor(url, busy_timeout_ms, trace_file=sqlite_trace_file)
+        return SqliteTransactor(url, busy_timeout_ms, trace_file=sqlite_trace_file, preload=preload)
     return PostgresTransactor(url)

@@ -42,11 +42,10 @@ from chatmeter.ids import new_id
 from chatmeter.metering.cost import reserve_micros, tokens_for_micros
 from chatmeter.metering.periods import to_micros
 from chatmeter.metering.plans import STANDING_COLUMNS, PlanBook, Standing, retry_after_seconds
-from chatmeter.values import Sendable
 
 
 @dataclass(frozen=True, slots=True)
-class Reservation(Sendable):
+class Reservation:
     reservation_id: uuid.UUID
     user_id: str
     chat_id: uuid.UUID | None

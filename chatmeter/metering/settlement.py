@@ -22,13 +22,12 @@ from chatmeter.metering.budget import lock_user
 from chatmeter.metering.counting import Source
 from chatmeter.metering.periods import to_micros
 from chatmeter.providers.base import Usage
-from chatmeter.values import Sendable
 
 log = logging.getLogger("chatmeter.metering")
 
 
 @dataclass(frozen=True, slots=True)
-class Settlement(Sendable):
+class Settlement:
     user_id: str
     chat_id: uuid.UUID | None  # None: an exchange of /v1, which belongs to no chat
     model: str

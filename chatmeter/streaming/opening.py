@@ -34,11 +34,10 @@ from chatmeter.metering.budget import (
 from chatmeter.metering.counting import EXCHANGE_OVERHEAD_TOKENS, text_bound
 from chatmeter.metering.plans import PlanBook
 from chatmeter.providers.base import ChatTurn, GenerationRequest
-from chatmeter.values import Sendable
 
 
 @dataclass(frozen=True, slots=True)
-class ModelLimits(Sendable):
+class ModelLimits:
     system_prompt: str
     context_window: int
     max_output_tokens: int
@@ -46,7 +45,7 @@ class ModelLimits(Sendable):
 
 
 @dataclass(frozen=True, slots=True)
-class OpeningRules(Sendable):
+class OpeningRules:
     """What opening an exchange needs of the configuration, made once per worker."""
 
     models: Mapping[str, ModelLimits]
@@ -114,7 +113,7 @@ class OpeningRules(Sendable):
 
 
 @dataclass(frozen=True, slots=True)
-class Opened(Sendable):
+class Opened:
     model: str
     request: GenerationRequest
     reservation: Reservation
@@ -123,7 +122,7 @@ class Opened(Sendable):
 
 
 @dataclass(frozen=True, slots=True)
-class Prompt(Sendable):
+class Prompt:
     """A conversation the client owns, sent as given: its system prompt (None: the
     model's), the turns before the last user message, that message, and the most output
     the client asks for (None: the model's cap)."""
