@@ -33,16 +33,16 @@ class ApiError(Exception):
         extra: Mapping[str, Any] | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> None:
-        super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.extra = dict(extra or {})
         self.headers = dict(headers or {})
+        # every argument, as exceptions keep them: a copy is made from `args`
+        super().__init__(status, code, message, self.extra, self.headers)
 
-    def __reduce__(self) -> tuple[type[ApiError], tuple[Any, ...]]:
-        # raised in the SQLite writer process and pickled back to the server
-        return (ApiError, (self.status, self.code, self.message, self.extra, self.headers))
+    def __str__(self) -> str:
+        return self.message
 
     def response(self) -> Response:
         return error_response(self.status, self.code, self.message, self.headers, **self.extra)

@@ -90,6 +90,15 @@ def new_worker_id() -> str:
     return f"{socket.gethostname()[:32]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
+# the modules of the transactions this application runs (the SQLite writer process
+# imports them as it starts)
+TRANSACTION_MODULES = (
+    "chatmeter.streaming.opening",
+    "chatmeter.metering.settlement",
+    "chatmeter.auth.keys",
+)
+
+
 async def start_services(settings: Settings, engine: AsyncEngine | None = None) -> Services:
     metrics = Metrics()
     engine = engine or make_engine(
@@ -101,6 +110,7 @@ async def start_services(settings: Settings, engine: AsyncEngine | None = None) 
         settings.database_url,
         settings.sqlite_busy_timeout_ms,
         sqlite_trace_file=settings.sqlite_trace_file,
+        preload=TRANSACTION_MODULES,
     )
     reply_log, stop_signals = _reply_sharing(settings)
     services = Services(

@@ -25,6 +25,7 @@ process (`Writer.checkpoint`, when idle; SQLite's automatic one after its own co
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import pickle
@@ -150,10 +151,31 @@ class JobReader:
         return frames
 
 
+class _Pickler(pickle.Pickler):
+    """Pickles a slots dataclass (the values transactions take and return) as its class
+    and its field values in order: about four times faster than the state `dataclasses`
+    pickles by default, which looks the fields up on every call. Rebuilt by calling the
+    class with them."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        cls = type(obj)
+        names = getattr(cls, "__slots__", None)
+        if names is None or not hasattr(cls, "__dataclass_fields__"):
+            return NotImplemented
+        return (cls, tuple([getattr(obj, name) for name in names]))
+
+
+def dumps(value: Any) -> bytes:
+    """`value` pickled for the other side of the pipe."""
+    buffer = io.BytesIO()
+    _Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(value)
+    return buffer.getvalue()
+
+
 def encode_jobs(ids: list[int], calls: list[tuple[Any, ...]]) -> bytes:
     """One frame for jobs sent together. One pickle for all of them: what they share
     (the same rules object, the same function) is written once."""
-    payload = pickle.dumps(calls, protocol=pickle.HIGHEST_PROTOCOL)
+    payload = dumps(calls)
     return (
         BATCH_HEADER.pack(len(payload), len(ids))
         + b"".join(JOB_ID.pack(job_id) for job_id in ids)
@@ -233,21 +255,20 @@ def encode_answers(answers: list[Answer]) -> bytes:
         for job_id, ok, value in answers
     ]
     try:
-        payload = pickle.dumps(sendable, protocol=pickle.HIGHEST_PROTOCOL)
+        payload = dumps(sendable)
     except Exception:  # a result that does not pickle: a bug, said to that caller
-        payload = pickle.dumps(
+        payload = dumps(
             [
                 (job_id, ok, value) if _round_trips(value) else (job_id, False, _unsent(value))
                 for job_id, ok, value in sendable
-            ],
-            protocol=pickle.HIGHEST_PROTOCOL,
+            ]
         )
     return ANSWER_HEADER.pack(len(payload)) + payload
 
 
 def _round_trips(value: Any) -> bool:
     try:
-        pickle.loads(pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL))
+        pickle.loads(dumps(value))
     except Exception:
         return False
     return True

@@ -8,7 +8,11 @@ statements and values:
 
 - SQLite: the whole transaction runs in the SQLite writer process
   (`sqlite_process.py`), on the `sqlite3` connection it owns;
-- PostgreSQL: asyncpg directly, prepared statements, in one transaction.
+- PostgreSQL: asyncpg directly, prepared statements. A statement marked `alone` (whole
+  on its own: a read, or data-modifying CTEs that do one transaction's writes in one
+  statement) runs without BEGIN and COMMIT while no transaction has begun: a settlement
+  is then one round trip and an opening two. The first statement not so marked begins
+  the transaction that the rest runs in.
 
 The ORM-free, driver-direct path is what the message path needs: through SQLAlchemy's
 async layer each statement cost a thread hop (aiosqlite) or a greenlet switch plus
@@ -17,12 +21,15 @@ statement processing, about 0.5 ms of CPU per statement; here it is tens of micr
 
 from __future__ import annotations
 
+import contextlib
 import re
 import uuid
 from collections.abc import Generator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
+
+import asyncpg
 
 T = TypeVar("T")
 
@@ -31,6 +38,13 @@ T = TypeVar("T")
 class Sql:
     text: str
     params: Mapping[str, object]
+    # atomic by itself: PostgreSQL runs it outside a transaction if none has begun yet,
+    # and a unique violation is thrown into the steps as `Conflict` (nothing was written)
+    alone: bool = False
+
+
+class Conflict(Exception):
+    """A statement marked `alone` broke a unique constraint and wrote nothing."""
 
 
 # What a statement returned. Statements whose effect must be known say RETURNING, so
@@ -105,13 +119,26 @@ class PostgresStatements:
 
 
 async def run_asyncpg(conn: Any, statements: PostgresStatements, steps: Steps[T]) -> T:
-    """Drive `steps` on an asyncpg connection, inside the caller's transaction."""
-    try:
-        statement = next(steps)
-        while True:
-            text, args = statements.convert(statement)
-            records = await conn.fetch(text, *args)
-            statement = steps.send([tuple(record) for record in records])
-    except StopIteration as done:
-        result: T = done.value
-        return result
+    """Drive `steps` on an asyncpg connection: statements marked `alone` on their own
+    until one is not, then a transaction for the rest, committed when the steps end
+    (rolled back if they raise)."""
+    async with contextlib.AsyncExitStack() as transaction:
+        began = False
+        try:
+            statement = next(steps)
+            while True:
+                if not began and not statement.alone:
+                    await transaction.enter_async_context(conn.transaction())
+                    began = True
+                text, args = statements.convert(statement)
+                try:
+                    records = await conn.fetch(text, *args)
+                except asyncpg.UniqueViolationError as exc:
+                    if began:
+                        raise  # the transaction is aborted: the steps cannot go on
+                    statement = steps.throw(Conflict(str(exc)))
+                    continue
+                statement = steps.send([tuple(record) for record in records])
+        except StopIteration as done:
+            result: T = done.value
+            return result

@@ -14,7 +14,7 @@ import pickle
 import random
 import sqlite3
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any, ParamSpec, Protocol, TypeVar
 
@@ -25,6 +25,7 @@ from chatmeter.db.sqlite_process import (
     Outcome,
     commit_batch,
     connect_sqlite,
+    dumps,
     encode_jobs,
     sqlite_path,
 )
@@ -36,12 +37,6 @@ P = ParamSpec("P")
 
 # at most this many transactions of one turn run on the loop when the writer is idle
 INLINE_MOST = 2
-# imported by the writer process as it starts, so the first exchange does not wait
-TRANSACTION_MODULES = (
-    "chatmeter.streaming.opening",
-    "chatmeter.metering.settlement",
-    "chatmeter.auth.keys",
-)
 # PostgreSQL chose this transaction to lose a race (deadlock, serialization failure):
 # it rolled it back, and running it again is the remedy
 RACE_LOST = frozenset({"40P01", "40001"})
@@ -65,6 +60,10 @@ def refused_for_good(exc: BaseException) -> bool:
 
 
 class Transactor(Protocol):
+    # whether the database runs data-modifying CTEs (PostgreSQL): a transaction's writes
+    # can then be one statement, one round trip
+    writable_ctes: bool
+
     async def run(self, steps: Callable[P, Steps[T]], *args: P.args, **kwargs: P.kwargs) -> T:
         """Run the transaction `steps(*args, **kwargs)` and commit it; roll back and
         raise if it raises. A retry calls `run` again and starts afresh."""
@@ -84,7 +83,7 @@ def _pickles(job: _Job) -> bool:
     """Whether the call of `job` can be sent; if not, its caller hears why."""
     _, call, future = job
     try:
-        pickle.dumps(call, protocol=pickle.HIGHEST_PROTOCOL)
+        dumps(call)
     except Exception as exc:
         future.set_exception(exc)
         return False
@@ -133,6 +132,8 @@ class SqliteTransactor:
     This connection never checkpoints the WAL (the writer process does, also when it is
     idle), so no stall lands on the loop. `inline=False` sends everything."""
 
+    writable_ctes = False
+
     def __init__(
         self,
         url: str,
@@ -141,10 +142,12 @@ class SqliteTransactor:
         inline: bool = True,
         start_backoff_seconds: float = START_BACKOFF_SECONDS,
         trace_file: str | None = None,
+        preload: Sequence[str] = (),
     ) -> None:
         self._path = sqlite_path(url)
         self._busy_timeout_ms = busy_timeout_ms
         self._trace_file = trace_file
+        self._preload = tuple(preload)
         self._process: asyncio.subprocess.Process | None = None
         self._answers: asyncio.Task[None] | None = None
         self._starting = asyncio.Lock()
@@ -193,7 +196,7 @@ class SqliteTransactor:
                     self._path,
                     str(self._busy_timeout_ms),
                     self._trace_file or "",
-                    *TRANSACTION_MODULES,
+                    *self._preload,
                     stdin=asyncio.subprocess.PIPE,
                     stdout=asyncio.subprocess.PIPE,
                 )
@@ -335,6 +338,8 @@ class PostgresTransactor:
     checkout, its own BEGIN and a ROLLBACK on return, round trips the message path does
     without."""
 
+    writable_ctes = True
+
     def __init__(self, url: str, pool_size: int = 10) -> None:
         self._dsn = url.replace("postgresql+asyncpg://", "postgresql://", 1)
         self._pool_size = pool_size
@@ -350,7 +355,7 @@ class PostgresTransactor:
         attempt = 1
         while True:
             try:
-                async with pool.acquire() as conn, conn.transaction():
+                async with pool.acquire() as conn:
                     return await run_asyncpg(conn, self._statements, steps(*args, **kwargs))
             except asyncpg.PostgresError as exc:
                 if exc.sqlstate not in RACE_LOST or attempt == RACE_ATTEMPTS:
@@ -388,8 +393,15 @@ async def _nothing_to_reset(_: asyncpg.Connection) -> None:
 
 
 def make_transactor(
-    url: str, busy_timeout_ms: int, *, sqlite_trace_file: str | None = None
+    url: str,
+    busy_timeout_ms: int,
+    *,
+    sqlite_trace_file: str | None = None,
+    preload: Sequence[str] = (),
 ) -> Transactor:
+    """The transactor for `url`. `preload` names the modules of the transactions the
+    application runs: the SQLite writer process imports them as it starts, so that the
+    first exchange does not wait for the imports."""
     if url.startswith("sqlite"):
-        return SqliteTransactor(url, busy_timeout_ms, trace_file=sqlite_trace_file)
+        return SqliteTransactor(url, busy_timeout_ms, trace_file=sqlite_trace_file, preload=preload)
     return PostgresTransactor(url)

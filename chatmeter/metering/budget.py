@@ -31,21 +31,21 @@ one writer at a time and no such race; the same statements run on both.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
 
-from chatmeter.db.steps import Sql, Steps
+from chatmeter.db.steps import Conflict, Sql, Steps
 from chatmeter.errors import ApiError
 from chatmeter.ids import new_id
 from chatmeter.metering.cost import reserve_micros, tokens_for_micros
 from chatmeter.metering.periods import to_micros
 from chatmeter.metering.plans import STANDING_COLUMNS, PlanBook, Standing, retry_after_seconds
-from chatmeter.values import Sendable
 
 
 @dataclass(frozen=True, slots=True)
-class Reservation(Sendable):
+class Reservation:
     reservation_id: uuid.UUID
     user_id: str
     chat_id: uuid.UUID | None
@@ -58,6 +58,26 @@ class Reservation(Sendable):
     def output_cap(self) -> int:
         """The most output tokens the budget allows: what is sent to the provider."""
         return self.tokens - self.prompt_estimate
+
+
+@dataclass(frozen=True, slots=True)
+class Ask:
+    """A reservation asked for: `prompt_estimate + max_output_tokens` of the user's
+    budget under `book`, with a lease of `ttl_seconds` for `worker_id`."""
+
+    user_id: str
+    chat_id: uuid.UUID | None
+    prompt_estimate: int
+    max_output_tokens: int
+    book: PlanBook
+    highest_price: Decimal
+    worker_id: str
+    ttl_seconds: float
+    now: datetime
+
+    @property
+    def full(self) -> int:
+        return self.prompt_estimate + self.max_output_tokens
 
 
 def _resets(resets_at: datetime | None) -> dict[str, str]:
@@ -120,13 +140,19 @@ def ensure_user(user_id: str, book: PlanBook, now: datetime) -> Steps[None]:
 def _take(
     book: PlanBook, user_id: str, tokens: int, micros: int, now: datetime
 ) -> Steps[str | None]:
+    """Run `take_statement`: the user's plan, None when it matched no row."""
+    rows = yield take_statement(book, user_id, tokens, micros, now)
+    return str(rows[0][0]) if rows else None
+
+
+def take_statement(book: PlanBook, user_id: str, tokens: int, micros: int, now: datetime) -> Sql:
     """The one atomic statement of SPEC sections 6 and 10: roll the period over if it
     ended, pass the rate limits, and add `tokens` (and `micros`) to the user's
-    reservation if both fit under the limits. Returns the user's plan, None when it
-    matched no row (a limit, or a user not seen before)."""
+    reservation if both fit under the limits. Returns the user's plan; no row when a
+    limit refuses (or the user was never seen)."""
     start = book.period_start_sql
     ended = f"period_start < {start}"
-    rows = yield Sql(
+    return Sql(
         "UPDATE user_usage SET "
         f"total_tokens_used = CASE WHEN {ended} THEN 0 ELSE total_tokens_used END, "
         f"spend_micros = CASE WHEN {ended} THEN 0 ELSE spend_micros END, "
@@ -153,7 +179,55 @@ def _take(
             **book.period_params(now),
         },
     )
-    return str(rows[0][0]) if rows else None
+
+
+def reserve_at_once(
+    ask: Ask, then: str = "", then_params: Mapping[str, object] | None = None
+) -> Steps[Reservation | None]:
+    """The common case of `reserve_budget` as one statement (PostgreSQL's data-modifying
+    CTEs): the user's row taken (`took`), then the chat's reservation (`held`), then
+    `then`, a CTE of the caller's that writes only if `held` did (it selects from it).
+    The statement is atomic, so it writes all of that or nothing: None when the take
+    matched no row or the chat is held (a unique violation); `reserve_budget` then
+    finds out why, in a transaction."""
+    micros = reserve_micros(ask.full, ask.highest_price)
+    take = take_statement(ask.book, ask.user_id, ask.full, micros, ask.now)
+    reservation_id = new_id()
+    ctes = [
+        f"took AS ({take.text})",
+        "held AS (INSERT INTO reservations (reservation_id, user_id, chat_id, tokens, micros, "
+        "worker_id, stop_requested, expires_at, created_at) SELECT "
+        "CAST(:reservation_id AS UUID), CAST(:user_id AS VARCHAR), CAST(:chat_id AS UUID), "
+        "CAST(:tokens AS BIGINT), CAST(:micros AS BIGINT), CAST(:worker_id AS VARCHAR), "
+        "FALSE, CAST(:expires_at AS TIMESTAMPTZ), CAST(:now AS TIMESTAMPTZ) FROM took "
+        "RETURNING reservation_id)",
+    ]
+    if then:
+        ctes.append(then)
+    params = {
+        **take.params,
+        **(then_params or {}),
+        "reservation_id": reservation_id,
+        "chat_id": ask.chat_id,
+        "worker_id": ask.worker_id,
+        "expires_at": ask.now + timedelta(seconds=ask.ttl_seconds),
+        "now": ask.now,
+    }
+    try:
+        rows = yield Sql(f"WITH {', '.join(ctes)} SELECT plan FROM took", params, alone=True)
+    except Conflict:
+        return None  # the chat holds a reservation: live (409) or a dead process's
+    if not rows:
+        return None
+    return Reservation(
+        reservation_id,
+        ask.user_id,
+        ask.chat_id,
+        ask.full,
+        ask.prompt_estimate,
+        str(rows[0][0]),
+        micros,
+    )
 
 
 def _standing(book: PlanBook, user_id: str, now: datetime) -> Steps[Standing | None]:
@@ -164,35 +238,24 @@ def _standing(book: PlanBook, user_id: str, now: datetime) -> Steps[Standing | N
     return Standing.of(book, rows[0], now) if rows else None
 
 
-def reserve_budget(
-    *,
-    user_id: str,
-    chat_id: uuid.UUID | None,
-    prompt_estimate: int,
-    max_output_tokens: int,
-    book: PlanBook,
-    highest_price: Decimal,
-    worker_id: str,
-    ttl_seconds: float,
-    now: datetime,
-) -> Steps[Reservation]:
+def reserve_budget(ask: Ask) -> Steps[Reservation]:
     """Reserve `prompt_estimate + max_output_tokens`, or as much output as the token and
     spend limits still allow (at least one token). Raises, in the order of SPEC sections
     4 and 10: 429 RATE_LIMITED, 403 TOKEN_BUDGET_EXCEEDED or SPEND_LIMIT_EXCEEDED, 409
     REPLY_IN_PROGRESS."""
     granted, plan = yield from _reserve(
-        book, user_id, prompt_estimate, prompt_estimate + max_output_tokens, highest_price, now
+        ask.book, ask.user_id, ask.prompt_estimate, ask.full, ask.highest_price, ask.now
     )
     reservation = Reservation(
         new_id(),
-        user_id,
-        chat_id,
+        ask.user_id,
+        ask.chat_id,
         granted,
-        prompt_estimate,
+        ask.prompt_estimate,
         plan,
-        reserve_micros(granted, highest_price),
+        reserve_micros(granted, ask.highest_price),
     )
-    if not (yield from _claim_chat(reservation, worker_id, ttl_seconds, now)):
+    if not (yield from _claim_chat(reservation, ask.worker_id, ask.ttl_seconds, ask.now)):
         raise reply_in_progress()
     return reservation
 
@@ -331,24 +394,6 @@ def release_expired(now: datetime) -> Steps[int]:
         yield from lock_user(user_id)
         released += yield from _release(user_id, "expires_at < :now", {"now": now})
     return released
-
-
-@dataclass(frozen=True, slots=True)
-class Released:
-    tokens: int = 0
-    micros: int = 0
-    replies: int = 0  # 1 if the reservation was still there, else 0
-
-
-def take_reservation(reservation_id: uuid.UUID) -> Steps[Released]:
-    """Delete the reservation row and return what it held: nothing if it is already
-    gone (its lease ran out and the sweeper released it), so settling never releases
-    twice."""
-    rows = yield Sql(
-        "DELETE FROM reservations WHERE reservation_id = :id RETURNING tokens, micros",
-        {"id": reservation_id},
-    )
-    return Released(int(rows[0][0]), int(rows[0][1]), 1) if rows else Released()
 
 
 RENEW_BATCH = 100

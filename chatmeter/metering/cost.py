@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from decimal import ROUND_CEILING, ROUND_HALF_UP, Context, Decimal
 
 from chatmeter.providers.base import Usage
-from chatmeter.values import Sendable
 
 # enough digits for any token count times any price: no rounding before the one we want
 _EXACT = Context(prec=60)
@@ -16,7 +15,7 @@ _ONE = Decimal(1)
 
 
 @dataclass(frozen=True, slots=True)
-class Prices(Sendable):
+class Prices:
     """Per million tokens, in the configured currency."""
 
     input: Decimal = Decimal(0)

@@ -18,7 +18,6 @@ from zoneinfo import ZoneInfo
 
 from chatmeter.config import PlanConfig, Settings
 from chatmeter.metering.periods import MICROS, Bounds, bounds, to_micros
-from chatmeter.values import Sendable
 
 # "no limit" in the statements' arithmetic: far above any real figure, far below 2**63
 UNLIMITED = 2**62
@@ -26,7 +25,7 @@ MINUTE_US = 60 * MICROS
 
 
 @dataclass(frozen=True, slots=True)
-class Plan(Sendable):
+class Plan:
     name: str
     token_limit: int | None
     spend_limit_micros: int | None
@@ -92,7 +91,7 @@ def _by_plan(values: Mapping[str, str], default: str) -> str:
 
 
 @dataclass(frozen=True, slots=True)
-class PlanBook(Sendable):
+class PlanBook:
     """Every configured plan, the default one, and the reserve statement's fragments."""
 
     plans: Mapping[str, Plan]

@@ -18,17 +18,16 @@ from datetime import datetime
 from chatmeter.db.steps import Sql, Steps
 from chatmeter.db.transactor import Transactor
 from chatmeter.ids import new_id
-from chatmeter.metering.budget import lock_user, take_reservation
+from chatmeter.metering.budget import lock_user
 from chatmeter.metering.counting import Source
 from chatmeter.metering.periods import to_micros
 from chatmeter.providers.base import Usage
-from chatmeter.values import Sendable
 
 log = logging.getLogger("chatmeter.metering")
 
 
 @dataclass(frozen=True, slots=True)
-class Settlement(Sendable):
+class Settlement:
     user_id: str
     chat_id: uuid.UUID | None  # None: an exchange of /v1, which belongs to no chat
     model: str
@@ -63,9 +62,12 @@ def _in_period(column: str, amount: str) -> str:
     )
 
 
-def settle_steps(s: Settlement, *, is_retry: bool = False) -> Steps[None]:
-    """The settlement's statements, one transaction. A retry first checks whether an
-    earlier attempt committed after all."""
+def settle_steps(
+    s: Settlement, *, writable_ctes: bool = False, is_retry: bool = False
+) -> Steps[None]:
+    """The settlement, one transaction: on PostgreSQL (`writable_ctes`) one statement,
+    one round trip; on SQLite a few statements in the writer's transaction. A retry first
+    checks whether an earlier attempt committed after all."""
     if is_retry:
         # the user's row locked first: a settlement of the same message committing
         # meanwhile (another process replaying the same outbox) is then seen here
@@ -74,88 +76,100 @@ def settle_steps(s: Settlement, *, is_retry: bool = False) -> Steps[None]:
         done = yield Sql(f"SELECT 1 FROM {table} WHERE message_id = :id", {"id": s.message_id})
         if done:
             return
-    usage = s.usage
-    # the user's row first, then the reservation (the lock order of `budget.py`)
-    yield Sql(
-        "UPDATE user_usage SET "
-        f"total_tokens_used = {_in_period('total_tokens_used', 'CAST(:total AS BIGINT)')}, "
-        f"spend_micros = {_in_period('spend_micros', 'CAST(:cost AS BIGINT)')}, "
+    params = _params(s)
+    writes = _writes(s)
+    if writable_ctes:
+        # the lock order of `budget.py` inside one statement: `locked` takes the user's
+        # row before `gone` deletes the reservation (its one-time filter runs first);
+        # the DELETE, not a read, says whether the reservation was still there, so a
+        # sweeper that released it meanwhile is never released twice
+        ctes = [
+            "locked AS (SELECT 1 FROM user_usage WHERE user_id = :user_id FOR UPDATE)",
+            "gone AS (DELETE FROM reservations WHERE reservation_id = :reservation_id "
+            "AND EXISTS (SELECT 1 FROM locked) RETURNING tokens, micros)",
+            *(f"w{i} AS ({write})" for i, write in enumerate(writes)),
+        ]
+        text = f"WITH {', '.join(ctes)} {_user_update('gone')}"
+        yield Sql(text, params, alone=True)
+        return
+    # SQLite: one writer at a time, so the reservation read under the user's row update
+    # is still there for the DELETE after it
+    held = "(SELECT tokens, micros FROM reservations WHERE reservation_id = :reservation_id)"
+    yield Sql(_user_update(held), params)
+    yield Sql("DELETE FROM reservations WHERE reservation_id = :reservation_id", params)
+    for write in writes:
+        yield Sql(write, params)
+
+
+def _user_update(held: str) -> str:
+    """The user's row: the exchange added to the totals of its period (rolled over first
+    if it ended, SPEC section 10), the reservation `held` (a query of at most one row of
+    tokens and micros) handed back."""
+    total = _in_period("total_tokens_used", "CAST(:total AS BIGINT)")
+    spend = _in_period("spend_micros", "CAST(:cost AS BIGINT)")
+    return (
+        f"UPDATE user_usage SET total_tokens_used = {total}, spend_micros = {spend}, "
         f"period_start = CASE WHEN {_ENDED} THEN {_START} ELSE period_start END, "
-        "updated_at = :now WHERE user_id = :user_id",
-        {
-            "total": usage.total_tokens,
-            "cost": s.cost_micros,
-            "ps": s.period_start,
-            "at": to_micros(s.created_at),
-            "now": s.created_at,
-            "user_id": s.user_id,
-        },
+        f"reserved_tokens = reserved_tokens - COALESCE((SELECT tokens FROM {held} AS h), 0), "
+        f"reserved_micros = reserved_micros - COALESCE((SELECT micros FROM {held} AS h), 0), "
+        f"active_replies = active_replies - (SELECT COUNT(*) FROM {held} AS h), "
+        "updated_at = :now WHERE user_id = :user_id"
     )
-    released = yield from take_reservation(s.reservation_id)
+
+
+def _writes(s: Settlement) -> list[str]:
+    """The rows the exchange adds: its message (a chat's), its ledger row (if it used
+    tokens), the chat's last activity."""
+    writes = []
     if s.chat_id is not None:
-        yield Sql(
+        writes.append(
             "INSERT INTO messages (message_id, chat_id, role, content, tokens_consumed, status, "
             "prompt_tokens, completion_tokens, metering_source, finish_reason, created_at, "
             "cost_micros) VALUES (:message_id, :chat_id, 'assistant', :content, :total, "
-            ":status, :prompt, :completion, :source, :finish_reason, :created_at, :cost)",
-            {
-                "message_id": s.message_id,
-                "chat_id": s.chat_id,
-                "content": s.content,
-                "total": usage.total_tokens,
-                "status": s.status,
-                "prompt": usage.prompt_tokens,
-                "completion": usage.completion_tokens + usage.thinking_tokens,
-                "source": s.source,
-                "finish_reason": s.finish_reason,
-                "created_at": s.created_at,
-                "cost": s.cost_micros,
-            },
+            ":status, :prompt, :completion_all, :source, :finish_reason, :now, :cost)"
         )
-    if usage.total_tokens:
-        yield Sql(
+    if s.usage.total_tokens:
+        writes.append(
             "INSERT INTO usage_events (event_id, user_id, chat_id, message_id, model, "
             "prompt_tokens, completion_tokens, thinking_tokens, cached_tokens, total_tokens, "
             "source, created_at, cost_micros) VALUES (:event_id, :user_id, :chat_id, "
             ":message_id, :model, :prompt, :completion, :thinking, :cached, :total, :source, "
-            ":created_at, :cost)",
-            {
-                "event_id": new_id(),
-                "user_id": s.user_id,
-                "chat_id": s.chat_id,
-                "message_id": s.message_id,
-                "model": s.model,
-                "prompt": usage.prompt_tokens,
-                "completion": usage.completion_tokens,
-                "thinking": usage.thinking_tokens,
-                "cached": usage.cached_tokens,
-                "total": usage.total_tokens,
-                "source": s.source,
-                "created_at": s.created_at,
-                "cost": s.cost_micros,
-            },
-        )
-    if released.replies:
-        yield Sql(
-            "UPDATE user_usage SET reserved_tokens = reserved_tokens - :released, "
-            "reserved_micros = reserved_micros - CAST(:released_micros AS BIGINT), "
-            "active_replies = active_replies - 1 WHERE user_id = :user_id",
-            {
-                "released": released.tokens,
-                "released_micros": released.micros,
-                "user_id": s.user_id,
-            },
+            ":now, :cost)"
         )
     if s.chat_id is not None:
-        yield Sql(
-            "UPDATE chats SET updated_at = :now WHERE chat_id = :chat_id",
-            {"now": s.created_at, "chat_id": s.chat_id},
-        )
+        writes.append("UPDATE chats SET updated_at = :now WHERE chat_id = :chat_id")
+    return writes
+
+
+def _params(s: Settlement) -> dict[str, object]:
+    usage = s.usage
+    return {
+        "user_id": s.user_id,
+        "reservation_id": s.reservation_id,
+        "message_id": s.message_id,
+        "chat_id": s.chat_id,
+        "event_id": new_id(),
+        "model": s.model,
+        "content": s.content,
+        "status": s.status,
+        "finish_reason": s.finish_reason,
+        "source": s.source,
+        "prompt": usage.prompt_tokens,
+        "completion": usage.completion_tokens,
+        "completion_all": usage.completion_tokens + usage.thinking_tokens,
+        "thinking": usage.thinking_tokens,
+        "cached": usage.cached_tokens,
+        "total": usage.total_tokens,
+        "cost": s.cost_micros,
+        "ps": s.period_start,
+        "at": to_micros(s.created_at),
+        "now": s.created_at,
+    }
 
 
 async def settle(transactor: Transactor, s: Settlement, *, is_retry: bool = False) -> None:
     """Write the settlement once. Raises on database errors (the caller retries)."""
-    await transactor.run(settle_steps, s, is_retry=is_retry)
+    await transactor.run(settle_steps, s, writable_ctes=transactor.writable_ctes, is_retry=is_retry)
 
 
 async def settle_with_retries(

@@ -10,13 +10,11 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from chatmeter.values import Sendable
-
 Role = Literal["system", "user", "assistant"]
 
 
 @dataclass(frozen=True, slots=True)
-class ChatTurn(Sendable):
+class ChatTurn:
     """One message of the conversation as sent to the provider."""
 
     role: Role
@@ -24,7 +22,7 @@ class ChatTurn(Sendable):
 
 
 @dataclass(frozen=True, slots=True)
-class Usage(Sendable):
+class Usage:
     """Token usage as the provider reported it (or as counted or estimated)."""
 
     prompt_tokens: int
@@ -39,7 +37,7 @@ class Usage(Sendable):
 
 
 @dataclass(frozen=True, slots=True)
-class Sampling(Sendable):
+class Sampling:
     """How the client asks the model to sample (`/v1`, SPEC section 12), already checked
     against OpenAI's ranges. None and () leave the provider's or model's default."""
 
@@ -52,7 +50,7 @@ DEFAULT_SAMPLING = Sampling()
 
 
 @dataclass(frozen=True, slots=True)
-class GenerationRequest(Sendable):
+class GenerationRequest:
     """Everything a provider needs for one reply."""
 
     system_prompt: str

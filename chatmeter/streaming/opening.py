@@ -6,7 +6,9 @@ An exchange of the OpenAI-compatible endpoint (SPEC section 12) has no chat: the
 sends the whole conversation (`Prompt`), which is reserved for as sent and not stored.
 
 It takes plain values only (`OpeningRules` holds what it needs of the settings): on
-SQLite it runs in the writer process (`db/sqlite_process.py`)."""
+SQLite it runs in the writer process (`db/sqlite_process.py`). On PostgreSQL it is two
+round trips in the common case: the chat with its history (one read), then the
+reservation and the user message (one statement, `reserve_at_once`)."""
 
 from __future__ import annotations
 
@@ -16,20 +18,26 @@ from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 
-from chatmeter.chats.store import owned_chat_steps
+from chatmeter.chats.store import ChatRef, check_owned
 from chatmeter.config import Settings
 from chatmeter.db.steps import Sql, Steps
 from chatmeter.db.tables import utcnow
 from chatmeter.errors import ApiError
-from chatmeter.metering.budget import Reservation, lock_user, release_chat, reserve_budget
+from chatmeter.metering.budget import (
+    Ask,
+    Reservation,
+    lock_user,
+    release_chat,
+    reserve_at_once,
+    reserve_budget,
+)
 from chatmeter.metering.counting import EXCHANGE_OVERHEAD_TOKENS, text_bound
 from chatmeter.metering.plans import PlanBook
 from chatmeter.providers.base import DEFAULT_SAMPLING, ChatTurn, GenerationRequest, Sampling
-from chatmeter.values import Sendable
 
 
 @dataclass(frozen=True, slots=True)
-class ModelLimits(Sendable):
+class ModelLimits:
     system_prompt: str
     context_window: int
     max_output_tokens: int
@@ -37,7 +45,7 @@ class ModelLimits(Sendable):
 
 
 @dataclass(frozen=True, slots=True)
-class OpeningRules(Sendable):
+class OpeningRules:
     """What opening an exchange needs of the configuration, made once per worker."""
 
     models: Mapping[str, ModelLimits]
@@ -45,6 +53,7 @@ class OpeningRules(Sendable):
     plans: PlanBook
     worker_id: str
     reservation_ttl_seconds: float
+    writable_ctes: bool = False  # PostgreSQL: the common case is one statement
 
     @classmethod
     def of(cls, settings: Settings, worker_id: str) -> OpeningRules:
@@ -62,6 +71,7 @@ class OpeningRules(Sendable):
             plans=PlanBook.of(settings),
             worker_id=worker_id,
             reservation_ttl_seconds=settings.reservation_ttl_seconds,
+            writable_ctes=not settings.is_sqlite,
         )
 
     def reserve(
@@ -72,23 +82,38 @@ class OpeningRules(Sendable):
         prompt_estimate: int,
         max_output_tokens: int,
         now: datetime,
+        then: Sql | None = None,
+        then_at_once: str = "",
     ) -> Steps[Reservation]:
-        """`reserve_budget` under this worker's plans, model prices and lease."""
-        return reserve_budget(
-            user_id=user_id,
-            chat_id=chat_id,
-            prompt_estimate=prompt_estimate,
-            max_output_tokens=max_output_tokens,
-            book=self.plans,
-            highest_price=limits.highest_price,
-            worker_id=self.worker_id,
-            ttl_seconds=self.reservation_ttl_seconds,
-            now=now,
+        """`reserve_budget` under this worker's plans, model prices and lease, then the
+        write `then` in the same transaction. On PostgreSQL the common case is one
+        statement (`reserve_at_once`), with `then_at_once`: the same write, its values
+        selected `FROM held` (and cast: PostgreSQL cannot tell their types there)."""
+        ask = Ask(
+            user_id,
+            chat_id,
+            prompt_estimate,
+            max_output_tokens,
+            self.plans,
+            limits.highest_price,
+            self.worker_id,
+            self.reservation_ttl_seconds,
+            now,
         )
+        if self.writable_ctes:
+            params = then.params if then is not None else None
+            said = f"said AS ({then_at_once})" if then_at_once else ""
+            at_once = yield from reserve_at_once(ask, said, params)
+            if at_once is not None:
+                return at_once
+        reservation = yield from reserve_budget(ask)
+        if then is not None:
+            yield then
+        return reservation
 
 
 @dataclass(frozen=True, slots=True)
-class Opened(Sendable):
+class Opened:
     model: str
     request: GenerationRequest
     reservation: Reservation
@@ -97,7 +122,7 @@ class Opened(Sendable):
 
 
 @dataclass(frozen=True, slots=True)
-class Prompt(Sendable):
+class Prompt:
     """A conversation the client owns, sent as given: its system prompt (None: the
     model's), the turns before the last user message, that message, the most output
     the client asks for (None: the model's cap) and how to sample, passed on as asked."""
@@ -154,16 +179,25 @@ def fit_to_context(
     return tuple(turns), size, min(cap, room)
 
 
-def recent_history(chat_id: uuid.UUID, count: int) -> Steps[list[ChatTurn]]:
-    """The last `count` messages of the chat, oldest first."""
-    if count == 0:
-        return []
+def chat_and_history(
+    chat_id: uuid.UUID, count: int
+) -> Steps[tuple[ChatRef | None, list[ChatTurn]]]:
+    """The chat and its last `count` messages, oldest first: one read."""
     rows = yield Sql(
-        "SELECT role, content FROM messages WHERE chat_id = :chat_id AND content != '' "
-        "ORDER BY created_at DESC, role ASC LIMIT :count",
+        "SELECT 0 AS kind, user_id, model, is_active, NULL AS role, NULL AS content, "
+        "NULL AS created_at FROM chats WHERE chat_id = :chat_id UNION ALL "
+        "SELECT 1, NULL, NULL, NULL, role, content, created_at FROM (SELECT role, content, "
+        "created_at FROM messages WHERE chat_id = :chat_id AND content != '' "
+        "ORDER BY created_at DESC, role ASC LIMIT :count) AS recent "
+        "ORDER BY kind, created_at DESC, role ASC",
         {"chat_id": chat_id, "count": count},
+        alone=True,
     )
-    return [ChatTurn(role, content) for role, content in reversed(rows)]
+    if not rows or rows[0][0] != 0:
+        return None, []
+    _, user_id, model, is_active, *_ = rows[0]
+    history = [ChatTurn(row[4], row[5]) for row in reversed(rows[1:])]
+    return ChatRef(user_id, model, bool(is_active)), history
 
 
 def open_steps(
@@ -178,20 +212,31 @@ def open_steps(
     409), the history, the reservation (its output cap is the request's) and the user
     message, whose id the caller chose (`undo_opening` looks for it)."""
     now = utcnow()
-    chat = yield from owned_chat_steps(chat_id, user_id)
+    chat, history = yield from chat_and_history(chat_id, rules.history_messages)
+    check_owned(chat, user_id)  # 404, then 403, as the contract orders them
+    assert chat is not None
     limits = rules.models.get(chat.model)
     if limits is None:
         raise ApiError(400, "INVALID_REQUEST", f"model {chat.model!r} is not configured")
-    history = yield from recent_history(chat_id, rules.history_messages)
     try:
         kept, prompt_size, output_cap = fit_to_context(limits, history, message, exact_prompt)
     except PromptTooLarge:
         raise PromptTooLarge(chat.model) from None
-    reservation = yield from rules.reserve(user_id, chat_id, limits, prompt_size, output_cap, now)
-    yield Sql(
-        "INSERT INTO messages (message_id, chat_id, role, content, tokens_consumed, status, "
-        "created_at) VALUES (:message_id, :chat_id, 'user', :content, 0, 'complete', :now)",
-        {"message_id": user_message_id, "chat_id": chat_id, "content": message, "now": now},
+    saved = "INSERT INTO messages (message_id, chat_id, role, content, tokens_consumed, "
+    saved += "status, created_at) "
+    reservation = yield from rules.reserve(
+        user_id,
+        chat_id,
+        limits,
+        prompt_size,
+        output_cap,
+        now,
+        then=Sql(
+            saved + "VALUES (:message_id, :chat_id, 'user', :content, 0, 'complete', :now)",
+            {"message_id": user_message_id, "chat_id": chat_id, "content": message, "now": now},
+        ),
+        then_at_once=saved + "SELECT CAST(:message_id AS UUID), CAST(:chat_id AS UUID), "
+        "'user', CAST(:content AS TEXT), 0, 'complete', CAST(:now AS TIMESTAMPTZ) FROM held",
     )
     # the budget may allow less output than the context: the reservation's cap is sent
     request = GenerationRequest(limits.system_prompt, kept, message, reservation.output_cap)

@@ -6,6 +6,7 @@ import pickle
 from datetime import UTC, datetime
 
 from chatmeter.config import Settings
+from chatmeter.db.sqlite_process import dumps
 from chatmeter.ids import new_id
 from chatmeter.metering.budget import Reservation
 from chatmeter.metering.plans import PlanBook
@@ -46,5 +47,5 @@ def test_transaction_values_round_trip_through_pickle() -> None:
         GenerationRequest("s", (), "q", 9, Sampling(top_p=0.9)),
     ]
     for value in values:
-        copy = pickle.loads(pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL))
+        copy = pickle.loads(dumps(value))  # as the writer's pipe carries it
         assert copy == value and type(copy) is type(value)

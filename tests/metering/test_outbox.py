@@ -37,6 +37,8 @@ def settlement() -> Settlement:
 class DeadDatabase:
     """A transactor whose database takes a while to fail, as an unreachable one does."""
 
+    writable_ctes = False
+
     def __init__(self) -> None:
         self.calls = 0
 

@@ -19,7 +19,7 @@ from chatmeter.db.tables import chats, user_usage
 from chatmeter.db.transactor import Transactor, make_transactor
 from chatmeter.errors import ApiError
 from chatmeter.ids import new_id
-from chatmeter.metering.budget import Reservation, reserve_budget
+from chatmeter.metering.budget import Ask, Reservation, reserve_budget
 from chatmeter.metering.cost import Prices, cost_micros
 from chatmeter.metering.periods import to_micros
 from chatmeter.metering.plans import PlanBook
@@ -75,18 +75,18 @@ class Books:
         return chat_id
 
     async def reserve(self, user_id: str, at: datetime, output: int = 100) -> Reservation:
-        reservation: Reservation = await self.transactor.run(
-            reserve_budget,
-            user_id=user_id,
-            chat_id=new_id(),  # a chat of its own: several may be in flight
-            prompt_estimate=20,
-            max_output_tokens=output,
-            book=self.book,
-            highest_price=PRICES.highest,
-            worker_id="test",
-            ttl_seconds=600,
-            now=at,
+        ask = Ask(
+            user_id,
+            new_id(),  # a chat of its own: several may be in flight
+            20,
+            output,
+            self.book,
+            PRICES.highest,
+            "test",
+            600,
+            at,
         )
+        reservation: Reservation = await self.transactor.run(reserve_budget, ask)
         return reservation
 
     async def settle(
@@ -107,7 +107,9 @@ class Books:
             cost_micros=cost_micros(usage, PRICES),
             period_start=self.book.period_start_at(r.plan, at),
         )
-        await self.transactor.run(settle_steps, settlement)
+        await self.transactor.run(
+            settle_steps, settlement, writable_ctes=self.transactor.writable_ctes
+        )
         return settlement
 
     async def exchange(self, user_id: str, chat_id: uuid.UUID, at: datetime, usage: Usage) -> None:

@@ -11,7 +11,7 @@ from decimal import Decimal
 import httpx
 
 from chatmeter.db.tables import utcnow
-from chatmeter.metering.budget import reserve_budget
+from chatmeter.metering.budget import Ask, reserve_budget
 from chatmeter.services import Services
 from tests.conftest import make_settings, scripted, token_for
 from tests.streaming.test_exchange import new_chat
@@ -35,18 +35,18 @@ async def test_only_live_replies_are_renewed(database_url: str) -> None:
             )
             await eventually(lambda: holds_a_reservation(services.engine, "lou"))
             # a reservation of this worker that no exchange will ever settle
-            await services.transactor.run(
-                reserve_budget,
-                user_id="lou",
-                chat_id=uuid.UUID(lost_chat),
-                prompt_estimate=10,
-                max_output_tokens=90,
-                book=services.plans,
-                highest_price=Decimal(0),
-                worker_id=services.worker_id,
-                ttl_seconds=1.5,
-                now=utcnow(),
+            lost = Ask(
+                "lou",
+                uuid.UUID(lost_chat),
+                10,
+                90,
+                services.plans,
+                Decimal(0),
+                services.worker_id,
+                1.5,
+                utcnow(),
             )
+            await services.transactor.run(reserve_budget, lost)
             assert await open_reservations(services.engine, "lou") == 2
             # the live one is renewed past its 1.5 s lease; the lost one is released
             await eventually(lambda: _just_one_left(services, "lou"), within=8, every=0.1)

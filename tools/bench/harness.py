@@ -90,8 +90,22 @@ def config_toml() -> str:
             f'reply = "{REPLY}"',
             f"chunks = {scenario.chunks}",
             f"delay_ms = {scenario.delay_ms}",
+            # prices, so that every exchange is costed (money in the ledger, the spend)
+            "price_input = 0.30",
+            "price_output = 2.50",
             "",
         ]
+    # a plan with everything SPEC section 10 adds, each far from refusing: the
+    # throughput with it is measured against the default plan's (no period, no limits)
+    lines += [
+        "[plans.full]",
+        f"token_limit = {HUGE_BUDGET}",
+        "spend_limit = 1000000",
+        'period = "day"',
+        "requests_per_minute = 1000000",
+        "concurrent_replies = 1000",
+        "",
+    ]
     # the built-in local model, with a shorter output cap
     lines += [
         "[models.local]",

@@ -12,6 +12,7 @@ from rich.table import Table
 from tools.bench.load import LoadResult
 from tools.bench.results import (
     ADDED_P50_BAR_MS,
+    ADDED_P50_BAR_POSTGRES_MS,
     ADDED_P99_BAR_MS,
     LOCAL_SPEED_BAR,
     MEMORY_GROWTH_ALLOWED,
@@ -19,6 +20,7 @@ from tools.bench.results import (
     REPLIES_COST_BAR,
     STOP_LATENCY_BAR_MS,
     THROUGHPUT_BAR,
+    THROUGHPUT_BAR_POSTGRES,
     BenchResults,
     Comparison,
     HeldReplies,
@@ -45,21 +47,45 @@ def _ms(value: float) -> str:
     return "n/a" if math.isnan(value) else f"{value:.2f} ms"
 
 
-def _added_rows(title: str, comparison: Comparison | None) -> list[Row]:
-    if comparison is None:
+def _added_rows(
+    title: str,
+    comparison: Comparison | None,
+    target: str = "chatmeter",
+    p50_bar: float = ADDED_P50_BAR_MS,
+) -> list[Row]:
+    if comparison is None or target not in comparison.rounds:
         return []
-    p50, p99 = comparison.added_p50(), comparison.added_p99()
+    p50, p99 = comparison.added_p50(target), comparison.added_p99(target)
     measured = (
-        f"added p50 {_ms(p50)}, p99 {_ms(p99)} (chatmeter {_ms(comparison.p50('chatmeter'))} / "
-        f"{_ms(comparison.p99('chatmeter'))}; floor {_ms(comparison.p50('floor'))} / "
+        f"added p50 {_ms(p50)}, p99 {_ms(p99)} (chatmeter {_ms(comparison.p50(target))} / "
+        f"{_ms(comparison.p99(target))}; floor {_ms(comparison.p50('floor'))} / "
         f"{_ms(comparison.p99('floor'))})"
     )
-    bar = f"added p50 ≤ {ADDED_P50_BAR_MS:g} ms, p99 ≤ {ADDED_P99_BAR_MS:g} ms"
-    return [Row(title, measured, bar, p50 <= ADDED_P50_BAR_MS and p99 <= ADDED_P99_BAR_MS)]
+    bar = f"added p50 ≤ {p50_bar:g} ms, p99 ≤ {ADDED_P99_BAR_MS:g} ms"
+    return [Row(title, measured, bar, p50 <= p50_bar and p99 <= ADDED_P99_BAR_MS)]
 
 
 def _bytes(value: float) -> str:
     return f"{value:,.0f} B" if abs(value) < 100 * 1024 else f"{value / 1024:,.0f} KiB"
+
+
+def _plan_throughput_row(t: Comparison) -> Row:
+    target = "chatmeter-plan"
+    to_plain = t.ratio(target, "chatmeter")
+    measured = (
+        f"{to_plain:.1%} of the SQLite row (default plan), {t.ratio(target):.1%} of the floor "
+        f"({t.rate(target):,.0f} vs {t.rate('chatmeter'):,.0f} and {t.rate('floor'):,.0f} "
+        f"exchanges/s; errors {t.errors(target)})"
+    )
+    bar = f"≥ {1 - REPLIES_COST_BAR:.0%} of the SQLite row (at most {REPLIES_COST_BAR:.0%} below)"
+    met = to_plain >= 1 - REPLIES_COST_BAR and t.errors(target) == 0
+    return Row(
+        "Throughput at 50 concurrent, SQLite, a plan with a period, a spend limit and both "
+        "rate limits",
+        measured,
+        bar,
+        met,
+    )
 
 
 def _redis_throughput_row(t: Comparison) -> Row:
@@ -103,12 +129,21 @@ def summary_rows(results: BenchResults) -> list[Row]:
     )
     rows += _added_rows("Added latency, one exchange at a time (SQLite)", results.one_at_a_time)
     rows += _added_rows(
+        "Added latency, one exchange at a time (PostgreSQL)",
+        results.one_at_a_time,
+        "chatmeter-pg",
+        ADDED_P50_BAR_POSTGRES_MS,
+    )
+    rows += _added_rows(
         "Added latency at 50 concurrent, saturated (no delay, SQLite)", results.throughput
     )
-    bar = f"≥ {THROUGHPUT_BAR:.0%} of the floor"
     if (t := results.throughput) is not None:
-        for target, label in (("chatmeter", "SQLite"), ("chatmeter-pg", "PostgreSQL")):
+        for target, label, least in (
+            ("chatmeter", "SQLite", THROUGHPUT_BAR),
+            ("chatmeter-pg", "PostgreSQL", THROUGHPUT_BAR_POSTGRES),
+        ):
             if target in t.rounds:
+                bar = f"≥ {least:.0%} of the floor"
                 measured = (
                     f"{t.ratio(target):.1%} ({t.rate(target):,.0f} vs {t.rate('floor'):,.0f} "
                     f"exchanges/s; errors {t.errors(target)})"
@@ -118,11 +153,13 @@ def summary_rows(results: BenchResults) -> list[Row]:
                         f"Throughput at 50 concurrent, {label}",
                         measured,
                         bar,
-                        t.ratio(target) >= THROUGHPUT_BAR and t.errors(target) == 0,
+                        t.ratio(target) >= least and t.errors(target) == 0,
                     )
                 )
         if "chatmeter-redis" in t.rounds and "chatmeter" in t.rounds:
             rows.append(_redis_throughput_row(t))
+        if "chatmeter-plan" in t.rounds and "chatmeter" in t.rounds:
+            rows.append(_plan_throughput_row(t))
     rows += [_stop_row(stop) for stop in results.stop_latency]
     if results.held_replies is not None:
         rows.append(_held_row(results.held_replies))

@@ -16,6 +16,9 @@ from tools.bench.statements import StatementCount
 ADDED_P50_BAR_MS = 2.0
 ADDED_P99_BAR_MS = 10.0
 THROUGHPUT_BAR = 0.60
+THROUGHPUT_BAR_POSTGRES = 0.50
+# PostgreSQL: one exchange at a time adds at most this at p50
+ADDED_P50_BAR_POSTGRES_MS = 1.0
 OPEN_STREAMS_BAR = 2000
 LOCAL_SPEED_BAR = 0.97
 # plans, prices, rate limits and resumable replies may cost this much of the throughput,

@@ -107,6 +107,9 @@ def measure_scripted(
             bench.sqlite_url("chatmeter-redis"),
             {"CHATMETER_REDIS_URL": redis_url},
         )
+    full_plan = bench.start_chatmeter(
+        "chatmeter-plan", bench.sqlite_url("chatmeter-plan"), {"CHATMETER_DEFAULT_PLAN": "full"}
+    )
     say("servers up; making clients (one user and one chat each)")
     levels, sweep_seconds = options.sweep
     most = max(*levels, 50)
@@ -118,6 +121,7 @@ def measure_scripted(
         "floor": bench.slots(floor, "paced", 50),
         "chatmeter": bench.slots(sqlite, "paced", 50),
     }
+    slots["chatmeter-plan"] = bench.slots(full_plan, "bench", 50)
     if pg is not None:
         slots["chatmeter-pg"] = bench.slots(pg, "bench", 50)
     if with_redis is not None:
@@ -127,6 +131,7 @@ def measure_scripted(
         "chatmeter": sqlite,
         "chatmeter-pg": pg,
         "chatmeter-redis": with_redis,
+        "chatmeter-plan": full_plan,
     }
 
     for name, target_slots in slots.items():
@@ -137,6 +142,8 @@ def measure_scripted(
 
     rounds, seconds = options.latency_rounds
     one = {"floor": (floor, slots["floor"][:1]), "chatmeter": (sqlite, slots["chatmeter"][:1])}
+    if pg is not None:
+        one["chatmeter-pg"] = (pg, slots["chatmeter-pg"][:1])
     results.one_at_a_time = Comparison(
         INSTANT, 1, alternate(bench, one, rounds, seconds, "one exchange at a time")
     )
@@ -150,6 +157,7 @@ def measure_scripted(
         many["chatmeter-pg"] = (pg, slots["chatmeter-pg"][:50])
     if with_redis is not None:
         many["chatmeter-redis"] = (with_redis, slots["chatmeter-redis"][:50])
+    many["chatmeter-plan"] = (full_plan, slots["chatmeter-plan"][:50])
     results.throughput = Comparison(
         INSTANT, 50, alternate(bench, many, rounds, seconds, "50 concurrent")
     )
