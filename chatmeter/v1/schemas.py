@@ -22,10 +22,14 @@ class TextPart(BaseModel):
 
 class CompletionMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = Field(
-        default=None, description="Text, or text parts joined; null only for an assistant."
-    )
+    role: Literal["system", "developer", "user"]
+    content: str | list[TextPart] = Field(description="Text, or text parts joined.")
+
+
+class CompletionAssistantMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["assistant"]
+    content: str | list[TextPart] | None = None
 
 
 class CompletionStreamOptions(BaseModel):
@@ -39,7 +43,7 @@ StopSequence = Annotated[str, Field(min_length=1)]
 class CompletionRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
     model: str = Field(min_length=1, description="A configured model (`GET /v1/models`).")
-    messages: list[CompletionMessage] = Field(
+    messages: list[CompletionMessage | CompletionAssistantMessage] = Field(
         min_length=1, description="The conversation; the last one must be the user's."
     )
     stream: bool | None = None
@@ -51,7 +55,7 @@ class CompletionRequest(BaseModel):
     stop: StopSequence | Annotated[list[StopSequence], Field(max_length=4)] | None = Field(
         default=None, description="Passed on: one stop sequence or up to 4."
     )
-    n: int | None = Field(default=None, description="Only 1 is supported.")
+    n: Literal[1] | None = Field(default=None, description="Only one choice is supported.")
 
 
 class PromptTokensDetails(BaseModel):

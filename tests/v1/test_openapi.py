@@ -77,11 +77,15 @@ async def test_the_request_schema_refuses_what_the_endpoint_refuses(spec: Spec) 
     request = validator(spec, schema["application/json"]["schema"])
     good = {
         "model": "scripted",
-        "messages": [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}],
+        "messages": [
+            {"role": "assistant", "content": None},
+            {"role": "user", "content": [{"type": "text", "text": "Hi"}]},
+        ],
         "temperature": 2,
         "top_p": 0,
         "stop": ["a", "b", "c", "d"],
         "max_tokens": 5,
+        "n": 1,
         "user": "an unknown field, ignored",
     }
     assert request.is_valid(good)
@@ -93,6 +97,9 @@ async def test_the_request_schema_refuses_what_the_endpoint_refuses(spec: Spec) 
         {"max_tokens": 0},
         {"model": "unknown"},
         {"messages": []},
+        {"messages": [{"role": "user"}]},  # only an assistant's content may be left out
+        {"messages": [{"role": "tool", "content": "42"}]},
+        {"n": 2},
     ]
     for bad in refused:
         assert not request.is_valid({**good, **bad}), bad
