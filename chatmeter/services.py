@@ -27,6 +27,7 @@ from chatmeter.providers.factories import default_factories
 from chatmeter.providers.registry import ProviderRegistry
 from chatmeter.streaming.log import MemoryLog, ReplyLog
 from chatmeter.streaming.opening import OpeningRules
+from chatmeter.streaming.orphans import OrphanSettler
 from chatmeter.streaming.redis_log import RedisLog, RedisSignals
 from chatmeter.streaming.replies import ReplyRegistry
 from chatmeter.streaming.signals import PollOnly, PostgresSignals, StopSignals
@@ -135,6 +136,17 @@ async def start_services(settings: Settings, engine: AsyncEngine | None = None) 
         worker_id=worker_id,
         opening_rules=OpeningRules.of(settings, worker_id),
     )
+    if isinstance(reply_log, RedisLog):
+        # a reply whose process dies mid-reply is settled from its log in Redis
+        services.replies.orphans = OrphanSettler(
+            transactor,
+            reply_log,
+            services.counter,
+            services.providers,
+            settings,
+            services.plans,
+            metrics,
+        )
     await transactor.start()
     # the default model is started now, not on the first message: the embedded model
     # takes a few seconds to load, and a misconfigured provider stops start-up here

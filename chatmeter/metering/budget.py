@@ -74,6 +74,9 @@ class Ask:
     worker_id: str
     ttl_seconds: float
     now: datetime
+    # a chat held by a dead process's reservation is released first; False: 409, its
+    # reply is settled from its log first (Redis, `streaming/orphans.py`)
+    release_expired_claim: bool = True
 
     @property
     def full(self) -> int:
@@ -255,7 +258,10 @@ def reserve_budget(ask: Ask) -> Steps[Reservation]:
         plan,
         reserve_micros(granted, ask.highest_price),
     )
-    if not (yield from _claim_chat(reservation, ask.worker_id, ask.ttl_seconds, ask.now)):
+    claimed = yield from _claim_chat(
+        reservation, ask.worker_id, ask.ttl_seconds, ask.now, ask.release_expired_claim
+    )
+    if not claimed:
         raise reply_in_progress()
     return reservation
 
@@ -309,7 +315,11 @@ def _allowed(
 
 
 def _claim_chat(
-    reservation: Reservation, worker_id: str, ttl_seconds: float, now: datetime
+    reservation: Reservation,
+    worker_id: str,
+    ttl_seconds: float,
+    now: datetime,
+    release_expired: bool = True,
 ) -> Steps[bool]:
     values = {
         "reservation_id": reservation.reservation_id,
@@ -332,6 +342,8 @@ def _claim_chat(
         )
         if rows or reservation.chat_id is None:  # null chat ids never conflict
             return True
+        if not release_expired:
+            return False
         # the chat holds a reservation: a live reply (409), or one whose process died.
         # The chat is this user's, whose row `_take` has locked: the lock order holds.
         released = yield from _release(

@@ -39,6 +39,7 @@ from chatmeter.providers.base import (
     Usage,
 )
 from chatmeter.services import Services
+from chatmeter.streaming.events import end_event
 from chatmeter.streaming.opening import (
     Opened,
     Prompt,
@@ -204,23 +205,7 @@ class Exchange:
             return self._error_event("DATABASE_ERROR", usage.total_tokens)
         if failure is not None:
             return self._error_event(failure.code, usage.total_tokens)
-        return {
-            "chunk": "",
-            "done": True,
-            "tokens_used": usage.total_tokens,
-            "message_id": str(self.message_id),
-            "user_message_id": _str_or_none(self.user_message_id),
-            "finish_reason": finish,
-            "usage": {
-                "prompt_tokens": usage.prompt_tokens,
-                "completion_tokens": usage.completion_tokens,
-                "thinking_tokens": usage.thinking_tokens,
-                "cached_tokens": usage.cached_tokens,
-                "total_tokens": usage.total_tokens,
-                "source": metered.source,
-                "cost_micros": settlement.cost_micros,
-            },
-        }
+        return end_event(settlement, self.user_message_id)
 
     async def _provider_or_none(self) -> Provider | None:
         try:

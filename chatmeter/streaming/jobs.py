@@ -13,7 +13,7 @@ import uuid
 from typing import Any
 
 from chatmeter.streaming.exchange import Exchange
-from chatmeter.streaming.log import ReplyLog
+from chatmeter.streaming.log import ReplyLog, ReplyRecord
 
 log = logging.getLogger("chatmeter.jobs")
 
@@ -27,12 +27,35 @@ def first_event(exchange: Exchange) -> dict[str, Any]:
     }
 
 
+def record_of(exchange: Exchange) -> ReplyRecord:
+    """What another process needs to settle the reply if this one dies mid-reply."""
+    chat_id, user_message_id, at = (
+        exchange.chat_id,
+        exchange.user_message_id,
+        exchange.user_message_at,
+    )
+    if chat_id is None or user_message_id is None or at is None:
+        raise ValueError("only a chat's reply has a log")
+    reservation = exchange.reservation
+    return ReplyRecord(
+        reservation_id=reservation.reservation_id,
+        user_id=exchange.user_id,
+        chat_id=chat_id,
+        message_id=exchange.message_id,
+        user_message_id=user_message_id,
+        user_message_at=at,
+        model=exchange.model,
+        plan=reservation.plan,
+        history_turns=len(exchange.request.history),
+        output_cap=exchange.request.max_output_tokens,
+    )
+
+
 async def begin_reply(exchange: Exchange, replies: ReplyLog) -> uuid.UUID:
     """Open the reply's log with its first event; returns the reply id to read. Only a
     chat's reply is resumable (an OpenAI-style exchange has no chat to resume from)."""
-    if exchange.chat_id is None:
-        raise ValueError("only a chat's reply has a log")
-    await replies.begin(exchange.message_id, exchange.chat_id, first_event(exchange))
+    record = record_of(exchange)
+    await replies.begin(exchange.message_id, record.chat_id, first_event(exchange), record)
     return exchange.message_id
 
 

@@ -17,7 +17,10 @@ import asyncio
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Protocol
+
+import orjson
 
 from chatmeter.jsonutil import dumps
 
@@ -36,9 +39,66 @@ class Batch:
     finished: bool
 
 
+@dataclass(frozen=True, slots=True)
+class ReplyRecord:
+    """What settling a reply takes when the process generating it is gone (a worker
+    killed mid-reply, `orphans.py`): kept beside its first event by a log that outlives
+    the process (Redis). The prompt is not kept: its texts are in the database, the
+    user message and the `history_turns` messages before it."""
+
+    reservation_id: uuid.UUID
+    user_id: str
+    chat_id: uuid.UUID
+    message_id: uuid.UUID
+    user_message_id: uuid.UUID
+    user_message_at: datetime
+    model: str
+    plan: str
+    history_turns: int
+    output_cap: int
+
+    def encode(self) -> bytes:
+        return dumps(self)  # orjson: the fields by name, ids as text, the time ISO 8601
+
+    @classmethod
+    def decode(cls, data: bytes) -> ReplyRecord:
+        """Raises ValueError (or KeyError, TypeError) on a record it did not write."""
+        value = orjson.loads(data)
+        return cls(
+            reservation_id=uuid.UUID(value["reservation_id"]),
+            user_id=str(value["user_id"]),
+            chat_id=uuid.UUID(value["chat_id"]),
+            message_id=uuid.UUID(value["message_id"]),
+            user_message_id=uuid.UUID(value["user_message_id"]),
+            user_message_at=datetime.fromisoformat(value["user_message_at"]),
+            model=str(value["model"]),
+            plan=str(value["plan"]),
+            history_turns=int(value["history_turns"]),
+            output_cap=int(value["output_cap"]),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class LeftReply:
+    """A reply whose log has no end, as another process finds it: its record, the text
+    its pieces logged, and the number of its last logged event."""
+
+    reply_id: uuid.UUID
+    record: ReplyRecord
+    text: str
+    last_event: int
+
+
 class ReplyLog(Protocol):
-    async def begin(self, reply_id: uuid.UUID, chat_id: uuid.UUID, first: dict[str, Any]) -> None:
-        """Start the log of a reply with its first event (id 1)."""
+    async def begin(
+        self,
+        reply_id: uuid.UUID,
+        chat_id: uuid.UUID,
+        first: dict[str, Any],
+        record: ReplyRecord | None = None,
+    ) -> None:
+        """Start the log of a reply with its first event (id 1). `record`: kept by a log
+        that outlives this process, so another can settle the reply if this one dies."""
 
     async def append(self, reply_id: uuid.UUID, event: dict[str, Any]) -> None:
         """Append the next event."""
@@ -105,7 +165,14 @@ class MemoryLog:
     def __len__(self) -> int:
         return len(self._replies)
 
-    async def begin(self, reply_id: uuid.UUID, chat_id: uuid.UUID, first: dict[str, Any]) -> None:
+    async def begin(
+        self,
+        reply_id: uuid.UUID,
+        chat_id: uuid.UUID,
+        first: dict[str, Any],
+        record: ReplyRecord | None = None,
+    ) -> None:
+        # the record is not kept: this log dies with the process, and the reply with it
         data = encode_kept(first)
         held = _Held(chat_id, [data], REPLY_OVERHEAD_BYTES + len(data))
         self._replies[reply_id] = held

@@ -54,6 +54,9 @@ class OpeningRules:
     worker_id: str
     reservation_ttl_seconds: float
     writable_ctes: bool = False  # PostgreSQL: the common case is one statement
+    # with Redis: an opening does not release a chat held by a dead process's
+    # reservation (409); the sweeper settles that reply from its log first (`orphans.py`)
+    settles_orphans: bool = False
 
     @classmethod
     def of(cls, settings: Settings, worker_id: str) -> OpeningRules:
@@ -72,6 +75,7 @@ class OpeningRules:
             worker_id=worker_id,
             reservation_ttl_seconds=settings.reservation_ttl_seconds,
             writable_ctes=not settings.is_sqlite,
+            settles_orphans=bool(settings.redis_url),
         )
 
     def reserve(
@@ -99,6 +103,7 @@ class OpeningRules:
             self.worker_id,
             self.reservation_ttl_seconds,
             now,
+            release_expired_claim=not self.settles_orphans,
         )
         if self.writable_ctes:
             params = then.params if then is not None else None

@@ -8,11 +8,15 @@ reuse an earlier one's events:
   together (those of one loop turn) are one entry, whose id is `0-N` with N the number of
   its last event and whose fields are `n` (the number of its first event), `d` (their
   JSON payloads, one a line), `c` (the chat id, on the first entry) and `e` (on the entry
-  holding the end event). So `XREAD BLOCK … 0-N` finds exactly what follows event N, and
-  a reply costs a handful of Redis commands whatever its length;
+  holding the end event), and `m` on the first entry: the reply's `ReplyRecord`, what
+  another process needs to settle it if this one dies mid-reply (`orphans.py`). So
+  `XREAD BLOCK … 0-N` finds exactly what follows event N, and a reply costs a handful of
+  Redis commands whatever its length;
 - `chatmeter:chat:{chat_id}:reply`: the chat's latest reply id.
-Both expire `CHATMETER_REPLAY_SECONDS` after the reply's end (and, while it streams, a
-lease's worth of seconds after their last renewal, so a dead worker's keys go too).
+Both expire `CHATMETER_REPLAY_SECONDS` after the reply's end; while it streams,
+`STREAMING_TTL_LEASES` leases after their last renewal: a dead worker's keys go too, but
+only after the sweeper that releases its expired reservation (about a lease and a third
+after the death) has settled the reply from them.
 - channel `chatmeter:stop`: a chat id whose reply is to stop.
 
 The process that generates a reply also keeps it in a `MemoryLog`: its own readers (the
@@ -30,11 +34,12 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from chatmeter.jsonutil import dumps
-from chatmeter.streaming.log import Batch, MemoryLog
+from chatmeter.streaming.log import Batch, LeftReply, MemoryLog, ReplyRecord
 from chatmeter.streaming.signals import OnStop, Resync
 
 log = logging.getLogger("chatmeter.redis")
@@ -42,6 +47,10 @@ log = logging.getLogger("chatmeter.redis")
 PREFIX = "chatmeter:"
 STOP_CHANNEL = PREFIX + "stop"
 READ_RETRY_SECONDS = 10.0
+# a streaming reply's keys outlive their last renewal by this many leases: the sweeper
+# finds a dead worker's reservation expired a lease after its last renewal, plus up to
+# a third of a lease (its period), and must still find the log to settle the reply
+STREAMING_TTL_LEASES = 3
 
 
 def stream_key(reply_id: uuid.UUID) -> str:
@@ -57,6 +66,7 @@ class _Writing:
     """A reply this process writes to Redis: what is queued, and what was written."""
 
     chat_id: uuid.UUID
+    record: bytes | None = None  # the ReplyRecord, written with the first entry
     queued: list[bytes] = field(default_factory=list)
     written: int = 0  # events already in Redis
     renewed_at: float = 0.0
@@ -88,14 +98,22 @@ class RedisLog:
         self._local = local
         self._replay = max(1, int(replay_seconds))
         self._lease = max(1, int(lease_seconds))
+        self._streaming_ttl = max(1, int(lease_seconds * STREAMING_TTL_LEASES))
         self._writing: dict[uuid.UUID, _Writing] = {}
         self._flush: asyncio.Task[None] | None = None
 
     # -- writing: the generating process -------------------------------------------------
 
-    async def begin(self, reply_id: uuid.UUID, chat_id: uuid.UUID, first: dict[str, Any]) -> None:
+    async def begin(
+        self,
+        reply_id: uuid.UUID,
+        chat_id: uuid.UUID,
+        first: dict[str, Any],
+        record: ReplyRecord | None = None,
+    ) -> None:
         await self._local.begin(reply_id, chat_id, first)
-        self._writing[reply_id] = _Writing(chat_id, [dumps(first)])
+        encoded = record.encode() if record is not None else None
+        self._writing[reply_id] = _Writing(chat_id, encoded, [dumps(first)])
         self._schedule()
 
     async def append(self, reply_id: uuid.UUID, event: dict[str, Any]) -> None:
@@ -132,7 +150,9 @@ class RedisLog:
                     fields: dict[Any, Any] = {"n": first, "d": b"\n".join(writing.queued)}
                     if first == 1:
                         fields["c"] = str(writing.chat_id)
-                        pipe.set(chat_key(writing.chat_id), str(reply_id), ex=self._lease)
+                        if writing.record is not None:
+                            fields["m"] = writing.record
+                        pipe.set(chat_key(writing.chat_id), str(reply_id), ex=self._streaming_ttl)
                     if writing.finished:
                         fields["e"] = 1
                     pipe.xadd(key, fields, id=f"0-{writing.written}")
@@ -147,8 +167,8 @@ class RedisLog:
                     pipe.expire(chat_key(writing.chat_id), self._replay)
                 elif now - writing.renewed_at > self._lease / 3:
                     writing.renewed_at = now
-                    pipe.expire(key, self._lease)
-                    pipe.expire(chat_key(writing.chat_id), self._lease)
+                    pipe.expire(key, self._streaming_ttl)
+                    pipe.expire(chat_key(writing.chat_id), self._streaming_ttl)
             try:
                 await pipe.execute()
             except (RedisError, OSError):
@@ -209,6 +229,41 @@ class RedisLog:
         except (RedisError, OSError):
             return False
         return bool(first) and first[0][1].get(b"c", b"").decode() == str(chat_id)
+
+    # -- a reply whose process died: the sweeper (`orphans.py`) -------------------------
+
+    async def left_behind(self, chat_id: uuid.UUID) -> LeftReply | None:
+        """The chat's latest reply as Redis holds it, if it has a record and no end event:
+        what its process logged before it died. None: no such log (never written, or
+        expired), or the reply ended. Raises RedisError, OSError, ValueError."""
+        redis: Any = self._redis
+        value = await redis.get(chat_key(chat_id))
+        if not value:
+            return None
+        reply_id = uuid.UUID(value.decode())
+        entries = await redis.xrange(stream_key(reply_id), min="-", max="+")
+        if not entries or b"m" not in entries[0][1]:
+            return None
+        if any(b"e" in fields for _, fields in entries):
+            return None
+        record = ReplyRecord.decode(bytes(entries[0][1][b"m"]))
+        pieces: list[str] = []
+        for _, data in _entries(entries, 1):  # after the first event, which names it
+            event = orjson.loads(data)
+            if event.get("done") is False:
+                pieces.append(event["chunk"])
+        return LeftReply(reply_id, record, "".join(pieces), _number(entries[-1][0]))
+
+    async def end_left(self, left: LeftReply, event: dict[str, Any]) -> None:
+        """Append the end event of a reply settled without its process, so its readers
+        see it end; its keys then expire as a finished reply's."""
+        number = left.last_event + 1
+        key = stream_key(left.reply_id)
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.xadd(key, {"n": number, "d": dumps(event), "e": 1}, id=f"0-{number}")
+        pipe.expire(key, self._replay)
+        pipe.expire(chat_key(left.record.chat_id), self._replay)
+        await pipe.execute()
 
     async def aclose(self) -> None:
         if self._flush is not None:

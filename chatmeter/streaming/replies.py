@@ -6,6 +6,8 @@ by another worker (or host) is a flag on its reservation row, announced to every
 (`signals.py`: Redis or PostgreSQL notifications); each process also polls for flags on
 its own reservations, one query for all of them, as the backstop, and renews their
 leases in one statement: housekeeping does not grow with the number of open streams.
+A reservation whose lease ran out belonged to a process that died: its reply is settled
+from its log when the log outlived the process (Redis, `orphans.py`), else released.
 """
 
 from __future__ import annotations
@@ -14,11 +16,13 @@ import asyncio
 import logging
 import uuid
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
+from typing import Protocol
 
 from chatmeter.db.tables import utcnow
 from chatmeter.db.transactor import Transactor
 from chatmeter.metering.budget import flagged_stops, release_expired, renew_leases
+from chatmeter.streaming.orphans import chat_claim_expired
 
 log = logging.getLogger("chatmeter.replies")
 
@@ -58,12 +62,19 @@ class ActiveReply:
             self.task.cancel()
 
 
+class SettlesOrphans(Protocol):
+    async def settle_expired(self, now: datetime) -> int:
+        """Settle the expired reservations whose replies left a log; how many."""
+        ...
+
+
 @dataclass(slots=True)
 class ReplyRegistry:
     transactor: Transactor
     worker_id: str
     lease_seconds: float
     poll_seconds: float = 0.5
+    orphans: SettlesOrphans | None = None  # with Redis: dead processes' replies
     _replies: dict[uuid.UUID, ActiveReply] = field(default_factory=dict)
 
     def register(self, chat_id: uuid.UUID, reservation_id: uuid.UUID) -> ActiveReply:
@@ -131,6 +142,21 @@ class ReplyRegistry:
             # break the lock order (`budget.py`)
             expires_at = now + timedelta(seconds=self.lease_seconds)
             await self.transactor.run(renew_leases, live, expires_at)
+        await self._sweep(now)
+
+    async def sweep_chat(self, chat_id: uuid.UUID) -> bool:
+        """A message found its chat held (409). If the holder's lease ran out (its
+        process died) and the opening left it to the sweeper (Redis: its reply is
+        settled from its log), sweep now rather than at the next round. True if so."""
+        now = utcnow()
+        if self.orphans is None or not await self.transactor.run(chat_claim_expired, chat_id, now):
+            return False
+        await self._sweep(now)
+        return True
+
+    async def _sweep(self, now: datetime) -> None:
+        if self.orphans is not None:
+            await self.orphans.settle_expired(now)
         released = await self.transactor.run(release_expired, now)
         if released:
             log.warning("released %d reservations left by stopped processes", released)

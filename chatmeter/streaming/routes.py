@@ -110,7 +110,13 @@ class MessageEndpoint:
         except BadBody as exc:
             raise ApiError(400, "INVALID_REQUEST", exc.message) from None
         message = _message(body, services.settings.max_message_chars)
-        exchange = await open_exchange(services, user, chat_uuid, message)
+        try:
+            exchange = await open_exchange(services, user, chat_uuid, message)
+        except ApiError as exc:
+            if exc.code != "REPLY_IN_PROGRESS" or not await services.replies.sweep_chat(chat_uuid):
+                raise
+            # the chat was held by the reply of a process that died: settled just now
+            exchange = await open_exchange(services, user, chat_uuid, message)
         reply_id = await begin_reply(exchange, services.reply_log)
         services.spawn(run_reply(exchange, services.reply_log))
         on_disconnect = None

@@ -107,6 +107,8 @@ async def test_concurrent_transactions_share_one_commit(
         assert got == wanted
         assert commits() == 1
         assert names(db_path) == set(wanted)
+        # none refused: they ran one after another, with no savepoint between them
+        assert "SAVEPOINT job" not in trace_file(db_path).read_text()
         # one alone commits alone, as soon as it is asked for
         assert await transactor.run(insert, "alone") == "alone"
         assert commits() == 2
@@ -132,6 +134,10 @@ async def test_a_failing_transaction_rolls_back_alone(
         assert isinstance(results[2], sqlite3.IntegrityError)
         assert names(db_path) == {"a", "c"}
         assert commits() == 1
+        # run together first, then again each in a savepoint once one was refused
+        statements = trace_file(db_path).read_text().splitlines()
+        assert statements.count("ROLLBACK") == 1
+        assert statements.count("SAVEPOINT job") == 4
         # a lone failing transaction leaves nothing either, and the next one works
         with pytest.raises(Refused):
             await transactor.run(insert, "d", then_fail=True)

@@ -15,18 +15,19 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from chatmeter.config import PlanConfig
 from chatmeter.db.engine import make_engine
-from chatmeter.db.tables import chats, user_usage
+from chatmeter.db.tables import chats, messages, user_usage
 from chatmeter.db.transactor import Transactor, make_transactor
 from chatmeter.errors import ApiError
 from chatmeter.ids import new_id
-from chatmeter.metering.budget import Ask, Reservation, reserve_budget
+from chatmeter.metering.budget import Ask, Reservation, release_expired, reserve_budget
 from chatmeter.metering.cost import Prices, cost_micros
 from chatmeter.metering.periods import to_micros
 from chatmeter.metering.plans import PlanBook
 from chatmeter.metering.settlement import Settlement, settle_steps
 from chatmeter.providers.base import Usage
+from chatmeter.streaming.opening import ModelLimits, OpeningRules, open_steps
 from tests.conftest import make_settings
-from tests.support.db import balanced, period_books
+from tests.support.db import balanced, open_reservations, period_books
 
 PRICES = Prices(Decimal("0.5"), Decimal("0.5"), Decimal("1.5"), Decimal("1.5"))
 PLANS = {
@@ -235,3 +236,60 @@ async def test_spend_limit_holds_and_resets_with_the_period(ledger: Books) -> No
     state = await period_books(ledger.engine, "sam")
     assert state.spend == 25 and balanced(state)
     assert (await ledger.reserve("sam", utc(2026, 6, 2, 5))).tokens == 120
+
+
+async def test_a_settlement_whose_reservation_the_sweeper_released_hands_back_nothing_twice(
+    ledger: Books,
+) -> None:
+    # the worker stalled past its lease: the sweeper released the reservation, and the
+    # settlement that comes late bills the exchange without releasing it again
+    chat = await ledger.user("lena", "daily")
+    at = utc(2026, 5, 4, 12)
+    reservation = await ledger.reserve("lena", at)
+    held = await period_books(ledger.engine, "lena")
+    assert (held.reserved, held.active) == (120, 1)
+    assert await ledger.transactor.run(release_expired, at + timedelta(seconds=601)) == 1
+    await ledger.settle(chat, reservation, at + timedelta(seconds=602), Usage(30, 20))
+    state = await period_books(ledger.engine, "lena")
+    assert (state.reserved, state.reserved_micros, state.active) == (0, 0, 0)
+    assert state.total == 50 and balanced(state)
+
+
+async def test_a_refused_opening_writes_nothing(ledger: Books) -> None:
+    # on PostgreSQL the opening's common case is one statement: refused, it must leave
+    # neither a reservation nor the user message nor a change to the user's row
+    chat = await ledger.user("rita", "minute")
+    rules = OpeningRules(
+        models={"m": ModelLimits("be brief", 100_000, 500, PRICES.highest)},
+        history_messages=10,
+        plans=ledger.book,
+        worker_id="test",
+        reservation_ttl_seconds=600,
+        writable_ctes=ledger.transactor.writable_ctes,
+    )
+    before = await period_books(ledger.engine, "rita")
+    message_id = new_id()
+    too_long = "x" * 12_000  # more tokens than the plan's 10,000, as the prompt alone
+    with pytest.raises(ApiError) as refused:
+        await ledger.transactor.run(open_steps, rules, "rita", chat, too_long, None, message_id)
+    assert refused.value.code == "TOKEN_BUDGET_EXCEEDED"
+    assert await period_books(ledger.engine, "rita") == before
+    assert await open_reservations(ledger.engine, "rita") == 0
+    assert await message_ids(ledger.engine, chat) == []
+    # within the limit it opens, and a second opening of the same chat is a 409 that
+    # leaves the first one's reservation and message as they were
+    opened = await ledger.transactor.run(open_steps, rules, "rita", chat, "hi", None, message_id)
+    assert opened.reservation.output_cap == 500
+    with pytest.raises(ApiError) as busy:
+        await ledger.transactor.run(open_steps, rules, "rita", chat, "again", None, new_id())
+    assert busy.value.code == "REPLY_IN_PROGRESS"
+    assert await open_reservations(ledger.engine, "rita") == 1
+    assert await message_ids(ledger.engine, chat) == [message_id]
+    state = await period_books(ledger.engine, "rita")
+    assert (state.reserved, state.active) == (opened.reservation.tokens, 1)
+
+
+async def message_ids(engine: AsyncEngine, chat_id: uuid.UUID) -> list[uuid.UUID]:
+    async with engine.connect() as conn:
+        query = sa.select(messages.c.message_id).where(messages.c.chat_id == chat_id)
+        return list((await conn.execute(query)).scalars())
