@@ -11,7 +11,6 @@ from typing import Any
 import asyncpg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from sqlalchemy.exc import InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
@@ -65,11 +64,9 @@ def error_response(
     return response
 
 
-# what a database that is away raises: through SQLAlchemy, or through the message path's
-# own drivers (sqlite3 past its busy timeout, asyncpg losing its connection)
+# what a database that is away raises through the transactor's drivers (sqlite3 past its
+# busy timeout, asyncpg losing its connection, the SQLite writer process gone)
 DATABASE_UNAVAILABLE: tuple[type[Exception], ...] = (
-    OperationalError,
-    InterfaceError,
     sqlite3.OperationalError,
     asyncpg.PostgresConnectionError,
     asyncpg.CannotConnectNowError,

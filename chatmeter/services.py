@@ -12,12 +12,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from chatmeter.auth.keys import KeyDigester, key_digest_secret
 from chatmeter.auth.tokens import TokenVerifier
 from chatmeter.config import Settings, dev_jwt_secret
-from chatmeter.db.engine import make_engine
 from chatmeter.db.transactor import Transactor, make_transactor
 from chatmeter.metering.counting import TokenCounter
 from chatmeter.metering.outbox import Outbox
@@ -38,7 +36,6 @@ log = logging.getLogger("chatmeter")
 @dataclass(slots=True)
 class Services:
     settings: Settings
-    engine: AsyncEngine
     transactor: Transactor
     verifier: TokenVerifier
     key_digester: KeyDigester
@@ -84,7 +81,6 @@ class Services:
         await self.reply_log.aclose()
         await self.providers.aclose()
         await self.transactor.close()
-        await self.engine.dispose()
 
 
 def new_worker_id() -> str:
@@ -97,14 +93,16 @@ TRANSACTION_MODULES = (
     "chatmeter.streaming.opening",
     "chatmeter.metering.settlement",
     "chatmeter.auth.keys",
+    "chatmeter.auth.key_store",
+    "chatmeter.chats.store",
+    "chatmeter.metering.accounts",
+    "chatmeter.metering.summary",
+    "chatmeter.db.health",
 )
 
 
-async def start_services(settings: Settings, engine: AsyncEngine | None = None) -> Services:
+async def start_services(settings: Settings) -> Services:
     metrics = Metrics()
-    engine = engine or make_engine(
-        settings.database_url, sqlite_busy_timeout_ms=settings.sqlite_busy_timeout_ms
-    )
     worker_id = new_worker_id()
     secret = dev_jwt_secret(settings) if not settings.jwt_jwks_url else settings.jwt_secret
     transactor = make_transactor(
@@ -116,7 +114,6 @@ async def start_services(settings: Settings, engine: AsyncEngine | None = None) 
     reply_log, stop_signals = _reply_sharing(settings)
     services = Services(
         settings=settings,
-        engine=engine,
         transactor=transactor,
         verifier=TokenVerifier(
             secret=secret,

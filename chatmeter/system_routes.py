@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 from typing import Literal
 
-import sqlalchemy as sa
 from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict
 from starlette.responses import Response
 
 from chatmeter.chats.schemas import ErrorBody
+from chatmeter.db.health import database_answers
 from chatmeter.deps import ServicesDep
 from chatmeter.errors import error_response
 from chatmeter.jsonutil import json_response
@@ -44,8 +44,8 @@ async def healthz() -> Response:
 async def readyz(services: ServicesDep) -> Response:
     try:
         # bounded: a database host that drops packets must not hang the load balancer
-        async with asyncio.timeout(3), services.engine.connect() as conn:
-            await conn.execute(sa.text("SELECT 1"))
+        async with asyncio.timeout(3):
+            await services.transactor.run(database_answers)
     except Exception:
         return error_response(503, "DATABASE_UNAVAILABLE", "The database cannot be reached.")
     return json_response({"status": "ready"})

@@ -11,10 +11,13 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from chatmeter.auth.tokens import mint_token
 from chatmeter.config import ModelConfig, Settings
+from chatmeter.db.engine import make_engine
 from chatmeter.db.migrate import upgrade
+from chatmeter.db.transactor import Transactor, make_transactor
 from tests.support.postgres import PostgresServer
 from tests.support.redis import RedisServer
 from tests.support.server import RunningServer, serve
@@ -123,3 +126,24 @@ def token_for(user_id: str, **kwargs: Any) -> str:
 
 def auth(user_id: str, **kwargs: Any) -> dict[str, str]:
     return {"Authorization": f"Bearer {token_for(user_id, **kwargs)}"}
+
+
+@pytest.fixture
+async def transactor(database_url: str) -> AsyncIterator[Transactor]:
+    """The transactor the server would run, on a fresh database: steps run through it."""
+    running = make_transactor(database_url, 30_000)
+    await running.start()
+    try:
+        yield running
+    finally:
+        await running.close()
+
+
+@pytest.fixture
+async def audit_engine(database_url: str) -> AsyncIterator[AsyncEngine]:
+    """The test's own look at the database, through SQLAlchemy Core and the tables' types."""
+    engine = make_engine(database_url)
+    try:
+        yield engine
+    finally:
+        await engine.dispose()

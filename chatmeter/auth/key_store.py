@@ -1,78 +1,76 @@
-"""Making, listing and revoking API keys (the API and the CLI share these)."""
+"""Making, listing and revoking API keys, as transaction steps (the API and the CLI
+share these)."""
 
 from __future__ import annotations
 
 import uuid
 from typing import Any
 
-import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncConnection
-
 from chatmeter.auth.keys import KeyDigester, new_key
-from chatmeter.db.tables import api_keys, utcnow
+from chatmeter.db.rows import as_datetime, as_optional_datetime
+from chatmeter.db.steps import Sql, Steps
+from chatmeter.db.tables import utcnow
 from chatmeter.errors import ApiError
-from chatmeter.ids import new_id
+from chatmeter.ids import as_uuid, new_id
 
 # live keys one user may hold: enough for every app and environment, and a bound on rows
 MAX_KEYS_PER_USER = 100
+_LIVE = "user_id = :user_id AND revoked_at IS NULL"
 
 
-def key_json(row: Any) -> dict[str, Any]:
-    """A key as listed: never its secret, nor its digest."""
+def key_json(row: tuple[Any, ...]) -> dict[str, Any]:
+    """A key as listed (`key_id, name, created_at, last_used_at`): never its secret, nor
+    its digest."""
+    key_id, name, created_at, last_used_at = row
+    last_used = as_optional_datetime(last_used_at)
     return {
-        "key_id": str(row.key_id),
-        "name": row.name,
-        "created_at": row.created_at.isoformat(),
-        "last_used_at": row.last_used_at.isoformat() if row.last_used_at else None,
+        "key_id": str(as_uuid(key_id)),
+        "name": name,
+        "created_at": as_datetime(created_at).isoformat(),
+        "last_used_at": last_used.isoformat() if last_used else None,
     }
 
 
-def _live(user_id: str) -> sa.ColumnElement[bool]:
-    return sa.and_(api_keys.c.user_id == user_id, api_keys.c.revoked_at.is_(None))
-
-
-async def create_key(
-    conn: AsyncConnection, digester: KeyDigester, user_id: str, name: str
-) -> dict[str, Any]:
-    """A new key for `user_id`: the only time its secret is seen. Run it in a write
-    transaction (the count and the insert together hold MAX_KEYS_PER_USER)."""
-    held = (
-        await conn.execute(sa.select(sa.func.count()).select_from(api_keys).where(_live(user_id)))
-    ).scalar_one()
-    if held >= MAX_KEYS_PER_USER:
+def create_key(digester: KeyDigester, user_id: str, name: str) -> Steps[dict[str, Any]]:
+    """A new key for `user_id`: the only time its secret is seen. The count and the
+    insert are one transaction: together they hold MAX_KEYS_PER_USER."""
+    counted = yield Sql(f"SELECT COUNT(*) FROM api_keys WHERE {_LIVE}", {"user_id": user_id})
+    if counted[0][0] >= MAX_KEYS_PER_USER:
         raise ApiError(
             409, "TOO_MANY_KEYS", f"A user may hold {MAX_KEYS_PER_USER} keys: revoke one first."
         )
     key, key_id, now = new_key(), new_id(), utcnow()
-    await conn.execute(
-        api_keys.insert().values(
-            key_id=key_id,
-            user_id=user_id,
-            name=name,
-            key_digest=digester.digest(key),
-            created_at=now,
-        )
+    yield Sql(
+        "INSERT INTO api_keys (key_id, user_id, name, key_digest, created_at) "
+        "VALUES (:key_id, :user_id, :name, :digest, :now)",
+        {
+            "key_id": key_id,
+            "user_id": user_id,
+            "name": name,
+            "digest": digester.digest(key),
+            "now": now,
+        },
     )
     return {"key_id": str(key_id), "name": name, "key": key, "created_at": now.isoformat()}
 
 
-async def list_keys(conn: AsyncConnection, user_id: str) -> list[dict[str, Any]]:
+def list_keys(user_id: str) -> Steps[list[dict[str, Any]]]:
     """The user's live keys, newest first."""
-    query = (
-        sa.select(api_keys)
-        .where(_live(user_id))
-        .order_by(api_keys.c.created_at.desc(), api_keys.c.key_id.desc())
+    rows = yield Sql(
+        f"SELECT key_id, name, created_at, last_used_at FROM api_keys WHERE {_LIVE} "
+        "ORDER BY created_at DESC, key_id DESC",
+        {"user_id": user_id},
+        alone=True,
     )
-    return [key_json(row) for row in (await conn.execute(query)).all()]
+    return [key_json(row) for row in rows]
 
 
-async def revoke_key(conn: AsyncConnection, user_id: str, key_id: uuid.UUID) -> bool:
+def revoke_key(user_id: str, key_id: uuid.UUID) -> Steps[bool]:
     """Revoke one of the user's live keys; False if the user holds no such key. The row
     stays (revoked_at set) so the key's history is kept; it never authenticates again."""
-    result = await conn.execute(
-        api_keys.update()
-        .where(_live(user_id), api_keys.c.key_id == key_id)
-        .values(revoked_at=utcnow())
-        .returning(api_keys.c.key_id)
+    rows = yield Sql(
+        f"UPDATE api_keys SET revoked_at = :now WHERE {_LIVE} AND key_id = :key_id "
+        "RETURNING key_id",
+        {"now": utcnow(), "user_id": user_id, "key_id": key_id},
     )
-    return result.first() is not None
+    return bool(rows)

@@ -10,7 +10,6 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.responses import Response
 
 from chatmeter.auth import key_store
-from chatmeter.chats.store import write_transaction
 from chatmeter.deps import CurrentUser, ServicesDep
 from chatmeter.errors import ApiError
 from chatmeter.jsonutil import BadBody, json_response, parse_model, read_json
@@ -62,15 +61,15 @@ async def create_key(request: Request, user: CurrentUser, services: ServicesDep)
         body = parse_model(NewKey, await read_json(request))
     except BadBody as exc:
         raise ApiError(400, "INVALID_REQUEST", exc.message) from None
-    async with write_transaction(services.engine) as conn:
-        created = await key_store.create_key(conn, services.key_digester, user.user_id, body.name)
+    created = await services.transactor.run(
+        key_store.create_key, services.key_digester, user.user_id, body.name
+    )
     return json_response(created, 201)
 
 
 @router.get("", response_model=KeyList, responses=errors())
 async def list_keys(user: CurrentUser, services: ServicesDep) -> Response:
-    async with services.engine.connect() as conn:
-        keys = await key_store.list_keys(conn, user.user_id)
+    keys = await services.transactor.run(key_store.list_keys, user.user_id)
     return json_response({"keys": keys})
 
 
@@ -80,8 +79,7 @@ async def revoke_key(key_id: str, user: CurrentUser, services: ServicesDep) -> R
         key_uuid = uuid.UUID(key_id)
     except ValueError:
         raise ApiError(400, "INVALID_REQUEST", "key_id: not a valid UUID") from None
-    async with services.engine.begin() as conn:
-        revoked = await key_store.revoke_key(conn, user.user_id, key_uuid)
+    revoked = await services.transactor.run(key_store.revoke_key, user.user_id, key_uuid)
     if not revoked:
         raise ApiError(404, "KEY_NOT_FOUND", "You hold no such key.")
     return Response(status_code=204)

@@ -41,9 +41,10 @@ async def create_chat(request: Request, user: CurrentUser, services: ServicesDep
     if not services.providers.has(model):
         known = ", ".join(services.providers.names())
         raise ApiError(400, "INVALID_REQUEST", f"model: unknown model {model!r} (known: {known})")
-    async with services.engine.begin() as conn:
-        row = await store.insert_chat(conn, user.user_id, body.title or "New chat", model)
-    return json_response(store.chat_json(row), 201)
+    chat = await services.transactor.run(
+        store.insert_chat, user.user_id, body.title or "New chat", model
+    )
+    return json_response(chat.json(), 201)
 
 
 @router.get("", response_model=ChatPage, responses=errors(400))
@@ -53,20 +54,16 @@ async def list_chats(
     limit: int = Query(default=20, ge=1, le=100),
     before: str | None = Query(default=None, max_length=200),
 ) -> Response:
-    async with services.engine.connect() as conn:
-        chats, following = await store.list_chats(conn, user.user_id, limit, before)
+    cursor = store.decode_cursor(before) if before else None
+    chats, following = await services.transactor.run(store.list_chats, user.user_id, limit, cursor)
     return json_response({"chats": chats, "next": following})
 
 
 @router.get("/{chat_id}", response_model=ChatWithMessages, responses=errors(400, 403, 404))
 async def get_chat(chat_id: ChatIdPath, user: CurrentUser, services: ServicesDep) -> Response:
     chat_uuid = store.parse_chat_id(chat_id)
-    async with services.engine.connect() as conn:
-        chat = await store.owned_chat(conn, chat_uuid, user.user_id)
-        rows = await store.chat_messages(conn, chat_uuid)
-    return json_response(
-        {**store.chat_json(chat._mapping), "messages": [store.message_json(r) for r in rows]}
-    )
+    chat = await services.transactor.run(store.chat_with_messages, chat_uuid, user.user_id)
+    return json_response(chat)
 
 
 @router.patch(
@@ -80,11 +77,8 @@ async def rename_chat(
 ) -> Response:
     chat_uuid = store.parse_chat_id(chat_id)
     body: Rename = await _body(request, Rename)
-    async with store.write_transaction(services.engine) as conn:
-        await store.owned_chat(conn, chat_uuid, user.user_id)
-        await store.rename_chat(conn, chat_uuid, body.title)
-        chat = await store.owned_chat(conn, chat_uuid, user.user_id)
-    return json_response(store.chat_json(chat._mapping))
+    chat = await services.transactor.run(store.rename_chat, chat_uuid, user.user_id, body.title)
+    return json_response(chat.json())
 
 
 @router.delete("/{chat_id}", status_code=204, responses=errors(400, 403, 404))
@@ -92,7 +86,5 @@ async def delete_chat(chat_id: ChatIdPath, user: CurrentUser, services: Services
     chat_uuid = store.parse_chat_id(chat_id)
     # its reply, if one streams, is stopped first (saved, billed, released)
     await stop_chat_reply(services, chat_uuid, user.user_id)
-    async with store.write_transaction(services.engine) as conn:
-        await store.owned_chat(conn, chat_uuid, user.user_id)
-        await store.deactivate_chat(conn, chat_uuid)
+    await services.transactor.run(store.deactivate_chat, chat_uuid, user.user_id)
     return Response(status_code=204)

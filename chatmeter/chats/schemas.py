@@ -8,6 +8,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from chatmeter.metering.counting import Source
 from chatmeter.visible import has_visible_text
 
 
@@ -129,7 +130,7 @@ class StreamUsage(BaseModel):
     thinking_tokens: int = Field(ge=0)
     cached_tokens: int = Field(ge=0)
     total_tokens: int = Field(ge=0)
-    source: Literal["provider", "counted", "estimated"]
+    source: Source
     cost_micros: int = Field(ge=0, description="millionths of the currency (SPEC section 10)")
 
 

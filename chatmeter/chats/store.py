@@ -1,72 +1,83 @@
-"""Chat and message queries. Every function takes the connection it runs on, so callers
-decide the transaction."""
+"""Chat and message queries, as transaction steps (`db/steps.py`): a route runs them with
+`services.transactor.run(...)`, and the message path composes them with `yield from`."""
 
 from __future__ import annotations
 
 import base64
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
-import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
-
-from chatmeter.db.engine import IMMEDIATE
-from chatmeter.db.steps import Sql, Steps
-from chatmeter.db.tables import chats, messages, utcnow
+from chatmeter.db.rows import as_datetime
+from chatmeter.db.steps import Rows, Sql, Steps
+from chatmeter.db.tables import utcnow
 from chatmeter.errors import ApiError
-from chatmeter.ids import new_id
+from chatmeter.ids import as_uuid, new_id
 
-CHAT_COLUMNS = (
-    chats.c.chat_id,
-    chats.c.user_id,
-    chats.c.title,
-    chats.c.model,
-    chats.c.is_active,
-    chats.c.created_at,
-    chats.c.updated_at,
+Cursor = tuple[datetime, uuid.UUID]  # the moment and id of the last item of a page
+
+
+@dataclass(frozen=True, slots=True)
+class Chat:
+    chat_id: uuid.UUID
+    user_id: str
+    title: str
+    model: str
+    is_active: bool
+    created_at: datetime
+    updated_at: datetime
+
+    def json(self) -> dict[str, Any]:
+        """The chat as the API shows it."""
+        return {
+            "chat_id": str(self.chat_id),
+            "title": self.title,
+            "model": self.model,
+            "is_active": self.is_active,
+            "created_at": self.created_at.isoformat(),
+            "updated_at": self.updated_at.isoformat(),
+        }
+
+
+# the columns `read_chat` reads, in its order
+CHAT_COLUMNS = "chat_id, user_id, title, model, is_active, created_at, updated_at"
+
+
+def read_chat(row: tuple[Any, ...]) -> Chat:
+    chat_id, user_id, title, model, is_active, created_at, updated_at = row
+    return Chat(
+        as_uuid(chat_id),
+        str(user_id),
+        str(title),
+        str(model),
+        bool(is_active),
+        as_datetime(created_at),
+        as_datetime(updated_at),
+    )
+
+
+# the columns `message_json` reads, in its order
+MESSAGE_COLUMNS = (
+    "message_id, role, content, tokens_consumed, status, prompt_tokens, completion_tokens, "
+    "metering_source, finish_reason, cost_micros, created_at"
 )
 
 
-@asynccontextmanager
-async def write_transaction(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
-    """A transaction that reads and then writes. On SQLite it takes the write lock at
-    BEGIN: a plain one fails at once with SQLITE_BUSY when another writer commits
-    between its read and its write, and busy_timeout does not cover that."""
-    async with engine.connect() as conn:
-        conn = await conn.execution_options(**IMMEDIATE)
-        async with conn.begin():
-            yield conn
-
-
-def chat_json(chat: Mapping[Any, Any]) -> dict[str, Any]:
-    """A chat as the API shows it, from a row's mapping or the values just inserted."""
+def message_json(row: tuple[Any, ...]) -> dict[str, Any]:
+    (message_id, role, content, tokens, status, prompt, completion, source, finish, cost, at) = row
     return {
-        "chat_id": str(chat["chat_id"]),
-        "title": chat["title"],
-        "model": chat["model"],
-        "is_active": bool(chat["is_active"]),
-        "created_at": chat["created_at"].isoformat(),
-        "updated_at": chat["updated_at"].isoformat(),
-    }
-
-
-def message_json(row: Any) -> dict[str, Any]:
-    return {
-        "message_id": str(row.message_id),
-        "role": row.role,
-        "content": row.content,
-        "tokens_consumed": row.tokens_consumed,
-        "status": row.status,
-        "prompt_tokens": row.prompt_tokens,
-        "completion_tokens": row.completion_tokens,
-        "metering_source": row.metering_source,
-        "finish_reason": row.finish_reason,
-        "cost_micros": row.cost_micros,
-        "created_at": row.created_at.isoformat(),
+        "message_id": str(as_uuid(message_id)),
+        "role": role,
+        "content": content,
+        "tokens_consumed": tokens,
+        "status": status,
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "metering_source": source,
+        "finish_reason": finish,
+        "cost_micros": cost,
+        "created_at": as_datetime(at).isoformat(),
     }
 
 
@@ -77,59 +88,61 @@ def parse_chat_id(raw: str) -> uuid.UUID:
         raise ApiError(400, "INVALID_CHAT_ID", "The chat id is not a valid UUID.") from None
 
 
-async def insert_chat(
-    conn: AsyncConnection, user_id: str, title: str, model: str
-) -> dict[str, Any]:
+def insert_chat(user_id: str, title: str, model: str) -> Steps[Chat]:
     now = utcnow()
-    row = {
-        "chat_id": new_id(),
-        "user_id": user_id,
-        "title": title,
-        "model": model,
-        "is_active": True,
-        "created_at": now,
-        "updated_at": now,
-    }
-    await conn.execute(chats.insert().values(row))
-    return row
-
-
-async def owned_chat(conn: AsyncConnection, chat_id: uuid.UUID, user_id: str) -> Any:
-    """The active chat `chat_id` of `user_id`: 404 if unknown or deleted, 403 if another
-    user's (in that order, as the contract says)."""
-    row = (
-        await conn.execute(sa.select(*CHAT_COLUMNS).where(chats.c.chat_id == chat_id))
-    ).one_or_none()
-    return check_owned(row, user_id)
-
-
-def check_owned(row: Any, user_id: str) -> Any:
-    if row is None or not row.is_active:
-        raise ApiError(404, "CHAT_NOT_FOUND", "This chat does not exist or was deleted.")
-    if row.user_id != user_id:
-        raise ApiError(403, "FORBIDDEN", "This chat belongs to someone else.")
-    return row
+    chat = Chat(new_id(), user_id, title, model, True, now, now)
+    yield Sql(
+        f"INSERT INTO chats ({CHAT_COLUMNS}) VALUES (:chat_id, :user_id, :title, :model, "
+        ":yes, :now, :now)",
+        {
+            "chat_id": chat.chat_id,
+            "user_id": user_id,
+            "title": title,
+            "model": model,
+            "yes": True,
+            "now": now,
+        },
+    )
+    return chat
 
 
 @dataclass(frozen=True, slots=True)
 class ChatRef:
-    """What the message path needs of a chat."""
+    """What the message path needs of a chat (its opening reads it with the history)."""
 
     user_id: str
     model: str
     is_active: bool
 
 
-def owned_chat_steps(chat_id: uuid.UUID, user_id: str) -> Steps[ChatRef]:
-    """`owned_chat` as a step of the message path's transactions (`db/steps.py`)."""
-    rows = yield Sql(
-        "SELECT user_id, model, is_active FROM chats WHERE chat_id = :chat_id",
-        {"chat_id": chat_id},
-    )
-    chat = ChatRef(*rows[0]) if rows else None
-    check_owned(chat, user_id)  # 404, then 403, as the contract orders them
-    assert chat is not None
+class Owned(Protocol):
+    @property
+    def user_id(self) -> str: ...
+    @property
+    def is_active(self) -> bool: ...
+
+
+AnyChat = TypeVar("AnyChat", bound=Owned)
+
+
+def check_owned(chat: AnyChat | None, user_id: str) -> AnyChat:
+    """`chat` if it is the active chat of `user_id`: 404 if unknown or deleted, 403 if
+    another user's (in that order, as the contract says)."""
+    if chat is None or not chat.is_active:
+        raise ApiError(404, "CHAT_NOT_FOUND", "This chat does not exist or was deleted.")
+    if chat.user_id != user_id:
+        raise ApiError(403, "FORBIDDEN", "This chat belongs to someone else.")
     return chat
+
+
+def owned_chat_steps(chat_id: uuid.UUID, user_id: str) -> Steps[Chat]:
+    """The active chat `chat_id` of `user_id` (`check_owned`)."""
+    rows = yield Sql(
+        f"SELECT {CHAT_COLUMNS} FROM chats WHERE chat_id = :chat_id",
+        {"chat_id": chat_id},
+        alone=True,
+    )
+    return check_owned(read_chat(rows[0]) if rows else None, user_id)
 
 
 def encode_cursor(moment: datetime, item_id: uuid.UUID) -> str:
@@ -137,7 +150,7 @@ def encode_cursor(moment: datetime, item_id: uuid.UUID) -> str:
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
-def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
+def decode_cursor(cursor: str) -> Cursor:
     """The moment (in UTC) and id a `before` cursor names. The client sent it: a moment
     without a zone, or one that is not a moment in UTC (0001-01-01T00:00+14:00 is in
     year 0), is not a cursor this API made."""
@@ -152,47 +165,68 @@ def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
         raise ApiError(400, "INVALID_REQUEST", "before: not a cursor from this API") from None
 
 
-async def list_chats(
-    conn: AsyncConnection, user_id: str, limit: int, before: str | None
-) -> tuple[list[dict[str, Any]], str | None]:
-    query = (
-        sa.select(*CHAT_COLUMNS)
-        .where(chats.c.user_id == user_id, chats.c.is_active.is_(True))
-        .order_by(chats.c.updated_at.desc(), chats.c.chat_id.desc())
-        .limit(limit + 1)
-    )
-    if before:
-        moment, chat_id = decode_cursor(before)
-        query = query.where(
-            sa.or_(
-                chats.c.updated_at < moment,
-                sa.and_(chats.c.updated_at == moment, chats.c.chat_id < chat_id),
-            )
+def page_before(
+    select: str, moment: str, item_id: str, before: Cursor | None, limit: int
+) -> tuple[str, dict[str, object]]:
+    """`select` (ending in its WHERE conditions) newest first, a page of `limit` plus one
+    (which says there is a next page), after the cursor `before`."""
+    params: dict[str, object] = {"limit": limit + 1}
+    if before is not None:
+        select += (
+            f" AND ({moment} < :before_moment "
+            f"OR ({moment} = :before_moment AND {item_id} < :before_id))"
         )
-    rows = (await conn.execute(query)).all()
-    page = rows[:limit]
-    following = encode_cursor(page[-1].updated_at, page[-1].chat_id) if len(rows) > limit else None
-    return [chat_json(row._mapping) for row in page], following
+        params |= {"before_moment": before[0], "before_id": before[1]}
+    return f"{select} ORDER BY {moment} DESC, {item_id} DESC LIMIT :limit", params
 
 
-async def chat_messages(conn: AsyncConnection, chat_id: uuid.UUID) -> Sequence[Any]:
-    query = (
-        sa.select(messages)
-        .where(messages.c.chat_id == chat_id)
-        .order_by(messages.c.created_at, messages.c.role.desc())
+def next_cursor(rows: Rows, limit: int, moment: datetime, item_id: uuid.UUID) -> str | None:
+    """The cursor of the page after this one, if `rows` (`page_before`'s) hold one."""
+    return encode_cursor(moment, item_id) if len(rows) > limit else None
+
+
+def list_chats(
+    user_id: str, limit: int, before: Cursor | None
+) -> Steps[tuple[list[dict[str, Any]], str | None]]:
+    """The user's active chats, last updated first."""
+    text, params = page_before(
+        f"SELECT {CHAT_COLUMNS} FROM chats WHERE user_id = :user_id AND is_active = :yes",
+        "updated_at",
+        "chat_id",
+        before,
+        limit,
     )
-    return (await conn.execute(query)).all()
+    rows = yield Sql(text, {**params, "user_id": user_id, "yes": True}, alone=True)
+    page = [read_chat(row) for row in rows[:limit]]
+    following = next_cursor(rows, limit, page[-1].updated_at, page[-1].chat_id) if page else None
+    return [chat.json() for chat in page], following
 
 
-async def rename_chat(conn: AsyncConnection, chat_id: uuid.UUID, title: str) -> None:
-    await conn.execute(
-        chats.update().where(chats.c.chat_id == chat_id).values(title=title, updated_at=utcnow())
+def chat_with_messages(chat_id: uuid.UUID, user_id: str) -> Steps[dict[str, Any]]:
+    """The user's chat and its messages, oldest first, as the API shows them."""
+    chat = yield from owned_chat_steps(chat_id, user_id)
+    rows = yield Sql(
+        f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE chat_id = :chat_id "
+        "ORDER BY created_at, role DESC",
+        {"chat_id": chat_id},
+        alone=True,
     )
+    return {**chat.json(), "messages": [message_json(row) for row in rows]}
 
 
-async def deactivate_chat(conn: AsyncConnection, chat_id: uuid.UUID) -> None:
-    await conn.execute(
-        chats.update()
-        .where(chats.c.chat_id == chat_id)
-        .values(is_active=False, updated_at=utcnow())
+def rename_chat(chat_id: uuid.UUID, user_id: str, title: str) -> Steps[Chat]:
+    chat = yield from owned_chat_steps(chat_id, user_id)
+    now = utcnow()
+    yield Sql(
+        "UPDATE chats SET title = :title, updated_at = :now WHERE chat_id = :chat_id",
+        {"title": title, "now": now, "chat_id": chat_id},
+    )
+    return replace(chat, title=title, updated_at=now)
+
+
+def deactivate_chat(chat_id: uuid.UUID, user_id: str) -> Steps[None]:
+    yield from owned_chat_steps(chat_id, user_id)
+    yield Sql(
+        "UPDATE chats SET is_active = :no, updated_at = :now WHERE chat_id = :chat_id",
+        {"no": False, "now": utcnow(), "chat_id": chat_id},
     )

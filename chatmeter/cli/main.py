@@ -6,7 +6,7 @@ import asyncio
 import importlib
 import sys
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Annotated, Any, TypeVar
 
 import typer
@@ -16,6 +16,7 @@ from rich.table import Table
 from chatmeter.auth.tokens import mint_token, parse_ttl
 from chatmeter.cli.chat import chat_command
 from chatmeter.config import ConfigError, Settings, dev_jwt_secret, load_settings
+from chatmeter.db.steps import Steps
 from chatmeter.metering.cost import money
 
 app = typer.Typer(
@@ -166,28 +167,15 @@ def _safe_url(url: str) -> str:
     return url
 
 
-async def _with_connection(
-    settings: Settings, user: str, limit: int | None, plan: str | None = None
-) -> dict[str, Any]:
-    from chatmeter.db.engine import IMMEDIATE, make_engine
-    from chatmeter.metering import accounts
-    from chatmeter.metering.plans import PlanBook
+async def _in_transaction(settings: Settings, steps: Callable[..., Steps[T]], *args: Any) -> T:
+    """Run one transaction through the transactor the server uses, then close it."""
+    from chatmeter.db.transactor import make_transactor
 
-    book = PlanBook.of(settings)
-    engine = make_engine(settings.database_url)
+    transactor = make_transactor(settings.database_url, settings.sqlite_busy_timeout_ms)
     try:
-        async with engine.connect() as conn:
-            conn = await conn.execution_options(**IMMEDIATE)
-            async with conn.begin():
-                if plan is not None:
-                    row = await accounts.set_plan(conn, user, plan, book)
-                elif limit is None:
-                    row = await accounts.read_usage(conn, user, book)
-                else:
-                    row = await accounts.set_limit(conn, user, limit, book)
-                return accounts.usage_json(row, book)
+        return await transactor.run(steps, *args)
     finally:
-        await engine.dispose()
+        await transactor.close()
 
 
 _USAGE_COLUMNS = ("total_tokens_used", "reserved_tokens", "token_limit", "tokens_remaining")
@@ -208,30 +196,51 @@ def _usage_table(usage: dict[str, Any]) -> Table:
 
 
 def _usage_or_exit(user: str, limit: int | None, plan: str | None = None) -> dict[str, Any]:
-    from chatmeter.metering.accounts import UnknownPlan
+    from chatmeter.metering import accounts
+    from chatmeter.metering.plans import PlanBook
 
     settings = settings_or_exit()
+    book = PlanBook.of(settings)
+    work: Coroutine[Any, Any, accounts.UsageRow]
+    if plan is not None:
+        work = _in_transaction(settings, accounts.set_plan, user, plan, book)
+    elif limit is not None:
+        work = _in_transaction(settings, accounts.set_limit, user, limit, book)
+    else:
+        work = _in_transaction(settings, accounts.usage_steps, user, book)
     try:
-        return _run_or_exit(settings, _with_connection(settings, user, limit, plan))
-    except UnknownPlan:
+        row = _run_or_exit(settings, work)
+    except accounts.UnknownPlan:
         known = ", ".join(sorted(settings.plans))
         errors.print(f"[red]unknown plan[/red] {plan!r} (configured: {known})")
         raise typer.Exit(2) from None
+    return accounts.usage_json(row, book)
+
+
+def _database_errors() -> tuple[type[Exception], ...]:
+    """What a database that is away, or not migrated, raises through the transactor."""
+    import sqlite3
+
+    import asyncpg
+
+    return (OSError, sqlite3.Error, asyncpg.PostgresError, asyncpg.InterfaceError)
+
+
+def _database_error(settings: Settings, exc: Exception) -> typer.Exit:
+    cause = (str(exc) or type(exc).__name__).splitlines()[0]
+    errors.print(
+        f"[red]database error:[/red] {cause} ({_safe_url(settings.database_url)}). "
+        "Is it reachable, and migrated with `chatmeter db upgrade`?"
+    )
+    return typer.Exit(1)
 
 
 def _run_or_exit(settings: Settings, work: Coroutine[Any, Any, T]) -> T:
     """Run a database command; a database that is away is a clear message, exit 1."""
-    from sqlalchemy.exc import SQLAlchemyError
-
     try:
         return asyncio.run(work)
-    except (SQLAlchemyError, OSError) as exc:
-        cause = str(getattr(exc, "orig", None) or exc).splitlines()[0]
-        errors.print(
-            f"[red]database error:[/red] {cause} ({_safe_url(settings.database_url)}). "
-            "Is it reachable, and migrated with `chatmeter db upgrade`?"
-        )
-        raise typer.Exit(1) from None
+    except _database_errors() as exc:
+        raise _database_error(settings, exc) from None
 
 
 @users_app.command("set-limit")
@@ -252,42 +261,18 @@ def users_usage(user: str) -> None:
     console.print(_usage_table(_usage_or_exit(user, None)))
 
 
-async def _with_keys(
-    settings: Settings, work: Callable[[Any, Any], Awaitable[T]], *, write: bool = False
-) -> T:
-    """Run `work(connection, digester)` in one transaction."""
-    from chatmeter.auth.keys import KeyDigester, key_digest_secret
-    from chatmeter.chats.store import write_transaction
-    from chatmeter.db.engine import make_engine
-
-    digester = KeyDigester(key_digest_secret(settings))
-    engine = make_engine(settings.database_url)
-    try:
-        if write:
-            async with write_transaction(engine) as conn:
-                return await work(conn, digester)
-        async with engine.connect() as conn:
-            return await work(conn, digester)
-    finally:
-        await engine.dispose()
-
-
 async def _report_rows(
     settings: Settings, first: str | None, last: str | None, by: str
 ) -> list[dict[str, Any]]:
-    from chatmeter.db.engine import make_engine
     from chatmeter.db.tables import utcnow
     from chatmeter.metering.summary import DayRange, group_by, summarize
 
     zone = settings.zone
     days = DayRange.parse(first, last, utcnow().astimezone(zone).date())
     grouping = group_by(by, ("day", "model", "user"))
-    engine = make_engine(settings.database_url)
-    try:
-        async with engine.connect() as conn:
-            return await summarize(conn, days, zone, grouping, None)
-    finally:
-        await engine.dispose()
+    return await _in_transaction(
+        settings, summarize, days, zone, grouping, None, settings.is_sqlite
+    )
 
 
 UserOption = Annotated[str, typer.Option("--user", help="The user the key acts as.")]
@@ -300,6 +285,7 @@ def keys_create(
 ) -> None:
     """Make a key for a user and print it: it is shown this once."""
     from chatmeter.auth.key_store import create_key
+    from chatmeter.auth.keys import KeyDigester, key_digest_secret
     from chatmeter.errors import ApiError
 
     settings = settings_or_exit()
@@ -307,10 +293,10 @@ def keys_create(
     if not clean or len(clean) > 100 or not clean.isprintable():
         errors.print("[red]--name:[/red] 1 to 100 printable characters")
         raise typer.Exit(2)
+    digester = KeyDigester(key_digest_secret(settings))
     try:
         created = _run_or_exit(
-            settings,
-            _with_keys(settings, lambda conn, d: create_key(conn, d, user, clean), write=True),
+            settings, _in_transaction(settings, create_key, digester, user, clean)
         )
     except ApiError as exc:
         errors.print(f"[red]{exc.message}[/red]")
@@ -325,7 +311,7 @@ def keys_list(user: UserOption) -> None:
     from chatmeter.auth.key_store import list_keys
 
     settings = settings_or_exit()
-    keys = _run_or_exit(settings, _with_keys(settings, lambda conn, _: list_keys(conn, user)))
+    keys = _run_or_exit(settings, _in_transaction(settings, list_keys, user))
     table = Table(title=f"API keys of {user}")
     for column in ("key_id", "name", "created_at", "last_used_at"):
         table.add_column(column.replace("_", " "))
@@ -345,10 +331,7 @@ def keys_revoke(key_id: str, user: UserOption) -> None:
     except ValueError:
         errors.print("[red]KEY_ID:[/red] not a valid UUID")
         raise typer.Exit(2) from None
-    revoked = _run_or_exit(
-        settings,
-        _with_keys(settings, lambda conn, _: revoke_key(conn, user, key_uuid), write=True),
-    )
+    revoked = _run_or_exit(settings, _in_transaction(settings, revoke_key, user, key_uuid))
     if not revoked:
         errors.print(f"[red]{user} holds no live key {key_id}[/red]")
         raise typer.Exit(1)
@@ -367,8 +350,6 @@ def usage_report(
     as_csv: Annotated[bool, typer.Option("--csv", help="CSV to stdout, with a header.")] = False,
 ) -> None:
     """Everyone's usage by day (in CHATMETER_TIMEZONE), model or user."""
-    from sqlalchemy.exc import SQLAlchemyError
-
     from chatmeter.errors import ApiError
     from chatmeter.metering.summary import SUM_FIELDS
     from chatmeter.metering.summary import as_csv as csv_text
@@ -379,10 +360,8 @@ def usage_report(
     except ApiError as exc:
         errors.print(f"[red]{exc.message.replace('from', '--from', 1)}[/red]")
         raise typer.Exit(2) from None
-    except (SQLAlchemyError, OSError) as exc:
-        cause = str(getattr(exc, "orig", None) or exc).splitlines()[0]
-        errors.print(f"[red]database error:[/red] {cause}")
-        raise typer.Exit(1) from None
+    except _database_errors() as exc:
+        raise _database_error(settings, exc) from None
     if as_csv:
         sys.stdout.write(csv_text(rows, by))  # type: ignore[arg-type]
         return

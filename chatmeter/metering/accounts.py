@@ -1,29 +1,34 @@
 """Users' budget rows (`user_usage`) and their ledger (`usage_events`): reads and admin
-changes. The reservation lives in `budget.py`, settlement in `settlement.py`."""
+changes, as transaction steps (`db/steps.py`). The reservation lives in `budget.py`, and
+so does a user's first row (`ensure_user`); settlement in `settlement.py`."""
 
 from __future__ import annotations
 
 from datetime import datetime
 from typing import Any
 
-import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
-
-from chatmeter.chats.store import decode_cursor, encode_cursor, write_transaction
-from chatmeter.db.tables import usage_events, user_usage, utcnow
+from chatmeter.chats.store import Cursor, next_cursor, page_before
+from chatmeter.db.rows import as_datetime, as_optional_uuid
+from chatmeter.db.steps import Sql, Steps
+from chatmeter.db.tables import utcnow
+from chatmeter.ids import as_uuid
+from chatmeter.metering.budget import ensure_user
 from chatmeter.metering.plans import STANDING_COLUMNS, PlanBook, Standing
 
+# a user's budget row as `usage_json` reads it: the user id, then `Standing`'s columns
+UsageRow = tuple[Any, ...]
+USAGE_COLUMNS = f"user_id, {STANDING_COLUMNS}"
 
-def usage_json(row: Any, book: PlanBook, now: datetime | None = None) -> dict[str, Any]:
+
+def usage_json(row: UsageRow, book: PlanBook, now: datetime | None = None) -> dict[str, Any]:
     """A user's usage as the API shows it (SPEC sections 4 and 10), as of `now`: a
     period that ended shows as the new one, whether or not a statement rolled it yet."""
-    standing = Standing.of(book, tuple(row._mapping[c] for c in _STANDING), now or utcnow())
+    standing = Standing.of(book, row[1:], now or utcnow())
     plan = standing.plan
     zone = book.zone
     current = standing.bounds
     return {
-        "user_id": row.user_id,
+        "user_id": row[0],
         "total_tokens_used": standing.total_tokens_used,
         "token_limit": standing.token_limit,
         "reserved_tokens": standing.reserved_tokens,
@@ -42,150 +47,133 @@ def usage_json(row: Any, book: PlanBook, now: datetime | None = None) -> dict[st
     }
 
 
-_STANDING = [name.strip() for name in STANDING_COLUMNS.split(",")]
-
-
-def _insert(conn: AsyncConnection) -> Any:
-    return postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
-
-
-def _new_user(user_id: str, book: PlanBook) -> dict[str, Any]:
-    """A user's first row: the default plan (`budget.ensure_user` on the message path)."""
-    return {
-        "user_id": user_id,
-        "total_tokens_used": 0,
-        "token_limit": book.plan(book.default).stored_token_limit,
-        "reserved_tokens": 0,
-        "updated_at": utcnow(),
-        "plan": book.default,
-        "token_limit_overridden": False,
-    }
-
-
-async def ensure_user(conn: AsyncConnection, user_id: str, book: PlanBook) -> None:
-    """Create the user's budget row on the default plan if this is the first time the
-    user is seen; never touches an existing row."""
-    statement = (
-        _insert(conn)(user_usage)
-        .values(**_new_user(user_id, book))
-        .on_conflict_do_nothing(index_elements=["user_id"])
+def _read(user_id: str) -> Steps[UsageRow | None]:
+    rows = yield Sql(
+        f"SELECT {USAGE_COLUMNS} FROM user_usage WHERE user_id = :user_id",
+        {"user_id": user_id},
+        alone=True,
     )
-    await conn.execute(statement)
+    return rows[0] if rows else None
 
 
-async def read_usage(conn: AsyncConnection, user_id: str, book: PlanBook) -> Any:
-    query = sa.select(user_usage).where(user_usage.c.user_id == user_id)
-    row = (await conn.execute(query)).one_or_none()
+def usage_steps(user_id: str, book: PlanBook) -> Steps[UsageRow]:
+    """The user's budget row, created on the default plan when first seen."""
+    row = yield from _read(user_id)
     if row is None:
-        await ensure_user(conn, user_id, book)
-        row = (await conn.execute(query)).one()
+        yield from ensure_user(user_id, book, utcnow())
+        row = yield from _read(user_id)
+    assert row is not None
     return row
 
 
-async def usage_of(engine: AsyncEngine, user_id: str, book: PlanBook) -> Any:
-    """The user's budget row, created on the default plan when first seen: a plain read
-    when the row exists (almost always), a write transaction only to create it."""
-    query = sa.select(user_usage).where(user_usage.c.user_id == user_id)
-    async with engine.connect() as conn:
-        row = (await conn.execute(query)).one_or_none()
-    if row is not None:
-        return row
-    async with write_transaction(engine) as conn:
-        return await read_usage(conn, user_id, book)
-
-
-async def _upsert(
-    conn: AsyncConnection, user_id: str, book: PlanBook, changes: dict[str, Any]
-) -> Any:
-    changes = {**changes, "updated_at": utcnow()}
-    statement = (
-        _insert(conn)(user_usage)
-        .values(**{**_new_user(user_id, book), **changes})
-        .on_conflict_do_update(index_elements=["user_id"], set_=changes)
-    )
-    await conn.execute(statement)
-    return (await conn.execute(sa.select(user_usage).where(user_usage.c.user_id == user_id))).one()
-
-
-async def set_limit(conn: AsyncConnection, user_id: str, limit: int, book: PlanBook) -> Any:
+def set_limit(user_id: str, limit: int, book: PlanBook) -> Steps[UsageRow]:
     """An admin's token limit for the user, over the plan's until a plan is assigned."""
-    return await _upsert(
-        conn, user_id, book, {"token_limit": limit, "token_limit_overridden": True}
+    now = utcnow()
+    yield from ensure_user(user_id, book, now)
+    yield Sql(
+        "UPDATE user_usage SET token_limit = :limit, token_limit_overridden = :yes, "
+        "updated_at = :now WHERE user_id = :user_id",
+        {"limit": limit, "yes": True, "now": now, "user_id": user_id},
     )
+    return (yield from usage_steps(user_id, book))
+
+
+def find_users(part: str, limit: int, offset: int) -> Steps[tuple[int, list[UsageRow]]]:
+    """How many users' ids hold `part` (any case; every user when empty), and a page of
+    their rows, ordered by id."""
+    # `part` is matched as it is: LIKE's wildcards in it are escaped
+    escaped = part.lower().replace("/", "//").replace("%", "/%").replace("_", "/_")
+    where = "WHERE lower(user_id) LIKE :pattern ESCAPE '/'" if part else ""
+    pattern = {"pattern": f"%{escaped}%"} if part else {}
+    counted = yield Sql(f"SELECT COUNT(*) FROM user_usage {where}", pattern, alone=True)
+    rows = yield Sql(
+        f"SELECT {USAGE_COLUMNS} FROM user_usage {where} ORDER BY user_id "
+        "LIMIT :limit OFFSET :offset",
+        {**pattern, "limit": limit, "offset": offset},
+        alone=True,
+    )
+    return int(counted[0][0]), rows
 
 
 class UnknownPlan(ValueError):
     pass
 
 
-async def set_plan(conn: AsyncConnection, user_id: str, plan: str, book: PlanBook) -> Any:
+def set_plan(user_id: str, plan: str, book: PlanBook) -> Steps[UsageRow]:
     """Put the user on `plan`; its token limit replaces an admin's override. With a
     period, the totals become the ledger's sums in the new plan's current period (so
     they stay equal to them); without one, they go on from where they are."""
     if plan not in book.plans:
         raise UnknownPlan(plan)
     chosen = book.plans[plan]
-    row = await _upsert(
-        conn,
-        user_id,
-        book,
-        {"plan": plan, "token_limit": chosen.stored_token_limit, "token_limit_overridden": False},
+    now = utcnow()
+    yield from ensure_user(user_id, book, now)
+    yield Sql(
+        "UPDATE user_usage SET plan = :plan, token_limit = :limit, "
+        "token_limit_overridden = :no, updated_at = :now WHERE user_id = :user_id",
+        {
+            "plan": plan,
+            "limit": chosen.stored_token_limit,
+            "no": False,
+            "now": now,
+            "user_id": user_id,
+        },
     )
-    current = book.bounds(chosen, utcnow())
-    if current is None:
-        return row
-    since = sa.and_(usage_events.c.user_id == user_id, usage_events.c.created_at >= current.start)
-
-    def ledger_sum(column: sa.Column[Any]) -> Any:
-        return sa.select(sa.func.coalesce(sa.func.sum(column), 0)).where(since).scalar_subquery()
-
-    await conn.execute(
-        sa.update(user_usage)
-        .where(user_usage.c.user_id == user_id)
-        .values(
-            period_start=current.start_micros,
-            total_tokens_used=ledger_sum(usage_events.c.total_tokens),
-            spend_micros=ledger_sum(usage_events.c.cost_micros),
+    current = book.bounds(chosen, now)
+    if current is not None:
+        since = "FROM usage_events WHERE user_id = :user_id AND created_at >= :start"
+        yield Sql(
+            "UPDATE user_usage SET period_start = CAST(:start_us AS BIGINT), "
+            f"total_tokens_used = (SELECT COALESCE(SUM(total_tokens), 0) {since}), "
+            f"spend_micros = (SELECT COALESCE(SUM(cost_micros), 0) {since}) "
+            "WHERE user_id = :user_id",
+            {"start_us": current.start_micros, "start": current.start, "user_id": user_id},
         )
-    )
-    return (await conn.execute(sa.select(user_usage).where(user_usage.c.user_id == user_id))).one()
+    return (yield from usage_steps(user_id, book))
 
 
-def event_json(row: Any) -> dict[str, Any]:
+# the columns `event_json` reads, in its order
+EVENT_COLUMNS = (
+    "event_id, chat_id, message_id, model, prompt_tokens, completion_tokens, "
+    "thinking_tokens, cached_tokens, total_tokens, source, cost_micros, created_at"
+)
+
+
+def event_json(row: tuple[Any, ...]) -> dict[str, Any]:
+    (event_id, chat_id, message_id, model, prompt, completion, thinking, cached) = row[:8]
+    total, source, cost, created_at = row[8:]
+    chat = as_optional_uuid(chat_id)
     return {
-        "event_id": str(row.event_id),
-        "chat_id": None if row.chat_id is None else str(row.chat_id),  # None: via /v1
-        "message_id": str(row.message_id),
-        "model": row.model,
-        "prompt_tokens": row.prompt_tokens,
-        "completion_tokens": row.completion_tokens,
-        "thinking_tokens": row.thinking_tokens,
-        "cached_tokens": row.cached_tokens,
-        "total_tokens": row.total_tokens,
-        "source": row.source,
-        "cost_micros": row.cost_micros,
-        "created_at": row.created_at.isoformat(),
+        "event_id": str(as_uuid(event_id)),
+        "chat_id": None if chat is None else str(chat),  # None: via /v1
+        "message_id": str(as_uuid(message_id)),
+        "model": model,
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "thinking_tokens": thinking,
+        "cached_tokens": cached,
+        "total_tokens": total,
+        "source": source,
+        "cost_micros": cost,
+        "created_at": as_datetime(created_at).isoformat(),
     }
 
 
-async def list_events(
-    conn: AsyncConnection, user_id: str, limit: int, before: str | None
-) -> tuple[list[dict[str, Any]], str | None]:
-    query = (
-        sa.select(usage_events)
-        .where(usage_events.c.user_id == user_id)
-        .order_by(usage_events.c.created_at.desc(), usage_events.c.event_id.desc())
-        .limit(limit + 1)
+def list_events(
+    user_id: str, limit: int, before: Cursor | None
+) -> Steps[tuple[list[dict[str, Any]], str | None]]:
+    """The user's ledger, newest first."""
+    text, params = page_before(
+        f"SELECT {EVENT_COLUMNS} FROM usage_events WHERE user_id = :user_id",
+        "created_at",
+        "event_id",
+        before,
+        limit,
     )
-    if before:
-        moment, event_id = decode_cursor(before)
-        query = query.where(
-            sa.or_(
-                usage_events.c.created_at < moment,
-                sa.and_(usage_events.c.created_at == moment, usage_events.c.event_id < event_id),
-            )
-        )
-    rows = (await conn.execute(query)).all()
+    rows = yield Sql(text, {**params, "user_id": user_id}, alone=True)
     page = rows[:limit]
-    following = encode_cursor(page[-1].created_at, page[-1].event_id) if len(rows) > limit else None
+    following = None
+    if page:
+        last = page[-1]
+        following = next_cursor(rows, limit, as_datetime(last[-1]), as_uuid(last[0]))
     return [event_json(row) for row in page], following

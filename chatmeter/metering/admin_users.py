@@ -3,12 +3,10 @@ and paged, for the admin console (issue 17)."""
 
 from __future__ import annotations
 
-import sqlalchemy as sa
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, ConfigDict
 from starlette.responses import Response
 
-from chatmeter.db.tables import user_usage
 from chatmeter.deps import AdminUser, ServicesDep
 from chatmeter.errors import ApiError
 from chatmeter.jsonutil import json_response
@@ -41,20 +39,7 @@ async def list_users(
         # no user id holds a NUL (PostgreSQL text cannot): nothing to match, and asking
         # PostgreSQL would fail
         raise ApiError(400, "INVALID_REQUEST", "q: must not contain NUL characters")
-    matches: sa.ColumnElement[bool] = sa.true()
-    if q:
-        matches = sa.func.lower(user_usage.c.user_id).contains(q.lower(), autoescape=True)
-    page = (
-        sa.select(user_usage)
-        .where(matches)
-        .order_by(user_usage.c.user_id)
-        .limit(limit)
-        .offset(offset)
-    )
-    count = sa.select(sa.func.count()).select_from(user_usage).where(matches)
-    async with services.engine.connect() as conn:
-        rows = (await conn.execute(page)).all()
-        total = (await conn.execute(count)).scalar_one()
+    total, rows = await services.transactor.run(accounts.find_users, q, limit, offset)
     users = [accounts.usage_json(row, services.plans) for row in rows]
     body = {"users": users, "total": total, "limit": limit, "offset": offset}
     return json_response(body)

@@ -10,7 +10,6 @@ from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
-from chatmeter.chats.store import write_transaction
 from chatmeter.db.tables import utcnow
 from chatmeter.deps import AdminUser, CurrentUser, ServicesDep
 from chatmeter.errors import ApiError
@@ -149,8 +148,7 @@ async def set_plan(user_id: str, request: Request, _: AdminUser, services: Servi
     except BadBody as exc:
         raise ApiError(400, "INVALID_REQUEST", exc.message) from None
     try:
-        async with write_transaction(services.engine) as conn:
-            row = await accounts.set_plan(conn, user_id, body.plan, services.plans)
+        row = await services.transactor.run(accounts.set_plan, user_id, body.plan, services.plans)
     except accounts.UnknownPlan:
         known = ", ".join(sorted(services.plans.plans))
         raise ApiError(
@@ -178,8 +176,9 @@ async def _summary(
     by = group_by(raw["group_by"] or "day", allowed)
     days = DayRange.parse(raw["from"], raw["to"], utcnow().astimezone(zone).date())
     csv_wanted = _wants_csv(request, raw["format"])
-    async with services.engine.connect() as conn:
-        rows = await summarize(conn, days, zone, by, user_id)
+    rows = await services.transactor.run(
+        summarize, days, zone, by, user_id, services.settings.is_sqlite
+    )
     if csv_wanted:
         return Response(
             as_csv(rows, by),

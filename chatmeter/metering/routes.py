@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Literal
 
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
-from chatmeter.chats.store import write_transaction
+from chatmeter.chats.store import decode_cursor
 from chatmeter.deps import AdminUser, CurrentUser, ServicesDep
 from chatmeter.errors import ApiError
 from chatmeter.jsonutil import BadBody, json_response, parse_model, read_json
 from chatmeter.metering import accounts
+from chatmeter.metering.counting import Source
 from chatmeter.openapi import errors, json_body
 
 router = APIRouter(tags=["usage"])
@@ -52,7 +52,7 @@ class UsageEvent(BaseModel):
     thinking_tokens: int = Field(ge=0)
     cached_tokens: int = Field(ge=0)
     total_tokens: int = Field(ge=0)
-    source: Literal["provider", "counted", "estimated"]
+    source: Source
     cost_micros: int = Field(ge=0)
     created_at: datetime
 
@@ -70,7 +70,7 @@ class NewLimit(BaseModel):
 
 @router.get("/api/usage", response_model=UsageOut, responses=errors())
 async def my_usage(user: CurrentUser, services: ServicesDep) -> Response:
-    row = await accounts.usage_of(services.engine, user.user_id, services.plans)
+    row = await services.transactor.run(accounts.usage_steps, user.user_id, services.plans)
     return json_response(accounts.usage_json(row, services.plans))
 
 
@@ -81,8 +81,10 @@ async def my_events(
     limit: int = Query(default=50, ge=1, le=500),
     before: str | None = Query(default=None, max_length=200),
 ) -> Response:
-    async with services.engine.connect() as conn:
-        events, following = await accounts.list_events(conn, user.user_id, limit, before)
+    cursor = decode_cursor(before) if before else None
+    events, following = await services.transactor.run(
+        accounts.list_events, user.user_id, limit, cursor
+    )
     return json_response({"events": events, "next": following})
 
 
@@ -106,13 +108,14 @@ async def set_limit(
         body = parse_model(NewLimit, await read_json(request))
     except BadBody as exc:
         raise ApiError(400, "INVALID_REQUEST", exc.message) from None
-    async with write_transaction(services.engine) as conn:
-        row = await accounts.set_limit(conn, user_id, body.token_limit, services.plans)
+    row = await services.transactor.run(
+        accounts.set_limit, user_id, body.token_limit, services.plans
+    )
     return json_response(accounts.usage_json(row, services.plans))
 
 
 @router.get("/api/admin/users/{user_id}/usage", response_model=UsageOut, responses=errors(400, 403))
 async def user_usage(user_id: str, _: AdminUser, services: ServicesDep) -> Response:
     user_id = user_id_of(user_id)
-    row = await accounts.usage_of(services.engine, user_id, services.plans)
+    row = await services.transactor.run(accounts.usage_steps, user_id, services.plans)
     return json_response(accounts.usage_json(row, services.plans))

@@ -16,10 +16,7 @@ from datetime import date, datetime, timedelta
 from typing import Any, Literal
 from zoneinfo import ZoneInfo
 
-import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncConnection
-
-from chatmeter.db.tables import usage_events
+from chatmeter.db.steps import Sql, Steps
 from chatmeter.errors import ApiError
 from chatmeter.metering.periods import EPOCH
 
@@ -83,37 +80,29 @@ def group_by(raw: str, allowed: tuple[str, ...]) -> GroupBy:
     return raw  # type: ignore[return-value]
 
 
-def _quarter(conn: AsyncConnection) -> Any:
-    created = usage_events.c.created_at
-    if conn.dialect.name == "postgresql":
-        epoch = sa.extract("epoch", created)
-        return sa.cast(sa.func.floor(epoch / QUARTER_SECONDS), sa.BigInteger)
-    seconds = sa.cast(sa.func.strftime("%s", created), sa.Integer)
-    return sa.cast(seconds / QUARTER_SECONDS, sa.Integer)
+# the quarter hour (since the epoch, UTC) of a ledger row: the one expression the two
+# databases spell differently
+_QUARTER = {
+    True: f"CAST(CAST(strftime('%s', created_at) AS INTEGER) / {QUARTER_SECONDS} AS INTEGER)",
+    False: f"CAST(floor(extract(epoch FROM created_at) / {QUARTER_SECONDS}) AS BIGINT)",
+}
+_KEYS = {"model": "model", "user": "user_id"}
 
 
-async def summarize(
-    conn: AsyncConnection,
-    days: DayRange,
-    zone: ZoneInfo,
-    by: GroupBy,
-    user_id: str | None,
-) -> list[dict[str, Any]]:
+def summarize(
+    days: DayRange, zone: ZoneInfo, by: GroupBy, user_id: str | None, sqlite: bool
+) -> Steps[list[dict[str, Any]]]:
+    """The ledger's sums over `days`, grouped `by` (`sqlite`: the database is SQLite)."""
     start, end = days.instants(zone)
-    key: Any = {
-        "day": _quarter(conn),
-        "model": usage_events.c.model,
-        "user": usage_events.c.user_id,
-    }[by].label("key")
-    sums = [sa.func.coalesce(sa.func.sum(usage_events.c[f]), 0) for f in SUM_FIELDS]
-    query = (
-        sa.select(key, sa.func.count(), *sums)
-        .where(usage_events.c.created_at >= start, usage_events.c.created_at < end)
-        .group_by(key)
+    key = _QUARTER[sqlite] if by == "day" else _KEYS[by]
+    sums = ", ".join(f"COALESCE(SUM({field}), 0)" for field in SUM_FIELDS)
+    mine = " AND user_id = :user_id" if user_id is not None else ""
+    rows = yield Sql(
+        f"SELECT {key}, COUNT(*), {sums} FROM usage_events "
+        f"WHERE created_at >= :start AND created_at < :end{mine} GROUP BY 1",
+        {"start": start, "end": end, **({"user_id": user_id} if user_id is not None else {})},
+        alone=True,
     )
-    if user_id is not None:
-        query = query.where(usage_events.c.user_id == user_id)
-    rows = (await conn.execute(query)).all()
     totals: dict[str, list[int]] = {}
     for group, *figures in rows:
         if by == "day":

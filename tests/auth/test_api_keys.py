@@ -38,7 +38,7 @@ async def test_a_key_is_shown_once_and_stored_only_as_a_digest(
     assert created["name"] == "ci runner"
     assert re.fullmatch(r"cm-[A-Za-z0-9_-]{43}", created["key"])  # 256 random bits
     uuid.UUID(created["key_id"])
-    async with server.services.engine.connect() as conn:
+    async with server.engine.connect() as conn:
         rows = (await conn.execute(sa.select(api_keys))).mappings().all()
     assert len(rows) == 1
     stored = rows[0]

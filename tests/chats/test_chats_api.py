@@ -47,7 +47,7 @@ async def create(client: httpx.AsyncClient, user: str, body: Any = None) -> dict
 
 
 async def chat_row(server: RunningServer, chat_id: str) -> Any:
-    async with server.services.engine.connect() as conn:
+    async with server.engine.connect() as conn:
         query = sa.select(chats).where(chats.c.chat_id == uuid.UUID(chat_id))
         return (await conn.execute(query)).one_or_none()
 
@@ -74,7 +74,7 @@ async def insert_messages(
         for n, (role, content, status) in enumerate(rows)
     ]
     shuffled = values[1::2] + values[::2]
-    async with server.services.engine.begin() as conn:
+    async with server.engine.begin() as conn:
         await conn.execute(messages.insert(), shuffled)
     return [str(v["message_id"]) for v in values]
 
@@ -193,7 +193,7 @@ async def test_malformed_or_non_object_create_body_is_400(
 
 async def assert_no_chats(server: RunningServer, user: str) -> None:
     query = sa.select(sa.func.count()).select_from(chats).where(chats.c.user_id == user)
-    async with server.services.engine.connect() as conn:
+    async with server.engine.connect() as conn:
         assert (await conn.execute(query)).scalar_one() == 0
 
 
@@ -290,7 +290,7 @@ async def test_chats_with_equal_timestamps_page_by_id(
         }
         for n in range(7)
     ]
-    async with server.services.engine.begin() as conn:
+    async with server.engine.begin() as conn:
         await conn.execute(chats.insert(), rows)
     seen: list[str] = []
     cursor: str | None = None
@@ -502,7 +502,7 @@ async def test_soft_delete(client: httpx.AsyncClient, server: RunningServer) -> 
     row = await chat_row(server, chat["chat_id"])
     assert row is not None, "a soft delete keeps the row"
     assert row.is_active is False
-    async with server.services.engine.connect() as conn:
+    async with server.engine.connect() as conn:
         kept = (
             await conn.execute(
                 sa.select(sa.func.count())

@@ -54,7 +54,7 @@ async def test_an_opening_whose_writer_died_after_commit_leaves_no_stuck_chat(
         assert result.status == 200, result.body
         assert result.last.get("done") is True
         assert transactor.pid not in (None, first_pid)
-        rows = await chat_rows(server.services.engine, chat_id)
+        rows = await chat_rows(server.engine, chat_id)
         assert [(r.role, r.content) for r in rows][:1] == [("user", "hello")]
         assert [r.role for r in rows] == ["user", "assistant"]  # the lost one taken back
         # the chat is free, and the books balance

@@ -121,7 +121,7 @@ async def test_hostile_text_round_trips_byte_exact(
         replies = [m["content"] for m in got["messages"] if m["role"] == "assistant"]
         assert sent == list(TEXTS.values())
         assert replies == [REPLY] * len(TEXTS)
-        rows = await chat_rows(running.services.engine, chat_id)
+        rows = await chat_rows(running.engine, chat_id)
         stored = [row.content for row in rows]
         assert stored == [part for text in TEXTS.values() for part in (text, REPLY)]
         assert [row.content.encode() for row in rows] == [s.encode() for s in stored]
@@ -169,7 +169,7 @@ async def test_text_no_database_can_hold_is_refused(
         assert (await client.post("/api/chat", json=title, headers=auth(USER))).status_code == 400
         patched = await client.patch(f"/api/chat/{chat_id}", json=title, headers=auth(USER))
         assert patched.status_code == 400
-    assert await chat_rows(running.services.engine, chat_id) == []
+    assert await chat_rows(running.engine, chat_id) == []
 
 
 async def test_an_escaped_surrogate_pair_is_the_character_it_encodes(
@@ -180,7 +180,7 @@ async def test_an_escaped_surrogate_pair_is_the_character_it_encodes(
     body = b'{"message": "smile \\ud83d\\ude00"}'
     response = await client.post(f"/api/chat/{chat_id}/message", content=body, headers=headers)
     assert response.status_code == 200, response.text
-    (row, _) = await chat_rows(running.services.engine, chat_id)
+    (row, _) = await chat_rows(running.engine, chat_id)
     assert row.content == "smile \U0001f600"
     assert row.content.encode() == b"smile \xf0\x9f\x98\x80"
 
@@ -195,7 +195,7 @@ async def test_model_output_no_database_can_hold_is_made_storable(
     saved = "".join(chunks)
     assert "\x00" not in saved and saved.encode()  # encodable: no lone surrogate
     assert saved.startswith("nul\ufffd lone\ufffd pair") and saved.endswith(" end")
-    (_, row) = await chat_rows(running.services.engine, chat_id)
+    (_, row) = await chat_rows(running.engine, chat_id)
     assert row.content == saved and row.status == "complete"
     usage = (await client.get("/api/usage/events", headers=auth(USER))).json()["events"]
     assert [e["message_id"] for e in usage] == [str(row.message_id)]

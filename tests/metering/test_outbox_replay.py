@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from chatmeter.chats.store import insert_chat, write_transaction
+from chatmeter.chats.store import insert_chat
 from chatmeter.db.engine import make_engine
 from chatmeter.db.transactor import Transactor, make_transactor
 from chatmeter.ids import new_id
@@ -64,16 +64,13 @@ async def transactor(database_url: str) -> AsyncIterator[Transactor]:
 async def reply_to_settle(engine: AsyncEngine, transactor: Transactor, n: int) -> Settlement:
     """A real exchange opened (chat, user message, reservation) and its settlement,
     as the exchange would have spooled it."""
-    async with write_transaction(engine) as conn:
-        chat = await insert_chat(conn, USER, f"chat {n}", "m")
-    opened = await transactor.run(
-        open_steps, RULES, USER, chat["chat_id"], f"hi {n}", None, new_id()
-    )
+    chat = await transactor.run(insert_chat, USER, f"chat {n}", "m")
+    opened = await transactor.run(open_steps, RULES, USER, chat.chat_id, f"hi {n}", None, new_id())
     asked_at = opened.user_message_at
     assert asked_at is not None  # a chat's opening saved the user message
     return Settlement(
         user_id=USER,
-        chat_id=chat["chat_id"],
+        chat_id=chat.chat_id,
         model="m",
         reservation_id=opened.reservation.reservation_id,
         message_id=new_id(),
@@ -142,7 +139,7 @@ async def test_a_settlement_refused_for_good_does_not_hold_back_the_others(
     mine, other = Outbox(str(tmp_path), "w1", metrics), Outbox(str(tmp_path), "w2", metrics)
     gone, kept, elsewhere = [await reply_to_settle(engine, transactor, n) for n in (1, 2, 3)]
     assert gone.chat_id is not None
-    async with write_transaction(engine) as conn:
+    async with engine.begin() as conn:
         for table in ("messages", "chats"):
             await conn.exec_driver_sql(
                 f"DELETE FROM {table} WHERE chat_id = '{gone.chat_id.hex}'"

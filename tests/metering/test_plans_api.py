@@ -99,9 +99,9 @@ async def test_cost_is_on_the_end_event_the_message_and_the_ledger(
     ) * Decimal("2.50")
     assert abs(Decimal(expected) - exact) <= Decimal("0.5")
     message_id = result.last["message_id"]
-    rows = await chat_rows(server.services.engine, chat)
+    rows = await chat_rows(server.engine, chat)
     assert rows[-1].cost_micros == expected and rows[0].cost_micros == 0
-    assert (await ledger_row(server.services.engine, message_id)).cost_micros == expected
+    assert (await ledger_row(server.engine, message_id)).cost_micros == expected
     mine = await usage(client, user)
     assert mine["spend_micros"] == expected and mine["currency"] == "EUR"
     events = (await client.get("/api/usage/events", headers=auth(user))).json()["events"]
@@ -140,7 +140,7 @@ async def test_concurrent_streams_never_pass_the_spend_limit(
         assert (r.status, r.body["code"]) == (403, "SPEND_LIMIT_EXCEEDED"), r.body
         assert datetime.fromisoformat(r.body["resets_at"]) > utcnow()
     spent = sum(r.last["usage"]["cost_micros"] for r in served)
-    state = await period_books(server.services.engine, user)
+    state = await period_books(server.engine, user)
     assert state.spend == spent == state.ledger_spend <= 2000
     assert balanced(state)
     assert (state.reserved, state.reserved_micros, state.active) == (0, 0, 0)
@@ -180,13 +180,13 @@ async def test_requests_per_minute_allows_a_burst_then_refuses_saving_nothing(
     for chat in chats[:3]:
         ok = await stream_message(client, chat, "Hi", token_for(user))
         assert ok.status == 200, ok.body
-    before = await period_books(server.services.engine, user)
+    before = await period_books(server.engine, user)
     refused = await stream_message(client, chats[3], "Hi", token_for(user))
     assert (refused.status, refused.body["code"]) == (429, "RATE_LIMITED")
     retry = refused.headers["retry-after"]
     assert retry.isdigit() and 1 <= int(retry) <= 20  # one request refills in 20 s
-    assert await chat_rows(server.services.engine, chats[3]) == []
-    after = await period_books(server.services.engine, user)
+    assert await chat_rows(server.engine, chats[3]) == []
+    after = await period_books(server.engine, user)
     assert after == before
     # checked after the chat's owner: another user's chat is still 403 FORBIDDEN
     other = await new_chat(client, fresh("owner"))
@@ -201,15 +201,15 @@ async def test_concurrent_replies_are_capped_across_chats(
     await on_plan(client, user, "solo")
     first, second = await new_chat(client, user, model="slow"), await new_chat(client, user)
     streaming = asyncio.create_task(stream_message(client, first, "Go", token_for(user)))
-    await eventually(lambda: holds_a_reservation(server.services.engine, user))
+    await eventually(lambda: holds_a_reservation(server.engine, user))
     refused = await stream_message(client, second, "Me too", token_for(user))
     assert (refused.status, refused.body["code"]) == (429, "RATE_LIMITED")
     assert refused.headers["retry-after"] == "1"
-    assert await chat_rows(server.services.engine, second) == []
+    assert await chat_rows(server.engine, second) == []
     assert (await streaming).last["done"] is True
     again = await stream_message(client, second, "Now?", token_for(user))
     assert again.status == 200 and again.last["done"] is True
-    state = await period_books(server.services.engine, user)
+    state = await period_books(server.engine, user)
     assert state.active == 0 and balanced(state)
 
 
@@ -225,7 +225,7 @@ async def test_usage_after_a_boundary_nobody_was_there_for(
     assert today is not None
     yesterday = today.start - timedelta(hours=12)
     # the row as a server left it yesterday: nothing has run since
-    async with server.services.engine.begin() as conn:
+    async with server.engine.begin() as conn:
         await conn.execute(
             sa.update(user_usage)
             .where(user_usage.c.user_id == user)
@@ -240,7 +240,7 @@ async def test_usage_after_a_boundary_nobody_was_there_for(
     assert mine["period_start"].endswith(("+01:00", "+02:00")), "shown in Paris time"
     chat = await new_chat(client, user)
     result = await stream_message(client, chat, "First of the day", token_for(user))
-    state = await period_books(server.services.engine, user)
+    state = await period_books(server.engine, user)
     assert state.total == result.last["tokens_used"] and balanced(state)
     assert state.period_start == to_micros(today.start)
 
@@ -263,7 +263,7 @@ async def test_replies_streaming_across_period_boundaries_keep_the_books(
                 *(stream_message(http, chat, "Go", token_for("tick")) for chat in chats)
             )
             assert all(r.last["done"] is True for r in results)
-            state = await period_books(running.services.engine, "tick")
+            state = await period_books(running.engine, "tick")
             assert balanced(state)
             assert (state.reserved, state.active) == (0, 0)
             shown = (await http.get("/api/usage", headers=auth("tick"))).json()
@@ -434,9 +434,9 @@ async def test_ledger_rows_are_what_the_totals_add_up_to(
     for _ in range(2):
         chat = await new_chat(client, user, model="priced")
         await stream_message(client, chat, "Count me", token_for(user))
-    state = await period_books(server.services.engine, user)
+    state = await period_books(server.engine, user)
     assert balanced(state) and state.total > 0 and state.spend > 0
-    async with server.services.engine.connect() as conn:
+    async with server.engine.connect() as conn:
         costs = (
             (
                 await conn.execute(

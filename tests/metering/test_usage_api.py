@@ -78,7 +78,7 @@ def admin() -> dict[str, str]:
 
 
 async def usage_row(server: RunningServer, user: str) -> Any:
-    async with server.services.engine.connect() as conn:
+    async with server.engine.connect() as conn:
         query = sa.select(user_usage).where(user_usage.c.user_id == user)
         return (await conn.execute(query)).one_or_none()
 
@@ -113,7 +113,7 @@ async def insert_events(
         }
         for n in range(count)
     ]
-    async with server.services.engine.begin() as conn:
+    async with server.engine.begin() as conn:
         await conn.execute(usage_events.insert(), values)
     return [str(v["event_id"]) for v in values]
 
@@ -177,7 +177,7 @@ async def test_concurrent_first_looks_and_limit_changes(
     assert {r.json()["token_limit"] for r in responses[25:35]} == {50}
     for user in [same, *strangers, *limited]:
         assert await usage_row(server, user) is not None
-    async with server.services.engine.connect() as conn:
+    async with server.engine.connect() as conn:
         query = sa.select(sa.func.count()).where(user_usage.c.user_id == same)
         assert (await conn.execute(query)).scalar_one() == 1
 

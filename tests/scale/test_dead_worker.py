@@ -131,7 +131,7 @@ async def test_with_redis_a_killed_workers_reply_is_settled_from_its_log(
             assert reader is not None
             # B's reader sees the reply end once B's sweeper settled it (lease 3 s)
             followed = await asyncio.wait_for(reader, 60)
-            engine = b.services.engine
+            engine = b.engine
             rows = await chat_rows(engine, chat_id)
             assert [(r.role, r.status) for r in rows] == [
                 ("user", "complete"),
@@ -177,7 +177,7 @@ async def test_without_redis_a_killed_workers_reply_is_released_unbilled(
         async with serve(survivor_settings(database_url, None)) as b:
             chat_id, client, _ = await kill_mid_reply(a_url, b, database_url, "val", follow=False)
             assert client.text
-            engine = b.services.engine
+            engine = b.engine
 
             async def released() -> bool:
                 state = await books(engine, "val")

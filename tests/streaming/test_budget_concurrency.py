@@ -78,11 +78,11 @@ async def test_output_cap_is_lowered_to_what_the_budget_allows(database_url: str
             end = result.last
             assert end["finish_reason"] == "length"
             assert end["usage"]["completion_tokens"] <= 20
-            state = await books(server.services.engine, "ivan")
+            state = await books(server.engine, "ivan")
             assert state.total <= state.limit
             assert state.reserved == 0
             # the budget is now too small for another prompt: refused up front, nothing saved
             again = await stream_message(client, chat, "hi", token_for("ivan"))
             assert again.status == 403 and again.body["code"] == "TOKEN_BUDGET_EXCEEDED"
-            after = await books(server.services.engine, "ivan")
+            after = await books(server.engine, "ivan")
             assert after.total == state.total and after.reserved == 0

@@ -57,7 +57,7 @@ async def test_settlement_survives_a_database_outage(database_url: str, tmp_path
                 outage.end()
                 await eventually(lambda: services.outbox.pending() == 0, within=15)
 
-                rows = await chat_rows(services.engine, chat_id)
+                rows = await chat_rows(server.engine, chat_id)
                 assert [(r.role, r.status) for r in rows] == [
                     ("user", "complete"),
                     ("assistant", "complete"),
@@ -65,7 +65,7 @@ async def test_settlement_survives_a_database_outage(database_url: str, tmp_path
                 assert str(rows[1].message_id) == error["message_id"]
                 assert rows[1].content == SLOW.reply
                 assert rows[1].tokens_consumed == error["tokens_used"]
-                state = await books(services.engine, "olga")
+                state = await books(server.engine, "olga")
                 assert state.total == state.ledger == error["tokens_used"]
                 assert state.ledger_rows == 1
                 assert state.reserved == 0 and state.open_reservations == 0
@@ -132,7 +132,6 @@ async def test_a_message_while_the_database_is_away_is_503_and_changes_nothing(
             outage.url, sqlite_busy_timeout_ms=100, outbox_dir=str(tmp_path / "outbox")
         )
         async with serve(settings) as server:
-            services = server.services
             async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
                 chat_id = await new_chat(client, "quinn")
                 outage.begin()
@@ -143,9 +142,9 @@ async def test_a_message_while_the_database_is_away_is_503_and_changes_nothing(
                 assert refused.status_code == 503
                 assert refused.headers["retry-after"] == "1"
                 assert refused.json()["code"] == "DATABASE_ERROR"
-                assert await chat_rows(services.engine, chat_id) == []
+                assert await chat_rows(server.engine, chat_id) == []
                 # nothing was reserved: the next message has the whole budget and streams
                 done = await stream_message(client, chat_id, "hi again", token_for("quinn"))
                 assert done.last["done"] is True
-                state = await books(services.engine, "quinn")
+                state = await books(server.engine, "quinn")
                 assert state.reserved == 0 and state.total == state.ledger

@@ -90,10 +90,10 @@ async def test_provider_usage_is_billed_exactly_with_thinking(stack: Stack) -> N
     body = stack.gemini.last_body
     assert body["generationConfig"]["maxOutputTokens"] == 256
     assert body["contents"][-1] == {"role": "user", "parts": [{"text": "What is it?"}]}
-    row = await ledger_row(stack.server.services.engine, result.last["message_id"])
+    row = await ledger_row(stack.server.engine, result.last["message_id"])
     assert (row.prompt_tokens, row.completion_tokens, row.thinking_tokens) == (37, 3, 120)
     assert (row.cached_tokens, row.total_tokens, row.source) == (5, 160, "provider")
-    state = await books(stack.server.services.engine, "uma")
+    state = await books(stack.server.engine, "uma")
     assert state.total == state.ledger == 160 and state.reserved == 0
 
 
@@ -142,7 +142,7 @@ async def test_rate_limited_up_front_bills_nothing(stack: Stack) -> None:
     error = result.last
     assert error["error"] is True and error["code"] == "PROVIDER_RATE_LIMITED"
     assert error["tokens_used"] == 0
-    engine = stack.server.services.engine
+    engine = stack.server.engine
     rows = await chat_rows(engine, chat)
     assert [(r.role, r.status, r.tokens_consumed) for r in rows] == [
         ("user", "complete", 0),
@@ -163,7 +163,7 @@ async def test_drop_mid_stream_saves_failed_partial_and_bills_it(stack: Stack) -
     assert result.text == "one two "
     error = result.last
     assert error["error"] is True and error["code"] == "PROVIDER_ERROR"
-    engine = stack.server.services.engine
+    engine = stack.server.engine
     rows = await chat_rows(engine, chat)
     assert rows[1].status == "failed" and rows[1].content == "one two "
     assert rows[1].tokens_consumed == error["tokens_used"] > 0
@@ -179,9 +179,9 @@ async def test_hanging_provider_times_out_and_keeps_partial(stack: Stack) -> Non
     result = await stream_message(stack.client, chat, "hello", token_for("zoe"))
     assert result.text == "partial "
     assert result.last["code"] == "PROVIDER_TIMEOUT"
-    rows = await chat_rows(stack.server.services.engine, chat)
+    rows = await chat_rows(stack.server.engine, chat)
     assert rows[1].status == "failed" and rows[1].content == "partial "
-    state = await books(stack.server.services.engine, "zoe")
+    state = await books(stack.server.engine, "zoe")
     assert state.total == state.ledger == result.last["tokens_used"] and state.reserved == 0
 
 
@@ -190,7 +190,7 @@ async def test_safety_block_is_content_blocked(stack: Stack) -> None:
     chat = await new_chat(stack.client, "abe")
     result = await stream_message(stack.client, chat, "something bad", token_for("abe"))
     assert result.last["code"] == "CONTENT_BLOCKED"
-    state = await books(stack.server.services.engine, "abe")
+    state = await books(stack.server.engine, "abe")
     assert state.total == state.ledger and state.reserved == 0
 
 

@@ -44,12 +44,12 @@ async def test_a_stalled_provider_ends_with_provider_timeout(database_url: str) 
             assert time.monotonic() - began < 10  # not the provider's 30 s
             end = result.last
             assert end["error"] is True and end["code"] == "PROVIDER_TIMEOUT"
-            rows = await chat_rows(server.services.engine, chat_id)
+            rows = await chat_rows(server.engine, chat_id)
             assert [(r.role, r.status) for r in rows] == [
                 ("user", "complete"),
                 ("assistant", "failed"),
             ]
-            state = await books(server.services.engine, "jay")
+            state = await books(server.engine, "jay")
             # the request reached the provider: its prompt is billed, counted
             assert end["tokens_used"] > 0
             assert state.total == state.ledger == end["tokens_used"]

@@ -12,11 +12,10 @@ import httpx
 
 from chatmeter.db.tables import utcnow
 from chatmeter.metering.budget import Ask, reserve_budget
-from chatmeter.services import Services
 from tests.conftest import make_settings, scripted, token_for
 from tests.streaming.test_exchange import new_chat
 from tests.support.db import books, holds_a_reservation, open_reservations
-from tests.support.server import serve
+from tests.support.server import RunningServer, serve
 from tests.support.sse import stream_message
 from tests.support.waiting import eventually
 
@@ -33,7 +32,7 @@ async def test_only_live_replies_are_renewed(database_url: str) -> None:
             streaming = asyncio.create_task(
                 stream_message(client, live_chat, "go", token_for("lou"))
             )
-            await eventually(lambda: holds_a_reservation(services.engine, "lou"))
+            await eventually(lambda: holds_a_reservation(server.engine, "lou"))
             # a reservation of this worker that no exchange will ever settle
             lost = Ask(
                 "lou",
@@ -47,15 +46,15 @@ async def test_only_live_replies_are_renewed(database_url: str) -> None:
                 utcnow(),
             )
             await services.transactor.run(reserve_budget, lost)
-            assert await open_reservations(services.engine, "lou") == 2
+            assert await open_reservations(server.engine, "lou") == 2
             # the live one is renewed past its 1.5 s lease; the lost one is released
-            await eventually(lambda: _just_one_left(services, "lou"), within=8, every=0.1)
+            await eventually(lambda: _just_one_left(server, "lou"), within=8, every=0.1)
             assert not streaming.done()  # still streaming, lease renewed (6 s reply)
             result = await streaming
             assert result.last["done"] is True
-            state = await books(services.engine, "lou")
+            state = await books(server.engine, "lou")
             assert state.reserved == 0 and state.total == state.ledger
 
 
-async def _just_one_left(services: Services, user: str) -> bool:
-    return await open_reservations(services.engine, user) == 1
+async def _just_one_left(server: RunningServer, user: str) -> bool:
+    return await open_reservations(server.engine, user) == 1

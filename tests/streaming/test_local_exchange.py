@@ -40,7 +40,7 @@ async def test_local_model_reply_is_metered_exactly(database_url: str) -> None:
             counts = await provider.count_tokens([system, "Name three colours."])
             assert usage["prompt_tokens"] >= sum(counts)
             assert usage["prompt_tokens"] <= sum(counts) + 20  # template markers only
-            state = await books(server.services.engine, "lena")
+            state = await books(server.engine, "lena")
             assert state.total == state.ledger == end["tokens_used"] and state.reserved == 0
 
 
@@ -69,7 +69,7 @@ async def test_stopping_the_local_model_bills_counted_tokens(database_url: str) 
             provider = await server.services.providers.get("local")
             (reply_tokens,) = await provider.count_tokens([result.text])
             assert end["usage"]["completion_tokens"] == reply_tokens
-            rows = await chat_rows(server.services.engine, chat)
+            rows = await chat_rows(server.engine, chat)
             assert rows[1].status == "stopped" and rows[1].content == result.text
-            state = await books(server.services.engine, "mo")
+            state = await books(server.engine, "mo")
             assert state.total == state.ledger == end["tokens_used"] and state.reserved == 0

@@ -99,7 +99,7 @@ async def test_request_fields_and_exact_usage(stack: Stack) -> None:
         "source": "provider",
         "cost_micros": 0,  # no prices configured
     }
-    row = await ledger_row(stack.server.services.engine, result.last["message_id"])
+    row = await ledger_row(stack.server.engine, result.last["message_id"])
     assert row.total_tokens == 50 and row.source == "provider"
     assert not stack.upstream.tokenized  # usage came: no /tokenize call
 
@@ -113,7 +113,7 @@ async def test_no_usage_is_counted_with_tokenize(stack: Stack) -> None:
     expected = fake_token_count("You are terse.") + fake_token_count("count these three") + 10
     assert usage["prompt_tokens"] == expected
     assert usage["completion_tokens"] == fake_token_count("four words right here")
-    state = await books(stack.server.services.engine, "bo")
+    state = await books(stack.server.engine, "bo")
     assert state.total == state.ledger == usage["total_tokens"] and state.reserved == 0
 
 
@@ -143,7 +143,7 @@ async def test_failures(stack: Stack, script: OpenAIScript, code: str, billed: b
     result = await stream_message(stack.client, chat, "hello", token_for("dee"))
     error = result.last
     assert error["error"] is True and error["code"] == code
-    engine = stack.server.services.engine
+    engine = stack.server.engine
     rows = await chat_rows(engine, chat)
     assert rows[1].status == "failed" and rows[1].content == result.text
     assert (error["tokens_used"] > 0) is billed
@@ -160,7 +160,7 @@ async def test_a_client_that_leaves_does_not_cancel_the_upstream_call(stack: Sta
     chat = await new_chat(stack.client, "eve")
     seen = await stream_message(stack.client, chat, "go", token_for("eve"), stop_after=2)
     assert len(seen.chunks) == 2
-    engine = stack.server.services.engine
+    engine = stack.server.engine
 
     async def saved() -> bool:
         return len(await chat_rows(engine, chat)) == 2
@@ -191,7 +191,7 @@ async def test_disconnect_with_on_disconnect_stop_closes_the_upstream_stream(
             seen = await stream_message(client, chat, "go", token_for("eve"), stop_after=2)
             assert len(seen.chunks) == 2
             assert await upstream.wait_disconnected(within=30)
-            engine = server.services.engine
+            engine = server.engine
 
             async def saved() -> bool:
                 return len(await chat_rows(engine, chat)) == 2

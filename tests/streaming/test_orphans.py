@@ -83,7 +83,7 @@ async def logged(server: RunningServer, exchange: Exchange, text: str) -> None:
 
 
 async def expire_lease(server: RunningServer, exchange: Exchange) -> None:
-    async with server.services.engine.begin() as conn:
+    async with server.engine.begin() as conn:
         await conn.execute(
             sa.update(reservations)
             .where(reservations.c.reservation_id == exchange.reservation.reservation_id)
@@ -110,7 +110,7 @@ async def test_the_sweeper_settles_a_dead_reply_from_its_log(
         assert await settler(b).settle_expired(utcnow()) == 1
 
         chat_id = str(exchange.chat_id)
-        rows = await chat_rows(b.services.engine, chat_id)
+        rows = await chat_rows(b.engine, chat_id)
         reply = rows[-1]
         assert (reply.message_id, reply.role, reply.status) == (
             exchange.message_id,
@@ -125,9 +125,9 @@ async def test_the_sweeper_settles_a_dead_reply_from_its_log(
         assert reply.metering_source == "counted"
         assert reply.prompt_tokens == expected.usage.prompt_tokens
         assert reply.completion_tokens == expected.usage.completion_tokens
-        ledger = await ledger_row(b.services.engine, str(exchange.message_id))
+        ledger = await ledger_row(b.engine, str(exchange.message_id))
         assert ledger is not None and ledger.total_tokens == expected.usage.total_tokens
-        state = await books(b.services.engine, "olga")
+        state = await books(b.engine, "olga")
         assert state.ledger_rows == 2  # the earlier exchange and this one
         assert state.total == state.ledger
         assert state.reserved == 0 and state.open_reservations == 0
@@ -150,12 +150,12 @@ async def test_the_sweeper_settles_a_dead_reply_from_its_log(
         assert await settler(a).settle_expired(utcnow()) == 0
         late = exchange._settlement(text + " and more", "complete", "stop", expected)
         await settle_with_retries(a.services.transactor, late, within_seconds=10)
-        assert await books(b.services.engine, "olga") == state
-        assert (await chat_rows(b.services.engine, chat_id))[-1].content == text
+        assert await books(b.engine, "olga") == state
+        assert (await chat_rows(b.engine, chat_id))[-1].content == text
         async with httpx.AsyncClient(base_url=a.url, timeout=30) as on_a:
             again = await stream_message(on_a, chat_id, "again", token_for("olga"))
         assert again.last["done"] is True
-        state = await books(b.services.engine, "olga")
+        state = await books(b.engine, "olga")
         assert state.ledger_rows == 3 and state.total == state.ledger and state.reserved == 0
 
 
@@ -172,13 +172,13 @@ async def test_two_sweepers_racing_bill_once(database_url: str, redis_server: Re
             settler(b).settle_expired(now),
         )
         assert sum(counts) == 3, counts
-        state = await books(b.services.engine, "pia")
+        state = await books(b.engine, "pia")
         assert state.ledger_rows == 3 + 3  # three earlier exchanges, three settled
         assert state.total == state.ledger
         assert state.reserved == 0 and state.open_reservations == 0
         redis: Any = b.services.reply_log._redis  # type: ignore[attr-defined]
         for n, exchange in enumerate(exchanges):
-            rows = await chat_rows(b.services.engine, str(exchange.chat_id))
+            rows = await chat_rows(b.engine, str(exchange.chat_id))
             assert [r.status for r in rows] == ["complete", "complete", "complete", "interrupted"]
             assert rows[-1].content == "".join(PIECES[: n + 1])
             # one end event in the log
@@ -205,9 +205,9 @@ async def test_a_reply_that_ended_is_left_to_its_settlement(
         await expire_lease(a, exchange)
         assert await settler(b).settle_expired(utcnow()) == 0
         assert await b.services.transactor.run(release_expired, utcnow()) == 1
-        rows = await chat_rows(b.services.engine, str(exchange.chat_id))
+        rows = await chat_rows(b.engine, str(exchange.chat_id))
         assert rows[-1].role == "user"
-        state = await books(b.services.engine, "quin")
+        state = await books(b.engine, "quin")
         assert state.ledger_rows == 1 and state.total == state.ledger and state.reserved == 0
 
 
@@ -224,9 +224,9 @@ async def test_without_redis_there_is_no_one_to_settle(database_url: str) -> Non
         exchange = await abandoned_reply(a, "rex", PIECES)
         await expire_lease(a, exchange)
         assert await b.services.transactor.run(release_expired, utcnow()) == 1
-        rows = await chat_rows(b.services.engine, str(exchange.chat_id))
+        rows = await chat_rows(b.engine, str(exchange.chat_id))
         assert rows[-1].role == "user"
-        state = await books(b.services.engine, "rex")
+        state = await books(b.engine, "rex")
         assert state.ledger_rows == 1 and state.total == state.ledger and state.reserved == 0
 
 
@@ -269,7 +269,7 @@ async def test_a_message_into_a_dead_replys_chat_settles_that_reply_first(
             await expire_lease(a, exchange)
             after = await stream_message(on_b, chat_id, "now", token_for("tom"))
         assert after.status == 200 and after.last["done"] is True
-        rows = await chat_rows(b.services.engine, chat_id)
+        rows = await chat_rows(b.engine, chat_id)
         assert [(r.role, r.status) for r in rows][2:] == [
             ("user", "complete"),
             ("assistant", "interrupted"),
@@ -277,7 +277,7 @@ async def test_a_message_into_a_dead_replys_chat_settles_that_reply_first(
             ("assistant", "complete"),
         ]
         assert rows[3].content == "".join(PIECES)
-        state = await books(b.services.engine, "tom")
+        state = await books(b.engine, "tom")
         assert state.ledger_rows == 3 and state.total == state.ledger and state.reserved == 0
 
 

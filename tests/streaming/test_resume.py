@@ -53,14 +53,14 @@ async def test_resume_returns_exactly_the_missing_events_then_the_end(database_u
             end = rest.last
             assert end["done"] is True and end["message_id"] == reply_id
             assert first.text + rest.text == SLOW.reply
-            rows = await chat_rows(server.services.engine, chat_id)
+            rows = await chat_rows(server.engine, chat_id)
             assert rows[1].status == "complete" and rows[1].content == SLOW.reply
             # replay of the finished reply, within the window: the same events, same ids
             again = await resume(client, chat_id, "rae", last_event_id="0", message_id=reply_id)
             assert again.ids == list(range(1, 5 + len(rest.events)))
             assert again.events[:4] == first.events and again.events[4:] == rest.events
             # a resume bills nothing
-            state = await books(server.services.engine, "rae")
+            state = await books(server.engine, "rae")
             assert state.total == state.ledger == end["tokens_used"]
             assert state.reserved == 0
 
@@ -72,7 +72,7 @@ async def test_two_readers_see_the_same_events(database_url: str) -> None:
             writer = asyncio.create_task(stream_message(client, chat_id, "go", token_for("ty")))
 
             async def streaming() -> bool:
-                return await open_reservations(server.services.engine, "ty") == 1
+                return await open_reservations(server.engine, "ty") == 1
 
             await eventually(streaming)
             reader = await resume(client, chat_id, "ty")
@@ -145,7 +145,7 @@ async def test_stop_lands_while_the_client_does_not_read(database_url: str) -> N
                     f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
                 ).encode() + body
                 await loop.sock_sendall(sock, request)
-                engine = server.services.engine
+                engine = server.engine
 
                 log = server.services.reply_log
                 assert isinstance(log, MemoryLog)
@@ -177,7 +177,7 @@ async def test_deleting_a_chat_stops_its_reply_first(database_url: str) -> None:
         async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
             chat_id = await new_chat(client, "yan", model="slow")
             reading = asyncio.create_task(stream_message(client, chat_id, "go", token_for("yan")))
-            engine = server.services.engine
+            engine = server.engine
 
             async def streaming() -> bool:
                 return await open_reservations(engine, "yan") == 1

@@ -52,7 +52,7 @@ async def test_a_reply_is_resumed_from_another_worker(
                 again = await resume(on_b, chat_id, "ann")
                 assert again.events == first.events + rest.events
                 assert again.ids == first.ids + rest.ids
-                state = await books(a.services.engine, "ann")
+                state = await books(a.engine, "ann")
                 assert state.total == state.ledger == rest.last["tokens_used"]
                 assert state.reserved == 0
 
@@ -89,9 +89,9 @@ async def stop_from_the_other_worker(a: RunningServer, b: RunningServer, user: s
                         break
             assert result.last["finish_reason"] == "stopped"
             assert len(result.chunks) < 40
-            rows = await chat_rows(a.services.engine, chat_id)
+            rows = await chat_rows(a.engine, chat_id)
             assert rows[1].status == "stopped" and rows[1].content == result.text
-            assert await open_reservations(a.services.engine, user) == 0
+            assert await open_reservations(a.engine, user) == 0
 
 
 async def test_a_stop_reaches_the_other_worker_through_redis(
@@ -116,7 +116,7 @@ async def test_redis_gone_mid_reply_loses_neither_the_reply_nor_its_bill(
             reading = asyncio.create_task(stream_message(on_a, chat_id, "go", token_for("dot")))
 
             async def streaming() -> bool:
-                return await open_reservations(a.services.engine, "dot") == 1
+                return await open_reservations(a.engine, "dot") == 1
 
             await eventually(streaming)
             redis_server.stop()
@@ -125,8 +125,8 @@ async def test_redis_gone_mid_reply_loses_neither_the_reply_nor_its_bill(
             finally:
                 redis_server.start()
             assert result.last["done"] is True and result.text == SLOW.reply
-            rows = await chat_rows(a.services.engine, chat_id)
+            rows = await chat_rows(a.engine, chat_id)
             assert rows[1].status == "complete" and rows[1].content == SLOW.reply
-            state = await books(a.services.engine, "dot")
+            state = await books(a.engine, "dot")
             assert state.total == state.ledger == result.last["tokens_used"]
             assert state.reserved == 0

@@ -41,7 +41,7 @@ async def test_stop_ends_with_stopped_and_bills_partial(database_url: str) -> No
             # counted: the scripted tokenizer, ceil(len/4) per text, plus the overhead
             assert end["usage"]["source"] == "counted"
             assert end["usage"]["completion_tokens"] == -(-len(result.text) // 4)
-            rows = await chat_rows(server.services.engine, chat_id)
+            rows = await chat_rows(server.engine, chat_id)
             assert [(r.role, r.status) for r in rows] == [
                 ("user", "complete"),
                 ("assistant", "stopped"),
@@ -49,7 +49,7 @@ async def test_stop_ends_with_stopped_and_bills_partial(database_url: str) -> No
             assert rows[1].content == result.text
             assert rows[1].tokens_consumed == end["tokens_used"]
             assert rows[1].finish_reason == "stopped"
-            state = await books(server.services.engine, "bob")
+            state = await books(server.engine, "bob")
             assert state.total == state.ledger == end["tokens_used"]
             assert state.reserved == 0 and state.open_reservations == 0
             # the chat is free again, and a stop now has nothing to stop
@@ -67,7 +67,7 @@ async def test_client_leaving_lets_the_reply_finish(database_url: str) -> None:
             chat_id = await new_chat(client, "carl", model="slow")
             result = await stream_message(client, chat_id, "go", token_for("carl"), stop_after=2)
             assert len(result.chunks) == 2
-            engine = server.services.engine
+            engine = server.engine
 
             async def saved() -> bool:
                 return len(await chat_rows(engine, chat_id)) == 2
@@ -89,7 +89,7 @@ async def test_client_leaving_saves_interrupted_reply(database_url: str) -> None
             chat_id = await new_chat(client, "carol", model="slow")
             result = await stream_message(client, chat_id, "go", token_for("carol"), stop_after=2)
             assert len(result.chunks) == 2
-            engine = server.services.engine
+            engine = server.engine
 
             async def saved() -> bool:
                 return len(await chat_rows(engine, chat_id)) == 2
@@ -115,7 +115,7 @@ async def test_second_message_while_streaming_is_409(database_url: str) -> None:
         async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
             chat_id = await new_chat(client, "dan", model="slow")
             first = asyncio.create_task(stream_message(client, chat_id, "one", token_for("dan")))
-            engine = server.services.engine
+            engine = server.engine
 
             async def streaming() -> bool:
                 return await open_reservations(engine, "dan") == 1

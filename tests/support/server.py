@@ -8,17 +8,21 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import uvicorn
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from chatmeter.app import Chatmeter, create_app
 from chatmeter.config import Settings
+from chatmeter.db.engine import make_engine
 from chatmeter.http_protocol import http_protocol
 from chatmeter.services import Services
 
 
 class RunningServer:
-    def __init__(self, app: Chatmeter, url: str) -> None:
+    def __init__(self, app: Chatmeter, url: str, engine: AsyncEngine) -> None:
         self.app = app
         self.url = url
+        # the test's own look at the database, as an auditor would (the server has none)
+        self.engine = engine
 
     @property
     def services(self) -> Services:
@@ -48,9 +52,11 @@ async def serve(settings: Settings) -> AsyncIterator[RunningServer]:
         if task.done():
             task.result()
         await asyncio.sleep(0.01)
+    engine = make_engine(settings.database_url)
     try:
-        yield RunningServer(app, f"http://127.0.0.1:{port}")
+        yield RunningServer(app, f"http://127.0.0.1:{port}", engine)
     finally:
         server.should_exit = True
         await task
         sock.close()
+        await engine.dispose()

@@ -25,14 +25,14 @@ def exchange_id(completion_id: str) -> str:
 
 
 async def assert_books_balance(v1: V1) -> None:
-    state = await books(v1.server.services.engine, v1.user)
+    state = await books(v1.server.engine, v1.user)
     assert state.total == state.ledger
     assert state.reserved == 0
     assert state.open_reservations == 0
 
 
 async def nothing_stored(v1: V1) -> None:
-    async with v1.server.services.engine.connect() as conn:
+    async with v1.server.engine.connect() as conn:
         assert (await conn.execute(sa.select(sa.func.count()).select_from(chats))).scalar() == 0
         assert (await conn.execute(sa.select(sa.func.count()).select_from(messages))).scalar() == 0
 
@@ -71,7 +71,7 @@ async def test_a_completion_in_openais_shape_with_exact_usage(v1: V1) -> None:
     assert usage.prompt_tokens_details.cached_tokens == 0
     assert usage.completion_tokens_details is not None
     assert usage.completion_tokens_details.reasoning_tokens == 0
-    row = await ledger_row(v1.server.services.engine, exchange_id(completion.id))
+    row = await ledger_row(v1.server.engine, exchange_id(completion.id))
     assert row is not None
     assert row.chat_id is None
     assert row.user_id == "olga"
@@ -110,7 +110,7 @@ async def test_a_streamed_completion_ends_with_usage_and_done(v1: V1) -> None:
     prompt += scripted_count("Hi")
     assert last.usage.prompt_tokens == prompt
     assert last.usage.completion_tokens == scripted_count(REPLY)
-    row = await ledger_row(v1.server.services.engine, exchange_id(last.id))
+    row = await ledger_row(v1.server.engine, exchange_id(last.id))
     assert row is not None and row.total_tokens == last.usage.total_tokens
     assert row.chat_id is None
     await assert_books_balance(v1)
@@ -145,7 +145,7 @@ async def test_a_stop_sequence_ends_the_reply_and_only_that_is_billed(v1: V1) ->
     usage = completion.usage
     assert usage is not None
     assert usage.completion_tokens == scripted_count(kept) < scripted_count(REPLY)
-    row = await ledger_row(v1.server.services.engine, exchange_id(completion.id))
+    row = await ledger_row(v1.server.engine, exchange_id(completion.id))
     assert row is not None
     assert (row.completion_tokens, row.total_tokens) == (
         usage.completion_tokens,
@@ -166,7 +166,7 @@ async def test_a_stop_sequence_ends_the_reply_and_only_that_is_billed(v1: V1) ->
     assert text == "Hello there, this"
     last = chunks[-1].usage
     assert last is not None and last.completion_tokens == scripted_count(text)
-    row = await ledger_row(v1.server.services.engine, exchange_id(chunks[-1].id))
+    row = await ledger_row(v1.server.engine, exchange_id(chunks[-1].id))
     assert row is not None and row.total_tokens == last.total_tokens
     await assert_books_balance(v1)
 
@@ -188,7 +188,7 @@ async def test_max_tokens_is_lowered_to_what_the_budget_allows(v1: V1) -> None:
     assert capped.choices[0].finish_reason == "length"
     assert capped.usage is not None and capped.usage.completion_tokens <= 3
     # a budget with room for the prompt's bound and 4 tokens of output, no more
-    used = (await books(v1.server.services.engine, "olga")).total
+    used = (await books(v1.server.engine, "olga")).total
     system = "You are a helpful assistant. Answer clearly and concisely."
     bound = len(system) + 4 + len("Hi") + 4 + EXCHANGE_OVERHEAD_TOKENS
     limit = used + bound + 4
@@ -217,7 +217,7 @@ async def test_a_spent_budget_is_insufficient_quota(v1: V1) -> None:
     assert caught.value.status_code == 429
     assert caught.value.code == "insufficient_quota"
     assert caught.value.type == "insufficient_quota"
-    state = await books(v1.server.services.engine, "olga")
+    state = await books(v1.server.engine, "olga")
     assert (state.total, state.reserved, state.ledger_rows) == (0, 0, 0)
 
 
@@ -252,7 +252,7 @@ async def test_a_client_that_leaves_mid_stream_is_billed_what_was_generated(v1: 
         if len(seen.split()) >= 3:
             break
     await stream.close()
-    engine = v1.server.services.engine
+    engine = v1.server.engine
 
     async def settled() -> bool:
         state = await books(engine, "olga")

@@ -66,7 +66,7 @@ async def test_v1_and_the_chat_api_together_never_pass_the_limit(database_url: s
                 outcomes = await asyncio.gather(
                     *(by_v1(n % 2 == 0) for n in range(18)), *(by_chat(c) for c in chats)
                 )
-        state = await books(server.services.engine, "wes")
+        state = await books(server.engine, "wes")
     assert "refused" in outcomes and "ok" in outcomes  # the limit was reached
     assert state.total <= limit
     assert state.total == state.ledger

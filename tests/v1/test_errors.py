@@ -22,7 +22,7 @@ HI: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Hi"}]
 
 
 async def assert_nothing_billed(v1: V1) -> None:
-    engine = v1.server.services.engine
+    engine = v1.server.engine
     async with engine.connect() as conn:
         rows = (await conn.execute(sa.select(sa.func.count()).select_from(usage_events))).scalar()
     assert rows == 0
@@ -189,6 +189,6 @@ async def test_a_rate_limited_request_is_rate_limit_exceeded_with_retry_after(
                     await sdk.chat.completions.create(model="scripted", messages=HI)
             assert caught.value.code == "rate_limit_exceeded"
             assert int(caught.value.response.headers["Retry-After"]) >= 1
-            async with server.services.engine.connect() as conn:
+            async with server.engine.connect() as conn:
                 count = sa.select(sa.func.count()).select_from(usage_events)
                 assert (await conn.execute(count)).scalar() == 1

@@ -58,7 +58,7 @@ async def test_the_js_sdk_streams_a_completion(v1: V1, node: str) -> None:
     assert seen["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
     assert seen["refused"] == {"status": 401, "code": "invalid_api_key"}
     (completion_id,) = seen["ids"]
-    row = await ledger_row(v1.server.services.engine, exchange_id(completion_id))
+    row = await ledger_row(v1.server.engine, exchange_id(completion_id))
     assert row is not None and row.total_tokens == seen["usage"]["total_tokens"]
-    state = await books(v1.server.services.engine, "olga")
+    state = await books(v1.server.engine, "olga")
     assert state.total == state.ledger and state.reserved == 0

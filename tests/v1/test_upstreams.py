@@ -85,7 +85,7 @@ async def stack(
 
 
 async def assert_billed(stack: Stack, completion_id: str, total: int) -> None:
-    engine = stack.server.services.engine
+    engine = stack.server.engine
     row = await ledger_row(engine, exchange_id(completion_id))
     assert row is not None and row.chat_id is None and row.total_tokens == total
     assert row.source == "provider"
@@ -174,7 +174,7 @@ async def test_an_upstream_failure_is_a_server_error_and_bills_nothing(
         )
     assert caught.value.status_code == 502
     assert caught.value.code == "provider_error"
-    state = await books(stack.server.services.engine, "vic")
+    state = await books(stack.server.engine, "vic")
     assert (state.total, state.reserved, state.ledger_rows) == (0, 0, 0)
 
 
@@ -191,7 +191,7 @@ async def test_a_failure_mid_stream_is_an_error_event_and_bills_what_was_used(
             seen.append(chunk)
     assert "model failed" in caught.value.message
     assert "".join(c.choices[0].delta.content or "" for c in seen if c.choices) == "a b "
-    state = await books(stack.server.services.engine, "vic")
+    state = await books(stack.server.engine, "vic")
     assert state.total == state.ledger > 0 and state.reserved == 0
 
 
