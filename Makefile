@@ -71,7 +71,7 @@ bench: $(STAMP) bench-deps
 check: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy chatmeter tools
+	$(BIN)/mypy chatmeter tools tests
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache

@@ -29,6 +29,7 @@ from chatmeter.streaming.routes import OPERATION as MESSAGE_OPERATION
 from chatmeter.streaming.routes import router as stream_router
 from chatmeter.system_routes import router as system_router
 from chatmeter.v1.endpoint import OpenAIEndpoint, is_v1
+from chatmeter.v1.schemas import V1_MODELS, v1_operations
 from chatmeter.web.routes import router as web_router
 
 DESCRIPTION = (
@@ -103,7 +104,14 @@ def create_app(settings: Settings) -> Chatmeter:
     )
     for router in routers:
         app.include_router(router)
-    install_openapi(app, {"/api/chat/{chat_id}/message": {"post": MESSAGE_OPERATION}})
+    install_openapi(
+        app,
+        {
+            "/api/chat/{chat_id}/message": {"post": MESSAGE_OPERATION},
+            **v1_operations(sorted(settings.models)),
+        },
+        V1_MODELS,
+    )
     return Chatmeter(
         app,
         MessageEndpoint(app.state, settings.max_body_bytes),

@@ -3,8 +3,9 @@ event stream, and the finishing touches FastAPI cannot infer (bearer auth; no 42
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from http import HTTPStatus
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Path
 from fastapi.openapi.utils import get_openapi
@@ -14,6 +15,8 @@ from pydantic.json_schema import models_json_schema
 from chatmeter.chats.schemas import STREAM_EVENTS, ErrorBody
 
 COMPONENTS = "#/components/schemas/{model}"
+# models whose schemas an operation described by hand refers to, each with its mode
+SchemaModels = Sequence[tuple[type[BaseModel], Literal["validation", "serialization"]]]
 
 # A str, not a UUID, to FastAPI: a bad id is the contract's 400 INVALID_CHAT_ID, which the
 # route decides, not FastAPI's validation
@@ -109,33 +112,42 @@ def event_stream(description: str) -> dict[str, Any]:
     }
 
 
-def _finish(schema: dict[str, Any], extra: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def _finish(
+    schema: dict[str, Any], extra: dict[str, dict[str, Any]], extra_models: SchemaModels
+) -> dict[str, Any]:
     for path, operations in extra.items():
         schema.setdefault("paths", {}).setdefault(path, {}).update(operations)
     components = schema.setdefault("components", {})
     models = components.setdefault("schemas", {})
     models[ErrorBody.__name__] = ErrorBody.model_json_schema(ref_template=COMPONENTS)
     _, defs = models_json_schema(
-        [(m, "serialization") for m in STREAM_EVENTS], ref_template=COMPONENTS
+        [*((m, "serialization") for m in STREAM_EVENTS), *extra_models], ref_template=COMPONENTS
     )
     models.update(defs.get("$defs", {}))
     # bad requests are 400 INVALID_REQUEST (errors.py): FastAPI's 422 never happens
     models.pop("HTTPValidationError", None)
     models.pop("ValidationError", None)
     components["securitySchemes"] = {
-        "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}
+        "bearer": {
+            "type": "http",
+            "scheme": "bearer",
+            "description": "A JWT, or an API key (`cm-…`) made with `POST /api/keys`.",
+        }
     }
     for path, operations in schema.get("paths", {}).items():
         for operation in operations.values():
             operation.get("responses", {}).pop("422", None)
-            if path.startswith("/api/"):
+            if path.startswith(("/api/", "/v1/")):
                 operation["security"] = [{"bearer": []}]
     return schema
 
 
-def install_openapi(app: FastAPI, extra: dict[str, dict[str, Any]]) -> None:
+def install_openapi(
+    app: FastAPI, extra: dict[str, dict[str, Any]], extra_models: SchemaModels = ()
+) -> None:
     """Serve the finished description at /openapi.json (built once, on first request).
-    `extra` adds operations served outside FastAPI's routing: {path: {method: operation}}."""
+    `extra` adds operations served outside FastAPI's routing: {path: {method: operation}};
+    `extra_models` are the components they refer to."""
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
@@ -147,6 +159,7 @@ def install_openapi(app: FastAPI, extra: dict[str, dict[str, Any]]) -> None:
                     routes=app.routes,
                 ),
                 extra,
+                extra_models,
             )
         return app.openapi_schema
 

@@ -20,6 +20,7 @@ from typing import Any, ParamSpec, Protocol, TypeVar
 
 import asyncpg
 
+from chatmeter.db.pg_connections import Connections
 from chatmeter.db.sqlite_process import (
     ANSWER_HEADER,
     Outcome,
@@ -334,28 +335,26 @@ class SqliteTransactor:
 
 
 class PostgresTransactor:
-    """asyncpg itself, with a pool of its own: SQLAlchemy's pool would add a ping per
-    checkout, its own BEGIN and a ROLLBACK on return, round trips the message path does
-    without."""
+    """asyncpg itself, on connections of its own (`pg_connections.py`): SQLAlchemy's pool
+    would add a ping per checkout, its own BEGIN and a ROLLBACK on return, round trips the
+    message path does without; asyncpg's pool, CPU it does without."""
 
     writable_ctes = True
 
     def __init__(self, url: str, pool_size: int = 10) -> None:
-        self._dsn = url.replace("postgresql+asyncpg://", "postgresql://", 1)
-        self._pool_size = pool_size
-        self._pool: asyncpg.Pool | None = None
-        self._opening = asyncio.Lock()
+        dsn = url.replace("postgresql+asyncpg://", "postgresql://", 1)
+        # made when first needed: the app starts while the server is away
+        self._connections = Connections(dsn, pool_size)
         self._statements = PostgresStatements()
 
     async def run(self, steps: Callable[P, Steps[T]], *args: P.args, **kwargs: P.kwargs) -> T:
         """Run the transaction; one that loses a deadlock or a serialization race is run
         again from the start (its steps anew) a few times, after a short random wait so
         the two do not meet again: a lost race is never an error for the client."""
-        pool = self._pool or await self._open()
         attempt = 1
         while True:
             try:
-                async with pool.acquire() as conn:
+                async with self._connections.lend() as conn:
                     return await run_asyncpg(conn, self._statements, steps(*args, **kwargs))
             except asyncpg.PostgresError as exc:
                 if exc.sqlstate not in RACE_LOST or attempt == RACE_ATTEMPTS:
@@ -366,30 +365,10 @@ class PostgresTransactor:
             attempt += 1
 
     async def start(self) -> None:
-        return None  # the pool opens on first use: the app starts while the server is away
-
-    async def _open(self) -> asyncpg.Pool:
-        async with self._opening:
-            if self._pool is None:
-                self._pool = await asyncpg.create_pool(
-                    self._dsn,
-                    min_size=1,
-                    max_size=self._pool_size,
-                    timeout=5,
-                    # every transaction here ends in COMMIT or ROLLBACK and leaves no
-                    # session state behind: no reset query on release
-                    reset=_nothing_to_reset,
-                )
-            return self._pool
+        return None
 
     async def close(self) -> None:
-        if self._pool is not None:
-            await self._pool.close()
-            self._pool = None
-
-
-async def _nothing_to_reset(_: asyncpg.Connection) -> None:
-    return None
+        await self._connections.close()
 
 
 def make_transactor(

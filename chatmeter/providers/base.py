@@ -37,6 +37,19 @@ class Usage:
 
 
 @dataclass(frozen=True, slots=True)
+class Sampling:
+    """How the client asks the model to sample (`/v1`, SPEC section 12), already checked
+    against OpenAI's ranges. None and () leave the provider's or model's default."""
+
+    temperature: float | None = None  # 0..2
+    top_p: float | None = None  # 0..1
+    stop: tuple[str, ...] = ()  # at most 4, none empty: the reply ends before the first
+
+
+DEFAULT_SAMPLING = Sampling()
+
+
+@dataclass(frozen=True, slots=True)
 class GenerationRequest:
     """Everything a provider needs for one reply."""
 
@@ -44,6 +57,7 @@ class GenerationRequest:
     history: tuple[ChatTurn, ...]
     message: str
     max_output_tokens: int
+    sampling: Sampling = DEFAULT_SAMPLING
 
     def turns(self) -> list[ChatTurn]:
         """History then the user message (the system prompt is kept apart)."""

@@ -130,6 +130,9 @@ class GeminiProvider:
         config = types.GenerateContentConfig(
             system_instruction=request.system_prompt or None,
             max_output_tokens=request.max_output_tokens,
+            temperature=request.sampling.temperature,
+            top_p=request.sampling.top_p,
+            stop_sequences=list(request.sampling.stop) or None,
         )
         chunks: asyncio.Queue[_Item] = asyncio.Queue()
         # The SDK nests several async generators around the HTTP response and closing the

@@ -69,6 +69,7 @@ class OpenAICompatibleProvider:
     ) -> AsyncGenerator[str, None]:
         cap = request.max_output_tokens
         modern = self._cap_is_completion_tokens
+        sampling = request.sampling
         try:
             stream = await self._client.chat.completions.create(
                 model=self._model,
@@ -77,6 +78,9 @@ class OpenAICompatibleProvider:
                 stream_options={"include_usage": True},
                 max_tokens=openai.omit if modern else cap,
                 max_completion_tokens=cap if modern else openai.omit,
+                temperature=_or_omit(sampling.temperature),
+                top_p=_or_omit(sampling.top_p),
+                stop=list(sampling.stop) if sampling.stop else openai.omit,
             )
         except openai.APIError as exc:
             raise _provider_error(exc, before_output=True) from exc
@@ -185,6 +189,11 @@ def usage_from(usage: CompletionUsage) -> Usage:
         thinking_tokens=reasoning,
         cached_tokens=cached,
     )
+
+
+def _or_omit(value: float | None) -> float | openai.Omit:
+    # left out, not sent as null: the server's default applies
+    return openai.omit if value is None else value
 
 
 def _messages(request: GenerationRequest) -> list[ChatCompletionMessageParam]:

@@ -27,7 +27,7 @@ from chatmeter.metering.budget import Ask, reserve_at_once, reserve_budget
 from chatmeter.metering.counting import EXCHANGE_OVERHEAD_TOKENS, text_bound
 from chatmeter.metering.plans import PlanBook
 from chatmeter.metering.reservations import Reservation, lock_user, release_chat
-from chatmeter.providers.base import ChatTurn, GenerationRequest
+from chatmeter.providers.base import DEFAULT_SAMPLING, ChatTurn, GenerationRequest, Sampling
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,14 +123,15 @@ class Opened:
 @dataclass(frozen=True, slots=True)
 class Prompt:
     """A conversation the client owns, sent as given: its system prompt (None: the
-    model's), the turns before the last user message, that message, and the most output
-    the client asks for (None: the model's cap)."""
+    model's), the turns before the last user message, that message, the most output
+    the client asks for (None: the model's cap) and how to sample, passed on as asked."""
 
     model: str
     system_prompt: str | None
     history: tuple[ChatTurn, ...]
     message: str
     max_output_tokens: int | None
+    sampling: Sampling = DEFAULT_SAMPLING
 
     def texts(self) -> list[str]:
         return [*(turn.content for turn in self.history), self.message]
@@ -285,5 +286,7 @@ def open_prompt_steps(
         raise context_length_exceeded()
     cap = min(limits.max_output_tokens, room, prompt.max_output_tokens or room)
     reservation = yield from rules.reserve(user_id, None, limits, size, cap, utcnow())
-    request = GenerationRequest(system, prompt.history, prompt.message, reservation.output_cap)
+    request = GenerationRequest(
+        system, prompt.history, prompt.message, reservation.output_cap, prompt.sampling
+    )
     return Opened(prompt.model, request, reservation, None, None)

@@ -2,7 +2,8 @@
 
 Supported: `model`, `messages` (roles system/developer, user, assistant; text content as
 a string or text parts), `stream`, `stream_options.include_usage`, `max_tokens` /
-`max_completion_tokens`, `temperature`, `top_p`, `stop`; unknown fields are ignored.
+`max_completion_tokens`, and `temperature`, `top_p`, `stop`, which are passed on to the
+provider; unknown fields are ignored.
 Refused with 400 and the offending `param`: tools and function calling, images and
 other non-text parts, `n > 1`, and malformed values."""
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from chatmeter.providers.base import ChatTurn
+from chatmeter.providers.base import ChatTurn, Sampling
 from chatmeter.streaming.opening import Prompt
 from chatmeter.v1.errors import bad_request
 
@@ -103,20 +104,38 @@ def _output_cap(body: dict[str, Any]) -> int | None:
     return min(caps) if caps else None
 
 
-def _check_sampling(body: dict[str, Any]) -> None:
-    for name, low, high in (("temperature", 0, 2), ("top_p", 0, 1)):
-        value = body.get(name)
-        if value is not None and (not _is_number(value) or not low <= value <= high):
-            raise bad_request(f"{name} must be a number from {low} to {high}", name)
-    stop = body.get("stop")
-    if stop is None or isinstance(stop, str):
-        return
+def _in_range(body: dict[str, Any], name: str, high: int) -> float | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    # NaN fails the comparison and infinity the bound: both are refused
+    if not _is_number(value) or not 0 <= value <= high:
+        raise bad_request(f"{name} must be a number from 0 to {high}", name)
+    return float(value)
+
+
+def _stop(value: object) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    stop = [value] if isinstance(value, str) else value
     if (
         not isinstance(stop, list)
         or len(stop) > MAX_STOP
-        or not all(isinstance(s, str) for s in stop)
+        or not all(isinstance(s, str) and s for s in stop)
     ):
-        raise bad_request(f"stop must be a string or up to {MAX_STOP} strings", "stop")
+        raise bad_request(
+            f"stop must be a non-empty string or a list of up to {MAX_STOP} of them", "stop"
+        )
+    return tuple(stop)
+
+
+def _sampling(body: dict[str, Any]) -> Sampling:
+    """OpenAI's ranges: temperature 0..2, top_p 0..1, up to four stop sequences."""
+    return Sampling(
+        temperature=_in_range(body, "temperature", 2),
+        top_p=_in_range(body, "top_p", 1),
+        stop=_stop(body.get("stop")),
+    )
 
 
 def _check_unsupported(body: dict[str, Any]) -> None:
@@ -147,12 +166,13 @@ def parse_completion_request(body: object) -> CompletionRequest:
     include_usage = (options or {}).get("include_usage")
     if include_usage is not None and not isinstance(include_usage, bool):
         raise bad_request("include_usage must be a boolean", "stream_options.include_usage")
-    _check_sampling(body)
+    sampling = _sampling(body)
     prompt = Prompt(
         model=model,
         system_prompt=system,
         history=tuple(turns[:-1]),
         message=turns[-1].content,
         max_output_tokens=_output_cap(body),
+        sampling=sampling,
     )
     return CompletionRequest(prompt, bool(stream), bool(include_usage))

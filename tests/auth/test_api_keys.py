@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import re
 import uuid
+from datetime import datetime
 
 import httpx
 import sqlalchemy as sa
 
 from chatmeter.auth.keys import KeyDigester, key_digest_secret, key_owner_steps
-from chatmeter.db.steps import Sql
+from chatmeter.db.steps import Sql, Steps
 from chatmeter.db.tables import api_keys, utcnow
 from tests.conftest import auth, make_settings
 from tests.streaming.test_exchange import new_chat
@@ -124,7 +125,8 @@ async def test_bad_keys_and_bad_requests(client: httpx.AsyncClient, server: Runn
     for wrong in (key[:-1] + ("A" if key[-1] != "A" else "B"), key + "x", "cm-", "cm-" + "!" * 43):
         response = await client.get("/api/chat", headers=bearer(wrong))
         assert response.status_code == 401, wrong
-    for body in ({}, {"name": ""}, {"name": "   "}, {"name": 5}, {"name": "x" * 101}, []):
+    bodies: list[object] = [{}, {"name": ""}, {"name": "   "}, {"name": 5}, {"name": "x" * 101}, []]
+    for body in bodies:
         response = await client.post("/api/keys", json=body, headers=auth("pat"))
         assert response.status_code == 400, body
         assert response.json()["code"] == "INVALID_REQUEST"
@@ -143,9 +145,10 @@ async def test_last_used_is_written_at_most_once_a_minute(
     now = utcnow()
     assert await transactor.run(key_owner_steps, digest, now) == ("quin", digest)
 
-    def last_used(key_id: uuid.UUID) -> object:
+    def last_used(key_id: uuid.UUID) -> Steps[datetime | None]:
         rows = yield Sql("SELECT last_used_at FROM api_keys WHERE key_id = :id", {"id": key_id})
-        return rows[0][0]
+        used: datetime | None = rows[0][0]
+        return used
 
     key_id = uuid.UUID(created["key_id"])
     first = await transactor.run(last_used, key_id)

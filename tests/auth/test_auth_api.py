@@ -110,7 +110,7 @@ def bad_tokens(pem: bytes) -> dict[str, str]:
         "wrong key": hs256(claims_for("alice"), "wrong-secret-that-is-long-enough-0123456789"),
         "expired": hs256(claims_for("alice", ttl=-120)),
         "no exp": hs256(no_exp),
-        "alg none": jwt.encode(claims_for("alice", user_type="admin"), None, algorithm="none"),
+        "alg none": jwt.encode(claims_for("alice", user_type="admin"), "", algorithm="none"),
         "not yet valid": hs256({**claims_for("alice"), "nbf": now + 600}),
         "no user": hs256({"exp": now + 600, "role": "authenticated"}),
         "pem as hmac secret": hand_signed(

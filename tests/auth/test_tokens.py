@@ -119,7 +119,7 @@ async def test_non_numeric_exp_is_refused(verifier: TokenVerifier) -> None:
 
 
 FAR = int(time.time()) + 3600
-WRONG_TYPES = {
+WRONG_TYPES: dict[str, dict[str, object]] = {
     "exp a numeric string": {"exp": str(FAR)},
     "exp a float string": {"exp": f"{FAR}.0"},
     "nbf a numeric string": {"nbf": "1000000000"},
@@ -167,7 +167,7 @@ async def test_not_yet_valid_token_is_refused(verifier: TokenVerifier) -> None:
 
 
 async def test_alg_none_is_refused(verifier: TokenVerifier) -> None:
-    unsigned = jwt.encode(claims_for("alice", user_type="admin"), None, algorithm="none")
+    unsigned = jwt.encode(claims_for("alice", user_type="admin"), "", algorithm="none")
     assert await refused(verifier, unsigned) == "token algorithm not accepted"
     for alg in ("None", "NONE", "nOnE"):
         header = b64url(json.dumps({"alg": alg, "typ": "JWT"}).encode())

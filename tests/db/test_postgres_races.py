@@ -76,6 +76,8 @@ async def new_chat(conn: asyncpg.Connection, user_id: str) -> uuid.UUID:
 
 
 def settlement_of(opened: Opened, user_id: str, chat_id: uuid.UUID) -> Settlement:
+    asked_at = opened.user_message_at
+    assert asked_at is not None  # a chat's opening saved the user message
     return Settlement(
         user_id=user_id,
         chat_id=chat_id,
@@ -87,7 +89,7 @@ def settlement_of(opened: Opened, user_id: str, chat_id: uuid.UUID) -> Settlemen
         finish_reason="stop",
         usage=Usage(prompt_tokens=10, completion_tokens=5),
         source="provider",
-        created_at=opened.user_message_at + timedelta(seconds=1),
+        created_at=asked_at + timedelta(seconds=1),
     )
 
 

@@ -5,11 +5,14 @@ from __future__ import annotations
 import pickle
 from datetime import UTC, datetime
 
+from chatmeter.config import Settings
+from chatmeter.db.sqlite_process import dumps
 from chatmeter.ids import new_id
+from chatmeter.metering.plans import PlanBook
 from chatmeter.metering.reservations import Reservation
 from chatmeter.metering.settlement import Settlement
-from chatmeter.providers.base import ChatTurn, GenerationRequest, Usage
-from chatmeter.streaming.opening import ModelLimits, Opened, OpeningRules
+from chatmeter.providers.base import ChatTurn, GenerationRequest, Sampling, Usage
+from chatmeter.streaming.opening import ModelLimits, Opened, OpeningRules, Prompt
 
 
 def test_transaction_values_round_trip_through_pickle() -> None:
@@ -28,7 +31,9 @@ def test_transaction_values_round_trip_through_pickle() -> None:
             "provider",
             at,
         ),
-        OpeningRules({"m": ModelLimits("be brief", 8192, 1024)}, 20, 10**12, "w", 30.0),
+        OpeningRules(
+            {"m": ModelLimits("be brief", 8192, 1024)}, 20, PlanBook.of(Settings()), "w", 30.0
+        ),
         Opened(
             "m",
             GenerationRequest(
@@ -38,7 +43,9 @@ def test_transaction_values_round_trip_through_pickle() -> None:
             new_id(),
             at,
         ),
+        Prompt("m", None, (), "q", None, Sampling(0.5, 1.0, ("END", "\n"))),
+        GenerationRequest("s", (), "q", 9, Sampling(top_p=0.9)),
     ]
     for value in values:
-        copy = pickle.loads(pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL))
+        copy = pickle.loads(dumps(value))  # as the writer's pipe carries it
         assert copy == value and type(copy) is type(value)

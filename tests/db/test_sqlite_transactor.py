@@ -15,6 +15,7 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -197,10 +198,17 @@ async def test_a_writer_that_dies_fails_what_it_held_and_is_started_again(db_pat
         assert names(db_path) == {"after"}  # the killed transaction never committed
 
 
+class Unpicklable(str):
+    """A name that cannot cross to the writer process."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        raise TypeError("this name does not pickle")
+
+
 async def test_arguments_that_cannot_be_sent_fail_that_caller_alone(db_path: Path) -> None:
     async with running(db_path, inline=False) as transactor:
         results = await asyncio.gather(
-            transactor.run(insert, lambda: "not picklable"),  # type: ignore[arg-type]
+            transactor.run(insert, Unpicklable("not picklable")),
             transactor.run(insert, "fine"),
             return_exceptions=True,
         )

@@ -48,7 +48,8 @@ def run(*args: str, timeout: float = 600, **kwargs: Any) -> str:
     done = subprocess.run(args, capture_output=True, text=True, timeout=timeout, **kwargs)
     if done.returncode != 0:
         raise RuntimeError(f"{shlex.join(args)} failed ({done.returncode}):\n{done.stderr}")
-    return done.stdout
+    stdout: str = done.stdout  # text=True: str (the **kwargs make mypy see Any)
+    return stdout
 
 
 @contextmanager
@@ -67,9 +68,9 @@ def debian_mirror() -> str:
     files = [Path("/etc/apt/sources.list"), *sorted(Path("/etc/apt/sources.list.d").glob("*"))]
     for path in files:
         text = path.read_text() if path.is_file() else ""
-        for uri in re.findall(r"^URIs:\s*(\S+)", text, re.M) + re.findall(
-            r"^deb\s+(?:\[[^]]*\]\s+)?(\S+)\s+bookworm\s", text, re.M
-        ):
+        uris: list[str] = re.findall(r"^URIs:\s*(\S+)", text, re.M)
+        uris += re.findall(r"^deb\s+(?:\[[^]]*\]\s+)?(\S+)\s+bookworm\s", text, re.M)
+        for uri in uris:
             if uri.rstrip("/").endswith("/debian"):
                 return uri.rstrip("/")
     return DEFAULT_MIRROR

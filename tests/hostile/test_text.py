@@ -165,9 +165,9 @@ async def test_text_no_database_can_hold_is_refused(
         f"/api/chat/{chat_id}/message", content=UNSTORABLE["NUL"], headers=headers
     )
     assert response.json()["code"] == "INVALID_MESSAGE"
-    for body in ({"title": "a\x00b"},):
-        assert (await client.post("/api/chat", json=body, headers=auth(USER))).status_code == 400
-        patched = await client.patch(f"/api/chat/{chat_id}", json=body, headers=auth(USER))
+    for title in ({"title": "a\x00b"},):
+        assert (await client.post("/api/chat", json=title, headers=auth(USER))).status_code == 400
+        patched = await client.patch(f"/api/chat/{chat_id}", json=title, headers=auth(USER))
         assert patched.status_code == 400
     assert await chat_rows(running.engine, chat_id) == []
 

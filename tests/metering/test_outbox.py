@@ -59,7 +59,7 @@ async def test_append_during_a_stalled_replay_does_not_hang(tmp_path: Path) -> N
     first, second = settlement(), settlement()
     outbox.append(first)
     dead = DeadDatabase()
-    replay = asyncio.create_task(outbox.replay(dead))  # type: ignore[arg-type]
+    replay = asyncio.create_task(outbox.replay(dead))
     await eventually(lambda: dead.calls == 1)  # the replay now waits on the database
     async with asyncio.timeout(2):
         # synchronous: with the lock held across the replay's await, this blocked the

@@ -66,6 +66,8 @@ async def reply_to_settle(engine: AsyncEngine, transactor: Transactor, n: int) -
     as the exchange would have spooled it."""
     chat = await transactor.run(insert_chat, USER, f"chat {n}", "m")
     opened = await transactor.run(open_steps, RULES, USER, chat.chat_id, f"hi {n}", None, new_id())
+    asked_at = opened.user_message_at
+    assert asked_at is not None  # a chat's opening saved the user message
     return Settlement(
         user_id=USER,
         chat_id=chat.chat_id,
@@ -77,7 +79,7 @@ async def reply_to_settle(engine: AsyncEngine, transactor: Transactor, n: int) -
         finish_reason="stop",
         usage=Usage(prompt_tokens=10 + n, completion_tokens=5),
         source="provider",
-        created_at=opened.user_message_at + timedelta(milliseconds=1),
+        created_at=asked_at + timedelta(milliseconds=1),
     )
 
 
@@ -136,6 +138,7 @@ async def test_a_settlement_refused_for_good_does_not_hold_back_the_others(
     metrics = Metrics()
     mine, other = Outbox(str(tmp_path), "w1", metrics), Outbox(str(tmp_path), "w2", metrics)
     gone, kept, elsewhere = [await reply_to_settle(engine, transactor, n) for n in (1, 2, 3)]
+    assert gone.chat_id is not None
     async with engine.begin() as conn:
         for table in ("messages", "chats"):
             await conn.exec_driver_sql(

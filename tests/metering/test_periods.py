@@ -12,10 +12,13 @@ from chatmeter.metering.periods import bounds, from_micros, parse_period, to_mic
 
 NEW_YORK = ZoneInfo("America/New_York")
 PARIS = ZoneInfo("Europe/Paris")
+UTC_ZONE = ZoneInfo("UTC")  # what CHATMETER_TIMEZONE gives by default
 
 
-def utc(*parts: int) -> datetime:
-    return datetime(*parts, tzinfo=UTC)
+def utc(
+    year: int, month: int, day: int, hour: int = 0, minute: int = 0, second: int = 0
+) -> datetime:
+    return datetime(year, month, day, hour, minute, second, tzinfo=UTC)
 
 
 def test_a_day_starts_at_local_midnight() -> None:
@@ -60,17 +63,17 @@ def test_a_week_starts_on_monday() -> None:
 
 
 def test_months_follow_their_lengths_from_31_january_to_1_march() -> None:
-    january = bounds("month", utc(2026, 1, 31, 23, 59), UTC)
-    february = bounds("month", utc(2026, 2, 1), UTC)
-    march = bounds("month", utc(2026, 3, 1), UTC)
+    january = bounds("month", utc(2026, 1, 31, 23, 59), UTC_ZONE)
+    february = bounds("month", utc(2026, 2, 1), UTC_ZONE)
+    march = bounds("month", utc(2026, 3, 1), UTC_ZONE)
     assert january is not None and february is not None and march is not None
     assert (january.start, january.end) == (utc(2026, 1, 1), utc(2026, 2, 1))
     assert (february.start, february.end) == (utc(2026, 2, 1), utc(2026, 3, 1))
     assert february.end - february.start == timedelta(days=28)
     assert march.start == february.end
-    leap = bounds("month", utc(2028, 2, 29, 12), UTC)
+    leap = bounds("month", utc(2028, 2, 29, 12), UTC_ZONE)
     assert leap is not None and leap.end == utc(2028, 3, 1)
-    december = bounds("month", utc(2026, 12, 31, 23), UTC)
+    december = bounds("month", utc(2026, 12, 31, 23), UTC_ZONE)
     assert december is not None and december.end == utc(2027, 1, 1)
     # a month in New York across the March DST change
     ny = bounds("month", utc(2026, 3, 20), NEW_YORK)
@@ -81,12 +84,12 @@ def test_fixed_lengths_are_aligned_to_the_epoch() -> None:
     window = bounds("30s", utc(2026, 5, 5, 10, 0, 47), PARIS)
     assert window is not None
     assert (window.start, window.end) == (utc(2026, 5, 5, 10, 0, 30), utc(2026, 5, 5, 10, 1))
-    week = bounds("7d", utc(2026, 5, 5), UTC)
+    week = bounds("7d", utc(2026, 5, 5), UTC_ZONE)
     assert week is not None
     assert to_micros(week.start) % (7 * 86400 * 10**6) == 0
     assert week.start <= utc(2026, 5, 5) < week.end
     assert bounds("6h", utc(2026, 5, 5, 13), PARIS) is not None
-    assert bounds("none", utc(2026, 5, 5), UTC) is None
+    assert bounds("none", utc(2026, 5, 5), UTC_ZONE) is None
 
 
 def test_microseconds_are_exact() -> None:

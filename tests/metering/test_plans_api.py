@@ -20,7 +20,13 @@ from chatmeter.metering.periods import bounds, to_micros
 from chatmeter.providers.base import Usage
 from tests.conftest import auth, make_settings, scripted, token_for
 from tests.streaming.test_exchange import new_chat
-from tests.support.db import balanced, chat_rows, ledger_row, open_reservations, period_books
+from tests.support.db import (
+    balanced,
+    chat_rows,
+    holds_a_reservation,
+    ledger_row,
+    period_books,
+)
 from tests.support.server import RunningServer, serve
 from tests.support.shared_server import fresh, shared_server_fixtures
 from tests.support.sse import stream_message
@@ -195,7 +201,7 @@ async def test_concurrent_replies_are_capped_across_chats(
     await on_plan(client, user, "solo")
     first, second = await new_chat(client, user, model="slow"), await new_chat(client, user)
     streaming = asyncio.create_task(stream_message(client, first, "Go", token_for(user)))
-    await eventually(lambda: open_reservations(server.engine, user))
+    await eventually(lambda: holds_a_reservation(server.engine, user))
     refused = await stream_message(client, second, "Me too", token_for(user))
     assert (refused.status, refused.body["code"]) == (429, "RATE_LIMITED")
     assert refused.headers["retry-after"] == "1"
@@ -274,7 +280,8 @@ async def test_unknown_plan_is_refused_and_changes_nothing(client: httpx.AsyncCl
         response = await client.put(f"/api/admin/users/{user}/plan", json=body, headers=admin())
         assert response.status_code == 400
         assert response.json()["code"] == "UNKNOWN_PLAN"
-    for bad in ({}, {"plan": 5}, {"plan": ""}, {"plan": "free", "x": 1}, [], "free"):
+    refused: list[object] = [{}, {"plan": 5}, {"plan": ""}, {"plan": "free", "x": 1}, [], "free"]
+    for bad in refused:
         response = await client.put(f"/api/admin/users/{user}/plan", json=bad, headers=admin())
         assert (response.status_code, response.json()["code"]) == (400, "INVALID_REQUEST")
     assert await usage(client, user) == before

@@ -12,7 +12,13 @@ from typing import Any
 import pytest
 
 from chatmeter.config import ModelConfig, Settings
-from chatmeter.providers.base import ChatTurn, GenerationRequest, ProviderError, StreamOutcome
+from chatmeter.providers.base import (
+    ChatTurn,
+    GenerationRequest,
+    ProviderError,
+    Sampling,
+    StreamOutcome,
+)
 from chatmeter.providers.local import LocalProvider, create_local_provider, find_smollm2_gguf
 from tests.support.waiting import eventually
 
@@ -84,6 +90,30 @@ async def test_the_output_cap_is_obeyed(local: LocalProvider) -> None:
     assert outcome.finish_reason == "length"
     assert outcome.usage is not None and outcome.usage.completion_tokens == 4
     assert 0 < len(pieces) <= 4
+
+
+async def reply_to(local: LocalProvider, sampling: Sampling) -> tuple[str, StreamOutcome]:
+    outcome = StreamOutcome()
+    request = dataclasses.replace(REQUEST, sampling=sampling, max_output_tokens=40)
+    return "".join([piece async for piece in local.stream(request, outcome)]), outcome
+
+
+async def test_sampling_reaches_llama_cpp(local: LocalProvider) -> None:
+    """Temperature 0 is greedy, so the reply repeats; a stop sequence taken from it ends
+    the next one just before it, and llama.cpp's slot shows the temperature and top_p."""
+    greedy, outcome = await reply_to(local, Sampling(temperature=0.0))
+    assert (await reply_to(local, Sampling(temperature=0.0)))[0] == greedy
+    words = greedy.split()
+    assert len(words) >= 4, greedy
+    stop = " " + words[len(words) // 2]
+    cut, stopped = await reply_to(local, Sampling(temperature=0.0, top_p=0.25, stop=(stop,)))
+    assert cut == greedy[: greedy.index(stop)]
+    assert stopped.finish_reason == "stop"
+    assert stopped.usage is not None and outcome.usage is not None
+    assert 0 < stopped.usage.completion_tokens < outcome.usage.completion_tokens
+    slots = await llama(local, "GET", "/slots")
+    used = [slot["params"] for slot in slots if "params" in slot]  # idle ones have none
+    assert any(p.get("temperature") == 0.0 and p.get("top_p") == 0.25 for p in used), slots
 
 
 async def test_count_tokens_is_the_models_tokenizer(local: LocalProvider) -> None:

@@ -13,12 +13,13 @@ from pathlib import Path
 
 import httpx
 import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from chatmeter.db.engine import make_engine
 from chatmeter.db.tables import reservations
 from tests.conftest import TEST_SECRET, auth, token_for
 from tests.streaming.test_exchange import new_chat
-from tests.support.db import books, chat_rows, open_reservations
+from tests.support.db import books, chat_rows, holds_a_reservation
 from tests.support.process import chatmeter_process
 from tests.support.sse import StreamResult, parse_events, stream_message
 from tests.support.waiting import eventually
@@ -112,7 +113,7 @@ async def test_killed_worker_releases_its_reservation(database_url: str, tmp_pat
             )
             engine = make_engine(database_url)
             try:
-                await eventually(lambda: open_reservations(engine, "ruth"), within=10)
+                await eventually(lambda: holds_a_reservation(engine, "ruth"), within=10)
                 pid = await holder_pid(database_url, chat_id)
                 assert pid != os.getpid()
                 os.kill(pid, signal.SIGKILL)
@@ -135,6 +136,6 @@ async def test_killed_worker_releases_its_reservation(database_url: str, tmp_pat
                 await engine.dispose()
 
 
-async def _released(engine, user: str) -> bool:  # type: ignore[no-untyped-def]
+async def _released(engine: AsyncEngine, user: str) -> bool:
     state = await books(engine, user)
     return state.reserved == 0 and state.open_reservations == 0

@@ -9,7 +9,7 @@ import httpx
 
 from tests.conftest import auth, make_settings, scripted, token_for
 from tests.streaming.test_exchange import new_chat
-from tests.support.db import books
+from tests.support.db import Books, books
 from tests.support.server import serve
 from tests.support.sse import stream_message
 
@@ -46,7 +46,7 @@ async def test_concurrent_streams_never_pass_the_limit(database_url: str) -> Non
     assert usage["reserved_tokens"] == 0
 
 
-async def books_after(database_url: str, user: str):  # type: ignore[no-untyped-def]
+async def books_after(database_url: str, user: str) -> Books:
     from chatmeter.db.engine import make_engine
 
     engine = make_engine(database_url)

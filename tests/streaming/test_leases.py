@@ -14,8 +14,8 @@ from chatmeter.db.tables import utcnow
 from chatmeter.metering.budget import Ask, reserve_budget
 from tests.conftest import make_settings, scripted, token_for
 from tests.streaming.test_exchange import new_chat
-from tests.support.db import books, open_reservations
-from tests.support.server import serve
+from tests.support.db import books, holds_a_reservation, open_reservations
+from tests.support.server import RunningServer, serve
 from tests.support.sse import stream_message
 from tests.support.waiting import eventually
 
@@ -32,7 +32,7 @@ async def test_only_live_replies_are_renewed(database_url: str) -> None:
             streaming = asyncio.create_task(
                 stream_message(client, live_chat, "go", token_for("lou"))
             )
-            await eventually(lambda: open_reservations(server.engine, "lou"))
+            await eventually(lambda: holds_a_reservation(server.engine, "lou"))
             # a reservation of this worker that no exchange will ever settle
             lost = Ask(
                 "lou",
@@ -56,5 +56,5 @@ async def test_only_live_replies_are_renewed(database_url: str) -> None:
             assert state.reserved == 0 and state.total == state.ledger
 
 
-async def _just_one_left(server, user: str) -> bool:  # type: ignore[no-untyped-def]
+async def _just_one_left(server: RunningServer, user: str) -> bool:
     return await open_reservations(server.engine, user) == 1

@@ -7,6 +7,7 @@ import asyncio
 import gc
 import tracemalloc
 import uuid
+from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
@@ -29,8 +30,10 @@ async def write_reply(log: ReplyLog, reply_id: uuid.UUID, chat_id: uuid.UUID) ->
     await log.finish(reply_id)
 
 
-async def read_all(log: ReplyLog, reply_id: uuid.UUID, after: int = 0) -> list[tuple[int, dict]]:
-    events: list[tuple[int, dict]] = []
+async def read_all(
+    log: ReplyLog, reply_id: uuid.UUID, after: int = 0
+) -> list[tuple[int, dict[str, Any]]]:
+    events: list[tuple[int, dict[str, Any]]] = []
     while True:
         batch = await log.read(reply_id, after, 5.0)
         assert batch is not None

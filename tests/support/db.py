@@ -54,6 +54,11 @@ async def open_reservations(engine: AsyncEngine, user_id: str) -> int:
         return int((await conn.execute(query)).scalar_one())
 
 
+async def holds_a_reservation(engine: AsyncEngine, user_id: str) -> bool:
+    """Whether a reply of the user is under way (for `eventually`)."""
+    return await open_reservations(engine, user_id) > 0
+
+
 async def chat_rows(engine: AsyncEngine, chat_id: str) -> list[Any]:
     async with engine.connect() as conn:
         query = (

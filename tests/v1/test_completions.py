@@ -130,6 +130,57 @@ async def test_the_wire_format_of_a_stream(v1: V1) -> None:
     assert '"usage"' not in "".join(lines)  # not asked for
 
 
+async def test_a_stop_sequence_ends_the_reply_and_only_that_is_billed(v1: V1) -> None:
+    """The scripted model honours `stop` as a model does: the reply ends before the
+    earliest stop sequence it contains, and usage and the ledger count what was sent."""
+    kept = REPLY[: REPLY.index(",")]
+    assert kept == "Hello there"
+    completion = await v1.sdk.chat.completions.create(
+        model="scripted",
+        messages=[{"role": "user", "content": "Hi"}],
+        stop=["scripted", ",", "not in the reply"],
+    )
+    assert completion.choices[0].message.content == kept
+    assert completion.choices[0].finish_reason == "stop"
+    usage = completion.usage
+    assert usage is not None
+    assert usage.completion_tokens == scripted_count(kept) < scripted_count(REPLY)
+    row = await ledger_row(v1.server.engine, exchange_id(completion.id))
+    assert row is not None
+    assert (row.completion_tokens, row.total_tokens) == (
+        usage.completion_tokens,
+        usage.total_tokens,
+    )
+    await assert_books_balance(v1)
+
+    # streamed, with a single string: the cut falls inside the scripted model's pieces
+    stream = await v1.sdk.chat.completions.create(
+        model="scripted",
+        messages=[{"role": "user", "content": "Hi"}],
+        stop=" is a",
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = [chunk async for chunk in stream]
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "Hello there, this"
+    last = chunks[-1].usage
+    assert last is not None and last.completion_tokens == scripted_count(text)
+    row = await ledger_row(v1.server.engine, exchange_id(chunks[-1].id))
+    assert row is not None and row.total_tokens == last.total_tokens
+    await assert_books_balance(v1)
+
+
+async def test_a_stop_sequence_at_the_start_is_an_empty_reply_of_no_output(v1: V1) -> None:
+    completion = await v1.sdk.chat.completions.create(
+        model="scripted", messages=[{"role": "user", "content": "Hi"}], stop="Hello"
+    )
+    assert completion.choices[0].message.content == ""
+    assert completion.choices[0].finish_reason == "stop"
+    assert completion.usage is not None and completion.usage.completion_tokens == 0
+    await assert_books_balance(v1)
+
+
 async def test_max_tokens_is_lowered_to_what_the_budget_allows(v1: V1) -> None:
     capped = await v1.sdk.chat.completions.create(
         model="scripted", messages=[{"role": "user", "content": "Hi"}], max_tokens=3

@@ -9,6 +9,7 @@ import httpx
 import openai
 import pytest
 import sqlalchemy as sa
+from openai.types.chat import ChatCompletionMessageParam
 
 from chatmeter.config import PlanConfig
 from chatmeter.db.tables import usage_events
@@ -17,7 +18,7 @@ from tests.support.db import open_reservations
 from tests.support.server import serve
 from tests.v1.conftest import V1, new_key, sdk_for
 
-HI = [{"role": "user", "content": "Hi"}]
+HI: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Hi"}]
 
 
 async def assert_nothing_billed(v1: V1) -> None:
@@ -42,7 +43,7 @@ async def test_a_bad_key_is_invalid_api_key(v1: V1) -> None:
     for key in ("cm-" + "x" * 43, "not-a-key", v1.key + "x"):
         async with sdk_for(v1.server, key) as sdk:
             with pytest.raises(openai.AuthenticationError) as caught:
-                await sdk.chat.completions.create(model="scripted", messages=HI)  # type: ignore[arg-type]
+                await sdk.chat.completions.create(model="scripted", messages=HI)
         assert caught.value.status_code == 401
         assert caught.value.code == "invalid_api_key"
     no_auth = await v1.http.post("/v1/chat/completions", json={"model": "scripted"})
@@ -53,16 +54,16 @@ async def test_a_bad_key_is_invalid_api_key(v1: V1) -> None:
 
 async def test_a_revoked_key_is_refused_at_once(v1: V1) -> None:
     key_id = (await v1.http.get("/api/keys", headers=auth("olga"))).json()["keys"][0]["key_id"]
-    await v1.sdk.chat.completions.create(model="scripted", messages=HI)  # type: ignore[arg-type]
+    await v1.sdk.chat.completions.create(model="scripted", messages=HI)
     assert (await v1.http.delete(f"/api/keys/{key_id}", headers=auth("olga"))).status_code == 204
     with pytest.raises(openai.AuthenticationError) as caught:
-        await v1.sdk.chat.completions.create(model="scripted", messages=HI)  # type: ignore[arg-type]
+        await v1.sdk.chat.completions.create(model="scripted", messages=HI)
     assert caught.value.code == "invalid_api_key"
 
 
 async def test_an_unknown_model_is_model_not_found(v1: V1) -> None:
     with pytest.raises(openai.NotFoundError) as caught:
-        await v1.sdk.chat.completions.create(model="gpt-4o", messages=HI)  # type: ignore[arg-type]
+        await v1.sdk.chat.completions.create(model="gpt-4o", messages=HI)
     assert caught.value.code == "model_not_found"
     assert caught.value.param == "model"
     await assert_nothing_billed(v1)
@@ -102,8 +103,19 @@ BAD_REQUESTS: list[tuple[dict[str, Any], str | None]] = [
     ({"max_completion_tokens": "10"}, "max_completion_tokens"),
     ({"max_tokens": True}, "max_tokens"),
     ({"temperature": 3}, "temperature"),
+    ({"temperature": 2.0001}, "temperature"),
+    ({"temperature": -0.1}, "temperature"),
+    ({"temperature": "hot"}, "temperature"),
+    ({"temperature": True}, "temperature"),
     ({"top_p": "high"}, "top_p"),
+    ({"top_p": 1.5}, "top_p"),
+    ({"top_p": -1}, "top_p"),
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"stop": 5}, "stop"),
+    ({"stop": ["a", 1]}, "stop"),
+    ({"stop": ""}, "stop"),
+    ({"stop": ["a", ""]}, "stop"),
+    ({"stop": {"seq": "a"}}, "stop"),
     ({"stream": "yes"}, "stream"),
     ({"stream_options": {"include_usage": "yes"}}, "stream_options.include_usage"),
 ]
@@ -136,12 +148,14 @@ async def test_bodies_that_are_not_a_request(v1: V1) -> None:
 async def test_a_prompt_past_the_context_window_is_400(v1: V1) -> None:
     """The client owns the conversation: it is sent whole or refused, never trimmed. The
     byte bound is only a first look: past it, the model's tokenizer decides."""
-    fits = [{"role": "user", "content": "x " * 5000}] * 2 + HI  # 20 kB, 5,000 tokens
-    completion = await v1.sdk.chat.completions.create(model="scripted", messages=fits)  # type: ignore[arg-type]
+    fits: list[ChatCompletionMessageParam] = [{"role": "user", "content": "x " * 5000}] * 2
+    fits += HI  # 20 kB, 5,000 tokens
+    completion = await v1.sdk.chat.completions.create(model="scripted", messages=fits)
     assert completion.usage is not None and completion.usage.prompt_tokens > 5000
-    too_long = [{"role": "user", "content": "x " * 6000}] * 3 + HI  # 9,000 tokens > 8,192
+    too_long: list[ChatCompletionMessageParam] = [{"role": "user", "content": "x " * 6000}] * 3
+    too_long += HI  # 9,000 tokens > 8,192
     with pytest.raises(openai.BadRequestError) as caught:
-        await v1.sdk.chat.completions.create(model="scripted", messages=too_long)  # type: ignore[arg-type]
+        await v1.sdk.chat.completions.create(model="scripted", messages=too_long)
     assert caught.value.param == "messages"
     assert caught.value.code == "invalid_request_error"
 
@@ -170,9 +184,9 @@ async def test_a_rate_limited_request_is_rate_limit_exceeded_with_retry_after(
         async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
             key = await new_key(http, "rita")
             async with sdk_for(server, key) as sdk:
-                await sdk.chat.completions.create(model="scripted", messages=HI)  # type: ignore[arg-type]
+                await sdk.chat.completions.create(model="scripted", messages=HI)
                 with pytest.raises(openai.RateLimitError) as caught:
-                    await sdk.chat.completions.create(model="scripted", messages=HI)  # type: ignore[arg-type]
+                    await sdk.chat.completions.create(model="scripted", messages=HI)
             assert caught.value.code == "rate_limit_exceeded"
             assert int(caught.value.response.headers["Retry-After"]) >= 1
             async with server.engine.connect() as conn:

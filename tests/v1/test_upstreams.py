@@ -13,6 +13,7 @@ import httpx
 import openai
 import pytest
 from openai import AsyncOpenAI
+from openai.types.chat import ChatCompletionMessageParam
 
 from chatmeter.config import ModelConfig
 from tests.conftest import make_settings
@@ -23,7 +24,7 @@ from tests.support.server import RunningServer, serve
 from tests.v1.conftest import new_key, sdk_for
 from tests.v1.test_completions import exchange_id
 
-CONVERSATION = [
+CONVERSATION: list[ChatCompletionMessageParam] = [
     {"role": "system", "content": "Be exact."},
     {"role": "user", "content": "first"},
     {"role": "assistant", "content": "first answer"},
@@ -102,7 +103,7 @@ async def test_openai_compatible_upstream_exact_usage(stack: Stack, upstream: Op
     )
     completion = await stack.sdk.chat.completions.create(
         model="vllm",
-        messages=CONVERSATION,  # type: ignore[arg-type]
+        messages=CONVERSATION,
         max_tokens=50,
     )
     sent = upstream.last_body
@@ -114,6 +115,8 @@ async def test_openai_compatible_upstream_exact_usage(stack: Stack, upstream: Op
         {"role": "user", "content": "second"},
     ]
     assert sent["max_tokens"] == 50
+    # not asked for, not sent: the server's own defaults apply
+    assert not {"temperature", "top_p", "stop"} & set(sent)
     assert completion.choices[0].message.content == "Sure, here."
     usage = completion.usage
     assert usage is not None
@@ -134,7 +137,7 @@ async def test_gemini_upstream_streamed_with_thinking_and_cache(
     )
     stream = await stack.sdk.chat.completions.create(
         model="gemini",
-        messages=CONVERSATION,  # type: ignore[arg-type]
+        messages=CONVERSATION,
         stream=True,
         stream_options={"include_usage": True},
     )
@@ -148,6 +151,7 @@ async def test_gemini_upstream_streamed_with_thinking_and_cache(
         ("model", "first answer"),
         ("user", "second"),
     ]
+    assert not {"temperature", "topP", "stopSequences"} & set(body["generationConfig"])
     usage = chunks[-1].usage
     assert usage is not None
     # three pieces, one token each, plus seven of thinking
@@ -206,3 +210,49 @@ async def test_a_safety_block_is_finish_reason_content_filter(
     )
     assert blocked.choices[0].finish_reason == "content_filter"
     assert blocked.choices[0].message.content == ""
+
+
+async def test_sampling_reaches_an_openai_compatible_upstream_in_its_wire_names(
+    stack: Stack, upstream: OpenAIServer
+) -> None:
+    await stack.sdk.chat.completions.create(
+        model="vllm",
+        messages=[{"role": "user", "content": "Hi"}],
+        temperature=0.3,
+        top_p=0.5,
+        stop=["END", "\n\n"],
+    )
+    sent = upstream.streams[-1].request.body
+    assert (sent["temperature"], sent["top_p"], sent["stop"]) == (0.3, 0.5, ["END", "\n\n"])
+    # one string is one stop sequence; the bounds themselves are in range
+    stream = await stack.sdk.chat.completions.create(
+        model="vllm",
+        messages=[{"role": "user", "content": "Hi"}],
+        temperature=2,
+        top_p=0,
+        stop="END",
+        stream=True,
+    )
+    assert [chunk async for chunk in stream]
+    sent = upstream.streams[-1].request.body
+    assert (sent["temperature"], sent["top_p"], sent["stop"]) == (2, 0, ["END"])
+
+
+async def test_sampling_reaches_gemini_as_its_generation_config(
+    stack: Stack, gemini: GeminiServer
+) -> None:
+    await stack.sdk.chat.completions.create(
+        model="gemini",
+        messages=[{"role": "user", "content": "Hi"}],
+        temperature=1.25,
+        top_p=0.95,
+        stop=["END", "\n\n", "Q:"],
+        max_tokens=40,
+    )
+    config = gemini.streams[-1].request.body["generationConfig"]
+    assert config == {
+        "temperature": 1.25,
+        "topP": 0.95,
+        "stopSequences": ["END", "\n\n", "Q:"],
+        "maxOutputTokens": 40,
+    }

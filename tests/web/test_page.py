@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 import httpx
@@ -207,7 +207,7 @@ class FailingProvider:
 
     async def stream(
         self, request: GenerationRequest, outcome: StreamOutcome
-    ) -> AsyncIterator[str]:
+    ) -> AsyncGenerator[str, None]:
         yield "I was about to say"
         await asyncio.sleep(0.05)
         raise ProviderError("PROVIDER_RATE_LIMITED", "429 Too Many Requests")

@@ -99,10 +99,10 @@ async def test_the_usage_panel_matches_get_api_usage(
             f"{usage['total_tokens_used']:,} of {usage['token_limit']:,}"
         )
         spend = Decimal(usage["spend_micros"]) / 1_000_000
+        places = spend.as_tuple().exponent
+        assert isinstance(places, int)  # a finite amount ("n", "N", "F" are NaN and inf)
         await expect(panel.locator("#usage-spend")).to_have_text(
-            f"${spend.normalize():f} of $0.50"
-            if spend.as_tuple().exponent < -2  # type: ignore[operator]
-            else f"${spend:.2f} of $0.50"
+            f"${spend.normalize():f} of $0.50" if places < -2 else f"${spend:.2f} of $0.50"
         )
         # the chart: 30 days, today's bar is the tokens used today
         summary = (await api(server, "GET", "/api/usage/summary?group_by=day", "sam")).json()
