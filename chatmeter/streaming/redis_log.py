@@ -144,15 +144,18 @@ class RedisLog:
             now = loop.time()
             for reply_id, writing in due:
                 key = stream_key(reply_id)
+                chat = chat_key(writing.chat_id)
+                started = writing.written == 0 and bool(writing.queued)
                 if writing.queued:
                     first = writing.written + 1
                     writing.written += len(writing.queued)
                     fields: dict[Any, Any] = {"n": first, "d": b"\n".join(writing.queued)}
-                    if first == 1:
+                    if started:
                         fields["c"] = str(writing.chat_id)
                         if writing.record is not None:
                             fields["m"] = writing.record
-                        pipe.set(chat_key(writing.chat_id), str(reply_id), ex=self._streaming_ttl)
+                        ttl = self._replay if writing.finished else self._streaming_ttl
+                        pipe.set(chat, str(reply_id), ex=ttl)
                     if writing.finished:
                         fields["e"] = 1
                     pipe.xadd(key, fields, id=f"0-{writing.written}")
@@ -161,14 +164,18 @@ class RedisLog:
                     # the end was written already: an empty entry marks it
                     end = writing.written + 1
                     pipe.xadd(key, {"n": end, "d": b"", "e": 1}, id=f"0-{end}")
+                # the stream's TTL is set after its first entry made it; the chat's key
+                # got its own with the SET above
                 if writing.finished:
                     del self._writing[reply_id]
                     pipe.expire(key, self._replay)
-                    pipe.expire(chat_key(writing.chat_id), self._replay)
-                elif now - writing.renewed_at > self._lease / 3:
+                    if not started:
+                        pipe.expire(chat, self._replay)
+                elif started or now - writing.renewed_at > self._lease / 3:
                     writing.renewed_at = now
                     pipe.expire(key, self._streaming_ttl)
-                    pipe.expire(chat_key(writing.chat_id), self._streaming_ttl)
+                    if not started:
+                        pipe.expire(chat, self._streaming_ttl)
             try:
                 await pipe.execute()
             except (RedisError, OSError):

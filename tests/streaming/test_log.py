@@ -194,3 +194,37 @@ async def test_an_end_written_before_the_finish_is_still_seen(redis_server: Redi
         await writer.aclose()
         await reader.aclose()
         await client.aclose()
+
+
+async def test_a_reply_written_at_once_costs_three_commands_and_its_keys_expire(
+    redis_server: RedisServer,
+) -> None:
+    """A reply whose events all reach Redis in one write: its entry, the chat's key and
+    the stream's TTL, nothing more (the keys of a reply are written per reply: each
+    command is CPU of the worker's)."""
+    client = aioredis.from_url(redis_server.url)
+    writer = RedisLog(aioredis.from_url(redis_server.url), MemoryLog(60, 1 << 20), 60, 30)
+    try:
+        await client.config_resetstat()
+        reply_id, chat_id = uuid.uuid4(), uuid.uuid4()
+        await writer.begin(reply_id, chat_id, FIRST)  # all in one loop turn: one write
+        await writer.append(reply_id, {"chunk": "a", "done": False})
+        await writer.append(reply_id, END)
+        await writer.finish(reply_id)
+
+        async def ended() -> bool:
+            entries = await client.xrange(stream_key(reply_id), min="-", max="+") or []
+            return bool(entries) and b"e" in (entries[-1][1] or {})
+
+        await eventually(ended)
+        stats: dict[str, Any] = await client.info("commandstats")
+        calls = {
+            name: stats.get(f"cmdstat_{name}", {}).get("calls", 0)
+            for name in ("set", "xadd", "expire")
+        }
+        assert calls == {"set": 1, "xadd": 1, "expire": 1}
+        assert 0 < await client.ttl(stream_key(reply_id)) <= 60
+        assert 0 < await client.ttl(chat_key(chat_id)) <= 60
+    finally:
+        await writer.aclose()
+        await client.aclose()
