@@ -30,7 +30,7 @@ from chatmeter.db.sqlite_process import (
     encode_jobs,
     sqlite_path,
 )
-from chatmeter.db.steps import PostgresStatements, Steps, run_asyncpg
+from chatmeter.db.steps import Conflict, PostgresStatements, Steps, run_asyncpg
 
 log = logging.getLogger("chatmeter.db")
 T = TypeVar("T")
@@ -54,6 +54,8 @@ def refused_for_good(exc: BaseException) -> bool:
     """Whether the database refused a transaction for what it says (a constraint it
     breaks, a value it cannot hold), so running it again can only fail again; anything
     else (the database is down, busy, restarting) may pass later."""
+    if isinstance(exc, Conflict):  # a unique violation outside a transaction
+        return True
     if isinstance(exc, asyncpg.PostgresError):
         return str(exc.sqlstate)[:2] in ("22", "23")  # data exception, integrity violation
     # asyncpg's own DataError (a value it cannot send) is a ValueError
