@@ -112,6 +112,7 @@ async def start_services(settings: Settings) -> Services:
         preload=TRANSACTION_MODULES,
     )
     reply_log, stop_signals = _reply_sharing(settings)
+    shared = reply_log if isinstance(reply_log, RedisLog) else None
     services = Services(
         settings=settings,
         transactor=transactor,
@@ -131,13 +132,13 @@ async def start_services(settings: Settings) -> Services:
         stop_signals=stop_signals,
         outbox=Outbox(settings.outbox_dir, worker_id, metrics),
         worker_id=worker_id,
-        opening_rules=OpeningRules.of(settings, worker_id),
-    )
-    if isinstance(reply_log, RedisLog):
         # a reply whose process dies mid-reply is settled from its log in Redis
+        opening_rules=OpeningRules.of(settings, worker_id, settles_orphans=shared is not None),
+    )
+    if shared is not None:
         services.replies.orphans = OrphanSettler(
             transactor,
-            reply_log,
+            shared,
             services.counter,
             services.providers,
             settings,

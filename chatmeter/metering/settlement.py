@@ -13,9 +13,10 @@ import asyncio
 import logging
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from chatmeter.db.steps import Sql, Steps
+from chatmeter.db.tables import utcnow
 from chatmeter.db.transactor import Transactor
 from chatmeter.ids import new_id
 from chatmeter.metering.counting import Source
@@ -43,6 +44,15 @@ class Settlement:
     # the start (Unix microseconds) of the user's period at `created_at`; None when the
     # plan has no period. An exchange counts in the period in which it settles.
     period_start: int | None = None
+
+
+def settled_at(user_message_at: datetime | None) -> datetime:
+    """When an exchange settles: now, but strictly after its user message, so the chat's
+    history keeps its order."""
+    now = utcnow()
+    if user_message_at is None:
+        return now
+    return max(now, user_message_at + timedelta(microseconds=1))
 
 
 _START = "CAST(:ps AS BIGINT)"

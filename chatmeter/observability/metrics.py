@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+
+if TYPE_CHECKING:
+    from chatmeter.metering.settlement import Settlement
 
 _REFUSAL_REASONS = {
     "TOKEN_BUDGET_EXCEEDED": "token",
@@ -57,6 +62,12 @@ class Metrics:
         self.active_streams = Gauge(
             "chatmeter_active_streams", "Replies being generated now", registry=r
         )
+
+    def count_settled(self, s: Settlement) -> None:
+        """An exchange written to the ledger: its outcome, tokens and cost."""
+        self.exchanges.labels(s.status, s.source).inc()
+        self.tokens_billed.labels(s.model, "total").inc(s.usage.total_tokens)
+        self.cost_billed.labels(s.model).inc(s.cost_micros)
 
     def count_refusal(self, code: str) -> None:
         """A message refused before it streamed: by the plan's limits, or anything else

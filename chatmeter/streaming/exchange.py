@@ -18,19 +18,18 @@ import logging
 import uuid
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from chatmeter.auth.tokens import Principal
 from chatmeter.db.steps import Steps
-from chatmeter.db.tables import utcnow
 from chatmeter.db.transactor import WriterGone
 from chatmeter.errors import ApiError
 from chatmeter.ids import new_id
 from chatmeter.metering.cost import cost_micros
 from chatmeter.metering.counting import EXCHANGE_OVERHEAD_TOKENS, PER_MESSAGE_OVERHEAD, Metered
 from chatmeter.metering.reservations import Reservation
-from chatmeter.metering.settlement import Settlement, settle_with_retries
+from chatmeter.metering.settlement import Settlement, settle_with_retries, settled_at
 from chatmeter.providers.base import (
     GenerationRequest,
     Provider,
@@ -225,10 +224,7 @@ class Exchange:
     def _settlement(
         self, content: str, status: str, finish: str | None, metered: Metered
     ) -> Settlement:
-        # strictly after the user message, so history keeps its order
-        created_at = utcnow()
-        if self.user_message_at is not None:
-            created_at = max(created_at, self.user_message_at + timedelta(microseconds=1))
+        created_at = settled_at(self.user_message_at)
         plans = self.services.opening_rules.plans
         prices = self.services.settings.models[self.model].prices
         return Settlement(
@@ -269,11 +265,7 @@ class Exchange:
                 )
                 raise
             return False
-        services.metrics.exchanges.labels(settlement.status, settlement.source).inc()
-        services.metrics.tokens_billed.labels(self.model, "total").inc(
-            settlement.usage.total_tokens
-        )
-        services.metrics.cost_billed.labels(self.model).inc(settlement.cost_micros)
+        services.metrics.count_settled(settlement)
         return True
 
 
@@ -281,10 +273,6 @@ def _finish_reason(status: str, outcome: StreamOutcome) -> str:
     if status == "complete":
         return outcome.finish_reason or "stop"
     return {"stopped": "stopped", "interrupted": "interrupted"}.get(status, "error")
-
-
-def _str_or_none(value: uuid.UUID | None) -> str | None:
-    return None if value is None else str(value)
 
 
 def _uncancel() -> None:

@@ -35,7 +35,7 @@ def record_of(exchange: Exchange) -> ReplyRecord:
         exchange.user_message_at,
     )
     if chat_id is None or user_message_id is None or at is None:
-        raise ValueError("only a chat's reply has a log")
+        raise ValueError("only a chat's reply has a record")
     reservation = exchange.reservation
     return ReplyRecord(
         reservation_id=reservation.reservation_id,
@@ -54,8 +54,10 @@ def record_of(exchange: Exchange) -> ReplyRecord:
 async def begin_reply(exchange: Exchange, replies: ReplyLog) -> uuid.UUID:
     """Open the reply's log with its first event; returns the reply id to read. Only a
     chat's reply is resumable (an OpenAI-style exchange has no chat to resume from)."""
-    record = record_of(exchange)
-    await replies.begin(exchange.message_id, record.chat_id, first_event(exchange), record)
+    if exchange.chat_id is None:
+        raise ValueError("only a chat's reply has a log")
+    record = record_of(exchange) if replies.keeps_records else None
+    await replies.begin(exchange.message_id, exchange.chat_id, first_event(exchange), record)
     return exchange.message_id
 
 

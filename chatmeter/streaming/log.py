@@ -90,6 +90,10 @@ class LeftReply:
 
 
 class ReplyLog(Protocol):
+    # whether `begin` keeps a reply's record (a log that outlives this process): only
+    # then is the record worth building
+    keeps_records: bool
+
     async def begin(
         self,
         reply_id: uuid.UUID,
@@ -149,6 +153,8 @@ class MemoryLog:
     """Replies held in this process. Bounded: a finished reply is dropped
     `replay_seconds` after its end, and when the text held passes `max_bytes` the oldest
     finished replies go first."""
+
+    keeps_records = False  # it dies with the process, and its replies with it
 
     def __init__(self, replay_seconds: float, max_bytes: int) -> None:
         self._replay_seconds = replay_seconds

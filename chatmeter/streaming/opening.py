@@ -53,7 +53,7 @@ class OpeningRules:
     settles_orphans: bool = False
 
     @classmethod
-    def of(cls, settings: Settings, worker_id: str) -> OpeningRules:
+    def of(cls, settings: Settings, worker_id: str, settles_orphans: bool) -> OpeningRules:
         return cls(
             models={
                 name: ModelLimits(
@@ -69,7 +69,7 @@ class OpeningRules:
             worker_id=worker_id,
             reservation_ttl_seconds=settings.reservation_ttl_seconds,
             writable_ctes=not settings.is_sqlite,
-            settles_orphans=bool(settings.redis_url),
+            settles_orphans=settles_orphans,
         )
 
     def reserve(
@@ -178,6 +178,29 @@ def fit_to_context(
     return tuple(turns), size, min(cap, room)
 
 
+# the user message, saved by the opening: as a statement of its own, and as the last
+# CTE of PostgreSQL's one-statement opening, written only if the reservation (`held`) was
+_SAVE_USER_MESSAGE = (
+    "INSERT INTO messages (message_id, chat_id, role, content, tokens_consumed, status, "
+    "created_at) "
+)
+USER_MESSAGE = (
+    _SAVE_USER_MESSAGE + "VALUES (:message_id, :chat_id, 'user', :content, 0, 'complete', :now)"
+)
+USER_MESSAGE_AT_ONCE = (
+    _SAVE_USER_MESSAGE + "SELECT CAST(:message_id AS UUID), CAST(:chat_id AS UUID), 'user', "
+    "CAST(:content AS TEXT), 0, 'complete', CAST(:now AS TIMESTAMPTZ) FROM held"
+)
+
+
+# a prompt's history: the chat's last `:count` messages with text, newest first (ties in
+# time: the assistant's reply before the user message it answered, as it is reversed)
+LATEST_MESSAGES = (
+    "FROM messages WHERE chat_id = :chat_id AND content != '' "
+    "ORDER BY created_at DESC, role ASC LIMIT :count"
+)
+
+
 def chat_and_history(
     chat_id: uuid.UUID, count: int
 ) -> Steps[tuple[ChatRef | None, list[ChatTurn]]]:
@@ -186,8 +209,7 @@ def chat_and_history(
         "SELECT 0 AS kind, user_id, model, is_active, NULL AS role, NULL AS content, "
         "NULL AS created_at FROM chats WHERE chat_id = :chat_id UNION ALL "
         "SELECT 1, NULL, NULL, NULL, role, content, created_at FROM (SELECT role, content, "
-        "created_at FROM messages WHERE chat_id = :chat_id AND content != '' "
-        "ORDER BY created_at DESC, role ASC LIMIT :count) AS recent "
+        f"created_at {LATEST_MESSAGES}) AS recent "
         "ORDER BY kind, created_at DESC, role ASC",
         {"chat_id": chat_id, "count": count},
         alone=True,
@@ -221,8 +243,6 @@ def open_steps(
         kept, prompt_size, output_cap = fit_to_context(limits, history, message, exact_prompt)
     except PromptTooLarge:
         raise PromptTooLarge(chat.model) from None
-    saved = "INSERT INTO messages (message_id, chat_id, role, content, tokens_consumed, "
-    saved += "status, created_at) "
     reservation = yield from rules.reserve(
         user_id,
         chat_id,
@@ -231,11 +251,10 @@ def open_steps(
         output_cap,
         now,
         then=Sql(
-            saved + "VALUES (:message_id, :chat_id, 'user', :content, 0, 'complete', :now)",
+            USER_MESSAGE,
             {"message_id": user_message_id, "chat_id": chat_id, "content": message, "now": now},
         ),
-        then_at_once=saved + "SELECT CAST(:message_id AS UUID), CAST(:chat_id AS UUID), "
-        "'user', CAST(:content AS TEXT), 0, 'complete', CAST(:now AS TIMESTAMPTZ) FROM held",
+        then_at_once=USER_MESSAGE_AT_ONCE,
     )
     # the budget may allow less output than the context: the reservation's cap is sent
     request = GenerationRequest(limits.system_prompt, kept, message, reservation.output_cap)

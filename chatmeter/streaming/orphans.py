@@ -26,18 +26,18 @@ from __future__ import annotations
 import logging
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
 from chatmeter.db.steps import Sql, Steps
-from chatmeter.db.tables import utcnow
 from chatmeter.ids import as_uuid
 from chatmeter.metering.cost import Prices, cost_micros
 from chatmeter.metering.reservations import lock_user
-from chatmeter.metering.settlement import Settlement, settle_steps
+from chatmeter.metering.settlement import Settlement, settle_steps, settled_at
 from chatmeter.providers.base import ChatTurn, GenerationRequest
 from chatmeter.streaming.events import end_event
 from chatmeter.streaming.log import LeftReply, ReplyRecord
+from chatmeter.streaming.opening import LATEST_MESSAGES
 
 if TYPE_CHECKING:
     from chatmeter.config import Settings
@@ -84,13 +84,11 @@ def chat_claim_expired(chat_id: uuid.UUID, now: datetime) -> Steps[bool]:
 
 def prompt_of(record: ReplyRecord, system_prompt: str) -> Steps[GenerationRequest | None]:
     """The request the reply was generated for, as its opening made it: the user message
-    and the `history_turns` latest messages before it (in the order of
-    `opening.recent_history`; the chat took no message since, its reservation held it).
+    and the `history_turns` latest messages before it (`opening.LATEST_MESSAGES`, as the
+    opening read them; the chat took no message since, its reservation held it).
     None if the user message is gone."""
     rows = yield Sql(
-        "SELECT message_id, role, content FROM messages "
-        "WHERE chat_id = :chat_id AND content != '' "
-        "ORDER BY created_at DESC, role ASC LIMIT :count",
+        f"SELECT message_id, role, content {LATEST_MESSAGES}",
         {"chat_id": record.chat_id, "count": record.history_turns + 1},
     )
     message = yield Sql(
@@ -162,7 +160,7 @@ class OrphanSettler:
         metered = await self.counter.meter(
             await self._provider(record.model), request, left.text, None
         )
-        created_at = max(utcnow(), record.user_message_at + timedelta(microseconds=1))
+        created_at = settled_at(record.user_message_at)
         settlement = Settlement(
             user_id=record.user_id,
             chat_id=record.chat_id,
@@ -183,9 +181,7 @@ class OrphanSettler:
         )
         if not settled:
             return False
-        self.metrics.exchanges.labels(STATUS, metered.source).inc()
-        self.metrics.tokens_billed.labels(record.model, "total").inc(metered.usage.total_tokens)
-        self.metrics.cost_billed.labels(record.model).inc(settlement.cost_micros)
+        self.metrics.count_settled(settlement)
         log.warning(
             "settled reply %s of a stopped process from its log (%d tokens)",
             record.message_id,

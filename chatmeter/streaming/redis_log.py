@@ -91,6 +91,8 @@ def _entries(entries: Any, after: int) -> list[tuple[int, bytes]]:
 
 
 class RedisLog:
+    keeps_records = True
+
     def __init__(
         self, client: aioredis.Redis, local: MemoryLog, replay_seconds: float, lease_seconds: float
     ) -> None:

@@ -10,7 +10,6 @@ import asyncio
 import logging
 import os
 import sys
-from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -18,7 +17,6 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from chatmeter.chats.store import insert_chat
-from chatmeter.db.engine import make_engine
 from chatmeter.db.transactor import Transactor, make_transactor
 from chatmeter.ids import new_id
 from chatmeter.metering.outbox import Outbox
@@ -42,26 +40,7 @@ RULES = OpeningRules(
 )
 
 
-@pytest.fixture
-async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
-    running = make_engine(database_url)
-    try:
-        yield running
-    finally:
-        await running.dispose()
-
-
-@pytest.fixture
-async def transactor(database_url: str) -> AsyncIterator[Transactor]:
-    running = make_transactor(database_url, 5000)
-    await running.start()
-    try:
-        yield running
-    finally:
-        await running.close()
-
-
-async def reply_to_settle(engine: AsyncEngine, transactor: Transactor, n: int) -> Settlement:
+async def reply_to_settle(transactor: Transactor, n: int) -> Settlement:
     """A real exchange opened (chat, user message, reservation) and its settlement,
     as the exchange would have spooled it."""
     chat = await transactor.run(insert_chat, USER, f"chat {n}", "m")
@@ -88,11 +67,14 @@ def billed(*settlements: Settlement) -> int:
 
 
 async def test_a_torn_last_line_becomes_a_dead_letter_and_the_rest_is_written(
-    engine: AsyncEngine, transactor: Transactor, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    audit_engine: AsyncEngine,
+    transactor: Transactor,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     metrics = Metrics()
     outbox = Outbox(str(tmp_path), "w1", metrics)
-    first, torn = [await reply_to_settle(engine, transactor, n) for n in (1, 2)]
+    first, torn = [await reply_to_settle(transactor, n) for n in (1, 2)]
     outbox.append(first)
     # a crash mid-append: part of a line, no newline
     line = b'{"user_id":"rita-outbox","chat_id":"' + str(torn.chat_id).encode()[:20]
@@ -106,28 +88,28 @@ async def test_a_torn_last_line_becomes_a_dead_letter_and_the_rest_is_written(
     assert outbox.path.with_suffix(".dead").read_bytes().startswith(b'{"user_id":"rita-outbox"')
     assert metrics.outbox_dead_letters._value.get() == 1
     assert any("cannot be written" in r.getMessage() for r in caplog.records)
-    state = await books(engine, USER)
+    state = await books(audit_engine, USER)
     assert state.total == state.ledger == billed(first)
     # the torn reply's reservation is left to its lease, as a crash leaves it
     assert state.open_reservations == 1
 
 
 async def test_a_line_appended_after_a_torn_one_stays_whole(
-    engine: AsyncEngine, transactor: Transactor, tmp_path: Path
+    audit_engine: AsyncEngine, transactor: Transactor, tmp_path: Path
 ) -> None:
     outbox = Outbox(str(tmp_path), "w1")
     outbox.directory.mkdir(parents=True, exist_ok=True)
     outbox.path.write_bytes(b'{"user_id":"rita-outb')  # the last process crashed here
-    after = await reply_to_settle(engine, transactor, 1)
+    after = await reply_to_settle(transactor, 1)
     outbox.append(after)
     assert await outbox.replay(transactor) == 1
     assert outbox.dead_letters() == 1
-    state = await books(engine, USER)
+    state = await books(audit_engine, USER)
     assert state.total == state.ledger == billed(after) and state.reserved == 0
 
 
 async def test_a_settlement_refused_for_good_does_not_hold_back_the_others(
-    engine: AsyncEngine,
+    audit_engine: AsyncEngine,
     transactor: Transactor,
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
@@ -137,13 +119,13 @@ async def test_a_settlement_refused_for_good_does_not_hold_back_the_others(
     other process's file, are written."""
     metrics = Metrics()
     mine, other = Outbox(str(tmp_path), "w1", metrics), Outbox(str(tmp_path), "w2", metrics)
-    gone, kept, elsewhere = [await reply_to_settle(engine, transactor, n) for n in (1, 2, 3)]
+    gone, kept, elsewhere = [await reply_to_settle(transactor, n) for n in (1, 2, 3)]
     assert gone.chat_id is not None
-    async with engine.begin() as conn:
+    async with audit_engine.begin() as conn:
         for table in ("messages", "chats"):
             await conn.exec_driver_sql(
                 f"DELETE FROM {table} WHERE chat_id = '{gone.chat_id.hex}'"
-                if engine.dialect.name == "sqlite"
+                if audit_engine.dialect.name == "sqlite"
                 else f"DELETE FROM {table} WHERE chat_id = '{gone.chat_id}'"
             )
     mine.append(gone)
@@ -156,7 +138,7 @@ async def test_a_settlement_refused_for_good_does_not_hold_back_the_others(
     assert mine.pending() == 0 and mine.dead_letters() == 1
     assert metrics.outbox_dead_letters._value.get() == 1
     assert any(str(gone.message_id) in r.getMessage() for r in caplog.records)
-    state = await books(engine, USER)
+    state = await books(audit_engine, USER)
     assert state.total == state.ledger == billed(kept, elsewhere)
     # the two others were released; the gone chat's reservation is left to its lease
     assert state.open_reservations == 1
@@ -166,14 +148,14 @@ async def test_a_settlement_refused_for_good_does_not_hold_back_the_others(
 
 
 async def test_a_database_that_is_down_stops_replay_and_keeps_every_line(
-    database_url: str, engine: AsyncEngine, tmp_path: Path
+    database_url: str, audit_engine: AsyncEngine, tmp_path: Path
 ) -> None:
     async with DatabaseOutage(database_url) as outage:
         transactor = make_transactor(outage.url, 200)
         await transactor.start()
         try:
             outbox = Outbox(str(tmp_path), "w1")
-            spooled = [await reply_to_settle(engine, transactor, n) for n in (1, 2)]
+            spooled = [await reply_to_settle(transactor, n) for n in (1, 2)]
             for s in spooled:
                 outbox.append(s)
             outage.begin()
@@ -185,15 +167,15 @@ async def test_a_database_that_is_down_stops_replay_and_keeps_every_line(
             assert await outbox.replay(transactor) == 2
         finally:
             await transactor.close()
-    state = await books(engine, USER)
+    state = await books(audit_engine, USER)
     assert state.total == state.ledger == billed(*spooled) and state.reserved == 0
 
 
 async def test_two_processes_replaying_the_same_outbox_bill_each_settlement_once(
-    database_url: str, engine: AsyncEngine, transactor: Transactor, tmp_path: Path
+    database_url: str, audit_engine: AsyncEngine, transactor: Transactor, tmp_path: Path
 ) -> None:
     directory = tmp_path / "outbox"
-    spooled = [await reply_to_settle(engine, transactor, n) for n in range(30)]
+    spooled = [await reply_to_settle(transactor, n) for n in range(30)]
     for i, s in enumerate(spooled):
         Outbox(str(directory), f"w{i % 2}").append(s)
     go = tmp_path / "go"
@@ -220,7 +202,7 @@ async def test_two_processes_replaying_the_same_outbox_bill_each_settlement_once
 
     outbox = Outbox(str(directory), "w0")
     assert outbox.pending() == 0 and outbox.dead_letters() == 0
-    state = await books(engine, USER)
+    state = await books(audit_engine, USER)
     assert state.ledger_rows == 30
     assert state.total == state.ledger == billed(*spooled)
     assert state.reserved == 0 and state.open_reservations == 0
