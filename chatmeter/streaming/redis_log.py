@@ -52,6 +52,35 @@ READ_RETRY_SECONDS = 10.0
 # a third of a lease (its period), and must still find the log to settle the reply
 STREAMING_TTL_LEASES = 3
 
+# One call writes every reply a loop turn touched: redis-py spends as much CPU on each
+# command of a pipeline as Redis does, so a flush is one command however many replies it
+# holds. KEYS: each reply's stream and its chat's key. ARGV, 8 a reply: the entry's id
+# (empty: no entry), its `n` and `d`, the chat id (`c`, on the first entry), the record
+# (`m`, on the first entry, may be empty), 1 if it holds the end (`e`), the TTL for both
+# keys (0: leave them), and the reply id to SET as the chat's latest (empty: leave it).
+WRITE_SCRIPT = """
+local a = 0
+for i = 1, #KEYS, 2 do
+  local stream, chat = KEYS[i], KEYS[i + 1]
+  if ARGV[a + 1] ~= '' then
+    local fields = {'n', ARGV[a + 2], 'd', ARGV[a + 3]}
+    if ARGV[a + 4] ~= '' then table.insert(fields, 'c'); table.insert(fields, ARGV[a + 4]) end
+    if ARGV[a + 5] ~= '' then table.insert(fields, 'm'); table.insert(fields, ARGV[a + 5]) end
+    if ARGV[a + 6] == '1' then table.insert(fields, 'e'); table.insert(fields, '1') end
+    redis.pcall('XADD', stream, ARGV[a + 1], unpack(fields))
+  end
+  local ttl = ARGV[a + 7]
+  if ARGV[a + 8] ~= '' then
+    redis.call('SET', chat, ARGV[a + 8], 'EX', ttl)
+  elseif ttl ~= '0' then
+    redis.call('EXPIRE', chat, ttl)
+  end
+  if ttl ~= '0' then redis.call('EXPIRE', stream, ttl) end
+  a = a + 8
+end
+return #KEYS / 2
+"""
+
 
 def stream_key(reply_id: uuid.UUID) -> str:
     return f"{PREFIX}reply:{reply_id}"
@@ -103,6 +132,7 @@ class RedisLog:
         self._streaming_ttl = max(1, int(lease_seconds * STREAMING_TTL_LEASES))
         self._writing: dict[uuid.UUID, _Writing] = {}
         self._flush: asyncio.Task[None] | None = None
+        self._script = client.register_script(WRITE_SCRIPT)
 
     # -- writing: the generating process -------------------------------------------------
 
@@ -138,50 +168,50 @@ class RedisLog:
             self._flush = asyncio.get_running_loop().create_task(self._write())
 
     async def _write(self) -> None:
-        """Everything queued, one entry a reply, in one pipeline; then what came since."""
+        """Everything queued, one entry a reply, in one script call; then what came since."""
         loop = asyncio.get_running_loop()
         await asyncio.sleep(0)  # let the loop turn's other events join this write
         while due := [(r, w) for r, w in self._writing.items() if w.queued or w.finished]:
-            pipe = self._redis.pipeline(transaction=False)
+            keys: list[str] = []
+            args: list[bytes | str | int] = []
             now = loop.time()
             for reply_id, writing in due:
-                key = stream_key(reply_id)
-                chat = chat_key(writing.chat_id)
-                started = writing.written == 0 and bool(writing.queued)
-                if writing.queued:
-                    first = writing.written + 1
-                    writing.written += len(writing.queued)
-                    fields: dict[Any, Any] = {"n": first, "d": b"\n".join(writing.queued)}
-                    if started:
-                        fields["c"] = str(writing.chat_id)
-                        if writing.record is not None:
-                            fields["m"] = writing.record
-                        ttl = self._replay if writing.finished else self._streaming_ttl
-                        pipe.set(chat, str(reply_id), ex=ttl)
-                    if writing.finished:
-                        fields["e"] = 1
-                    pipe.xadd(key, fields, id=f"0-{writing.written}")
-                    writing.queued = []
-                elif writing.finished:
-                    # the end was written already: an empty entry marks it
-                    end = writing.written + 1
-                    pipe.xadd(key, {"n": end, "d": b"", "e": 1}, id=f"0-{end}")
-                # the stream's TTL is set after its first entry made it; the chat's key
-                # got its own with the SET above
+                keys += (stream_key(reply_id), chat_key(writing.chat_id))
+                args += self._writes(reply_id, writing, now)
                 if writing.finished:
                     del self._writing[reply_id]
-                    pipe.expire(key, self._replay)
-                    if not started:
-                        pipe.expire(chat, self._replay)
-                elif started or now - writing.renewed_at > self._lease / 3:
-                    writing.renewed_at = now
-                    pipe.expire(key, self._streaming_ttl)
-                    if not started:
-                        pipe.expire(chat, self._streaming_ttl)
             try:
-                await pipe.execute()
+                await self._script(keys=keys, args=args)
             except (RedisError, OSError):
                 log.warning("could not write %d replies to Redis", len(due))
+
+    def _writes(
+        self, reply_id: uuid.UUID, writing: _Writing, now: float
+    ) -> tuple[bytes | str | int, ...]:
+        """The script's arguments for one reply (`WRITE_SCRIPT`): its entry, if any, the
+        stream's TTL, the chat's key and its TTL."""
+        started = writing.written == 0 and bool(writing.queued)
+        entry: tuple[bytes | str | int, ...] = ("", "", "")
+        if writing.queued:
+            first = writing.written + 1
+            writing.written += len(writing.queued)
+            entry = (f"0-{writing.written}", first, b"\n".join(writing.queued))
+            writing.queued = []
+        elif writing.finished:
+            # the end was written already: an empty entry marks it
+            end = writing.written + 1
+            entry = (f"0-{end}", end, b"")
+        chat = str(writing.chat_id) if started else ""
+        record = writing.record if started and writing.record is not None else b""
+        end_flag = 1 if writing.finished else 0
+        ttl = 0
+        if writing.finished:
+            ttl = self._replay
+        elif started or now - writing.renewed_at > self._lease / 3:
+            writing.renewed_at = now
+            ttl = self._streaming_ttl
+        latest = str(reply_id) if started else ""
+        return (*entry, chat, record, end_flag, ttl, latest)
 
     # -- reading: any process -----------------------------------------------------------
 

@@ -196,35 +196,54 @@ async def test_an_end_written_before_the_finish_is_still_seen(redis_server: Redi
         await client.aclose()
 
 
-async def test_a_reply_written_at_once_costs_three_commands_and_its_keys_expire(
+async def test_replies_written_at_once_cost_one_command_and_their_keys_expire(
     redis_server: RedisServer,
 ) -> None:
-    """A reply whose events all reach Redis in one write: its entry, the chat's key and
-    the stream's TTL, nothing more (the keys of a reply are written per reply: each
-    command is CPU of the worker's)."""
+    """Replies whose events all reach Redis in one write: one script call for all of them
+    (each command a pipeline sends costs the worker CPU), which writes each one's entry,
+    its chat's key and its stream's TTL, nothing more."""
     client = aioredis.from_url(redis_server.url)
     writer = RedisLog(aioredis.from_url(redis_server.url), MemoryLog(60, 1 << 20), 60, 30)
     try:
+        await write_at_once(writer, client, 1)  # loads the script
         await client.config_resetstat()
-        reply_id, chat_id = uuid.uuid4(), uuid.uuid4()
-        await writer.begin(reply_id, chat_id, FIRST)  # all in one loop turn: one write
+        replies = await write_at_once(writer, client, 3)
+        stats: dict[str, Any] = await client.info("commandstats")
+        calls = {
+            name: stats.get(f"cmdstat_{name}", {}).get("calls", 0)
+            for name in ("evalsha", "set", "xadd", "expire")
+        }
+        assert calls == {"evalsha": 1, "set": 3, "xadd": 3, "expire": 3}
+        for reply_id, chat_id in replies:
+            assert 0 < await client.ttl(stream_key(reply_id)) <= 60
+            assert 0 < await client.ttl(chat_key(chat_id)) <= 60
+            assert await client.get(chat_key(chat_id)) == str(reply_id).encode()
+            entries = await client.xrange(stream_key(reply_id), min="-", max="+")
+            assert [
+                (entry_id, fields[b"n"], fields[b"c"], fields[b"e"]) for entry_id, fields in entries
+            ] == [(b"0-3", b"1", str(chat_id).encode(), b"1")]
+    finally:
+        await writer.aclose()
+        await client.aclose()
+
+
+async def write_at_once(
+    writer: RedisLog, client: aioredis.Redis, count: int
+) -> list[tuple[uuid.UUID, uuid.UUID]]:
+    """`count` replies begun and ended in one loop turn, once Redis holds their ends."""
+    replies = [(uuid.uuid4(), uuid.uuid4()) for _ in range(count)]
+    for reply_id, chat_id in replies:
+        await writer.begin(reply_id, chat_id, FIRST)
         await writer.append(reply_id, {"chunk": "a", "done": False})
         await writer.append(reply_id, END)
         await writer.finish(reply_id)
 
-        async def ended() -> bool:
+    async def ended() -> bool:
+        for reply_id, _ in replies:
             entries = await client.xrange(stream_key(reply_id), min="-", max="+") or []
-            return bool(entries) and b"e" in (entries[-1][1] or {})
+            if not entries or b"e" not in (entries[-1][1] or {}):
+                return False
+        return True
 
-        await eventually(ended)
-        stats: dict[str, Any] = await client.info("commandstats")
-        calls = {
-            name: stats.get(f"cmdstat_{name}", {}).get("calls", 0)
-            for name in ("set", "xadd", "expire")
-        }
-        assert calls == {"set": 1, "xadd": 1, "expire": 1}
-        assert 0 < await client.ttl(stream_key(reply_id)) <= 60
-        assert 0 < await client.ttl(chat_key(chat_id)) <= 60
-    finally:
-        await writer.aclose()
-        await client.aclose()
+    await eventually(ended)
+    return replies

@@ -2,7 +2,7 @@
 of 50 clients, to measure one change at a time (docs/benchmarks-history.md).
 
     cd /tmp && PYTHONPATH=$CHECKOUT python -m tools.bench.ab \
-        before=/path/to/other/checkout after=$CHECKOUT [--postgres] [--rounds 3]
+        before=/path/to/other/checkout after=$CHECKOUT [--postgres] [--redis] [--rounds 3]
 
 Run it from a folder that is not a checkout: `python -m` puts the current folder first
 on the import path, before PYTHONPATH. Each server runs the tree given
@@ -21,6 +21,7 @@ from tools.bench.harness import Bench, BenchOptions, wait_idle
 from tools.bench.load import LoadResult, Slot, run_wrk
 from tools.bench.postgres import ThrowawayPostgres
 from tools.bench.processes import ServerProcess, cpu_seconds
+from tools.bench.redis_server import ThrowawayRedis
 from tools.bench.results import median
 
 CLIENTS = 50
@@ -30,15 +31,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m tools.bench.ab", description=__doc__)
     parser.add_argument("trees", nargs="+", help="NAME=PATH of a chatmeter checkout")
     parser.add_argument("--postgres", action="store_true", help="on PostgreSQL too")
+    parser.add_argument("--redis", action="store_true", help="on SQLite + Redis too")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=5.0)
     options = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="chatmeter-ab-"))
     bench = Bench(BenchOptions(quick=True), workdir, lambda message: None)
     postgres = ThrowawayPostgres() if options.postgres else None
+    redis = ThrowawayRedis() if options.redis else None
     try:
         if postgres is not None:
             postgres.start()
+        if redis is not None:
+            redis.start()
         servers = {"floor": bench.start_floor()}
         for spec in options.trees:
             name, tree = spec.split("=", 1)
@@ -47,12 +52,20 @@ def main() -> None:
             if postgres is not None:
                 postgres.createdb(name)
                 servers[f"{name} pg"] = bench.start_chatmeter(f"{name}-pg", postgres.url(name))
+            if redis is not None:
+                servers[f"{name} redis"] = bench.start_chatmeter(
+                    f"{name}-redis",
+                    bench.sqlite_url(f"{name}-redis"),
+                    {"CHATMETER_REDIS_URL": redis.url},
+                )
         os.environ.pop("PYTHONPATH", None)
         measure(bench, servers, options.rounds, options.seconds)
     finally:
         bench.stop_all()
         if postgres is not None:
             postgres.stop()
+        if redis is not None:
+            redis.cleanup()
 
 
 def measure(bench: Bench, servers: dict[str, ServerProcess], rounds: int, seconds: float) -> None:
