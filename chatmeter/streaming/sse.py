@@ -77,7 +77,6 @@ class ReplyStream(Response):
         try:
             await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
             await self._relay(send)
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
         except OSError:
             pass  # the connection closed under a send: the client left
         finally:
@@ -87,18 +86,22 @@ class ReplyStream(Response):
                 watcher.cancel()
 
     async def _relay(self, send: Send) -> None:
+        """The events as the log gives them, the last batch with the body's end (one
+        write, not two)."""
         cursor = self._after
         while True:
             batch = await self._log.read(self._reply_id, cursor, self._ping_interval)
-            if batch is None:
-                return  # dropped from the log (expired, or the log went away)
+            if batch is None:  # dropped from the log (expired, or the log went away)
+                break
             if batch.events:
                 body = b"".join(encode_event(number, data) for number, data in batch.events)
                 cursor = batch.events[-1][0]
             elif not batch.finished:
                 body = PING  # idle for a whole ping interval
             else:
+                break
+            if batch.finished:
+                await send({"type": "http.response.body", "body": body, "more_body": False})
                 return
             await send({"type": "http.response.body", "body": body, "more_body": True})
-            if batch.finished:
-                return
+        await send({"type": "http.response.body", "body": b"", "more_body": False})

@@ -14,6 +14,9 @@ def test_a_moment_stored_on_sqlite_reads_back_aware_in_utc() -> None:
     moment = datetime(2026, 3, 8, 6, 59, 1, 123456, tzinfo=timezone(timedelta(hours=-5)))
     read = as_datetime(sqlite_value(moment))
     assert read == moment and read.tzinfo is UTC
+    assert sqlite_value(moment) == "2026-03-08 11:59:01.123456"
+    assert sqlite_value(datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)) == "2026-01-02 03:04:05.000000"
+    assert sqlite_value(True) == 1 and sqlite_value("text") == "text"
     # whole seconds are stored with their zero microseconds, and the server's own
     # CURRENT_TIMESTAMP without any
     assert as_datetime("2026-01-02 03:04:05.000000") == datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
