@@ -31,6 +31,10 @@ SUM_FIELDS = (
 )
 DEFAULT_DAYS = 30
 MOST_DAYS = 366
+# the days whose local midnights, and the midnight after, are moments in every timezone
+# (no offset reaches a day): the first and the last day of the calendar are not
+EARLIEST_DAY = date.min + timedelta(days=1)
+LATEST_DAY = date.max - timedelta(days=1)
 QUARTER_SECONDS = 900
 
 
@@ -55,11 +59,13 @@ class DayRange:
     @classmethod
     def parse(cls, raw_from: str | None, raw_to: str | None, today: date) -> DayRange:
         last = _day(raw_to, "to") if raw_to is not None else today
-        first = (
-            _day(raw_from, "from")
-            if raw_from is not None
-            else last - timedelta(days=DEFAULT_DAYS - 1)
-        )
+        if raw_from is not None:
+            first = _day(raw_from, "from")
+        else:
+            earliest = max(EARLIEST_DAY.toordinal(), last.toordinal() - (DEFAULT_DAYS - 1))
+            first = date.fromordinal(earliest)
+        if not all(EARLIEST_DAY <= day <= LATEST_DAY for day in (first, last)):
+            raise _invalid(f"from, to: days from {EARLIEST_DAY} to {LATEST_DAY} are reported")
         if first > last:
             raise _invalid("from: must not be after to")
         if (last - first).days + 1 > MOST_DAYS:

@@ -414,6 +414,29 @@ async def test_summary_refuses_bad_input_with_the_error_shape(client: httpx.Asyn
     assert forbidden.status_code == 403
 
 
+async def test_summary_at_the_ends_of_the_calendar_is_400_or_empty(
+    client: httpx.AsyncClient,
+) -> None:
+    # a day whose local midnight (or the midnight after it) is no moment in UTC was a 500
+    user = fresh("calendar")
+    for query in (
+        "to=0001-01-01",
+        "from=0001-01-01&to=0001-01-01",
+        "from=9999-12-31&to=9999-12-31",
+        "from=9999-12-30&to=9999-12-31",
+    ):
+        for path in ("/api/usage/summary", "/api/admin/usage/summary"):
+            response = await client.get(f"{path}?{query}", headers=auth(user, admin=True))
+            assert response.status_code == 400, (path, query, response.text)
+            assert response.json()["code"] == "INVALID_REQUEST"
+    # without `from`, the 30 days before `to` stop at the first day reported
+    early = await client.get("/api/usage/summary?to=0001-01-10", headers=auth(user))
+    assert early.status_code == 200, early.text
+    assert (early.json()["from"], early.json()["rows"]) == ("0001-01-02", [])
+    late = await client.get("/api/usage/summary?from=9999-12-30&to=9999-12-30", headers=auth(user))
+    assert (late.status_code, late.json()["rows"]) == (200, [])
+
+
 async def test_new_endpoints_are_described(client: httpx.AsyncClient) -> None:
     paths = (await client.get("/openapi.json")).json()["paths"]
     for path in (
