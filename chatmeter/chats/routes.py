@@ -13,7 +13,7 @@ from chatmeter.deps import CurrentUser, ServicesDep
 from chatmeter.errors import ApiError
 from chatmeter.jsonutil import BadBody, json_response, parse_model, read_json
 from chatmeter.openapi import ChatIdPath, errors, json_body
-from chatmeter.streaming.stopping import stop_chat_reply
+from chatmeter.streaming.stopping import delete_chat as delete_and_stop
 
 router = APIRouter(prefix="/api/chat", tags=["chats"])
 
@@ -84,7 +84,6 @@ async def rename_chat(
 @router.delete("/{chat_id}", status_code=204, responses=errors(400, 403, 404))
 async def delete_chat(chat_id: ChatIdPath, user: CurrentUser, services: ServicesDep) -> Response:
     chat_uuid = store.parse_chat_id(chat_id)
-    # its reply, if one streams, is stopped first (saved, billed, released)
-    await stop_chat_reply(services, chat_uuid, user.user_id)
-    await services.transactor.run(store.deactivate_chat, chat_uuid, user.user_id)
+    # its reply, if one streams, is stopped too (saved, billed, released)
+    await delete_and_stop(services, chat_uuid, user.user_id)
     return Response(status_code=204)

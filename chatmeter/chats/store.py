@@ -224,8 +224,16 @@ def rename_chat(chat_id: uuid.UUID, user_id: str, title: str) -> Steps[Chat]:
     return replace(chat, title=title, updated_at=now)
 
 
-def deactivate_chat(chat_id: uuid.UUID, user_id: str) -> Steps[None]:
+def deactivate_chat(chat_id: uuid.UUID, user_id: str, row_locks: bool = False) -> Steps[None]:
+    """Soft-delete the user's chat. With `row_locks` (PostgreSQL) its row is locked FOR
+    UPDATE first: an opening holds it FOR KEY SHARE while it reserves (`budget.py`), so
+    the chat is deleted either before the opening looks (404) or after its reservation
+    is there for the delete's stop to find."""
     yield from owned_chat_steps(chat_id, user_id)
+    if row_locks:
+        yield Sql(
+            "SELECT chat_id FROM chats WHERE chat_id = :chat_id FOR UPDATE", {"chat_id": chat_id}
+        )
     yield Sql(
         "UPDATE chats SET is_active = :no, updated_at = :now WHERE chat_id = :chat_id",
         {"no": False, "now": utcnow(), "chat_id": chat_id},

@@ -121,11 +121,13 @@ def _take(
     return str(rows[0][0]) if rows else None
 
 
-def take_statement(book: PlanBook, user_id: str, tokens: int, micros: int, now: datetime) -> Sql:
+def take_statement(
+    book: PlanBook, user_id: str, tokens: int, micros: int, now: datetime, also: str = ""
+) -> Sql:
     """The one atomic statement of SPEC sections 6 and 10: roll the period over if it
     ended, pass the rate limits, and add `tokens` (and `micros`) to the user's
-    reservation if both fit under the limits. Returns the user's plan; no row when a
-    limit refuses (or the user was never seen)."""
+    reservation if both fit under the limits (and the condition `also`, if given).
+    Returns the user's plan; no row when a limit refuses (or the user was never seen)."""
     start = book.period_start_sql
     ended = f"period_start < {start}"
     return Sql(
@@ -145,7 +147,7 @@ def take_statement(book: PlanBook, user_id: str, tokens: int, micros: int, now: 
         "- reserved_tokens >= :tokens "
         f"AND (CAST(:micros AS BIGINT) = 0 OR {book.spend_limit_sql} - "
         f"(CASE WHEN {ended} THEN 0 ELSE spend_micros END) - reserved_micros "
-        ">= CAST(:micros AS BIGINT)) "
+        f">= CAST(:micros AS BIGINT)) {also}"
         "RETURNING plan",
         {
             "user_id": user_id,
@@ -157,17 +159,37 @@ def take_statement(book: PlanBook, user_id: str, tokens: int, micros: int, now: 
     )
 
 
+# PostgreSQL: the chat is still active, its row locked FOR KEY SHARE until the opening
+# commits. A delete locks it FOR UPDATE (`store.deactivate_chat`), so it waits for an
+# opening that got there first (whose reservation its stop then finds), and an opening
+# that comes second sees the chat deleted. Settlement's and rename's UPDATEs of the row
+# take no lock that KEY SHARE conflicts with.
+ACTIVE_CHAT_LOCKED = (
+    "SELECT 1 FROM chats WHERE chat_id = CAST(:chat_id AS UUID) AND is_active FOR KEY SHARE"
+)
+
+
+def lock_active_chat(chat_id: uuid.UUID) -> Steps[None]:
+    """PostgreSQL: `ACTIVE_CHAT_LOCKED` as a statement of its own; 404 if the chat was
+    deleted since the opening read it."""
+    rows = yield Sql(ACTIVE_CHAT_LOCKED, {"chat_id": chat_id})
+    if not rows:
+        raise ApiError(404, "CHAT_NOT_FOUND", "This chat does not exist or was deleted.")
+
+
 def reserve_at_once(
     ask: Ask, then: str = "", then_params: Mapping[str, object] | None = None
 ) -> Steps[Reservation | None]:
     """The common case of `reserve_budget` as one statement (PostgreSQL's data-modifying
-    CTEs): the user's row taken (`took`), then the chat's reservation (`held`), then
-    `then`, a CTE of the caller's that writes only if `held` did (it selects from it).
-    The statement is atomic, so it writes all of that or nothing: None when the take
-    matched no row or the chat is held (a unique violation); `reserve_budget` then
-    finds out why, in a transaction."""
+    CTEs): the user's row taken (`took`) if the chat is still active (and locked, see
+    `ACTIVE_CHAT_LOCKED`), then the chat's reservation (`held`), then `then`, a CTE of
+    the caller's that writes only if `held` did (it selects from it). The statement is
+    atomic, so it writes all of that or nothing: None when the take matched no row or
+    the chat is held (a unique violation); `reserve_budget` then finds out why, in a
+    transaction."""
     micros = reserve_micros(ask.full, ask.highest_price)
-    take = take_statement(ask.book, ask.user_id, ask.full, micros, ask.now)
+    also = f"AND EXISTS ({ACTIVE_CHAT_LOCKED}) " if ask.chat_id is not None else ""
+    take = take_statement(ask.book, ask.user_id, ask.full, micros, ask.now, also)
     reservation_id = new_id()
     ctes = [
         f"took AS ({take.text})",

@@ -23,7 +23,7 @@ from chatmeter.config import Settings
 from chatmeter.db.steps import Sql, Steps
 from chatmeter.db.tables import utcnow
 from chatmeter.errors import ApiError
-from chatmeter.metering.budget import Ask, reserve_at_once, reserve_budget
+from chatmeter.metering.budget import Ask, lock_active_chat, reserve_at_once, reserve_budget
 from chatmeter.metering.counting import EXCHANGE_OVERHEAD_TOKENS, text_bound
 from chatmeter.metering.plans import PlanBook
 from chatmeter.metering.reservations import Reservation, lock_user, release_chat
@@ -105,6 +105,10 @@ class OpeningRules:
             at_once = yield from reserve_at_once(ask, said, params)
             if at_once is not None:
                 return at_once
+            if chat_id is not None:
+                # the chat was read on its own: deleted since? (SQLite reads it in this
+                # transaction, in the one writer)
+                yield from lock_active_chat(chat_id)
         reservation = yield from reserve_budget(ask)
         if then is not None:
             yield then

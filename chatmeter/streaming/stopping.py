@@ -11,7 +11,7 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 
-from chatmeter.chats.store import owned_chat_steps
+from chatmeter.chats.store import deactivate_chat, owned_chat_steps
 from chatmeter.db.steps import Steps
 from chatmeter.db.tables import utcnow
 from chatmeter.metering.reservations import request_stop
@@ -28,6 +28,23 @@ def flag_stop(chat_id: uuid.UUID, user_id: str, now: datetime) -> Steps[str | No
 async def stop_chat_reply(services: Services, chat_id: uuid.UUID, user_id: str) -> bool:
     """Stop the reply streaming in the user's chat; False if none is."""
     holder = await services.transactor.run(flag_stop, chat_id, user_id, utcnow())
+    return await _stop_held(services, chat_id, holder)
+
+
+async def delete_chat(services: Services, chat_id: uuid.UUID, user_id: str) -> None:
+    """Soft-delete the user's chat, then stop the reply streaming in it. Deleted first:
+    a message opening meanwhile then either finds the chat deleted (404) or has its
+    reservation in place for the stop to flag; stopping first left a reply opened in
+    between streaming on in a deleted chat."""
+    await services.transactor.run(
+        deactivate_chat, chat_id, user_id, services.transactor.writable_ctes
+    )
+    holder = await services.transactor.run(request_stop, chat_id, utcnow())
+    await _stop_held(services, chat_id, holder)
+
+
+async def _stop_held(services: Services, chat_id: uuid.UUID, holder: str | None) -> bool:
+    """Stop the flagged reply of `chat_id` held by worker `holder` (None: no reply)."""
     if holder is None:
         return False
     if not services.replies.stop_local(chat_id) and holder != services.worker_id:

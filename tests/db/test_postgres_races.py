@@ -13,25 +13,28 @@ import asyncio
 import contextlib
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import Any
 
 import asyncpg
+import httpx
 import pytest
 
+from chatmeter.chats.store import deactivate_chat
 from chatmeter.db.steps import PostgresStatements, Sql, Steps
 from chatmeter.db.tables import utcnow
 from chatmeter.db.transactor import RACE_ATTEMPTS, PostgresTransactor
 from chatmeter.errors import ApiError
 from chatmeter.ids import new_id
 from chatmeter.metering.plans import PlanBook
-from chatmeter.metering.reservations import release_expired, renew_leases
+from chatmeter.metering.reservations import release_expired, renew_leases, request_stop
 from chatmeter.metering.settlement import Settlement, settle_steps
 from chatmeter.providers.base import Usage
 from chatmeter.streaming.opening import ModelLimits, Opened, OpeningRules, open_steps
-from tests.conftest import make_settings
+from tests.conftest import auth, make_settings
 from tests.support.postgres import PostgresServer
+from tests.support.server import serve
 from tests.support.waiting import eventually
 
 LIMIT = 1_000_000
@@ -286,6 +289,85 @@ async def test_housekeeping_and_a_settlement_never_deadlock(
 
         assert deadlocks([housekeeping, settle]) == []
         assert settle.errors == []
+        reserved, held = await reserved_balance(monitor, user)
+        assert reserved == held == 0
+
+
+async def test_a_chat_deleted_between_an_openings_read_and_its_reservation(dsn: str) -> None:
+    """The opening reads the chat on its own (alone), then reserves: a chat deleted in
+    between (through the route, the way a client deletes it) is found deleted (404).
+    The delete used to stop the chat's reply (none yet) and then deactivate it, and the
+    opening reserved after that: a reply streamed on, unstoppable, in a deleted chat."""
+    user = f"u{uuid.uuid4().hex[:8]}"
+    rules = replace(RULES, writable_ctes=True)  # PostgreSQL's one-statement opening
+    settings = make_settings(dsn.replace("postgresql://", "postgresql+asyncpg://", 1))
+    async with connections(dsn, 2) as (one, monitor), serve(settings) as server:
+        chat = await new_chat(monitor, user)
+        opening = Driven(one, [lambda: open_steps(rules, user, chat, "hello", None, new_id())])
+        await opening.step()  # begins
+        await opening.step()  # reads the chat and its history: active
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+            deleted = await client.delete(f"/api/chat/{chat}", headers=auth(user))
+        assert deleted.status_code == 204
+        while not opening.finished:
+            await opening.step()
+
+        assert [(e.status, e.code) for e in opening.errors] == [(404, "CHAT_NOT_FOUND")]
+        assert await monitor.fetch("SELECT 1 FROM reservations WHERE chat_id = $1", chat) == []
+
+
+async def test_an_opening_waits_for_a_delete_in_progress(dsn: str) -> None:
+    """The delete holds the chat's row FOR UPDATE until it commits, and the opening's
+    reservation reads the row FOR KEY SHARE: an opening that read the chat before the
+    delete committed cannot reserve with that stale read, it waits and then finds the
+    chat deleted (404). Without the locks its one statement saw the chat active and
+    reserved while the delete was between deactivating and stopping."""
+    user = f"u{uuid.uuid4().hex[:8]}"
+    rules = replace(RULES, writable_ctes=True)
+    async with connections(dsn, 3) as (one, two, monitor):
+        await add_users(monitor, user)
+        chat = await new_chat(monitor, user)
+        delete = Driven(one, [lambda: deactivate_chat(chat, user, row_locks=True)])
+        opening = Driven(two, [lambda: open_steps(rules, user, chat, "hello", None, new_id())])
+        for _ in range(3):  # begins, checks ownership, locks the row
+            await delete.step()
+        for _ in range(2):  # begins, reads the chat (still active)
+            await opening.step()
+        assert not await turn(monitor, opening)  # the reservation waits for the delete
+        await delete.step()  # deactivates and commits
+        assert delete.finished and delete.errors == []
+        assert opening.task is not None
+        await opening.task
+        while not opening.finished:
+            await opening.step()
+
+        assert [(e.status, e.code) for e in opening.errors] == [(404, "CHAT_NOT_FOUND")]
+        reserved, held = await reserved_balance(monitor, user)
+        assert reserved == held == 0
+
+
+@pytest.mark.parametrize(("starter", "ahead"), INTERLEAVINGS)
+async def test_a_delete_and_the_settlement_of_its_reply_never_deadlock(
+    dsn: str, transactor: PostgresTransactor, starter: str, ahead: int
+) -> None:
+    """The delete locks the chat's row FOR UPDATE; the reply's settlement updates it
+    while holding the user's row: neither waits for the other in a cycle."""
+    user = f"u{uuid.uuid4().hex[:8]}"
+    rules = replace(RULES, writable_ctes=True)
+    async with connections(dsn, 3) as (one, two, monitor):
+        chat = await new_chat(monitor, user)
+        opened = await transactor.run(open_steps, rules, user, chat, "first", None, new_id())
+        now = utcnow()
+        delete = Driven(
+            one,
+            [lambda: deactivate_chat(chat, user, row_locks=True), lambda: request_stop(chat, now)],
+        )
+        settle = Driven(two, [lambda: settle_steps(settlement_of(opened, user, chat))])
+        first, second = (delete, settle) if starter == "a" else (settle, delete)
+        await interleave(monitor, first, second, ahead)
+
+        assert deadlocks([delete, settle]) == []
+        assert delete.errors == [] and settle.errors == []
         reserved, held = await reserved_balance(monitor, user)
         assert reserved == held == 0
 

@@ -193,6 +193,40 @@ async def test_deleting_a_chat_stops_its_reply_first(database_url: str) -> None:
             assert state.reserved == 0 and state.open_reservations == 0
 
 
+async def test_a_chat_deleted_while_a_message_opens_keeps_no_reply(database_url: str) -> None:
+    """A message and a delete of its chat sent together, the delete a little later each
+    time: the message finds the chat deleted (404), or its reply is stopped; never a
+    reply that streams on in a deleted chat (the delete used to stop first, finding
+    nothing, and a reply opened between its stop and its deactivation went on)."""
+    async with serve(make_settings(database_url, models={"slow": SLOW})) as server:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+            for trial in range(8):
+                user = f"race{trial}"
+                chat_id = await new_chat(client, user, model="slow")
+
+                result, deleted = await asyncio.gather(
+                    stream_message(client, chat_id, "go", token_for(user)),
+                    delete_later(client, chat_id, user, 0.002 * trial),
+                )
+                assert deleted.status_code == 204
+                if result.status == 404:
+                    assert result.body["code"] == "CHAT_NOT_FOUND"
+                    assert await open_reservations(server.engine, user) == 0
+                    continue
+                assert result.status == 200, result.body
+                assert result.last["finish_reason"] == "stopped", (trial, result.last)
+                state = await books(server.engine, user)
+                assert state.reserved == 0 and state.open_reservations == 0
+                assert state.total == state.ledger
+
+
+async def delete_later(
+    client: httpx.AsyncClient, chat_id: str, user: str, after: float
+) -> httpx.Response:
+    await asyncio.sleep(after)  # not a wait for anything: a stagger
+    return await client.delete(f"/api/chat/{chat_id}", headers=auth(user))
+
+
 async def test_shutdown_ends_replies_cleanly(database_url: str) -> None:
     """A deploy stops the replies still streaming: saved interrupted, billed, released
     (never a chat left answering 409 until a lease runs out)."""
