@@ -156,6 +156,32 @@ async def test_preflight_and_headers(sqlite_url: str) -> None:
             assert "access-control-allow-origin" not in page.headers
 
 
+async def test_a_refused_preflight_is_answered_in_the_error_shape(sqlite_url: str) -> None:
+    # Starlette answers it in plain text ("Disallowed CORS origin"): every non-2xx
+    # answer is JSON, in `/v1`'s shape under /v1
+    settings = make_settings(sqlite_url, cors_origins=["https://app.example"])
+    ask = {"Access-Control-Request-Method": "POST"}
+    async with serve(settings) as server, httpx.AsyncClient(base_url=server.url) as client:
+        for origin, method in (("https://evil.example", "POST"), ("https://app.example", "TRACE")):
+            headers = {"Origin": origin, "Access-Control-Request-Method": method}
+            api = await client.options("/api/chat", headers=headers)
+            assert api.status_code == 400, api.text
+            assert api.headers["content-type"] == "application/json"
+            body = api.json()
+            assert (body["error"], body["code"]) == (True, "CORS_REFUSED")
+            assert "Disallowed CORS" in body["message"]
+            if origin == "https://evil.example":
+                assert "access-control-allow-origin" not in api.headers
+            v1 = await client.options("/v1/chat/completions", headers=headers)
+            assert v1.status_code == 400, v1.text
+            assert v1.json()["error"]["type"] == "invalid_request_error"
+        allowed = await client.options(
+            "/api/chat", headers={"Origin": "https://app.example", **ask}
+        )
+        assert allowed.status_code == 200
+        assert allowed.headers["access-control-allow-origin"] == "https://app.example"
+
+
 async def test_no_origins_by_default(server: RunningServer) -> None:
     async with httpx.AsyncClient(base_url=server.url) as client:
         response = await client.get("/api/chat", headers={"Origin": server.url, **auth("fay")})
