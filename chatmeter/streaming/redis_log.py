@@ -36,6 +36,9 @@ from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from chatmeter.jsonutil import dumps
@@ -80,6 +83,16 @@ for i = 1, #KEYS, 2 do
 end
 return #KEYS / 2
 """
+
+
+def connect(url: str) -> aioredis.Redis:
+    """A client for `url` that sends a command again, once and at once, on a new
+    connection when its pooled one turns out broken (Redis restarted, or the connection
+    dropped while idle). Without it the first command on each pooled connection after a
+    restart fails, and a write lost that way leaves a hole in a reply's log."""
+    return aioredis.from_url(
+        url, retry=Retry(NoBackoff(), 1), retry_on_error=[RedisConnectionError]
+    )
 
 
 def stream_key(reply_id: uuid.UUID) -> str:
@@ -182,8 +195,8 @@ class RedisLog:
                     del self._writing[reply_id]
             try:
                 await self._script(keys=keys, args=args)
-            except (RedisError, OSError):
-                log.warning("could not write %d replies to Redis", len(due))
+            except (RedisError, OSError) as exc:
+                log.warning("could not write %d replies to Redis: %r", len(due), exc)
 
     def _writes(
         self, reply_id: uuid.UUID, writing: _Writing, now: float

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import hashlib
 import tracemalloc
 import uuid
 from typing import Any
@@ -13,7 +14,13 @@ import orjson
 import redis.asyncio as aioredis
 
 from chatmeter.streaming.log import MemoryLog, ReplyLog
-from chatmeter.streaming.redis_log import RedisLog, chat_key, stream_key
+from chatmeter.streaming.redis_log import (
+    WRITE_SCRIPT,
+    RedisLog,
+    chat_key,
+    connect,
+    stream_key,
+)
 from tests.support.redis import RedisServer
 from tests.support.waiting import eventually
 
@@ -218,7 +225,7 @@ async def test_replies_written_at_once_cost_one_command_and_their_keys_expire(
             assert 0 < await client.ttl(stream_key(reply_id)) <= 60
             assert 0 < await client.ttl(chat_key(chat_id)) <= 60
             assert await client.get(chat_key(chat_id)) == str(reply_id).encode()
-            entries = await client.xrange(stream_key(reply_id), min="-", max="+")
+            entries: Any = await client.xrange(stream_key(reply_id), min="-", max="+")
             assert [
                 (entry_id, fields[b"n"], fields[b"c"], fields[b"e"]) for entry_id, fields in entries
             ] == [(b"0-3", b"1", str(chat_id).encode(), b"1")]
@@ -247,3 +254,20 @@ async def write_at_once(
 
     await eventually(ended)
     return replies
+
+
+async def test_a_redis_that_restarted_is_written_again(redis_server: RedisServer) -> None:
+    """A restarted Redis has broken every pooled connection and forgotten the write
+    script: the next write still lands (a new connection, the script loaded again)."""
+    client = connect(redis_server.url)
+    writer = RedisLog(client, MemoryLog(60, 1 << 20), 60, 30)
+    try:
+        await write_at_once(writer, client, 2)  # two pooled connections: the test's too
+        redis_server.stop()
+        redis_server.start()
+        [(reply_id, _)] = await write_at_once(writer, client, 1)
+        assert await client.xlen(stream_key(reply_id)) == 1
+        sha = hashlib.sha1(WRITE_SCRIPT.encode()).hexdigest()
+        assert await client.script_exists(sha) == [True]
+    finally:
+        await writer.aclose()
