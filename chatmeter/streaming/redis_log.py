@@ -22,7 +22,9 @@ after the death) has settled the reply from them.
 The process that generates a reply also keeps it in a `MemoryLog`: its own readers (the
 request that asked, almost always) read memory, never Redis. Events go to Redis in the
 background. If Redis goes away the reply still runs to its end and is saved and billed;
-only resuming it elsewhere fails until Redis is back.
+only resuming it elsewhere fails until Redis is back. What could not be written is
+written when it is back (tried every `WRITE_RETRY_SECONDS`, for a finished reply during
+the replay window), so a reply's log has no hole.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import contextlib
 import logging
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 import redis.asyncio as aioredis
@@ -54,6 +56,7 @@ READ_RETRY_SECONDS = 10.0
 # finds a dead worker's reservation expired a lease after its last renewal, plus up to
 # a third of a lease (its period), and must still find the log to settle the reply
 STREAMING_TTL_LEASES = 3
+WRITE_RETRY_SECONDS = 0.5  # while Redis is away, a write is tried again this often
 
 # One call writes every reply a loop turn touched: redis-py spends as much CPU on each
 # command of a pipeline as Redis does, so a flush is one command however many replies it
@@ -113,6 +116,16 @@ class _Writing:
     written: int = 0  # events already in Redis
     renewed_at: float = 0.0
     finished: bool = False
+    failing_since: float | None = None  # when a write of it first failed, if it did
+
+
+class _Taken(NamedTuple):
+    """A reply as a write found it: what to put back if the write fails."""
+
+    reply_id: uuid.UUID
+    writing: _Writing
+    written: int
+    queued: list[bytes]
 
 
 def _number(entry_id: bytes) -> int:
@@ -145,6 +158,7 @@ class RedisLog:
         self._streaming_ttl = max(1, int(lease_seconds * STREAMING_TTL_LEASES))
         self._writing: dict[uuid.UUID, _Writing] = {}
         self._flush: asyncio.Task[None] | None = None
+        self._retry: asyncio.TimerHandle | None = None  # while Redis is away
         self._script = client.register_script(WRITE_SCRIPT)
 
     # -- writing: the generating process -------------------------------------------------
@@ -177,8 +191,12 @@ class RedisLog:
         self._schedule()
 
     def _schedule(self) -> None:
-        if self._flush is None or self._flush.done():
+        if self._retry is None and (self._flush is None or self._flush.done()):
             self._flush = asyncio.get_running_loop().create_task(self._write())
+
+    def _retry_now(self) -> None:
+        self._retry = None
+        self._schedule()
 
     async def _write(self) -> None:
         """Everything queued, one entry a reply, in one script call; then what came since."""
@@ -187,8 +205,10 @@ class RedisLog:
         while due := [(r, w) for r, w in self._writing.items() if w.queued or w.finished]:
             keys: list[str] = []
             args: list[bytes | str | int] = []
+            taken: list[_Taken] = []
             now = loop.time()
             for reply_id, writing in due:
+                taken.append(_Taken(reply_id, writing, writing.written, writing.queued))
                 keys += (stream_key(reply_id), chat_key(writing.chat_id))
                 args += self._writes(reply_id, writing, now)
                 if writing.finished:
@@ -197,6 +217,27 @@ class RedisLog:
                 await self._script(keys=keys, args=args)
             except (RedisError, OSError) as exc:
                 log.warning("could not write %d replies to Redis: %r", len(due), exc)
+                self._put_back(taken, now)
+                self._retry = loop.call_later(WRITE_RETRY_SECONDS, self._retry_now)
+                return
+            for _, writing in due:
+                writing.failing_since = None
+
+    def _put_back(self, taken: list[_Taken], now: float) -> None:
+        """What a failed write took goes back in the queue, to be written when Redis is
+        back: a reply's log never has a hole (a write whose answer was lost is written
+        again harmlessly: an entry id Redis has already is refused). A finished reply
+        is given up once it has failed for the replay window: its log would be gone."""
+        for reply_id, writing, written, queued in taken:
+            if writing.failing_since is None:
+                writing.failing_since = now
+            if writing.finished and now - writing.failing_since > self._replay:
+                log.warning("gave up writing reply %s to Redis", reply_id)
+                continue
+            writing.written = written
+            writing.queued = queued + writing.queued
+            writing.renewed_at = 0.0  # its TTL is set again with the next entry
+            self._writing[reply_id] = writing
 
     def _writes(
         self, reply_id: uuid.UUID, writing: _Writing, now: float
@@ -318,6 +359,8 @@ class RedisLog:
         await pipe.execute()
 
     async def aclose(self) -> None:
+        if self._retry is not None:
+            self._retry.cancel()
         if self._flush is not None:
             with contextlib.suppress(Exception):
                 await self._flush

@@ -11,6 +11,7 @@ import uuid
 from typing import Any
 
 import orjson
+import pytest
 import redis.asyncio as aioredis
 
 from chatmeter.streaming.log import MemoryLog, ReplyLog
@@ -271,3 +272,43 @@ async def test_a_redis_that_restarted_is_written_again(redis_server: RedisServer
         assert await client.script_exists(sha) == [True]
     finally:
         await writer.aclose()
+
+
+async def test_events_written_while_redis_was_away_reach_it_when_it_is_back(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A reply's log has no hole: what could not be written while Redis was away is
+    written, in order, once it is back, and a reader on another worker reads it all."""
+    client = connect(redis_server.url)
+    writer = RedisLog(connect(redis_server.url), MemoryLog(60, 1 << 20), 60, 30)
+    reader = RedisLog(connect(redis_server.url), MemoryLog(60, 1 << 20), 60, 30)
+    try:
+        reply_id, chat_id = uuid.uuid4(), uuid.uuid4()
+        await writer.begin(reply_id, chat_id, FIRST)
+        redis_server.stop()  # before the write that begin asked for (a restart loses data)
+        try:
+            await writer.append(reply_id, {"chunk": "a", "done": False})
+
+            async def failed() -> bool:
+                return "could not write 1 replies to Redis" in caplog.text
+
+            await eventually(failed)
+            await writer.append(reply_id, {"chunk": "b", "done": False})
+        finally:
+            redis_server.start()
+        await writer.append(reply_id, END)
+        await writer.finish(reply_id)
+
+        async def written_again() -> bool:  # by the writer, on its own
+            return bool(await client.exists(stream_key(reply_id)))
+
+        await eventually(written_again)
+        events = await read_all(reader, reply_id)
+        assert [n for n, _ in events] == [1, 2, 3, 4]
+        assert [event.get("chunk") for _, event in events[1:3]] == ["a", "b"]
+        assert events[3][1] == END
+        assert 0 < await client.ttl(stream_key(reply_id)) <= 60
+    finally:
+        await writer.aclose()
+        await reader.aclose()
+        await client.aclose()
