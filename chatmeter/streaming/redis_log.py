@@ -134,13 +134,16 @@ def _number(entry_id: bytes) -> int:
 
 
 def _entries(entries: Any, after: int) -> list[tuple[int, bytes]]:
-    """The events after `after` in stream entries (an entry may begin before it)."""
+    """The events after `after` in stream entries, each once: an entry may begin before
+    it, or repeat events of the one before (a write retried after Redis took it but its
+    answer was lost, with the events queued since)."""
     events: list[tuple[int, bytes]] = []
     for _entry_id, fields in entries:
         number = int(fields[b"n"])
         for data in bytes(fields[b"d"]).split(b"\n"):
             if number > after:
                 events.append((number, data))
+                after = number
             number += 1
     return events
 

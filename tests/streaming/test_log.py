@@ -312,3 +312,25 @@ async def test_events_written_while_redis_was_away_reach_it_when_it_is_back(
         await writer.aclose()
         await reader.aclose()
         await client.aclose()
+
+
+async def test_an_entry_repeating_events_of_the_one_before_is_read_once(
+    redis_server: RedisServer,
+) -> None:
+    """A write retried after Redis took it but its answer was lost carries the events
+    again with those queued since, as a later entry: each event is read once."""
+    client = connect(redis_server.url)
+    reader = RedisLog(connect(redis_server.url), MemoryLog(60, 1 << 20), 60, 30)
+    try:
+        reply_id = uuid.uuid4()
+        key = stream_key(reply_id)
+        first, piece = orjson.dumps(FIRST), orjson.dumps({"chunk": "a", "done": False})
+        await client.xadd(key, {"n": 1, "d": first}, id="0-1")
+        await client.xadd(key, {"n": 1, "d": b"\n".join([first, piece])}, id="0-2")
+        await client.xadd(key, {"n": 3, "d": orjson.dumps(END), "e": 1}, id="0-3")
+        events = await read_all(reader, reply_id)
+        assert [n for n, _ in events] == [1, 2, 3]
+        assert await read_all(reader, reply_id, after=1) == events[1:]
+    finally:
+        await reader.aclose()
+        await client.aclose()
