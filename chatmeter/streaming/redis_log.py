@@ -56,35 +56,38 @@ READ_RETRY_SECONDS = 10.0
 # finds a dead worker's reservation expired a lease after its last renewal, plus up to
 # a third of a lease (its period), and must still find the log to settle the reply
 STREAMING_TTL_LEASES = 3
+# events wait this long for others to join their write (a few ms: the process's own
+# readers read memory; only a resume elsewhere, or a crash, sees the delay)
+WRITE_EVERY_SECONDS = 0.002
 WRITE_RETRY_SECONDS = 0.5  # while Redis is away, a write is tried again this often
 
-# One call writes every reply a loop turn touched: redis-py spends as much CPU on each
-# command of a pipeline as Redis does, so a flush is one command however many replies it
-# holds. KEYS: each reply's stream and its chat's key. ARGV, 8 a reply: the entry's id
-# (empty: no entry), its `n` and `d`, the chat id (`c`, on the first entry), the record
-# (`m`, on the first entry, may be empty), 1 if it holds the end (`e`), the TTL for both
-# keys (0: leave them), and the reply id to SET as the chat's latest (empty: leave it).
+# One call writes every reply that has something to write: redis-py spends about as much
+# CPU on each command of a pipeline as Redis does, and on each argument of a command
+# (its buffer is copied again for each small one), so a write is one command with one
+# argument however many replies it holds. KEYS: each reply's stream and its chat's key.
+# ARGV[1]: a JSON array, for each reply [the entry's id (empty: no entry), its `n`, its
+# `d`, the chat id (`c`, on the first entry), the record (`m`, on the first entry, may be
+# empty), 1 if it holds the end (`e`), the TTL for both keys (0: leave them), the reply id
+# to SET as the chat's latest (empty: leave it)].
 WRITE_SCRIPT = """
-local a = 0
-for i = 1, #KEYS, 2 do
-  local stream, chat = KEYS[i], KEYS[i + 1]
-  if ARGV[a + 1] ~= '' then
-    local fields = {'n', ARGV[a + 2], 'd', ARGV[a + 3]}
-    if ARGV[a + 4] ~= '' then table.insert(fields, 'c'); table.insert(fields, ARGV[a + 4]) end
-    if ARGV[a + 5] ~= '' then table.insert(fields, 'm'); table.insert(fields, ARGV[a + 5]) end
-    if ARGV[a + 6] == '1' then table.insert(fields, 'e'); table.insert(fields, '1') end
-    redis.pcall('XADD', stream, ARGV[a + 1], unpack(fields))
+local writes = cjson.decode(ARGV[1])
+for i, w in ipairs(writes) do
+  local stream, chat, ttl = KEYS[2 * i - 1], KEYS[2 * i], w[7]
+  if w[1] ~= '' then
+    local fields = {'n', w[2], 'd', w[3]}
+    if w[4] ~= '' then table.insert(fields, 'c'); table.insert(fields, w[4]) end
+    if w[5] ~= '' then table.insert(fields, 'm'); table.insert(fields, w[5]) end
+    if w[6] == 1 then table.insert(fields, 'e'); table.insert(fields, 1) end
+    redis.pcall('XADD', stream, w[1], unpack(fields))
   end
-  local ttl = ARGV[a + 7]
-  if ARGV[a + 8] ~= '' then
-    redis.call('SET', chat, ARGV[a + 8], 'EX', ttl)
-  elseif ttl ~= '0' then
+  if w[8] ~= '' then
+    redis.call('SET', chat, w[8], 'EX', ttl)
+  elseif ttl ~= 0 then
     redis.call('EXPIRE', chat, ttl)
   end
-  if ttl ~= '0' then redis.call('EXPIRE', stream, ttl) end
-  a = a + 8
+  if ttl ~= 0 then redis.call('EXPIRE', stream, ttl) end
 end
-return #KEYS / 2
+return #writes
 """
 
 
@@ -204,20 +207,23 @@ class RedisLog:
     async def _write(self) -> None:
         """Everything queued, one entry a reply, in one script call; then what came since."""
         loop = asyncio.get_running_loop()
-        await asyncio.sleep(0)  # let the loop turn's other events join this write
-        while due := [(r, w) for r, w in self._writing.items() if w.queued or w.finished]:
+        while True:
+            await asyncio.sleep(WRITE_EVERY_SECONDS)  # what comes meanwhile joins the write
+            due = [(r, w) for r, w in self._writing.items() if w.queued or w.finished]
+            if not due:
+                return
             keys: list[str] = []
-            args: list[bytes | str | int] = []
+            writes: list[tuple[str | int, ...]] = []
             taken: list[_Taken] = []
             now = loop.time()
             for reply_id, writing in due:
                 taken.append(_Taken(reply_id, writing, writing.written, writing.queued))
                 keys += (stream_key(reply_id), chat_key(writing.chat_id))
-                args += self._writes(reply_id, writing, now)
+                writes.append(self._writes(reply_id, writing, now))
                 if writing.finished:
                     del self._writing[reply_id]
             try:
-                await self._script(keys=keys, args=args)
+                await self._script(keys=keys, args=[dumps(writes)])
             except (RedisError, OSError) as exc:
                 log.warning("could not write %d replies to Redis: %r", len(due), exc)
                 self._put_back(taken, now)
@@ -242,24 +248,22 @@ class RedisLog:
             writing.renewed_at = 0.0  # its TTL is set again with the next entry
             self._writing[reply_id] = writing
 
-    def _writes(
-        self, reply_id: uuid.UUID, writing: _Writing, now: float
-    ) -> tuple[bytes | str | int, ...]:
-        """The script's arguments for one reply (`WRITE_SCRIPT`): its entry, if any, the
-        stream's TTL, the chat's key and its TTL."""
+    def _writes(self, reply_id: uuid.UUID, writing: _Writing, now: float) -> tuple[str | int, ...]:
+        """What the script writes for one reply (`WRITE_SCRIPT`): its entry, if any, the
+        TTL of its keys, the chat's latest reply."""
         started = writing.written == 0 and bool(writing.queued)
-        entry: tuple[bytes | str | int, ...] = ("", "", "")
+        entry: tuple[str | int, ...] = ("", 0, "")
         if writing.queued:
             first = writing.written + 1
             writing.written += len(writing.queued)
-            entry = (f"0-{writing.written}", first, b"\n".join(writing.queued))
+            entry = (f"0-{writing.written}", first, b"\n".join(writing.queued).decode())
             writing.queued = []
         elif writing.finished:
             # the end was written already: an empty entry marks it
             end = writing.written + 1
-            entry = (f"0-{end}", end, b"")
+            entry = (f"0-{end}", end, "")
         chat = str(writing.chat_id) if started else ""
-        record = writing.record if started and writing.record is not None else b""
+        record = writing.record.decode() if started and writing.record is not None else ""
         end_flag = 1 if writing.finished else 0
         ttl = 0
         if writing.finished:
