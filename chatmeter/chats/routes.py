@@ -13,7 +13,7 @@ from chatmeter.deps import CurrentUser, ServicesDep
 from chatmeter.errors import ApiError
 from chatmeter.jsonutil import BadBody, json_response, parse_model, read_json
 from chatmeter.openapi import ChatIdPath, errors, json_body
-from chatmeter.streaming.stopping import delete_chat as delete_and_stop
+from chatmeter.streaming.stopping import delete_chat_and_stop_reply
 
 router = APIRouter(prefix="/api/chat", tags=["chats"])
 
@@ -85,5 +85,5 @@ async def rename_chat(
 async def delete_chat(chat_id: ChatIdPath, user: CurrentUser, services: ServicesDep) -> Response:
     chat_uuid = store.parse_chat_id(chat_id)
     # its reply, if one streams, is stopped too (saved, billed, released)
-    await delete_and_stop(services, chat_uuid, user.user_id)
+    await delete_chat_and_stop_reply(services, chat_uuid, user.user_id)
     return Response(status_code=204)

@@ -31,7 +31,7 @@ async def stop_chat_reply(services: Services, chat_id: uuid.UUID, user_id: str) 
     return await _stop_held(services, chat_id, holder)
 
 
-async def delete_chat(services: Services, chat_id: uuid.UUID, user_id: str) -> None:
+async def delete_chat_and_stop_reply(services: Services, chat_id: uuid.UUID, user_id: str) -> None:
     """Soft-delete the user's chat, then stop the reply streaming in it. Deleted first:
     a message opening meanwhile then either finds the chat deleted (404) or has its
     reservation in place for the stop to flag; stopping first left a reply opened in
