@@ -225,7 +225,6 @@ class Exchange:
         self, content: str, status: str, finish: str | None, metered: Metered
     ) -> Settlement:
         created_at = settled_at(self.user_message_at)
-        plans = self.services.opening_rules.plans
         prices = self.services.settings.models[self.model].prices
         return Settlement(
             user_id=self.user_id,
@@ -240,7 +239,6 @@ class Exchange:
             source=metered.source,
             created_at=created_at,
             cost_micros=cost_micros(metered.usage, prices),
-            period_start=plans.period_start_at(self.reservation.plan, created_at),
         )
 
     async def _write(self, settlement: Settlement) -> bool:
@@ -249,6 +247,7 @@ class Exchange:
             await settle_with_retries(
                 services.transactor,
                 settlement,
+                services.plans,
                 within_seconds=services.settings.settle_retry_seconds,
             )
         except Exception:
