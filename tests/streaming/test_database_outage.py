@@ -3,8 +3,11 @@ usage is recorded once the database is back, exactly once (SPEC section 5, issue
 
 from __future__ import annotations
 
+import asyncio
+import uuid
 from pathlib import Path
 
+import asyncpg
 import httpx
 
 from chatmeter.db.engine import make_engine
@@ -17,6 +20,7 @@ from tests.conftest import auth, make_settings, scripted, token_for
 from tests.streaming.test_exchange import new_chat
 from tests.support.db import books, chat_rows, ledger_row
 from tests.support.outage import DatabaseOutage
+from tests.support.postgres import PostgresServer
 from tests.support.server import serve
 from tests.support.sse import StreamResult, parse_events, stream_message
 from tests.support.waiting import eventually
@@ -149,3 +153,58 @@ async def test_a_message_while_the_database_is_away_is_503_and_changes_nothing(
                 assert done.last["done"] is True
                 state = await books(server.engine, "quinn")
                 assert state.reserved == 0 and state.total == state.ledger
+
+
+async def test_a_message_whose_connection_postgres_terminates_is_503_and_changes_nothing(
+    postgres: PostgresServer, postgres_template: str
+) -> None:
+    # a PostgreSQL restart (or failover, or pg_terminate_backend) ends every backend with
+    # FATAL 57P01 "terminating connection due to administrator command": the statement
+    # in flight fails with it, and the client must hear 503 (try again), not 500
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    postgres.createdb(name, postgres_template)
+    url = postgres.url(name)
+    dsn = url.replace("postgresql+asyncpg://", "postgresql://", 1)
+    async with serve(make_settings(url)) as server:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+            chat_id = await new_chat(client, "tess")
+            first = await stream_message(client, chat_id, "hello", token_for("tess"))
+            assert first.last["done"] is True
+            before = await books(server.engine, "tess")
+            rows_before = await chat_rows(server.engine, chat_id)
+            holder = await asyncpg.connect(dsn)
+            try:
+                # the opening's reservation waits for the user's row, locked here
+                await holder.execute("BEGIN")
+                await holder.execute("SELECT 1 FROM user_usage WHERE user_id = 'tess' FOR UPDATE")
+                asked = asyncio.ensure_future(
+                    client.post(
+                        f"/api/chat/{chat_id}/message", json={"message": "hi"}, headers=auth("tess")
+                    )
+                )
+                waiting: list[int] = []
+
+                async def a_backend_waits() -> bool:
+                    waiting[:] = (
+                        await holder.fetchval(
+                            "SELECT array_agg(pid) FROM pg_stat_activity WHERE datname = $1 "
+                            "AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()",
+                            name,
+                        )
+                        or []
+                    )
+                    return bool(waiting)
+
+                await eventually(a_backend_waits, within=20)
+                assert await holder.fetchval("SELECT pg_terminate_backend($1)", waiting[0])
+                await holder.execute("ROLLBACK")
+            finally:
+                await holder.close()
+            refused = await asked
+            assert refused.status_code == 503, refused.text
+            assert refused.json()["code"] == "DATABASE_ERROR"
+            assert await books(server.engine, "tess") == before
+            assert await chat_rows(server.engine, chat_id) == rows_before
+            # and the next message goes through
+            again = await stream_message(client, chat_id, "again", token_for("tess"))
+            assert again.last["done"] is True
