@@ -47,6 +47,7 @@ from chatmeter.streaming.opening import (
     open_prompt_steps,
     open_steps,
     undo_opening,
+    undo_prompt_opening,
 )
 from chatmeter.streaming.text import storable
 
@@ -326,8 +327,9 @@ async def open_prompt_exchange(services: Services, user: Principal, prompt: Prom
     """An exchange for a conversation the client sent (SPEC section 12): the same
     reservation, provider, metering and settlement as a chat's, with no chat. Refusals:
     budget 403, context 400 (`ApiError`)."""
+    reservation_id = new_id()
     try:
-        return await _open(services, user, None, open_prompt_steps, prompt, None)
+        return await _open_prompt(services, user, prompt, None, reservation_id)
     except PromptTooLarge:
         system = prompt.system_prompt
         if system is None:
@@ -335,7 +337,25 @@ async def open_prompt_exchange(services: Services, user: Principal, prompt: Prom
         exact = await count_bare_prompt(
             services, prompt.model, system, prompt.texts(), context_length_exceeded
         )
-        return await _open(services, user, None, open_prompt_steps, prompt, exact)
+        return await _open_prompt(services, user, prompt, exact, reservation_id)
+
+
+async def _open_prompt(
+    services: Services,
+    user: Principal,
+    prompt: Prompt,
+    exact_prompt: int | None,
+    reservation_id: uuid.UUID,
+) -> Exchange:
+    args = (prompt, exact_prompt, reservation_id)
+    try:
+        return await _open(services, user, None, open_prompt_steps, *args)
+    except WriterGone:
+        # as `_open_chat`: a committed opening's reservation would hold the user's budget
+        # (and one of their concurrent replies) until its lease ran out
+        undone = await services.transactor.run(undo_prompt_opening, user.user_id, reservation_id)
+        log.warning("the writer process died during an opening (committed: %s)", undone)
+        return await _open(services, user, None, open_prompt_steps, *args)
 
 
 async def _open(
