@@ -23,7 +23,7 @@ from typing import Any
 
 from chatmeter.auth.tokens import Principal
 from chatmeter.db.steps import Steps
-from chatmeter.db.transactor import WriterGone
+from chatmeter.db.transactor import OutcomeUnknown
 from chatmeter.errors import ApiError
 from chatmeter.ids import new_id
 from chatmeter.metering.cost import cost_micros
@@ -311,15 +311,15 @@ async def _open_chat(
     args = (chat_id, message, exact_prompt, user_message_id)
     try:
         return await _open(services, user, chat_id, open_steps, *args)
-    except WriterGone:
-        # the SQLite writer process died before it answered: the opening may have
-        # committed, and its reservation would hold the chat (409) until its lease ran
-        # out. Take it back if it did (a new process is started), then open again.
+    except OutcomeUnknown:
+        # the SQLite writer process died, or PostgreSQL's connection was lost, before it
+        # answered: the opening may have committed, and its reservation would hold the
+        # chat (409) until its lease ran out. Take it back if it did, then open again.
         rules = services.opening_rules
         undone = await services.transactor.run(
             undo_opening, user.user_id, chat_id, user_message_id, rules.worker_id
         )
-        log.warning("the writer process died during an opening (committed: %s)", undone)
+        log.warning("the database was lost during an opening (committed: %s)", undone)
         return await _open(services, user, chat_id, open_steps, *args)
 
 
@@ -350,11 +350,11 @@ async def _open_prompt(
     args = (prompt, exact_prompt, reservation_id)
     try:
         return await _open(services, user, None, open_prompt_steps, *args)
-    except WriterGone:
+    except OutcomeUnknown:
         # as `_open_chat`: a committed opening's reservation would hold the user's budget
         # (and one of their concurrent replies) until its lease ran out
         undone = await services.transactor.run(undo_prompt_opening, user.user_id, reservation_id)
-        log.warning("the writer process died during an opening (committed: %s)", undone)
+        log.warning("the database was lost during an opening (committed: %s)", undone)
         return await _open(services, user, None, open_prompt_steps, *args)
 
 
