@@ -4,7 +4,9 @@ usage is recorded once the database is back, exactly once (SPEC section 5, issue
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -251,3 +253,93 @@ async def test_an_opening_whose_answer_postgres_never_sent_leaves_no_stuck_chat(
                 assert state.total == state.ledger == billed
     finally:
         await proxy.close()
+
+
+@contextlib.asynccontextmanager
+async def database_with_role(
+    postgres: PostgresServer, template: str, role_options: str
+) -> AsyncIterator[tuple[asyncpg.Connection, str, uuid.UUID]]:
+    """A fresh database, a role of its own made with `role_options`, and a chat of
+    user "una": the database's owner's connection, chatmeter's URL as that role, the
+    chat's id."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    role = f"r_{uuid.uuid4().hex[:12]}"
+    postgres.createdb(name, template)
+    parts = urlsplit(postgres.url(name))
+    admin = await asyncpg.connect(postgres.url(name).replace("+asyncpg", "", 1))
+    try:
+        await admin.execute(f"CREATE ROLE {role} LOGIN {role_options}")
+        await admin.execute(f"GRANT ALL ON ALL TABLES IN SCHEMA public TO {role}")
+        chat_id = uuid.uuid4()
+        await admin.execute(
+            "INSERT INTO chats (chat_id, user_id, title, model, is_active, created_at, "
+            "updated_at) VALUES ($1, 'una', 't', 'scripted', true, now(), now())",
+            chat_id,
+        )
+        yield (
+            admin,
+            urlunsplit(parts._replace(netloc=f"{role}@{parts.netloc.split('@')[-1]}")),
+            chat_id,
+        )
+    finally:
+        await admin.execute(f"DROP OWNED BY {role}")
+        await admin.execute(f"DROP ROLE {role}")
+        await admin.close()
+
+
+async def assert_503(response: httpx.Response) -> None:
+    assert response.status_code == 503, response.text
+    assert response.json()["code"] == "DATABASE_ERROR"
+    assert response.headers["retry-after"] == "1"
+
+
+async def test_a_message_when_postgres_takes_no_more_connections_is_503(
+    postgres: PostgresServer, postgres_template: str
+) -> None:
+    # PostgreSQL out of connections (max_connections, or a role's or a database's limit,
+    # reached: 53300 "too many connections") is a database that cannot serve now, as
+    # one restarting is: 503 with Retry-After, not a 500
+    async with database_with_role(postgres, postgres_template, "CONNECTION LIMIT 1") as (
+        admin,
+        url,
+        chat_id,
+    ):
+        limited = await asyncpg.connect(url.replace("+asyncpg", "", 1))
+        try:  # the role's one connection is this one
+            async with serve(make_settings(url)) as server:
+                async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+                    await assert_503(
+                        await client.post(
+                            f"/api/chat/{chat_id}/message",
+                            json={"message": "hi"},
+                            headers=auth("una"),
+                        )
+                    )
+                    await assert_503(await client.get("/api/usage", headers=auth("una")))
+        finally:
+            await limited.close()
+        assert await admin.fetchval("SELECT count(*) FROM messages") == 0
+
+
+async def test_a_message_past_the_statement_timeout_is_503(
+    postgres: PostgresServer, postgres_template: str
+) -> None:
+    # a statement_timeout (or a cancel from an operator) ends the statement with 57014
+    # "canceling statement due to statement timeout": nothing was written, try again
+    async with database_with_role(postgres, postgres_template, "CONNECTION LIMIT 20") as (
+        admin,
+        url,
+        chat_id,
+    ):
+        await admin.execute(f"ALTER ROLE {urlsplit(url).username} SET statement_timeout = '200ms'")
+        async with serve(make_settings(url)) as server:
+            async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+                async with admin.transaction():
+                    await admin.execute("LOCK TABLE user_usage IN ACCESS EXCLUSIVE MODE")
+                    refused = await client.post(
+                        f"/api/chat/{chat_id}/message", json={"message": "hi"}, headers=auth("una")
+                    )
+                await assert_503(refused)
+                assert await admin.fetchval("SELECT count(*) FROM messages") == 0
+                done = await stream_message(client, str(chat_id), "hi", token_for("una"))
+                assert done.last["done"] is True
