@@ -369,7 +369,16 @@ class PostgresTransactor:
                 async with self._connections.lend() as conn:
                     try:
                         return await run_asyncpg(conn, self._statements, steps(*args, **kwargs))
-                    except (asyncpg.PostgresConnectionError, OSError) as exc:
+                    except (
+                        asyncpg.PostgresConnectionError,
+                        asyncpg.InterfaceError,
+                        OSError,
+                    ) as exc:
+                        # a transaction's rollback on the lost connection raises
+                        # InterfaceError ("the underlying connection is closed") over
+                        # the loss itself; an InterfaceError on a live one is a bug
+                        if isinstance(exc, asyncpg.InterfaceError) and not conn.is_closed():
+                            raise
                         raise ConnectionLost(f"{type(exc).__name__}: {exc}") from exc
             except asyncpg.PostgresError as exc:
                 if exc.sqlstate not in RACE_LOST or attempt == RACE_ATTEMPTS:

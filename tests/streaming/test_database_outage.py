@@ -343,3 +343,49 @@ async def test_a_message_past_the_statement_timeout_is_503(
                 assert await admin.fetchval("SELECT count(*) FROM messages") == 0
                 done = await stream_message(client, str(chat_id), "hi", token_for("una"))
                 assert done.last["done"] is True
+
+
+async def test_a_transaction_whose_postgres_backend_is_terminated_is_503(
+    postgres: PostgresServer, postgres_template: str
+) -> None:
+    # the backend ended in the middle of a transaction (BEGIN sent, a statement waiting):
+    # asyncpg's transaction then fails to roll back on the closed connection, and that
+    # error (InterfaceError) hid the connection's loss, answered 500
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    postgres.createdb(name, postgres_template)
+    url = postgres.url(name)
+    admin = auth("root", admin=True)
+    async with serve(make_settings(url)) as server:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+            holder = await asyncpg.connect(url.replace("+asyncpg", "", 1))
+            try:
+                async with holder.transaction():
+                    await holder.execute("LOCK TABLE user_usage IN ACCESS EXCLUSIVE MODE")
+                    asked = asyncio.ensure_future(
+                        client.put(
+                            "/api/admin/users/ivy/limit", json={"token_limit": 500}, headers=admin
+                        )
+                    )
+                    waiting: list[int] = []
+
+                    async def a_backend_waits() -> bool:
+                        waiting[:] = (
+                            await holder.fetchval(
+                                "SELECT array_agg(pid) FROM pg_stat_activity WHERE datname = $1 "
+                                "AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()",
+                                name,
+                            )
+                            or []
+                        )
+                        return bool(waiting)
+
+                    await eventually(a_backend_waits, within=20)
+                    assert await holder.fetchval("SELECT pg_terminate_backend($1)", waiting[0])
+            finally:
+                await holder.close()
+            await assert_503(await asked)
+            again = await client.put(
+                "/api/admin/users/ivy/limit", json={"token_limit": 500}, headers=admin
+            )
+            assert again.status_code == 200, again.text
+            assert again.json()["token_limit"] == 500
