@@ -11,8 +11,6 @@ from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
-import redis.asyncio as aioredis
-
 from chatmeter.auth.keys import KeyDigester, key_digest_secret
 from chatmeter.auth.tokens import TokenVerifier
 from chatmeter.config import Settings, dev_jwt_secret
@@ -26,7 +24,7 @@ from chatmeter.providers.registry import ProviderRegistry
 from chatmeter.streaming.log import MemoryLog, ReplyLog
 from chatmeter.streaming.opening import OpeningRules
 from chatmeter.streaming.orphans import OrphanSettler
-from chatmeter.streaming.redis_log import RedisLog, RedisSignals
+from chatmeter.streaming.redis_log import RedisLog, RedisSignals, connect
 from chatmeter.streaming.replies import ReplyRegistry
 from chatmeter.streaming.signals import PollOnly, PostgresSignals, StopSignals
 
@@ -167,7 +165,7 @@ def _reply_sharing(settings: Settings) -> tuple[ReplyLog, StopSignals]:
     the poll alone)."""
     memory = MemoryLog(settings.replay_seconds, settings.replay_max_bytes)
     if settings.redis_url:
-        client = aioredis.from_url(settings.redis_url)
+        client = connect(settings.redis_url)
         shared = RedisLog(client, memory, settings.replay_seconds, settings.reservation_ttl_seconds)
         return shared, RedisSignals(client)
     if settings.is_sqlite:

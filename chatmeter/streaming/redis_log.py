@@ -22,7 +22,9 @@ after the death) has settled the reply from them.
 The process that generates a reply also keeps it in a `MemoryLog`: its own readers (the
 request that asked, almost always) read memory, never Redis. Events go to Redis in the
 background. If Redis goes away the reply still runs to its end and is saved and billed;
-only resuming it elsewhere fails until Redis is back.
+only resuming it elsewhere fails until Redis is back. What could not be written is
+written when it is back (tried every `WRITE_RETRY_SECONDS`, for a finished reply during
+the replay window), so a reply's log has no hole.
 """
 
 from __future__ import annotations
@@ -32,10 +34,13 @@ import contextlib
 import logging
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from chatmeter.jsonutil import dumps
@@ -51,35 +56,49 @@ READ_RETRY_SECONDS = 10.0
 # finds a dead worker's reservation expired a lease after its last renewal, plus up to
 # a third of a lease (its period), and must still find the log to settle the reply
 STREAMING_TTL_LEASES = 3
+# events wait this long for others to join their write (a few ms: the process's own
+# readers read memory; only a resume elsewhere, or a crash, sees the delay)
+WRITE_EVERY_SECONDS = 0.002
+WRITE_RETRY_SECONDS = 0.5  # while Redis is away, a write is tried again this often
 
-# One call writes every reply a loop turn touched: redis-py spends as much CPU on each
-# command of a pipeline as Redis does, so a flush is one command however many replies it
-# holds. KEYS: each reply's stream and its chat's key. ARGV, 8 a reply: the entry's id
-# (empty: no entry), its `n` and `d`, the chat id (`c`, on the first entry), the record
-# (`m`, on the first entry, may be empty), 1 if it holds the end (`e`), the TTL for both
-# keys (0: leave them), and the reply id to SET as the chat's latest (empty: leave it).
+# One call writes every reply that has something to write: redis-py spends about as much
+# CPU on each command of a pipeline as Redis does, and on each argument of a command
+# (its buffer is copied again for each small one), so a write is one command with one
+# argument however many replies it holds. KEYS: each reply's stream and its chat's key.
+# ARGV[1]: a JSON array, for each reply [the entry's id (empty: no entry), its `n`, its
+# `d`, the chat id (`c`, on the first entry), the record (`m`, on the first entry, may be
+# empty), 1 if it holds the end (`e`), the TTL for both keys (0: leave them), the reply id
+# to SET as the chat's latest (empty: leave it)].
 WRITE_SCRIPT = """
-local a = 0
-for i = 1, #KEYS, 2 do
-  local stream, chat = KEYS[i], KEYS[i + 1]
-  if ARGV[a + 1] ~= '' then
-    local fields = {'n', ARGV[a + 2], 'd', ARGV[a + 3]}
-    if ARGV[a + 4] ~= '' then table.insert(fields, 'c'); table.insert(fields, ARGV[a + 4]) end
-    if ARGV[a + 5] ~= '' then table.insert(fields, 'm'); table.insert(fields, ARGV[a + 5]) end
-    if ARGV[a + 6] == '1' then table.insert(fields, 'e'); table.insert(fields, '1') end
-    redis.pcall('XADD', stream, ARGV[a + 1], unpack(fields))
+local writes = cjson.decode(ARGV[1])
+for i, w in ipairs(writes) do
+  local stream, chat, ttl = KEYS[2 * i - 1], KEYS[2 * i], w[7]
+  if w[1] ~= '' then
+    local fields = {'n', w[2], 'd', w[3]}
+    if w[4] ~= '' then table.insert(fields, 'c'); table.insert(fields, w[4]) end
+    if w[5] ~= '' then table.insert(fields, 'm'); table.insert(fields, w[5]) end
+    if w[6] == 1 then table.insert(fields, 'e'); table.insert(fields, 1) end
+    redis.pcall('XADD', stream, w[1], unpack(fields))
   end
-  local ttl = ARGV[a + 7]
-  if ARGV[a + 8] ~= '' then
-    redis.call('SET', chat, ARGV[a + 8], 'EX', ttl)
-  elseif ttl ~= '0' then
+  if w[8] ~= '' then
+    redis.call('SET', chat, w[8], 'EX', ttl)
+  elseif ttl ~= 0 then
     redis.call('EXPIRE', chat, ttl)
   end
-  if ttl ~= '0' then redis.call('EXPIRE', stream, ttl) end
-  a = a + 8
+  if ttl ~= 0 then redis.call('EXPIRE', stream, ttl) end
 end
-return #KEYS / 2
+return #writes
 """
+
+
+def connect(url: str) -> aioredis.Redis:
+    """A client for `url` that sends a command again, once and at once, on a new
+    connection when its pooled one turns out broken (Redis restarted, or the connection
+    dropped while idle). Without it the first command on each pooled connection after a
+    restart fails, and a write lost that way leaves a hole in a reply's log."""
+    return aioredis.from_url(
+        url, retry=Retry(NoBackoff(), 1), retry_on_error=[RedisConnectionError]
+    )
 
 
 def stream_key(reply_id: uuid.UUID) -> str:
@@ -100,6 +119,16 @@ class _Writing:
     written: int = 0  # events already in Redis
     renewed_at: float = 0.0
     finished: bool = False
+    failing_since: float | None = None  # when a write of it first failed, if it did
+
+
+class _Taken(NamedTuple):
+    """A reply as a write found it: what to put back if the write fails."""
+
+    reply_id: uuid.UUID
+    writing: _Writing
+    written: int
+    queued: list[bytes]
 
 
 def _number(entry_id: bytes) -> int:
@@ -108,13 +137,16 @@ def _number(entry_id: bytes) -> int:
 
 
 def _entries(entries: Any, after: int) -> list[tuple[int, bytes]]:
-    """The events after `after` in stream entries (an entry may begin before it)."""
+    """The events after `after` in stream entries, each once: an entry may begin before
+    it, or repeat events of the one before (a write retried after Redis took it but its
+    answer was lost, with the events queued since)."""
     events: list[tuple[int, bytes]] = []
     for _entry_id, fields in entries:
         number = int(fields[b"n"])
         for data in bytes(fields[b"d"]).split(b"\n"):
             if number > after:
                 events.append((number, data))
+                after = number
             number += 1
     return events
 
@@ -132,6 +164,7 @@ class RedisLog:
         self._streaming_ttl = max(1, int(lease_seconds * STREAMING_TTL_LEASES))
         self._writing: dict[uuid.UUID, _Writing] = {}
         self._flush: asyncio.Task[None] | None = None
+        self._retry: asyncio.TimerHandle | None = None  # while Redis is away
         self._script = client.register_script(WRITE_SCRIPT)
 
     # -- writing: the generating process -------------------------------------------------
@@ -164,45 +197,73 @@ class RedisLog:
         self._schedule()
 
     def _schedule(self) -> None:
-        if self._flush is None or self._flush.done():
+        if self._retry is None and (self._flush is None or self._flush.done()):
             self._flush = asyncio.get_running_loop().create_task(self._write())
+
+    def _retry_now(self) -> None:
+        self._retry = None
+        self._schedule()
 
     async def _write(self) -> None:
         """Everything queued, one entry a reply, in one script call; then what came since."""
         loop = asyncio.get_running_loop()
-        await asyncio.sleep(0)  # let the loop turn's other events join this write
-        while due := [(r, w) for r, w in self._writing.items() if w.queued or w.finished]:
+        while True:
+            await asyncio.sleep(WRITE_EVERY_SECONDS)  # what comes meanwhile joins the write
+            due = [(r, w) for r, w in self._writing.items() if w.queued or w.finished]
+            if not due:
+                return
             keys: list[str] = []
-            args: list[bytes | str | int] = []
+            writes: list[tuple[str | int, ...]] = []
+            taken: list[_Taken] = []
             now = loop.time()
             for reply_id, writing in due:
+                taken.append(_Taken(reply_id, writing, writing.written, writing.queued))
                 keys += (stream_key(reply_id), chat_key(writing.chat_id))
-                args += self._writes(reply_id, writing, now)
+                writes.append(self._writes(reply_id, writing, now))
                 if writing.finished:
                     del self._writing[reply_id]
             try:
-                await self._script(keys=keys, args=args)
-            except (RedisError, OSError):
-                log.warning("could not write %d replies to Redis", len(due))
+                await self._script(keys=keys, args=[dumps(writes)])
+            except (RedisError, OSError) as exc:
+                log.warning("could not write %d replies to Redis: %r", len(due), exc)
+                self._put_back(taken, now)
+                self._retry = loop.call_later(WRITE_RETRY_SECONDS, self._retry_now)
+                return
+            for _, writing in due:
+                writing.failing_since = None
 
-    def _writes(
-        self, reply_id: uuid.UUID, writing: _Writing, now: float
-    ) -> tuple[bytes | str | int, ...]:
-        """The script's arguments for one reply (`WRITE_SCRIPT`): its entry, if any, the
-        stream's TTL, the chat's key and its TTL."""
+    def _put_back(self, taken: list[_Taken], now: float) -> None:
+        """What a failed write took goes back in the queue, to be written when Redis is
+        back: a reply's log never has a hole (a write whose answer was lost is written
+        again harmlessly: an entry id Redis has already is refused). A finished reply
+        is given up once it has failed for the replay window: its log would be gone."""
+        for reply_id, writing, written, queued in taken:
+            if writing.failing_since is None:
+                writing.failing_since = now
+            if writing.finished and now - writing.failing_since > self._replay:
+                log.warning("gave up writing reply %s to Redis", reply_id)
+                continue
+            writing.written = written
+            writing.queued = queued + writing.queued
+            writing.renewed_at = 0.0  # its TTL is set again with the next entry
+            self._writing[reply_id] = writing
+
+    def _writes(self, reply_id: uuid.UUID, writing: _Writing, now: float) -> tuple[str | int, ...]:
+        """What the script writes for one reply (`WRITE_SCRIPT`): its entry, if any, the
+        TTL of its keys, the chat's latest reply."""
         started = writing.written == 0 and bool(writing.queued)
-        entry: tuple[bytes | str | int, ...] = ("", "", "")
+        entry: tuple[str | int, ...] = ("", 0, "")
         if writing.queued:
             first = writing.written + 1
             writing.written += len(writing.queued)
-            entry = (f"0-{writing.written}", first, b"\n".join(writing.queued))
+            entry = (f"0-{writing.written}", first, b"\n".join(writing.queued).decode())
             writing.queued = []
         elif writing.finished:
             # the end was written already: an empty entry marks it
             end = writing.written + 1
-            entry = (f"0-{end}", end, b"")
+            entry = (f"0-{end}", end, "")
         chat = str(writing.chat_id) if started else ""
-        record = writing.record if started and writing.record is not None else b""
+        record = writing.record.decode() if started and writing.record is not None else ""
         end_flag = 1 if writing.finished else 0
         ttl = 0
         if writing.finished:
@@ -305,6 +366,8 @@ class RedisLog:
         await pipe.execute()
 
     async def aclose(self) -> None:
+        if self._retry is not None:
+            self._retry.cancel()
         if self._flush is not None:
             with contextlib.suppress(Exception):
                 await self._flush

@@ -5,15 +5,23 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import hashlib
 import tracemalloc
 import uuid
 from typing import Any
 
 import orjson
+import pytest
 import redis.asyncio as aioredis
 
 from chatmeter.streaming.log import MemoryLog, ReplyLog
-from chatmeter.streaming.redis_log import RedisLog, chat_key, stream_key
+from chatmeter.streaming.redis_log import (
+    WRITE_SCRIPT,
+    RedisLog,
+    chat_key,
+    connect,
+    stream_key,
+)
 from tests.support.redis import RedisServer
 from tests.support.waiting import eventually
 
@@ -218,7 +226,7 @@ async def test_replies_written_at_once_cost_one_command_and_their_keys_expire(
             assert 0 < await client.ttl(stream_key(reply_id)) <= 60
             assert 0 < await client.ttl(chat_key(chat_id)) <= 60
             assert await client.get(chat_key(chat_id)) == str(reply_id).encode()
-            entries = await client.xrange(stream_key(reply_id), min="-", max="+")
+            entries: Any = await client.xrange(stream_key(reply_id), min="-", max="+")
             assert [
                 (entry_id, fields[b"n"], fields[b"c"], fields[b"e"]) for entry_id, fields in entries
             ] == [(b"0-3", b"1", str(chat_id).encode(), b"1")]
@@ -247,3 +255,82 @@ async def write_at_once(
 
     await eventually(ended)
     return replies
+
+
+async def test_a_redis_that_restarted_is_written_again(redis_server: RedisServer) -> None:
+    """A restarted Redis has broken every pooled connection and forgotten the write
+    script: the next write still lands (a new connection, the script loaded again)."""
+    client = connect(redis_server.url)
+    writer = RedisLog(client, MemoryLog(60, 1 << 20), 60, 30)
+    try:
+        await write_at_once(writer, client, 2)  # two pooled connections: the test's too
+        redis_server.stop()
+        redis_server.start()
+        [(reply_id, _)] = await write_at_once(writer, client, 1)
+        assert await client.xlen(stream_key(reply_id)) == 1
+        sha = hashlib.sha1(WRITE_SCRIPT.encode()).hexdigest()
+        assert await client.script_exists(sha) == [True]
+    finally:
+        await writer.aclose()
+
+
+async def test_events_written_while_redis_was_away_reach_it_when_it_is_back(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A reply's log has no hole: what could not be written while Redis was away is
+    written, in order, once it is back, and a reader on another worker reads it all."""
+    client = connect(redis_server.url)
+    writer = RedisLog(connect(redis_server.url), MemoryLog(60, 1 << 20), 60, 30)
+    reader = RedisLog(connect(redis_server.url), MemoryLog(60, 1 << 20), 60, 30)
+    try:
+        reply_id, chat_id = uuid.uuid4(), uuid.uuid4()
+        await writer.begin(reply_id, chat_id, FIRST)
+        redis_server.stop()  # before the write that begin asked for (a restart loses data)
+        try:
+            await writer.append(reply_id, {"chunk": "a", "done": False})
+
+            async def failed() -> bool:
+                return "could not write 1 replies to Redis" in caplog.text
+
+            await eventually(failed)
+            await writer.append(reply_id, {"chunk": "b", "done": False})
+        finally:
+            redis_server.start()
+        await writer.append(reply_id, END)
+        await writer.finish(reply_id)
+
+        async def written_again() -> bool:  # by the writer, on its own
+            return bool(await client.exists(stream_key(reply_id)))
+
+        await eventually(written_again)
+        events = await read_all(reader, reply_id)
+        assert [n for n, _ in events] == [1, 2, 3, 4]
+        assert [event.get("chunk") for _, event in events[1:3]] == ["a", "b"]
+        assert events[3][1] == END
+        assert 0 < await client.ttl(stream_key(reply_id)) <= 60
+    finally:
+        await writer.aclose()
+        await reader.aclose()
+        await client.aclose()
+
+
+async def test_an_entry_repeating_events_of_the_one_before_is_read_once(
+    redis_server: RedisServer,
+) -> None:
+    """A write retried after Redis took it but its answer was lost carries the events
+    again with those queued since, as a later entry: each event is read once."""
+    client = connect(redis_server.url)
+    reader = RedisLog(connect(redis_server.url), MemoryLog(60, 1 << 20), 60, 30)
+    try:
+        reply_id = uuid.uuid4()
+        key = stream_key(reply_id)
+        first, piece = orjson.dumps(FIRST), orjson.dumps({"chunk": "a", "done": False})
+        await client.xadd(key, {"n": 1, "d": first}, id="0-1")
+        await client.xadd(key, {"n": 1, "d": b"\n".join([first, piece])}, id="0-2")
+        await client.xadd(key, {"n": 3, "d": orjson.dumps(END), "e": 1}, id="0-3")
+        events = await read_all(reader, reply_id)
+        assert [n for n, _ in events] == [1, 2, 3]
+        assert await read_all(reader, reply_id, after=1) == events[1:]
+    finally:
+        await reader.aclose()
+        await client.aclose()

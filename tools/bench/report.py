@@ -76,7 +76,9 @@ def _against_sqlite_row(t: Comparison, target: str, title: str) -> Row:
     measured = (
         f"{to_sqlite:.1%} of the SQLite row, {t.ratio(target):.1%} of the floor "
         f"({t.rate(target):,.0f} vs {t.rate('chatmeter'):,.0f} and {t.rate('floor'):,.0f} "
-        f"exchanges/s; errors {t.errors(target)})"
+        f"exchanges/s; errors {t.errors(target)}); server CPU "
+        f"{t.cpu_ms_per_exchange(target):.2f} vs {t.cpu_ms_per_exchange('chatmeter'):.2f} ms "
+        "per exchange"
     )
     bar = f"≥ {1 - REPLIES_COST_BAR:.0%} of the SQLite row (at most {REPLIES_COST_BAR:.0%} below)"
     met = to_sqlite >= 1 - REPLIES_COST_BAR and t.errors(target) == 0
