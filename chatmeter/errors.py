@@ -65,11 +65,15 @@ def error_response(
 
 
 # what a database that is away raises through the transactor's drivers (sqlite3 past its
-# busy timeout, asyncpg losing its connection, the SQLite writer process gone)
+# busy timeout, asyncpg losing its connection, the SQLite writer process gone), or one
+# that cannot serve now: PostgreSQL's insufficient resources (class 53: too many
+# connections, disk full, out of memory) and operator intervention (class 57: starting
+# up or shutting down, a statement timeout or a cancel)
 DATABASE_UNAVAILABLE: tuple[type[Exception], ...] = (
     sqlite3.OperationalError,
     asyncpg.PostgresConnectionError,
-    asyncpg.CannotConnectNowError,
+    asyncpg.InsufficientResourcesError,
+    asyncpg.OperatorInterventionError,
     ConnectionError,
     TimeoutError,
 )

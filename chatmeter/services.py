@@ -151,7 +151,8 @@ async def start_services(settings: Settings) -> Services:
     services.spawn(services.replies.run_watchdog(settings.provider_idle_timeout_seconds)).set_name(
         "housekeeping:watchdog"
     )
-    services.spawn(services.outbox.run(transactor, 1.0)).set_name("housekeeping:outbox")
+    replay = services.outbox.run(transactor, services.plans, 1.0)
+    services.spawn(replay).set_name("housekeeping:outbox")
     services.spawn(
         services.stop_signals.run(services.replies.stop_local, services.replies.poll_stops)
     ).set_name("housekeeping:signals")

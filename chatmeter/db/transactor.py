@@ -111,9 +111,19 @@ async def _ready(process: asyncio.subprocess.Process) -> None:
     await process.stdout.readexactly(length)
 
 
-class WriterGone(ConnectionError):
-    """The SQLite writer process ended before it answered: the transaction may or may
-    not have committed (callers that retry, like settlement, check first)."""
+class OutcomeUnknown(ConnectionError):
+    """The database was lost before it answered: the transaction may or may not have
+    committed (callers that retry, like settlement, check first; an opening takes
+    itself back)."""
+
+
+class WriterGone(OutcomeUnknown):
+    """The SQLite writer process ended before it answered."""
+
+
+class ConnectionLost(OutcomeUnknown):
+    """PostgreSQL's connection was lost while a transaction ran on it: a statement run
+    alone (`steps.Sql.alone`) commits as it ends, so it may have, unseen."""
 
 
 _Pending = tuple[Callable[..., Steps[Any]], tuple[Any, ...], dict[str, Any], asyncio.Future[Any]]
@@ -357,7 +367,19 @@ class PostgresTransactor:
         while True:
             try:
                 async with self._connections.lend() as conn:
-                    return await run_asyncpg(conn, self._statements, steps(*args, **kwargs))
+                    try:
+                        return await run_asyncpg(conn, self._statements, steps(*args, **kwargs))
+                    except (
+                        asyncpg.PostgresConnectionError,
+                        asyncpg.InterfaceError,
+                        OSError,
+                    ) as exc:
+                        # a transaction's rollback on the lost connection raises
+                        # InterfaceError ("the underlying connection is closed") over
+                        # the loss itself; an InterfaceError on a live one is a bug
+                        if isinstance(exc, asyncpg.InterfaceError) and not conn.is_closed():
+                            raise
+                        raise ConnectionLost(f"{type(exc).__name__}: {exc}") from exc
             except asyncpg.PostgresError as exc:
                 if exc.sqlstate not in RACE_LOST or attempt == RACE_ATTEMPTS:
                     raise

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
 
@@ -55,6 +55,9 @@ class Ask:
     # a chat held by a dead process's reservation is released first; False: 409, its
     # reply is settled from its log first (Redis, `streaming/orphans.py`)
     release_expired_claim: bool = True
+    # the reservation's id: the caller's choice when it must be able to take the
+    # reservation back without an answer (`opening.undo_prompt_opening`)
+    reservation_id: uuid.UUID = field(default_factory=new_id)
 
     @property
     def full(self) -> int:
@@ -190,7 +193,7 @@ def reserve_at_once(
     micros = reserve_micros(ask.full, ask.highest_price)
     also = f"AND EXISTS ({ACTIVE_CHAT_LOCKED}) " if ask.chat_id is not None else ""
     take = take_statement(ask.book, ask.user_id, ask.full, micros, ask.now, also)
-    reservation_id = new_id()
+    reservation_id = ask.reservation_id
     ctes = [
         f"took AS ({take.text})",
         "held AS (INSERT INTO reservations (reservation_id, user_id, chat_id, tokens, micros, "
@@ -245,7 +248,7 @@ def reserve_budget(ask: Ask) -> Steps[Reservation]:
         ask.book, ask.user_id, ask.prompt_estimate, ask.full, ask.highest_price, ask.now
     )
     reservation = Reservation(
-        new_id(),
+        ask.reservation_id,
         ask.user_id,
         ask.chat_id,
         granted,

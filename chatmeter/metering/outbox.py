@@ -32,6 +32,7 @@ from typing import Any, BinaryIO, TypeVar
 import orjson
 
 from chatmeter.db.transactor import Transactor, refused_for_good
+from chatmeter.metering.plans import PlanBook
 from chatmeter.metering.settlement import Settlement, settle
 from chatmeter.observability.metrics import Metrics
 from chatmeter.providers.base import Usage
@@ -64,7 +65,6 @@ def _decode(line: bytes) -> Settlement:
         source=values["source"],
         created_at=datetime.fromisoformat(values["created_at"]),
         cost_micros=values.get("cost_micros", 0),
-        period_start=values.get("period_start"),
     )
 
 
@@ -141,20 +141,20 @@ class Outbox:
             return 0
         return sum(len(_lines(p.read_bytes())) for p in self.directory.glob("*.dead"))
 
-    async def run(self, transactor: Transactor, every_seconds: float) -> None:
+    async def run(self, transactor: Transactor, book: PlanBook, every_seconds: float) -> None:
         """Replay forever (a background task of the app)."""
         while True:
             await asyncio.sleep(every_seconds)
             try:
                 if self.pending():
-                    await self.replay(transactor)
+                    await self.replay(transactor, book)
             except Exception as exc:
                 log.warning("outbox replay failed (%s); will retry", exc)
 
-    async def replay(self, transactor: Transactor) -> int:
-        """Write every spooled settlement (of any process); returns how many were
-        written. A bad line becomes a dead letter and replay goes on; any other
-        failure (the database is still down) stops it and is raised.
+    async def replay(self, transactor: Transactor, book: PlanBook) -> int:
+        """Write every spooled settlement (of any process) under the plans of `book`;
+        returns how many were written. A bad line becomes a dead letter and replay goes
+        on; any other failure (the database is still down) stops it and is raised.
 
         A file's lock is only ever held for a read or a rewrite, never across an await:
         an append (which takes the lock in this same thread) must never wait on a replay
@@ -163,12 +163,12 @@ class Outbox:
             return 0
         written = 0
         for path in sorted(self.directory.glob("*.jsonl")):
-            written += await self._replay_file(path, transactor)
+            written += await self._replay_file(path, transactor, book)
         if written:
             log.warning("replayed %d spooled settlements", written)
         return written
 
-    async def _replay_file(self, path: Path, transactor: Transactor) -> int:
+    async def _replay_file(self, path: Path, transactor: Transactor, book: PlanBook) -> int:
         lines = _locked(path, lambda handle: _lines(handle.read()))
         replayed: set[bytes] = set()
         dead: dict[bytes, str] = {}
@@ -180,7 +180,7 @@ class Outbox:
                     dead[line] = f"unreadable: {exc!r}"
                     continue
                 try:
-                    await settle(transactor, settlement, is_retry=True)
+                    await settle(transactor, settlement, book, is_retry=True)
                 except Exception as exc:
                     if not refused_for_good(exc):
                         raise  # the database is down: this line and the rest wait

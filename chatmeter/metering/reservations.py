@@ -124,6 +124,12 @@ def release_chat(user_id: str, chat_id: uuid.UUID, worker_id: str) -> Steps[int]
     return (yield from _release(user_id, where, {"chat_id": chat_id, "worker_id": worker_id}))
 
 
+def release_reservation(user_id: str, reservation_id: uuid.UUID) -> Steps[int]:
+    """Release one of the user's reservations by its id, if it is still there (the caller
+    holds the lock of the user's row)."""
+    return (yield from _release(user_id, "reservation_id = :id", {"id": reservation_id}))
+
+
 def release_expired(now: datetime) -> Steps[int]:
     """Hand back the reservations of processes that died mid-stream: for each user who
     has one, sorted by user_id, lock the user's row, then delete and release."""

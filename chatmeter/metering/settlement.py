@@ -21,6 +21,7 @@ from chatmeter.db.transactor import Transactor
 from chatmeter.ids import new_id
 from chatmeter.metering.counting import Source
 from chatmeter.metering.periods import to_micros
+from chatmeter.metering.plans import PlanBook
 from chatmeter.metering.reservations import lock_user
 from chatmeter.providers.base import Usage
 
@@ -41,9 +42,6 @@ class Settlement:
     source: Source
     created_at: datetime
     cost_micros: int = 0
-    # the start (Unix microseconds) of the user's period at `created_at`; None when the
-    # plan has no period. An exchange counts in the period in which it settles.
-    period_start: int | None = None
 
 
 def settled_at(user_message_at: datetime | None) -> datetime:
@@ -55,29 +53,31 @@ def settled_at(user_message_at: datetime | None) -> datetime:
     return max(now, user_message_at + timedelta(microseconds=1))
 
 
-_START = "CAST(:ps AS BIGINT)"
-_ENDED = f"period_start < {_START}"
-# the ledger row is in the period the row holds after this statement: always, unless
-# it is a settlement replayed late, from a period that has ended since
-_COUNTS = f"CAST(:at AS BIGINT) >= (CASE WHEN {_ENDED} THEN {_START} ELSE period_start END)"
-
-
-def _in_period(column: str, amount: str) -> str:
-    """`column` plus `amount`, in the period the exchange settles in: the stored period
-    rolls over first if it ended (SPEC section 10), so that `column` stays the sum of
-    the ledger rows since `period_start`."""
+def _in_period(column: str, amount: str, start: str) -> str:
+    """`column` plus `amount`, in the period the exchange settles in, which starts at
+    `start` (SQL over the user's row): the stored period rolls over first if it ended
+    (SPEC section 10), so that `column` stays the sum of the ledger rows since
+    `period_start`. The ledger row is in the period the row holds after this statement:
+    always, unless it is a settlement replayed late, from a period that has ended since."""
+    ended = f"period_start < {start}"
+    counts = f"CAST(:at AS BIGINT) >= (CASE WHEN {ended} THEN {start} ELSE period_start END)"
     return (
-        f"(CASE WHEN {_ENDED} THEN 0 ELSE {column} END) "
-        f"+ (CASE WHEN {_COUNTS} THEN {amount} ELSE 0 END)"
+        f"(CASE WHEN {ended} THEN 0 ELSE {column} END) "
+        f"+ (CASE WHEN {counts} THEN {amount} ELSE 0 END)"
     )
 
 
 def settle_steps(
-    s: Settlement, *, writable_ctes: bool = False, is_retry: bool = False
+    s: Settlement, book: PlanBook, *, writable_ctes: bool = False, is_retry: bool = False
 ) -> Steps[None]:
     """The settlement, one transaction: on PostgreSQL (`writable_ctes`) one statement,
     one round trip; on SQLite a few statements in the writer's transaction. A retry first
-    checks whether an earlier attempt committed after all."""
+    checks whether an earlier attempt committed after all.
+
+    The exchange counts in the period, at `created_at`, of the plan the user is on as it
+    settles (resolved in SQL from `book`, as the reserve statement does): not of the plan
+    it opened on, which an admin may have changed meanwhile (the totals then became the
+    ledger's sums in the new plan's period, or go on if it has none)."""
     if is_retry:
         # the user's row locked first: a settlement of the same message committing
         # meanwhile (another process replaying the same outbox) is then seen here
@@ -86,7 +86,8 @@ def settle_steps(
         done = yield Sql(f"SELECT 1 FROM {table} WHERE message_id = :id", {"id": s.message_id})
         if done:
             return
-    params = _params(s)
+    params = {**_params(s), **book.period_params(s.created_at)}
+    start = book.period_start_sql
     writes = _writes(s)
     if writable_ctes:
         # the lock order of `reservations.py` inside one statement: `locked` takes the user's
@@ -99,27 +100,27 @@ def settle_steps(
             "AND EXISTS (SELECT 1 FROM locked) RETURNING tokens, micros)",
             *(f"w{i} AS ({write})" for i, write in enumerate(writes)),
         ]
-        text = f"WITH {', '.join(ctes)} {_user_update('gone')}"
+        text = f"WITH {', '.join(ctes)} {_user_update('gone', start)}"
         yield Sql(text, params, alone=True)
         return
     # SQLite: one writer at a time, so the reservation read under the user's row update
     # is still there for the DELETE after it
     held = "(SELECT tokens, micros FROM reservations WHERE reservation_id = :reservation_id)"
-    yield Sql(_user_update(held), params)
+    yield Sql(_user_update(held, start), params)
     yield Sql("DELETE FROM reservations WHERE reservation_id = :reservation_id", params)
     for write in writes:
         yield Sql(write, params)
 
 
-def _user_update(held: str) -> str:
-    """The user's row: the exchange added to the totals of its period (rolled over first
-    if it ended, SPEC section 10), the reservation `held` (a query of at most one row of
-    tokens and micros) handed back."""
-    total = _in_period("total_tokens_used", "CAST(:total AS BIGINT)")
-    spend = _in_period("spend_micros", "CAST(:cost AS BIGINT)")
+def _user_update(held: str, start: str) -> str:
+    """The user's row: the exchange added to the totals of its period, which starts at
+    `start` (rolled over first if it ended, SPEC section 10), the reservation `held` (a
+    query of at most one row of tokens and micros) handed back."""
+    total = _in_period("total_tokens_used", "CAST(:total AS BIGINT)", start)
+    spend = _in_period("spend_micros", "CAST(:cost AS BIGINT)", start)
     return (
         f"UPDATE user_usage SET total_tokens_used = {total}, spend_micros = {spend}, "
-        f"period_start = CASE WHEN {_ENDED} THEN {_START} ELSE period_start END, "
+        f"period_start = CASE WHEN period_start < {start} THEN {start} ELSE period_start END, "
         f"reserved_tokens = reserved_tokens - COALESCE((SELECT tokens FROM {held} AS h), 0), "
         f"reserved_micros = reserved_micros - COALESCE((SELECT micros FROM {held} AS h), 0), "
         f"active_replies = active_replies - (SELECT COUNT(*) FROM {held} AS h), "
@@ -171,19 +172,23 @@ def _params(s: Settlement) -> dict[str, object]:
         "cached": usage.cached_tokens,
         "total": usage.total_tokens,
         "cost": s.cost_micros,
-        "ps": s.period_start,
         "at": to_micros(s.created_at),
         "now": s.created_at,
     }
 
 
-async def settle(transactor: Transactor, s: Settlement, *, is_retry: bool = False) -> None:
-    """Write the settlement once. Raises on database errors (the caller retries)."""
-    await transactor.run(settle_steps, s, writable_ctes=transactor.writable_ctes, is_retry=is_retry)
+async def settle(
+    transactor: Transactor, s: Settlement, book: PlanBook, *, is_retry: bool = False
+) -> None:
+    """Write the settlement once, under the plans of `book`. Raises on database errors
+    (the caller retries)."""
+    await transactor.run(
+        settle_steps, s, book, writable_ctes=transactor.writable_ctes, is_retry=is_retry
+    )
 
 
 async def settle_with_retries(
-    transactor: Transactor, s: Settlement, *, within_seconds: float
+    transactor: Transactor, s: Settlement, book: PlanBook, *, within_seconds: float
 ) -> None:
     """Settle, retrying with backoff for up to `within_seconds`; raises the last error."""
     loop = asyncio.get_running_loop()
@@ -192,7 +197,7 @@ async def settle_with_retries(
     attempt = 0
     while True:
         try:
-            await settle(transactor, s, is_retry=attempt > 0)
+            await settle(transactor, s, book, is_retry=attempt > 0)
             return
         except Exception as exc:
             if loop.time() + delay > deadline:

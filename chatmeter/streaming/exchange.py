@@ -23,7 +23,7 @@ from typing import Any
 
 from chatmeter.auth.tokens import Principal
 from chatmeter.db.steps import Steps
-from chatmeter.db.transactor import WriterGone
+from chatmeter.db.transactor import OutcomeUnknown
 from chatmeter.errors import ApiError
 from chatmeter.ids import new_id
 from chatmeter.metering.cost import cost_micros
@@ -47,6 +47,7 @@ from chatmeter.streaming.opening import (
     open_prompt_steps,
     open_steps,
     undo_opening,
+    undo_prompt_opening,
 )
 from chatmeter.streaming.text import storable
 
@@ -225,7 +226,6 @@ class Exchange:
         self, content: str, status: str, finish: str | None, metered: Metered
     ) -> Settlement:
         created_at = settled_at(self.user_message_at)
-        plans = self.services.opening_rules.plans
         prices = self.services.settings.models[self.model].prices
         return Settlement(
             user_id=self.user_id,
@@ -240,7 +240,6 @@ class Exchange:
             source=metered.source,
             created_at=created_at,
             cost_micros=cost_micros(metered.usage, prices),
-            period_start=plans.period_start_at(self.reservation.plan, created_at),
         )
 
     async def _write(self, settlement: Settlement) -> bool:
@@ -249,6 +248,7 @@ class Exchange:
             await settle_with_retries(
                 services.transactor,
                 settlement,
+                services.plans,
                 within_seconds=services.settings.settle_retry_seconds,
             )
         except Exception:
@@ -311,15 +311,15 @@ async def _open_chat(
     args = (chat_id, message, exact_prompt, user_message_id)
     try:
         return await _open(services, user, chat_id, open_steps, *args)
-    except WriterGone:
-        # the SQLite writer process died before it answered: the opening may have
-        # committed, and its reservation would hold the chat (409) until its lease ran
-        # out. Take it back if it did (a new process is started), then open again.
+    except OutcomeUnknown:
+        # the SQLite writer process died, or PostgreSQL's connection was lost, before it
+        # answered: the opening may have committed, and its reservation would hold the
+        # chat (409) until its lease ran out. Take it back if it did, then open again.
         rules = services.opening_rules
         undone = await services.transactor.run(
             undo_opening, user.user_id, chat_id, user_message_id, rules.worker_id
         )
-        log.warning("the writer process died during an opening (committed: %s)", undone)
+        log.warning("the database was lost during an opening (committed: %s)", undone)
         return await _open(services, user, chat_id, open_steps, *args)
 
 
@@ -327,8 +327,9 @@ async def open_prompt_exchange(services: Services, user: Principal, prompt: Prom
     """An exchange for a conversation the client sent (SPEC section 12): the same
     reservation, provider, metering and settlement as a chat's, with no chat. Refusals:
     budget 403, context 400 (`ApiError`)."""
+    reservation_id = new_id()
     try:
-        return await _open(services, user, None, open_prompt_steps, prompt, None)
+        return await _open_prompt(services, user, prompt, None, reservation_id)
     except PromptTooLarge:
         system = prompt.system_prompt
         if system is None:
@@ -336,7 +337,25 @@ async def open_prompt_exchange(services: Services, user: Principal, prompt: Prom
         exact = await count_bare_prompt(
             services, prompt.model, system, prompt.texts(), context_length_exceeded
         )
-        return await _open(services, user, None, open_prompt_steps, prompt, exact)
+        return await _open_prompt(services, user, prompt, exact, reservation_id)
+
+
+async def _open_prompt(
+    services: Services,
+    user: Principal,
+    prompt: Prompt,
+    exact_prompt: int | None,
+    reservation_id: uuid.UUID,
+) -> Exchange:
+    args = (prompt, exact_prompt, reservation_id)
+    try:
+        return await _open(services, user, None, open_prompt_steps, *args)
+    except OutcomeUnknown:
+        # as `_open_chat`: a committed opening's reservation would hold the user's budget
+        # (and one of their concurrent replies) until its lease ran out
+        undone = await services.transactor.run(undo_prompt_opening, user.user_id, reservation_id)
+        log.warning("the database was lost during an opening (committed: %s)", undone)
+        return await _open(services, user, None, open_prompt_steps, *args)
 
 
 async def _open(

@@ -23,10 +23,16 @@ from chatmeter.config import Settings
 from chatmeter.db.steps import Sql, Steps
 from chatmeter.db.tables import utcnow
 from chatmeter.errors import ApiError
+from chatmeter.ids import new_id
 from chatmeter.metering.budget import Ask, lock_active_chat, reserve_at_once, reserve_budget
 from chatmeter.metering.counting import EXCHANGE_OVERHEAD_TOKENS, text_bound
 from chatmeter.metering.plans import PlanBook
-from chatmeter.metering.reservations import Reservation, lock_user, release_chat
+from chatmeter.metering.reservations import (
+    Reservation,
+    lock_user,
+    release_chat,
+    release_reservation,
+)
 from chatmeter.providers.base import DEFAULT_SAMPLING, ChatTurn, GenerationRequest, Sampling
 
 
@@ -82,11 +88,13 @@ class OpeningRules:
         now: datetime,
         then: Sql | None = None,
         then_at_once: str = "",
+        reservation_id: uuid.UUID | None = None,
     ) -> Steps[Reservation]:
         """`reserve_budget` under this worker's plans, model prices and lease, then the
         write `then` in the same transaction. On PostgreSQL the common case is one
         statement (`reserve_at_once`), with `then_at_once`: the same write, its values
-        selected `FROM held` (and cast: PostgreSQL cannot tell their types there)."""
+        selected `FROM held` (and cast: PostgreSQL cannot tell their types there).
+        `reservation_id`: the reservation's id, when the caller chose it."""
         ask = Ask(
             user_id,
             chat_id,
@@ -98,6 +106,7 @@ class OpeningRules:
             self.reservation_ttl_seconds,
             now,
             release_expired_claim=not self.settles_orphans,
+            reservation_id=new_id() if reservation_id is None else reservation_id,
         )
         if self.writable_ctes:
             params = then.params if then is not None else None
@@ -283,6 +292,14 @@ def undo_opening(
     return True
 
 
+def undo_prompt_opening(user_id: str, reservation_id: uuid.UUID) -> Steps[bool]:
+    """Take back an opening without a chat whose outcome is unknown (as `undo_opening`):
+    it saved nothing but its reservation, whose id the caller chose. True if it had
+    committed."""
+    yield from lock_user(user_id)
+    return bool((yield from release_reservation(user_id, reservation_id)))
+
+
 def context_length_exceeded() -> ApiError:
     return ApiError(
         400, "CONTEXT_LENGTH_EXCEEDED", "The messages are too long for this model's context."
@@ -290,11 +307,16 @@ def context_length_exceeded() -> ApiError:
 
 
 def open_prompt_steps(
-    rules: OpeningRules, user_id: str, prompt: Prompt, exact_prompt: int | None
+    rules: OpeningRules,
+    user_id: str,
+    prompt: Prompt,
+    exact_prompt: int | None,
+    reservation_id: uuid.UUID,
 ) -> Steps[Opened]:
     """Reserve for a whole conversation the client sent (no chat, nothing saved): the
     prompt's bound (or `exact_prompt`, its counted size) plus the output cap, which is
-    the least of the client's, the model's, the context's room and the budget's."""
+    the least of the client's, the model's, the context's room and the budget's. The
+    reservation's id is the caller's (`undo_prompt_opening` looks for it)."""
     limits = rules.models[prompt.model]
     system = limits.system_prompt if prompt.system_prompt is None else prompt.system_prompt
     if exact_prompt is None:
@@ -308,7 +330,9 @@ def open_prompt_steps(
             raise PromptTooLarge(prompt.model)
         raise context_length_exceeded()
     cap = min(limits.max_output_tokens, room, prompt.max_output_tokens or room)
-    reservation = yield from rules.reserve(user_id, None, limits, size, cap, utcnow())
+    reservation = yield from rules.reserve(
+        user_id, None, limits, size, cap, utcnow(), reservation_id=reservation_id
+    )
     request = GenerationRequest(
         system, prompt.history, prompt.message, reservation.output_cap, prompt.sampling
     )

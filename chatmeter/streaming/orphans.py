@@ -102,7 +102,9 @@ def prompt_of(record: ReplyRecord, system_prompt: str) -> Steps[GenerationReques
     return GenerationRequest(system_prompt, tuple(history), str(message[0][0]), record.output_cap)
 
 
-def settle_left_steps(s: Settlement, now: datetime, writable_ctes: bool) -> Steps[bool]:
+def settle_left_steps(
+    s: Settlement, book: PlanBook, now: datetime, writable_ctes: bool
+) -> Steps[bool]:
     """Settle a reply left by a dead process, if its reservation is still there and
     expired; False if not (another sweeper settled it, or its process renewed the lease
     after all). The user's row is locked first (the lock order of `reservations.py`), and every
@@ -116,7 +118,7 @@ def settle_left_steps(s: Settlement, now: datetime, writable_ctes: bool) -> Step
     )
     if not held:
         return False
-    yield from settle_steps(s, writable_ctes=writable_ctes)
+    yield from settle_steps(s, book, writable_ctes=writable_ctes)
     return True
 
 
@@ -174,10 +176,9 @@ class OrphanSettler:
             source=metered.source,
             created_at=created_at,
             cost_micros=cost_micros(metered.usage, model.prices if model else Prices()),
-            period_start=self.plans.period_start_at(record.plan, created_at),
         )
         settled = await self.transactor.run(
-            settle_left_steps, settlement, now, self.transactor.writable_ctes
+            settle_left_steps, settlement, self.plans, now, self.transactor.writable_ctes
         )
         if not settled:
             return False

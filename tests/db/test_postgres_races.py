@@ -221,7 +221,7 @@ async def test_a_message_right_after_a_settlement_never_deadlocks(
     async with connections(dsn, 3) as (one, two, monitor):
         chat = await new_chat(monitor, user)
         opened = await transactor.run(open_steps, RULES, user, chat, "first", None, new_id())
-        settle = Driven(one, [lambda: settle_steps(settlement_of(opened, user, chat))])
+        settle = Driven(one, [lambda: settle_steps(settlement_of(opened, user, chat), RULES.plans)])
         opening = Driven(two, [lambda: open_steps(RULES, user, chat, "second", None, new_id())])
         first, second = (opening, settle) if starter == "a" else (settle, opening)
         await interleave(monitor, first, second, ahead)
@@ -283,7 +283,8 @@ async def test_housekeeping_and_a_settlement_never_deadlock(
                 lambda: release_expired(now),
             ],
         )
-        settle = Driven(two, [lambda: settle_steps(settlement_of(live, user, live_chat))])
+        settled = settlement_of(live, user, live_chat)
+        settle = Driven(two, [lambda: settle_steps(settled, RULES.plans)])
         first, second = (housekeeping, settle) if starter == "a" else (settle, housekeeping)
         await interleave(monitor, first, second, ahead)
 

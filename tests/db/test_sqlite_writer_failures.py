@@ -69,6 +69,45 @@ async def test_an_opening_whose_writer_died_after_commit_leaves_no_stuck_chat(
     assert state.total == state.ledger == result.last["tokens_used"] + again.last["tokens_used"]
 
 
+async def test_a_completion_whose_writer_died_after_its_opening_committed_holds_nothing(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    # the OpenAI-compatible endpoint's opening has no chat and saves no message: what it
+    # holds is the user's reservation (budget, a concurrent reply). Lost with the writer
+    # after its commit, it must be taken back as a chat's opening is, not held until
+    # its lease runs out (a user with one concurrent reply would be 429 meanwhile)
+    settings = make_settings(sqlite_url, reservation_ttl_seconds=600)
+    async with serve(settings) as server, httpx.AsyncClient(base_url=server.url) as client:
+        transactor = server.services.transactor
+        assert isinstance(transactor, SqliteTransactor)
+        first_pid = transactor.pid
+        marker = tmp_path / "holding"
+        armed = asyncio.gather(
+            transactor.run(hold_then_die_answering_the_next_batch, str(marker)),
+            transactor.run(nothing),
+            transactor.run(nothing),
+        )
+        await eventually(marker.exists, within=30)
+        body = {"model": "scripted", "messages": [{"role": "user", "content": "hello"}]}
+        answered = await client.post(
+            "/v1/chat/completions",
+            json=body,
+            headers={"Authorization": f"Bearer {token_for('vic')}"},
+            timeout=60,
+        )
+        await asyncio.wait_for(armed, 30)
+        assert answered.status_code == 200, answered.text
+        assert transactor.pid not in (None, first_pid)
+        billed = answered.json()["usage"]["total_tokens"]
+    engine = make_engine(sqlite_url)
+    try:
+        state = await books(engine, "vic")
+    finally:
+        await engine.dispose()
+    assert state.reserved == 0 and state.open_reservations == 0
+    assert state.total == state.ledger == billed and state.ledger_rows == 1
+
+
 async def test_a_writer_that_cannot_start_is_not_started_on_every_request(
     db_path: Path,  # noqa: F811
     monkeypatch: pytest.MonkeyPatch,

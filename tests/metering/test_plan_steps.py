@@ -15,10 +15,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from chatmeter.config import PlanConfig
 from chatmeter.db.engine import make_engine
-from chatmeter.db.tables import chats, messages, user_usage
+from chatmeter.db.tables import chats, messages, user_usage, utcnow
 from chatmeter.db.transactor import Transactor, make_transactor
 from chatmeter.errors import ApiError
 from chatmeter.ids import new_id
+from chatmeter.metering import accounts
 from chatmeter.metering.budget import Ask, reserve_budget
 from chatmeter.metering.cost import Prices, cost_micros
 from chatmeter.metering.periods import to_micros
@@ -28,6 +29,7 @@ from chatmeter.metering.settlement import Settlement, settle_steps
 from chatmeter.providers.base import Usage
 from chatmeter.streaming.opening import ModelLimits, OpeningRules, open_steps
 from tests.conftest import make_settings
+from tests.metering.test_accounts_steps import spent
 from tests.support.db import balanced, open_reservations, period_books
 
 PRICES = Prices(Decimal("0.5"), Decimal("0.5"), Decimal("1.5"), Decimal("1.5"))
@@ -35,6 +37,8 @@ PLANS = {
     "daily": PlanConfig(token_limit=100_000, spend_limit=Decimal("0.02"), period="day"),
     "monthly": PlanConfig(token_limit=10_000, period="month"),
     "minute": PlanConfig(token_limit=10_000, period="1m"),
+    # a fixed length longer than the time since 1970: its one period starts at the epoch
+    "forever": PlanConfig(token_limit=10_000, period="100000d"),
 }
 
 
@@ -107,10 +111,9 @@ class Books:
             source="provider",
             created_at=at,
             cost_micros=cost_micros(usage, PRICES),
-            period_start=self.book.period_start_at(r.plan, at),
         )
         await self.transactor.run(
-            settle_steps, settlement, writable_ctes=self.transactor.writable_ctes
+            settle_steps, settlement, self.book, writable_ctes=self.transactor.writable_ctes
         )
         return settlement
 
@@ -254,6 +257,48 @@ async def test_a_settlement_whose_reservation_the_sweeper_released_hands_back_no
     state = await period_books(ledger.engine, "lena")
     assert (state.reserved, state.reserved_micros, state.active) == (0, 0, 0)
     assert state.total == 50 and balanced(state)
+
+
+async def test_a_plan_assigned_while_a_reply_streams_keeps_the_new_plans_period(
+    ledger: Books,
+) -> None:
+    # the reply opens on a plan of one-minute periods; while it streams the admin moves
+    # the user to a plan whose period began long ago, and its totals become the ledger's
+    # sums since then. The settlement counts in the period of the plan the user is on
+    # when it settles (SPEC section 10), not in the minute of the plan it opened on,
+    # which would start the totals again from this one exchange
+    chat = await ledger.user("paul", "minute")
+    now = utcnow()
+    reservation = await ledger.reserve("paul", now)
+    await spent(ledger.engine, "paul", utc(2020, 1, 1), 1000)
+    await ledger.transactor.run(accounts.set_plan, "paul", "forever", ledger.book)
+    state = await period_books(ledger.engine, "paul")
+    assert (state.total, state.period_start) == (1000, 0) and balanced(state)
+    await ledger.settle(chat, reservation, now + timedelta(milliseconds=1), Usage(30, 20))
+    state = await period_books(ledger.engine, "paul")
+    assert (state.total, state.period_start) == (1050, 0) and balanced(state)
+    assert (state.reserved, state.reserved_micros, state.active) == (0, 0, 0)
+    # and the budget the next reservation sees is the plan's, less all of it
+    standing = await ledger.transactor.run(accounts.usage_steps, "paul", ledger.book)
+    assert accounts.usage_json(standing, ledger.book)["tokens_remaining"] == 10_000 - 1050
+
+
+async def test_a_reply_settling_after_its_old_plans_period_ended_on_a_plan_without_one(
+    ledger: Books,
+) -> None:
+    # moved to a plan without a period while a reply streams, the user's totals go on
+    # from where they are; the reply settles in the next minute, which would have
+    # started the old plan's totals again, and must not start the new plan's
+    chat = await ledger.user("nell", "minute")
+    start = utc(2026, 4, 1, 12)
+    await ledger.exchange("nell", chat, start + timedelta(seconds=10), Usage(100, 100))
+    reservation = await ledger.reserve("nell", start + timedelta(seconds=50))
+    await ledger.transactor.run(accounts.set_plan, "nell", "default", ledger.book)
+    await ledger.settle(chat, reservation, start + timedelta(seconds=70), Usage(5, 5))
+    state = await period_books(ledger.engine, "nell")
+    assert state.total == 210, "a plan without a period never starts the totals again"
+    assert state.period_start == to_micros(start) and balanced(state)
+    assert (state.reserved, state.active) == (0, 0)
 
 
 async def test_a_refused_opening_writes_nothing(ledger: Books) -> None:

@@ -100,3 +100,65 @@ class DatabaseOutage:
             self._lock.execute("ROLLBACK")
             self._lock.close()
             self._lock = None
+
+
+class LostAnswerProxy:
+    """Forwards 127.0.0.1:<port> to PostgreSQL, and loses the answer to one statement:
+    on the first connection that sends `marker` (the text of a statement, as asyncpg
+    prepares it), the preparation's answer passes; once the client has sent the
+    statement's execution, the connection is dropped, both ways, as the answer to it
+    arrives. The server has run the statement (committed it, if it ran alone); the
+    client never hears so, as with a network that fails at that moment. Once only:
+    later connections pass."""
+
+    def __init__(self, target_host: str, target_port: int, marker: bytes) -> None:
+        self.target = (target_host, target_port)
+        self.marker = marker
+        self.port = 0
+        self.lost = 0  # answers lost
+        self._armed = True
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(*self.target)
+        sent = bytearray()  # the tail of what the client sent, while the marker is looked for
+        stage = "looking"  # -> "prepared" (marker sent) -> "executed" (the next request sent)
+
+        async def upstream() -> None:
+            nonlocal stage
+            with contextlib.suppress(Exception):
+                while data := await reader.read(65536):
+                    if stage == "prepared":
+                        stage = "executed"
+                    elif stage == "looking" and self._armed:
+                        sent.extend(data)
+                        if self.marker in sent:
+                            self._armed = False
+                            stage = "prepared"
+                        del sent[: max(0, len(sent) - len(self.marker))]
+                    up_writer.write(data)
+                    await up_writer.drain()
+            up_writer.close()
+
+        async def downstream() -> None:
+            with contextlib.suppress(Exception):
+                while data := await up_reader.read(65536):
+                    if stage == "executed":  # the answer to the execution: lost
+                        self.lost += 1
+                        writer.transport.abort()
+                        up_writer.transport.abort()
+                        return
+                    writer.write(data)
+                    await writer.drain()
+            writer.close()
+
+        await asyncio.gather(upstream(), downstream())
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
