@@ -363,7 +363,7 @@ async def test_a_delete_and_the_settlement_of_its_reply_never_deadlock(
             one,
             [lambda: deactivate_chat(chat, user, row_locks=True), lambda: request_stop(chat, now)],
         )
-        settle = Driven(two, [lambda: settle_steps(settlement_of(opened, user, chat))])
+        settle = Driven(two, [lambda: settle_steps(settlement_of(opened, user, chat), RULES.plans)])
         first, second = (delete, settle) if starter == "a" else (settle, delete)
         await interleave(monitor, first, second, ahead)
 
