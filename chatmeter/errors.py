@@ -68,12 +68,15 @@ def error_response(
 # busy timeout, asyncpg losing its connection, the SQLite writer process gone), or one
 # that cannot serve now: PostgreSQL's insufficient resources (class 53: too many
 # connections, disk full, out of memory) and operator intervention (class 57: starting
-# up or shutting down, a statement timeout or a cancel)
+# up or shutting down, a statement timeout or a cancel); or a transaction that lost a
+# race (class 40: a deadlock, a serialization failure) more often than the transactor
+# runs it again: rolled back, nothing changed, worth trying again
 DATABASE_UNAVAILABLE: tuple[type[Exception], ...] = (
     sqlite3.OperationalError,
     asyncpg.PostgresConnectionError,
     asyncpg.InsufficientResourcesError,
     asyncpg.OperatorInterventionError,
+    asyncpg.TransactionRollbackError,
     ConnectionError,
     TimeoutError,
 )

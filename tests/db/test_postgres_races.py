@@ -25,7 +25,7 @@ from chatmeter.chats.store import deactivate_chat
 from chatmeter.db.steps import PostgresStatements, Sql, Steps
 from chatmeter.db.tables import utcnow
 from chatmeter.db.transactor import RACE_ATTEMPTS, PostgresTransactor
-from chatmeter.errors import ApiError
+from chatmeter.errors import DATABASE_UNAVAILABLE, ApiError, database_down_response
 from chatmeter.ids import new_id
 from chatmeter.metering.plans import PlanBook
 from chatmeter.metering.reservations import release_expired, renew_leases, request_stop
@@ -451,10 +451,15 @@ async def test_a_serialization_failure_is_run_again(
 
 
 async def test_the_retry_is_bounded(dsn: str, transactor: PostgresTransactor) -> None:
+    """A transaction that keeps losing is given up, and answered 503 with Retry-After
+    (rolled back, nothing changed: worth trying again), not 500."""
     calls: list[int] = []
-    with pytest.raises(asyncpg.DeadlockDetectedError):
+    with pytest.raises(asyncpg.DeadlockDetectedError) as lost:
         await transactor.run(fail_with, "40P01", 100, calls)
     assert len(calls) == RACE_ATTEMPTS
+    assert isinstance(lost.value, DATABASE_UNAVAILABLE)
+    answer = database_down_response(lost.value)
+    assert answer.status_code == 503 and answer.headers["retry-after"] == "1"
 
 
 async def test_other_errors_are_not_run_again(dsn: str, transactor: PostgresTransactor) -> None:
