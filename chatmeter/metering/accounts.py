@@ -99,15 +99,24 @@ class UnknownPlan(ValueError):
     pass
 
 
-def set_plan(user_id: str, plan: str, book: PlanBook) -> Steps[UsageRow]:
+def set_plan(
+    user_id: str, plan: str, book: PlanBook, now: datetime | None = None
+) -> Steps[UsageRow]:
     """Put the user on `plan`; its token limit replaces an admin's override. With a
     period, the totals become the ledger's sums in the new plan's current period (so
-    they stay equal to them); without one, they go on from where they are."""
+    they stay equal to them); without one, they go on from where they are: the sums in
+    the old plan's current period, which start again from 0 if it ended even though no
+    statement rolled the row over yet."""
     if plan not in book.plans:
         raise UnknownPlan(plan)
     chosen = book.plans[plan]
-    now = utcnow()
+    now = now or utcnow()
     yield from ensure_user(user_id, book, now)
+    # the plan it leaves, read under the row's lock (a write) so no other change interleaves
+    old = yield Sql(
+        "UPDATE user_usage SET updated_at = :now WHERE user_id = :user_id RETURNING plan",
+        {"now": now, "user_id": user_id},
+    )
     yield Sql(
         "UPDATE user_usage SET plan = :plan, token_limit = :limit, "
         "token_limit_overridden = :no, updated_at = :now WHERE user_id = :user_id",
@@ -119,7 +128,7 @@ def set_plan(user_id: str, plan: str, book: PlanBook) -> Steps[UsageRow]:
             "user_id": user_id,
         },
     )
-    current = book.bounds(chosen, now)
+    current = book.bounds(chosen, now) or book.bounds(book.plan(old[0][0]), now)
     if current is not None:
         since = "FROM usage_events WHERE user_id = :user_id AND created_at >= :start"
         yield Sql(

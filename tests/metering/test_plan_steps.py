@@ -293,12 +293,32 @@ async def test_a_reply_settling_after_its_old_plans_period_ended_on_a_plan_witho
     start = utc(2026, 4, 1, 12)
     await ledger.exchange("nell", chat, start + timedelta(seconds=10), Usage(100, 100))
     reservation = await ledger.reserve("nell", start + timedelta(seconds=50))
-    await ledger.transactor.run(accounts.set_plan, "nell", "default", ledger.book)
+    moved = start + timedelta(seconds=55)
+    await ledger.transactor.run(accounts.set_plan, "nell", "default", ledger.book, moved)
     await ledger.settle(chat, reservation, start + timedelta(seconds=70), Usage(5, 5))
     state = await period_books(ledger.engine, "nell")
     assert state.total == 210, "a plan without a period never starts the totals again"
     assert state.period_start == to_micros(start) and balanced(state)
     assert (state.reserved, state.active) == (0, 0)
+
+
+async def test_a_plan_without_a_period_goes_on_from_totals_already_started_again(
+    ledger: Books,
+) -> None:
+    # the user's minute ended with no statement since to roll the row over: the API
+    # shows 0 used. Moved to a plan without a period, the user goes on from that 0, not
+    # from the ended minute's totals the row still holds (a period resets at its
+    # boundary whether or not anything ran then, SPEC section 10)
+    chat = await ledger.user("ivy", "minute")
+    ended = utcnow() - timedelta(minutes=2)
+    await ledger.exchange("ivy", chat, ended, Usage(100, 100))
+    before = await ledger.transactor.run(accounts.usage_steps, "ivy", ledger.book)
+    assert accounts.usage_json(before, ledger.book)["total_tokens_used"] == 0
+    after = await ledger.transactor.run(accounts.set_plan, "ivy", "default", ledger.book)
+    shown = accounts.usage_json(after, ledger.book)
+    assert (shown["total_tokens_used"], shown["spend_micros"]) == (0, 0)
+    state = await period_books(ledger.engine, "ivy")
+    assert state.total == 0 and balanced(state)
 
 
 async def test_a_refused_opening_writes_nothing(ledger: Books) -> None:
