@@ -145,8 +145,11 @@ class ChatApi:
 
 @dataclass
 class ReplyReading:
-    """Where the client is in a reply: enough to resume it after a dropped connection."""
+    """Where the client is in a reply: enough to resume it after a dropped connection.
+    Until the first event names the reply, a resume asks for the chat's current reply,
+    and `previous` (the reply before this message) is not taken for it."""
 
+    previous: str = ""
     reply_id: str = ""
     last_id: int = 0
 
@@ -185,12 +188,14 @@ class ChatSession:
         self.console = console
         self.model = model
         self.chat_id = ""
+        self.last_reply_id = ""  # the chat's latest reply: not the one a new message starts
 
     # ------------------------------------------------------------- start
 
     def start_chat(self) -> None:
         chat = self.api.create_chat(self.model)
         self.chat_id = chat["chat_id"]
+        self.last_reply_id = ""
         self.console.print(
             f"[dim]New chat {escape(self.chat_id)} (model {escape(chat['model'])}).[/dim]"
         )
@@ -199,6 +204,8 @@ class ChatSession:
         chat = self.api.get_chat(chat_id)
         self.chat_id = chat["chat_id"]
         messages = chat["messages"]
+        replies = [m["message_id"] for m in messages if m["role"] == "assistant"]
+        self.last_reply_id = replies[-1] if replies else ""
         self.console.print(
             f"[dim]Chat “{escape(terminal_safe(chat['title']))}” (model "
             f"{escape(chat['model'])}), {len(messages)} "
@@ -280,22 +287,16 @@ class ChatSession:
         """Print the reply as it streams; return the end or error event. A connection
         that drops mid-reply is resumed where it broke (SPEC section 11): the reply goes
         on on the server meanwhile."""
-        path = f"/api/chat/{self.chat_id}/message"
-        reading = ReplyReading()
-        with self.api.http.stream("POST", path, json={"message": text}) as response:
-            if response.is_error:
-                response.read()
-                raise _problem(response)
-            self.console.print(f"[bold green]model {ARROW}[/bold green] ", end="")
-            try:
-                end = self._print(response.iter_lines(), reading)
-            except httpx.TransportError:
-                end = None
+        reading = ReplyReading(previous=self.last_reply_id)
+        try:
+            end = self._post(text, reading)
+        except httpx.ConnectError:
+            raise  # nothing was sent
+        except httpx.TransportError:
+            end = None  # dropped, even before the answer's head: the reply goes on
         for pause in RESUME_PAUSES:
             if end is not None:
-                return end
-            if not reading.reply_id:
-                break  # the reply was never named: nothing to resume
+                break
             time.sleep(pause)
             try:
                 end = self._resume(reading)
@@ -306,9 +307,18 @@ class ChatSession:
         self.console.out("")
         raise httpx.RemoteProtocolError("the stream ended without an end event")
 
+    def _post(self, text: str, reading: ReplyReading) -> dict[str, Any] | None:
+        path = f"/api/chat/{self.chat_id}/message"
+        with self.api.http.stream("POST", path, json={"message": text}) as response:
+            if response.is_error:
+                response.read()
+                raise _problem(response)
+            return self._print(response.iter_lines(), reading)
+
     def _resume(self, reading: ReplyReading) -> dict[str, Any] | None:
         path = f"/api/chat/{self.chat_id}/stream"
-        params = {"message_id": reading.reply_id}
+        # unnamed (the connection dropped before the first event): the chat's current reply
+        params = {"message_id": reading.reply_id} if reading.reply_id else {}
         headers = {"Last-Event-ID": str(reading.last_id)}
         with self.api.http.stream("GET", path, params=params, headers=headers) as response:
             if response.status_code == 204:
@@ -322,12 +332,16 @@ class ChatSession:
         """Print pieces until the end or error event (returned); None if the stream
         ended before it."""
         for event_id, event in read_events(lines):
+            if not reading.reply_id and event.get("message_id") == reading.previous:
+                return None  # the chat's reply before ours: ours has not started yet
             reading.last_id = event_id or reading.last_id
             if event.get("error") or event.get("done"):
                 self.console.out("")  # end the reply's line
                 return event
             if "message_id" in event:
                 reading.reply_id = str(event["message_id"])  # the first event names it
+                self.last_reply_id = reading.reply_id
+                self.console.print(f"[bold green]model {ARROW}[/bold green] ", end="")
                 continue
             self.console.out(terminal_safe(str(event.get("chunk", ""))), end="")
         return None

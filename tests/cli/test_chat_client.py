@@ -4,6 +4,7 @@ to a real chatmeter server, interrupted with a real SIGINT."""
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import re
 import shutil
@@ -16,7 +17,9 @@ from typing import Any
 
 import httpx
 import pytest
+from rich.console import Console
 
+from chatmeter.cli.chat import ChatApi, ChatSession, ReplyReading
 from chatmeter.config import ModelConfig
 from tests.conftest import TEST_SECRET, auth, make_settings, scripted, token_for
 from tests.support.proxy import cutting_proxy
@@ -234,6 +237,61 @@ async def test_a_dropped_connection_is_resumed_and_the_reply_shown_once(
         assert (
             usage["total_tokens_used"] == reply["tokens_consumed"] == int(shown[2].replace(",", ""))
         )
+
+
+async def test_a_connection_dropped_before_the_reply_was_named_is_resumed_too(
+    chatmeter: ServerFactory, terminal: Callable[..., Any]
+) -> None:
+    """The network fails before the first event (the one naming the reply) arrives:
+    the reply goes on on the server all the same, so the client resumes the chat's
+    current reply (SPEC section 11) rather than give up on it; the reply before it, still
+    resumable, is not taken for it."""
+    async with chatmeter(scripted(reply=SLOW, chunks=40, delay_ms=30)) as server:
+        async with cutting_proxy(server.url, events=0, request_marker=b"Count") as proxy:
+            term: Terminal = await terminal("--url", proxy.url, "--token", token_for("ora"))
+            await term.expect(PROMPT)
+            await term.type("First")
+            await term.expect(r"model \u203a (.*)\n([\d,]+) tokens · ")
+            await term.expect(PROMPT)
+            await term.type("Count")
+            shown = await term.expect(r"model \u203a (.*)\n([\d,]+) tokens · ")
+            assert proxy.cuts == 1
+            assert shown[1] == SLOW
+            await term.expect(PROMPT)
+            assert await term.close_stdin() == 0
+        chat = await only_chat(server, "ora")
+        assert [m["status"] for m in chat["messages"]] == ["complete"] * 4
+        reply = chat["messages"][-1]
+        assert (
+            reply["content"] == SLOW and int(shown[2].replace(",", "")) == reply["tokens_consumed"]
+        )
+        usage = await get(server, "/api/usage", "ora")
+        assert usage["total_tokens_used"] == sum(m["tokens_consumed"] for m in chat["messages"])
+
+
+def test_a_resume_before_the_reply_was_named_does_not_take_the_reply_before_it() -> None:
+    # the chat's current reply is still the one before this message (the message has
+    # not opened its own yet): it is not shown, and the next resume starts from the first
+    # event again
+    shown = io.StringIO()
+    console = Console(file=shown, highlight=False)
+    session = ChatSession(ChatApi(httpx.Client()), console, None)
+    reading = ReplyReading(previous="old-reply")
+    old = ["id: 1", 'data: {"chunk": "", "done": false, "message_id": "old-reply"}', ""]
+    assert (
+        session._print([*old, "id: 2", 'data: {"chunk": "stale", "done": false}', ""], reading)
+        is None
+    )
+    assert (reading.reply_id, reading.last_id) == ("", 0)
+    new = ["id: 1", 'data: {"chunk": "", "done": false, "message_id": "new-reply"}', ""]
+    end = ["id: 2", 'data: {"chunk": "", "done": true, "tokens_used": 3}', ""]
+    assert session._print([*new, *end], reading) == {"chunk": "", "done": True, "tokens_used": 3}
+    assert (reading.reply_id, reading.last_id, session.last_reply_id) == (
+        "new-reply",
+        2,
+        "new-reply",
+    )
+    assert "stale" not in shown.getvalue()
 
 
 async def test_without_a_token_it_is_the_dev_user_and_continues_a_chat(
