@@ -231,6 +231,38 @@ def test_negative_limit_is_refused(tmp_path: Path) -> None:
     assert not path.exists()
 
 
+def test_limits_and_user_ids_the_api_refuses_are_refused_changing_nothing(
+    database_url: str, tmp_path: Path
+) -> None:
+    # the same bounds as PUT /api/admin/users/{user_id}/limit: a limit past 2**62 (the
+    # budget statements' arithmetic stays below 2**63), a user id blank or over 255
+    # characters; each a message and exit 2, never a traceback, and nothing written
+    huge, long_id = str(2**62 + 1), "u" * 256
+    commands = [
+        ["users", "set-limit", "u1", huge],
+        ["users", "set-limit", "u1", "1" + "0" * 20],
+        ["users", "set-limit", " ", "5"],
+        ["users", "set-limit", long_id, "5"],
+        ["users", "set-plan", "", "default"],
+        ["users", "usage", long_id],
+        ["keys", "create", "--user", long_id],
+        ["keys", "list", "--user", " "],
+    ]
+    results = run_many([(c, {}) for c in commands], cwd=tmp_path, database_url=database_url)
+    for command, result in zip(commands, results, strict=True):
+        assert result.returncode == 2, (command, result.stdout, result.stderr)
+        assert "Traceback" not in result.stderr, command
+        assert result.stdout == "", command
+    usage = run("users", "usage", "u1", cwd=tmp_path, database_url=database_url)
+    assert table_rows(usage.stdout) == [["0", "0", "100,000", "100,000"]]
+    assert (
+        run(
+            "users", "set-limit", "u1", str(2**62), cwd=tmp_path, database_url=database_url
+        ).returncode
+        == 0
+    )
+
+
 def test_bad_configuration_exits_2_naming_the_key(tmp_path: Path) -> None:
     bad = {
         "CHATMETER_DEFAULT_TOKEN_LIMIT": "lots",

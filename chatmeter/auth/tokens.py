@@ -165,15 +165,21 @@ def _storable_id(text: str) -> bool:
     return not any(unicodedata.category(char) in ("Cc", "Cs") for char in text)
 
 
+USER_ID_RULE = "user_id: must be 1 to 255 characters, not blank, no control characters"
+
+
+def is_user_id(text: str) -> bool:
+    """A user id the tables can hold: not blank, at most 255 characters, storable."""
+    return bool(text.strip()) and len(text) <= 255 and _storable_id(text)
+
+
 def principal_from_claims(claims: dict[str, Any]) -> Principal:
     user_id = claims.get("user_id") or claims.get("sub")
     # bool is an int to Python, but `true` names nobody
     if isinstance(user_id, bool) or not isinstance(user_id, str | int):
         raise InvalidToken("token names no user")
-    if not str(user_id).strip():
-        raise InvalidToken("token names no user")
     user_id = str(user_id)
-    if len(user_id) > 255 or not _storable_id(user_id):
+    if not is_user_id(user_id):
         raise InvalidToken("token names no user")
     user_type = claims.get("user_type")
     user_type = user_type if isinstance(user_type, str) else None

@@ -13,11 +13,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from chatmeter.auth.tokens import mint_token, parse_ttl
+from chatmeter.auth.tokens import USER_ID_RULE, is_user_id, mint_token, parse_ttl
 from chatmeter.cli.chat import chat_command
 from chatmeter.config import ConfigError, Settings, dev_jwt_secret, load_settings
 from chatmeter.db.steps import Steps
 from chatmeter.metering.cost import money
+from chatmeter.metering.plans import MAX_TOKEN_LIMIT
 
 app = typer.Typer(
     help="chatmeter: a self-hosted backend for AI chat with exact token metering.",
@@ -243,20 +244,32 @@ def _run_or_exit(settings: Settings, work: Coroutine[Any, Any, T]) -> T:
         raise _database_error(settings, exc) from None
 
 
+def _user_id(value: str) -> str:
+    """The rule the API holds a user id to (PUT /api/admin/users/{user_id}/...)."""
+    if not is_user_id(value):
+        raise typer.BadParameter(USER_ID_RULE.removeprefix("user_id: "))
+    return value
+
+
+UserArgument = Annotated[str, typer.Argument(callback=_user_id)]
+
+
 @users_app.command("set-limit")
-def users_set_limit(user: str, limit: Annotated[int, typer.Argument(min=0)]) -> None:
+def users_set_limit(
+    user: UserArgument, limit: Annotated[int, typer.Argument(min=0, max=MAX_TOKEN_LIMIT)]
+) -> None:
     """Set a user's token budget (over the plan's, until a plan is assigned again)."""
     console.print(_usage_table(_usage_or_exit(user, limit)))
 
 
 @users_app.command("set-plan")
-def users_set_plan(user: str, plan: str) -> None:
+def users_set_plan(user: UserArgument, plan: str) -> None:
     """Put a user on a plan (SPEC section 10)."""
     console.print(_usage_table(_usage_or_exit(user, None, plan)))
 
 
 @users_app.command("usage")
-def users_usage(user: str) -> None:
+def users_usage(user: UserArgument) -> None:
     """Show a user's usage and budget."""
     console.print(_usage_table(_usage_or_exit(user, None)))
 
@@ -275,7 +288,9 @@ async def _report_rows(
     )
 
 
-UserOption = Annotated[str, typer.Option("--user", help="The user the key acts as.")]
+UserOption = Annotated[
+    str, typer.Option("--user", help="The user the key acts as.", callback=_user_id)
+]
 
 
 @keys_app.command("create")

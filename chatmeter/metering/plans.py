@@ -21,6 +21,8 @@ from chatmeter.metering.periods import MICROS, Bounds, bounds, to_micros
 
 # "no limit" in the statements' arithmetic: far above any real figure, far below 2**63
 UNLIMITED = 2**62
+# the highest token limit an admin may set (API and CLI alike): "no limit" itself
+MAX_TOKEN_LIMIT = UNLIMITED
 MINUTE_US = 60 * MICROS
 
 

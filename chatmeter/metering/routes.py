@@ -9,12 +9,14 @@ from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
+from chatmeter.auth.tokens import USER_ID_RULE, is_user_id
 from chatmeter.chats.store import decode_cursor
 from chatmeter.deps import AdminUser, CurrentUser, ServicesDep
 from chatmeter.errors import ApiError
 from chatmeter.jsonutil import BadBody, json_response, parse_model, read_json
 from chatmeter.metering import accounts
 from chatmeter.metering.counting import Source
+from chatmeter.metering.plans import MAX_TOKEN_LIMIT
 from chatmeter.openapi import errors, json_body
 
 router = APIRouter(tags=["usage"])
@@ -65,7 +67,7 @@ class EventPage(BaseModel):
 
 class NewLimit(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
-    token_limit: int = Field(ge=0, le=2**62)
+    token_limit: int = Field(ge=0, le=MAX_TOKEN_LIMIT)
 
 
 @router.get("/api/usage", response_model=UsageOut, responses=errors())
@@ -89,8 +91,8 @@ async def my_events(
 
 
 def user_id_of(raw: str) -> str:
-    if not raw.strip() or len(raw) > 255 or "\x00" in raw:
-        raise ApiError(400, "INVALID_REQUEST", "user_id: must be 1 to 255 characters")
+    if not is_user_id(raw):
+        raise ApiError(400, "INVALID_REQUEST", USER_ID_RULE)
     return raw
 
 
