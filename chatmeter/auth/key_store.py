@@ -34,6 +34,10 @@ def key_json(row: tuple[Any, ...]) -> dict[str, Any]:
 def create_key(digester: KeyDigester, user_id: str, name: str) -> Steps[dict[str, Any]]:
     """A new key for `user_id`: the only time its secret is seen. The count and the
     insert are one transaction: together they hold MAX_KEYS_PER_USER."""
+    # PostgreSQL (READ COMMITTED): lock the user's live keys with a write that changes
+    # nothing, so a concurrent create waits here and then counts the key it made; two
+    # plain counts both saw room and both inserted. SQLite has one writer at a time
+    yield Sql(f"UPDATE api_keys SET revoked_at = revoked_at WHERE {_LIVE}", {"user_id": user_id})
     counted = yield Sql(f"SELECT COUNT(*) FROM api_keys WHERE {_LIVE}", {"user_id": user_id})
     if counted[0][0] >= MAX_KEYS_PER_USER:
         raise ApiError(

@@ -3,6 +3,7 @@ user on `/api` (the message route too), revoked at once."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import uuid
 from datetime import datetime
@@ -10,6 +11,7 @@ from datetime import datetime
 import httpx
 import sqlalchemy as sa
 
+from chatmeter.auth.key_store import MAX_KEYS_PER_USER
 from chatmeter.auth.keys import KeyDigester, key_digest_secret, key_owner_steps
 from chatmeter.db.steps import Sql, Steps
 from chatmeter.db.tables import api_keys, utcnow
@@ -133,6 +135,22 @@ async def test_bad_keys_and_bad_requests(client: httpx.AsyncClient, server: Runn
     bad_id = await client.delete("/api/keys/not-a-uuid", headers=auth("pat"))
     assert bad_id.status_code == 400
     assert (await client.post("/api/keys", json={"name": "x"})).status_code == 401
+
+
+async def test_keys_made_at_once_never_pass_the_limit(
+    client: httpx.AsyncClient, server: RunningServer
+) -> None:
+    # each create counts the user's live keys and inserts in one transaction; on
+    # PostgreSQL, under READ COMMITTED, concurrent ones each counted 95 and all inserted
+    for _ in range(MAX_KEYS_PER_USER - 5):
+        await make_key(client, "kim")
+    made = await asyncio.gather(
+        *(client.post("/api/keys", json={"name": "k"}, headers=auth("kim")) for _ in range(20))
+    )
+    assert sorted(r.status_code for r in made) == [201] * 5 + [409] * 15
+    assert {r.json()["code"] for r in made if r.status_code == 409} == {"TOO_MANY_KEYS"}
+    listed = await client.get("/api/keys", headers=auth("kim"))
+    assert len(listed.json()["keys"]) == MAX_KEYS_PER_USER
 
 
 async def test_last_used_is_written_at_most_once_a_minute(
