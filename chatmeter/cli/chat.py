@@ -26,6 +26,7 @@ from rich.markup import escape
 
 from chatmeter.auth.tokens import mint_token
 from chatmeter.config import ConfigError, dev_jwt_secret, load_settings
+from chatmeter.metering.cost import money
 
 DEV_USER = "dev-user"
 ARROW = "\u203a"  # a single right-pointing angle quotation mark
@@ -360,8 +361,16 @@ class ChatSession:
 
 
 def _budget(usage: dict[str, Any]) -> str:
-    left = max(int(usage["tokens_remaining"]), 0)
-    return f"{left:,} of {int(usage['token_limit']):,} tokens left"
+    """The budget left; a plan may have no token limit, and a spend limit (SPEC 10)."""
+    if usage["token_limit"] is None:
+        told = "no token limit"
+    else:
+        left = max(int(usage["tokens_remaining"]), 0)
+        told = f"{left:,} of {int(usage['token_limit']):,} tokens left"
+    if usage.get("spend_limit_micros") is not None:
+        spent, limit = money(int(usage["spend_micros"])), money(int(usage["spend_limit_micros"]))
+        told += f" · {spent} of {limit} {usage['currency']} spent"
+    return told
 
 
 def _dev_token(console: Console) -> str:

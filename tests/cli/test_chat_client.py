@@ -12,6 +12,7 @@ import signal
 import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ import pytest
 from rich.console import Console
 
 from chatmeter.cli.chat import ChatApi, ChatSession, ReplyReading
-from chatmeter.config import ModelConfig
+from chatmeter.config import ModelConfig, PlanConfig
 from tests.conftest import TEST_SECRET, auth, make_settings, scripted, token_for
 from tests.support.proxy import cutting_proxy
 from tests.support.server import RunningServer, serve
@@ -292,6 +293,27 @@ def test_a_resume_before_the_reply_was_named_does_not_take_the_reply_before_it()
         "new-reply",
     )
     assert "stale" not in shown.getvalue()
+
+
+async def test_a_plan_without_a_token_limit_shows_its_spend(
+    chatmeter: ServerFactory, terminal: Callable[..., Any]
+) -> None:
+    """A plan may limit money only (SPEC section 10: `token_limit` null in the usage):
+    the client says so and shows the spend, where it read the token limit as a number."""
+    plans = {"pro": PlanConfig(spend_limit=Decimal("20"), period="month")}
+    async with chatmeter(scripted(reply=STORY, chunks=5), plans=plans) as server:
+        async with httpx.AsyncClient(base_url=server.url, timeout=10) as http:
+            assigned = await http.put(
+                "/api/admin/users/pia/plan", json={"plan": "pro"}, headers=auth("ad", admin=True)
+            )
+            assert assigned.status_code == 200, assigned.text
+        term: Terminal = await terminal("--url", server.url, "--token", token_for("pia"))
+        await term.expect(r"signed in as pia · no token limit · 0 of 20 USD spent")
+        await term.expect(PROMPT)
+        await term.type("Tell me")
+        await term.expect(r"[\d,]+ tokens · no token limit · 0 of 20 USD spent")
+        await term.expect(PROMPT)
+        assert await term.close_stdin() == 0
 
 
 async def test_without_a_token_it_is_the_dev_user_and_continues_a_chat(
