@@ -247,6 +247,8 @@ def test_limits_and_user_ids_the_api_refuses_are_refused_changing_nothing(
         ["users", "usage", long_id],
         ["keys", "create", "--user", long_id],
         ["keys", "list", "--user", " "],
+        ["token", "--user", ""],  # a token naming nobody, which every server refuses
+        ["token", "--user", long_id],
     ]
     results = run_many([(c, {}) for c in commands], cwd=tmp_path, database_url=database_url)
     for command, result in zip(commands, results, strict=True):

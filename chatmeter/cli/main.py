@@ -117,9 +117,21 @@ def _print_dev_banner(settings: Settings, host: str, port: int) -> None:
     console.rule()
 
 
+def _user_id(value: str) -> str:
+    """The rule the API holds a user id to (PUT /api/admin/users/{user_id}/...)."""
+    if not is_user_id(value):
+        raise typer.BadParameter(USER_ID_RULE.removeprefix("user_id: "))
+    return value
+
+
+UserArgument = Annotated[str, typer.Argument(callback=_user_id)]
+
+
 @app.command()
 def token(
-    user: Annotated[str, typer.Option(help="User id (the token's sub and user_id).")],
+    user: Annotated[
+        str, typer.Option(help="User id (the token's sub and user_id).", callback=_user_id)
+    ],
     admin: Annotated[bool, typer.Option(help="Mint an admin token.")] = False,
     ttl: Annotated[str, typer.Option(help="Lifetime: 90s, 15m, 1h, 7d.")] = "1h",
 ) -> None:
@@ -242,16 +254,6 @@ def _run_or_exit(settings: Settings, work: Coroutine[Any, Any, T]) -> T:
         return asyncio.run(work)
     except _database_errors() as exc:
         raise _database_error(settings, exc) from None
-
-
-def _user_id(value: str) -> str:
-    """The rule the API holds a user id to (PUT /api/admin/users/{user_id}/...)."""
-    if not is_user_id(value):
-        raise typer.BadParameter(USER_ID_RULE.removeprefix("user_id: "))
-    return value
-
-
-UserArgument = Annotated[str, typer.Argument(callback=_user_id)]
 
 
 @users_app.command("set-limit")
