@@ -323,6 +323,8 @@ class ChatSession:
         headers = {"Last-Event-ID": str(reading.last_id)}
         with self.api.http.stream("GET", path, params=params, headers=headers) as response:
             if response.status_code == 204:
+                if not reading.reply_id:
+                    return None  # the message may not have opened its reply yet
                 raise ApiProblem("REPLY_GONE", "")
             if response.is_error:
                 response.read()

@@ -20,7 +20,7 @@ import httpx
 import pytest
 from rich.console import Console
 
-from chatmeter.cli.chat import ChatApi, ChatSession, ReplyReading
+from chatmeter.cli.chat import ApiProblem, ChatApi, ChatSession, ReplyReading
 from chatmeter.config import ModelConfig, PlanConfig
 from tests.conftest import TEST_SECRET, auth, make_settings, scripted, token_for
 from tests.support.proxy import cutting_proxy
@@ -293,6 +293,28 @@ def test_a_resume_before_the_reply_was_named_does_not_take_the_reply_before_it()
         "new-reply",
     )
     assert "stale" not in shown.getvalue()
+
+
+def test_no_reply_to_resume_yet_is_not_the_end_of_an_unnamed_reply() -> None:
+    # 204 to a resume: a named reply is gone for good; an unnamed one may not have been
+    # opened yet by its message, so the client tries again after the next pause
+    asked: list[httpx.Request] = []
+
+    def none_to_resume(request: httpx.Request) -> httpx.Response:
+        asked.append(request)
+        return httpx.Response(204)
+
+    http = httpx.Client(
+        base_url="http://chatmeter.test", transport=httpx.MockTransport(none_to_resume)
+    )
+    session = ChatSession(ChatApi(http), Console(file=io.StringIO()), None)
+    session.chat_id = "c1"
+    assert session._resume(ReplyReading(previous="old-reply")) is None
+    assert "message_id" not in asked[-1].url.params
+    with pytest.raises(ApiProblem) as gone:
+        session._resume(ReplyReading(reply_id="r1", last_id=4))
+    assert gone.value.code == "REPLY_GONE"
+    assert (asked[-1].url.params["message_id"], asked[-1].headers["last-event-id"]) == ("r1", "4")
 
 
 async def test_a_plan_without_a_token_limit_shows_its_spend(
