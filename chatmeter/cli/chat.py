@@ -326,6 +326,8 @@ class ChatSession:
                 if not reading.reply_id:
                     return None  # the message may not have opened its reply yet
                 raise ApiProblem("REPLY_GONE", "")
+            if response.is_server_error:
+                return None  # a worker restarting, a database away: the reply goes on
             if response.is_error:
                 response.read()
                 raise _problem(response)

@@ -317,6 +317,28 @@ def test_no_reply_to_resume_yet_is_not_the_end_of_an_unnamed_reply() -> None:
     assert (asked[-1].url.params["message_id"], asked[-1].headers["last-event-id"]) == ("r1", "4")
 
 
+def test_a_resume_answered_by_a_server_in_trouble_is_tried_again() -> None:
+    # a worker restarting behind a load balancer: the resume meets a 502 or a 503 where
+    # the reply goes on elsewhere; the client tries again after the next pause (SPEC
+    # section 11). A refusal (403, 404) is told as before
+    answers = [
+        httpx.Response(502, text="Bad Gateway"),
+        httpx.Response(503, json={"error": True, "code": "DATABASE_UNAVAILABLE", "message": "x"}),
+        httpx.Response(403, json={"error": True, "code": "FORBIDDEN", "message": "not yours"}),
+    ]
+    http = httpx.Client(
+        base_url="http://chatmeter.test", transport=httpx.MockTransport(lambda _: answers.pop(0))
+    )
+    session = ChatSession(ChatApi(http), Console(file=io.StringIO()), None)
+    session.chat_id = "c1"
+    reading = ReplyReading(reply_id="r1", last_id=3)
+    assert session._resume(reading) is None
+    assert session._resume(reading) is None
+    with pytest.raises(ApiProblem) as refused:
+        session._resume(reading)
+    assert refused.value.code == "FORBIDDEN"
+
+
 async def test_a_plan_without_a_token_limit_shows_its_spend(
     chatmeter: ServerFactory, terminal: Callable[..., Any]
 ) -> None:
