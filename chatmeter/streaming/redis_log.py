@@ -131,6 +131,21 @@ class _Taken(NamedTuple):
     queued: list[bytes]
 
 
+def _script_write(
+    entry_id: str,
+    first: int,
+    data: str,
+    *,
+    chat: str = "",
+    record: str = "",
+    end: bool = False,
+    ttl: int = 0,
+    latest: str = "",
+) -> tuple[str | int, ...]:
+    """One reply's part of `WRITE_SCRIPT`'s argument, in the order the script reads it."""
+    return (entry_id, first, data, chat, record, 1 if end else 0, ttl, latest)
+
+
 def _number(entry_id: bytes) -> int:
     """An entry's id is `0-N`, N the number of its last event."""
     return int(entry_id.split(b"-")[1])
@@ -249,30 +264,35 @@ class RedisLog:
             self._writing[reply_id] = writing
 
     def _writes(self, reply_id: uuid.UUID, writing: _Writing, now: float) -> tuple[str | int, ...]:
-        """What the script writes for one reply (`WRITE_SCRIPT`): its entry, if any, the
-        TTL of its keys, the chat's latest reply."""
+        """What the script writes for one reply: its entry, if any, the TTL of its keys,
+        the chat's latest reply."""
         started = writing.written == 0 and bool(writing.queued)
-        entry: tuple[str | int, ...] = ("", 0, "")
+        entry_id, first, data = "", 0, ""
         if writing.queued:
             first = writing.written + 1
             writing.written += len(writing.queued)
-            entry = (f"0-{writing.written}", first, b"\n".join(writing.queued).decode())
+            entry_id, data = f"0-{writing.written}", b"\n".join(writing.queued).decode()
             writing.queued = []
         elif writing.finished:
             # the end was written already: an empty entry marks it
-            end = writing.written + 1
-            entry = (f"0-{end}", end, "")
-        chat = str(writing.chat_id) if started else ""
-        record = writing.record.decode() if started and writing.record is not None else ""
-        end_flag = 1 if writing.finished else 0
+            first = writing.written + 1
+            entry_id = f"0-{first}"
         ttl = 0
         if writing.finished:
             ttl = self._replay
         elif started or now - writing.renewed_at > self._lease / 3:
             writing.renewed_at = now
             ttl = self._streaming_ttl
-        latest = str(reply_id) if started else ""
-        return (*entry, chat, record, end_flag, ttl, latest)
+        return _script_write(
+            entry_id,
+            first,
+            data,
+            chat=str(writing.chat_id) if started else "",
+            record=writing.record.decode() if started and writing.record is not None else "",
+            end=writing.finished,
+            ttl=ttl,
+            latest=str(reply_id) if started else "",
+        )
 
     # -- reading: any process -----------------------------------------------------------
 
@@ -358,12 +378,11 @@ class RedisLog:
         """Append the end event of a reply settled without its process, so its readers
         see it end; its keys then expire as a finished reply's."""
         number = left.last_event + 1
-        key = stream_key(left.reply_id)
-        pipe = self._redis.pipeline(transaction=True)
-        pipe.xadd(key, {"n": number, "d": dumps(event), "e": 1}, id=f"0-{number}")
-        pipe.expire(key, self._replay)
-        pipe.expire(chat_key(left.record.chat_id), self._replay)
-        await pipe.execute()
+        end = _script_write(
+            f"0-{number}", number, dumps(event).decode(), end=True, ttl=self._replay
+        )
+        keys = [stream_key(left.reply_id), chat_key(left.record.chat_id)]
+        await self._script(keys=keys, args=[dumps([end])])
 
     async def aclose(self) -> None:
         if self._retry is not None:

@@ -8,6 +8,7 @@ import asyncio
 import logging
 import shutil
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -31,6 +32,21 @@ def sqlite_url(sqlite_template: Path, tmp_path: Path) -> str:
     return f"sqlite+aiosqlite:///{path}"
 
 
+async def writer_dying_at_the_next_batch(
+    transactor: SqliteTransactor, tmp_path: Path
+) -> asyncio.Future[Any]:
+    """The writer holds a batch: the next transaction sent commits and is never
+    answered, the writer dies. The returned future ends with the held batch."""
+    marker = tmp_path / "holding"
+    armed = asyncio.gather(
+        transactor.run(hold_then_die_answering_the_next_batch, str(marker)),
+        transactor.run(nothing),
+        transactor.run(nothing),
+    )
+    await eventually(marker.exists, within=30)
+    return armed
+
+
 async def test_an_opening_whose_writer_died_after_commit_leaves_no_stuck_chat(
     sqlite_url: str, tmp_path: Path
 ) -> None:
@@ -40,13 +56,7 @@ async def test_an_opening_whose_writer_died_after_commit_leaves_no_stuck_chat(
         assert isinstance(transactor, SqliteTransactor)
         chat_id = await new_chat(client, "sam")
         first_pid = transactor.pid
-        marker = tmp_path / "holding"
-        armed = asyncio.gather(
-            transactor.run(hold_then_die_answering_the_next_batch, str(marker)),
-            transactor.run(nothing),
-            transactor.run(nothing),
-        )
-        await eventually(marker.exists, within=30)
+        armed = await writer_dying_at_the_next_batch(transactor, tmp_path)
         # the writer holds a batch: this opening goes to it, commits, and is never answered
         result = await stream_message(client, chat_id, "hello", token_for("sam"))
         await asyncio.wait_for(armed, 30)
@@ -81,13 +91,7 @@ async def test_a_completion_whose_writer_died_after_its_opening_committed_holds_
         transactor = server.services.transactor
         assert isinstance(transactor, SqliteTransactor)
         first_pid = transactor.pid
-        marker = tmp_path / "holding"
-        armed = asyncio.gather(
-            transactor.run(hold_then_die_answering_the_next_batch, str(marker)),
-            transactor.run(nothing),
-            transactor.run(nothing),
-        )
-        await eventually(marker.exists, within=30)
+        armed = await writer_dying_at_the_next_batch(transactor, tmp_path)
         body = {"model": "scripted", "messages": [{"role": "user", "content": "hello"}]}
         answered = await client.post(
             "/v1/chat/completions",

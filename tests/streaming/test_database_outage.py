@@ -186,21 +186,7 @@ async def test_a_message_whose_postgres_backend_is_terminated_opens_on_a_new_con
                         f"/api/chat/{chat_id}/message", json={"message": "hi"}, headers=auth("tess")
                     )
                 )
-                waiting: list[int] = []
-
-                async def a_backend_waits() -> bool:
-                    waiting[:] = (
-                        await holder.fetchval(
-                            "SELECT array_agg(pid) FROM pg_stat_activity WHERE datname = $1 "
-                            "AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()",
-                            name,
-                        )
-                        or []
-                    )
-                    return bool(waiting)
-
-                await eventually(a_backend_waits, within=20)
-                assert await holder.fetchval("SELECT pg_terminate_backend($1)", waiting[0])
+                await terminate_the_waiting_backend(holder, name)
                 await holder.execute("ROLLBACK")
             finally:
                 await holder.close()
@@ -287,6 +273,26 @@ async def database_with_role(
         await admin.close()
 
 
+async def terminate_the_waiting_backend(holder: asyncpg.Connection, database: str) -> None:
+    """End the backend of `database` that waits for a lock `holder` holds, once it waits
+    (as a restart or a failover ends it)."""
+    waiting: list[int] = []
+
+    async def a_backend_waits() -> bool:
+        waiting[:] = (
+            await holder.fetchval(
+                "SELECT array_agg(pid) FROM pg_stat_activity WHERE datname = $1 "
+                "AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()",
+                database,
+            )
+            or []
+        )
+        return bool(waiting)
+
+    await eventually(a_backend_waits, within=20)
+    assert await holder.fetchval("SELECT pg_terminate_backend($1)", waiting[0])
+
+
 async def assert_503(response: httpx.Response) -> None:
     assert response.status_code == 503, response.text
     assert response.json()["code"] == "DATABASE_ERROR"
@@ -366,21 +372,7 @@ async def test_a_transaction_whose_postgres_backend_is_terminated_is_503(
                             "/api/admin/users/ivy/limit", json={"token_limit": 500}, headers=admin
                         )
                     )
-                    waiting: list[int] = []
-
-                    async def a_backend_waits() -> bool:
-                        waiting[:] = (
-                            await holder.fetchval(
-                                "SELECT array_agg(pid) FROM pg_stat_activity WHERE datname = $1 "
-                                "AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()",
-                                name,
-                            )
-                            or []
-                        )
-                        return bool(waiting)
-
-                    await eventually(a_backend_waits, within=20)
-                    assert await holder.fetchval("SELECT pg_terminate_backend($1)", waiting[0])
+                    await terminate_the_waiting_backend(holder, name)
             finally:
                 await holder.close()
             await assert_503(await asked)
