@@ -74,7 +74,15 @@ messages = sa.Table(
     sa.Column("finish_reason", sa.String(32), nullable=True),
     sa.Column("created_at", UtcDateTime, nullable=False),
     sa.Column("cost_micros", sa.BigInteger, nullable=False, default=0, server_default="0"),
-    sa.Index(None, "chat_id", "created_at"),
+)
+# a chat's messages oldest first, or newest first scanned backwards (the prompt's history:
+# `streaming/opening.py`), with no sort either way (migration 0004)
+sa.Index(
+    "ix_messages_in_order",
+    messages.c.chat_id,
+    messages.c.created_at,
+    messages.c.role.desc(),
+    messages.c.message_id.desc(),
 )
 
 user_usage = sa.Table(

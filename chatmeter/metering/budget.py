@@ -120,43 +120,64 @@ def _take(
     book: PlanBook, user_id: str, tokens: int, micros: int, now: datetime
 ) -> Steps[str | None]:
     """Run `take_statement`: the user's plan, None when it matched no row."""
-    rows = yield take_statement(book, user_id, tokens, micros, now)
+    rows = yield take_statement(book, user_id, Amounts.of(tokens, micros), now)
     return str(rows[0][0]) if rows else None
 
 
+@dataclass(frozen=True, slots=True)
+class Amounts:
+    """What a reservation takes, as SQL: values bound as parameters (`of`), or the
+    columns `tokens` and `micros` of a CTE `ask` that the same statement computes
+    (`ASKED`: PostgreSQL's one-statement opening of a chat fits its prompt in SQL)."""
+
+    tokens: str
+    micros: str
+    source: str = ""  # the FROM clause that brings them
+    params: Mapping[str, object] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, tokens: int, micros: int) -> Amounts:
+        params = {"tokens": tokens, "micros": micros}
+        return cls("CAST(:tokens AS BIGINT)", "CAST(:micros AS BIGINT)", "", params)
+
+
+ASKED = Amounts("ask.tokens", "ask.micros", "FROM ask ")
+
+
 def take_statement(
-    book: PlanBook, user_id: str, tokens: int, micros: int, now: datetime, also: str = ""
+    book: PlanBook, user_id: str, amounts: Amounts, now: datetime, also: str = ""
 ) -> Sql:
     """The one atomic statement of SPEC sections 6 and 10: roll the period over if it
-    ended, pass the rate limits, and add `tokens` (and `micros`) to the user's
-    reservation if both fit under the limits (and the condition `also`, if given).
-    Returns the user's plan; no row when a limit refuses (or the user was never seen)."""
+    ended, pass the rate limits, and add the `amounts` of tokens and money to the
+    user's reservation if both fit under the limits (and the condition `also`, if
+    given). Returns the user's plan; no row when a limit refuses (or the user was never
+    seen)."""
     start = book.period_start_sql
     ended = f"period_start < {start}"
+    tokens, micros = amounts.tokens, amounts.micros
     return Sql(
         "UPDATE user_usage SET "
         f"total_tokens_used = CASE WHEN {ended} THEN 0 ELSE total_tokens_used END, "
         f"spend_micros = CASE WHEN {ended} THEN 0 ELSE spend_micros END, "
         f"period_start = CASE WHEN {ended} THEN {start} ELSE period_start END, "
-        "reserved_tokens = reserved_tokens + :tokens, "
-        "reserved_micros = reserved_micros + CAST(:micros AS BIGINT), "
+        f"reserved_tokens = reserved_tokens + {tokens}, "
+        f"reserved_micros = reserved_micros + {micros}, "
         "active_replies = active_replies + 1, "
         "rate_tat = (CASE WHEN rate_tat > CAST(:now_us AS BIGINT) THEN rate_tat "
         f"ELSE CAST(:now_us AS BIGINT) END) + {book.emission_sql} "
-        "WHERE user_id = :user_id "
+        f"{amounts.source}WHERE user_id = :user_id "
         f"AND rate_tat <= CAST(:now_us AS BIGINT) + {book.tolerance_sql} "
         f"AND active_replies < {book.concurrency_sql} "
         f"AND {book.token_limit_sql} - (CASE WHEN {ended} THEN 0 ELSE total_tokens_used END) "
-        "- reserved_tokens >= :tokens "
-        f"AND (CAST(:micros AS BIGINT) = 0 OR {book.spend_limit_sql} - "
+        f"- reserved_tokens >= {tokens} "
+        f"AND ({micros} = 0 OR {book.spend_limit_sql} - "
         f"(CASE WHEN {ended} THEN 0 ELSE spend_micros END) - reserved_micros "
-        f">= CAST(:micros AS BIGINT)) {also}"
+        f">= {micros}) {also}"
         "RETURNING plan",
         {
             "user_id": user_id,
-            "tokens": tokens,
-            "micros": micros,
             "now_us": to_micros(now),
+            **amounts.params,
             **book.period_params(now),
         },
     )
@@ -180,48 +201,56 @@ def lock_active_chat(chat_id: uuid.UUID) -> Steps[None]:
         raise ApiError(404, "CHAT_NOT_FOUND", "This chat does not exist or was deleted.")
 
 
-def reserve_at_once(
-    ask: Ask, then: str = "", then_params: Mapping[str, object] | None = None
-) -> Steps[Reservation | None]:
-    """The common case of `reserve_budget` as one statement (PostgreSQL's data-modifying
-    CTEs): the user's row taken (`took`) if the chat is still active (and locked, see
-    `ACTIVE_CHAT_LOCKED`), then the chat's reservation (`held`), then `then`, a CTE of
-    the caller's that writes only if `held` did (it selects from it). The statement is
-    atomic, so it writes all of that or nothing: None when the take matched no row or
-    the chat is held (a unique violation); `reserve_budget` then finds out why, in a
-    transaction."""
-    micros = reserve_micros(ask.full, ask.highest_price)
+def at_once_ctes(ask: Ask, amounts: Amounts) -> tuple[list[str], dict[str, object]]:
+    """The CTEs `took` (the user's row, if the chat is still active and locked, see
+    `ACTIVE_CHAT_LOCKED`) and `held` (the reservation, written only if `took` was) of a
+    one-statement opening, and their parameters. The reservation takes `amounts`."""
     also = f"AND EXISTS ({ACTIVE_CHAT_LOCKED}) " if ask.chat_id is not None else ""
-    take = take_statement(ask.book, ask.user_id, ask.full, micros, ask.now, also)
-    reservation_id = ask.reservation_id
+    take = take_statement(ask.book, ask.user_id, amounts, ask.now, also)
     ctes = [
         f"took AS ({take.text})",
         "held AS (INSERT INTO reservations (reservation_id, user_id, chat_id, tokens, micros, "
         "worker_id, stop_requested, expires_at, created_at) SELECT "
         "CAST(:reservation_id AS UUID), CAST(:user_id AS VARCHAR), CAST(:chat_id AS UUID), "
-        "CAST(:tokens AS BIGINT), CAST(:micros AS BIGINT), CAST(:worker_id AS VARCHAR), "
-        "FALSE, CAST(:expires_at AS TIMESTAMPTZ), CAST(:now AS TIMESTAMPTZ) FROM took "
-        "RETURNING reservation_id)",
+        f"{amounts.tokens}, {amounts.micros}, CAST(:worker_id AS VARCHAR), "
+        f"FALSE, CAST(:expires_at AS TIMESTAMPTZ), CAST(:now AS TIMESTAMPTZ) FROM took"
+        f"{', ask' if amounts.source else ''} RETURNING reservation_id)",
     ]
-    if then:
-        ctes.append(then)
     params = {
         **take.params,
-        **(then_params or {}),
-        "reservation_id": reservation_id,
+        "reservation_id": ask.reservation_id,
         "chat_id": ask.chat_id,
         "worker_id": ask.worker_id,
         "expires_at": ask.now + timedelta(seconds=ask.ttl_seconds),
         "now": ask.now,
     }
+    return ctes, params
+
+
+def reserve_at_once(
+    ask: Ask, then: str = "", then_params: Mapping[str, object] | None = None
+) -> Steps[Reservation | None]:
+    """The common case of `reserve_budget` as one statement (PostgreSQL's data-modifying
+    CTEs, `at_once_ctes`), then `then`, a CTE of the caller's that writes only if the
+    reservation was (it selects from `held`). The statement is atomic, so it writes all
+    of that or nothing: None when the take matched no row or the chat is held (a unique
+    violation); `reserve_budget` then finds out why, in a transaction."""
+    micros = reserve_micros(ask.full, ask.highest_price)
+    ctes, params = at_once_ctes(ask, Amounts.of(ask.full, micros))
+    if then:
+        ctes.append(then)
     try:
-        rows = yield Sql(f"WITH {', '.join(ctes)} SELECT plan FROM took", params, alone=True)
+        rows = yield Sql(
+            f"WITH {', '.join(ctes)} SELECT plan FROM took",
+            {**params, **(then_params or {})},
+            alone=True,
+        )
     except Conflict:
         return None  # the chat holds a reservation: live (409) or a dead process's
     if not rows:
         return None
     return Reservation(
-        reservation_id,
+        ask.reservation_id,
         ask.user_id,
         ask.chat_id,
         ask.full,

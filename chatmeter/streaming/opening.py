@@ -14,18 +14,29 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
 
 from chatmeter.chats.store import ChatRef, check_owned
 from chatmeter.config import Settings
-from chatmeter.db.steps import Sql, Steps
+from chatmeter.db.steps import Conflict, Sql, Steps
 from chatmeter.db.tables import utcnow
 from chatmeter.errors import ApiError
 from chatmeter.ids import new_id
-from chatmeter.metering.budget import Ask, lock_active_chat, reserve_at_once, reserve_budget
-from chatmeter.metering.counting import EXCHANGE_OVERHEAD_TOKENS, text_bound
+from chatmeter.metering.budget import (
+    ASKED,
+    Ask,
+    at_once_ctes,
+    lock_active_chat,
+    reserve_at_once,
+    reserve_budget,
+)
+from chatmeter.metering.counting import (
+    EXCHANGE_OVERHEAD_TOKENS,
+    PER_MESSAGE_OVERHEAD,
+    text_bound,
+)
 from chatmeter.metering.plans import PlanBook
 from chatmeter.metering.reservations import (
     Reservation,
@@ -57,6 +68,13 @@ class OpeningRules:
     # with Redis: an opening does not release a chat held by a dead process's
     # reservation (409); the sweeper settles that reply from its log first (`orphans.py`)
     settles_orphans: bool = False
+    # PostgreSQL: the read and fit of `_open_at_once`, this worker's figures written in
+    fitted_read_sql: str = field(init=False, default="", repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.writable_ctes and self.models:
+            fitted = _fitted_read(self.models, self.history_messages)
+            object.__setattr__(self, "fitted_read_sql", fitted)
 
     @classmethod
     def of(cls, settings: Settings, worker_id: str, settles_orphans: bool) -> OpeningRules:
@@ -89,31 +107,30 @@ class OpeningRules:
         then: Sql | None = None,
         then_at_once: str = "",
         reservation_id: uuid.UUID | None = None,
+        at_once: bool = True,
     ) -> Steps[Reservation]:
         """`reserve_budget` under this worker's plans, model prices and lease, then the
         write `then` in the same transaction. On PostgreSQL the common case is one
         statement (`reserve_at_once`), with `then_at_once`: the same write, its values
-        selected `FROM held` (and cast: PostgreSQL cannot tell their types there).
+        selected `FROM held` (and cast: PostgreSQL cannot tell their types there), unless
+        `at_once` is False (the caller's one statement was tried already).
         `reservation_id`: the reservation's id, when the caller chose it."""
-        ask = Ask(
+        ask = self.ask(
             user_id,
             chat_id,
+            limits.highest_price,
             prompt_estimate,
             max_output_tokens,
-            self.plans,
-            limits.highest_price,
-            self.worker_id,
-            self.reservation_ttl_seconds,
             now,
-            release_expired_claim=not self.settles_orphans,
-            reservation_id=new_id() if reservation_id is None else reservation_id,
+            reservation_id,
         )
         if self.writable_ctes:
-            params = then.params if then is not None else None
-            said = f"said AS ({then_at_once})" if then_at_once else ""
-            at_once = yield from reserve_at_once(ask, said, params)
-            if at_once is not None:
-                return at_once
+            if at_once:
+                params = then.params if then is not None else None
+                said = f"said AS ({then_at_once})" if then_at_once else ""
+                reserved = yield from reserve_at_once(ask, said, params)
+                if reserved is not None:
+                    return reserved
             if chat_id is not None:
                 # the chat was read on its own: deleted since? (SQLite reads it in this
                 # transaction, in the one writer)
@@ -122,6 +139,31 @@ class OpeningRules:
         if then is not None:
             yield then
         return reservation
+
+    def ask(
+        self,
+        user_id: str,
+        chat_id: uuid.UUID | None,
+        highest_price: Decimal,
+        prompt_estimate: int,
+        max_output_tokens: int,
+        now: datetime,
+        reservation_id: uuid.UUID | None = None,
+    ) -> Ask:
+        """A reservation asked for under this worker's plans and lease."""
+        return Ask(
+            user_id,
+            chat_id,
+            prompt_estimate,
+            max_output_tokens,
+            self.plans,
+            highest_price,
+            self.worker_id,
+            self.reservation_ttl_seconds,
+            now,
+            release_expired_claim=not self.settles_orphans,
+            reservation_id=new_id() if reservation_id is None else reservation_id,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,7 +252,7 @@ USER_MESSAGE_AT_ONCE = (
 # time: the assistant's reply before the user message it answered, as it is reversed)
 LATEST_MESSAGES = (
     "FROM messages WHERE chat_id = :chat_id AND content != '' "
-    "ORDER BY created_at DESC, role ASC LIMIT :count"
+    "ORDER BY created_at DESC, role ASC, message_id LIMIT :count"
 )
 
 
@@ -220,10 +262,11 @@ def chat_and_history(
     """The chat and its last `count` messages, oldest first: one read."""
     rows = yield Sql(
         "SELECT 0 AS kind, user_id, model, is_active, NULL AS role, NULL AS content, "
-        "NULL AS created_at FROM chats WHERE chat_id = :chat_id UNION ALL "
-        "SELECT 1, NULL, NULL, NULL, role, content, created_at FROM (SELECT role, content, "
-        f"created_at {LATEST_MESSAGES}) AS recent "
-        "ORDER BY kind, created_at DESC, role ASC",
+        "NULL AS created_at, NULL AS message_id FROM chats WHERE chat_id = :chat_id UNION ALL "
+        "SELECT 1, NULL, NULL, NULL, role, content, created_at, message_id FROM (SELECT "
+        "role, content, "
+        f"created_at, message_id {LATEST_MESSAGES}) AS recent "
+        "ORDER BY kind, created_at DESC, role ASC, message_id",
         {"chat_id": chat_id, "count": count},
         alone=True,
     )
@@ -244,9 +287,20 @@ def open_steps(
 ) -> Steps[Opened]:
     """The checks of the contract in order (chat 404/403, rate 429, budget 403, reply
     409), the history, the reservation (its output cap is the request's) and the user
-    message, whose id the caller chose (`undo_opening` looks for it)."""
+    message, whose id the caller chose (`undo_opening` looks for it). On PostgreSQL the
+    common case is one statement (`_open_at_once`); whatever it does not settle is done
+    here, step by step."""
     now = utcnow()
-    chat, history = yield from chat_and_history(chat_id, rules.history_messages)
+    tried = bool(rules.fitted_read_sql) and exact_prompt is None
+    read: tuple[ChatRef | None, list[ChatTurn]] | None = None
+    if tried:
+        answer = yield from _open_at_once(rules, user_id, chat_id, message, user_message_id, now)
+        if isinstance(answer, Opened):
+            return answer
+        read = answer
+    if read is None:  # not tried, or it broke a unique constraint and returned nothing
+        read = yield from chat_and_history(chat_id, rules.history_messages)
+    chat, history = read
     check_owned(chat, user_id)  # 404, then 403, as the contract orders them
     assert chat is not None
     limits = rules.models.get(chat.model)
@@ -268,10 +322,112 @@ def open_steps(
             {"message_id": user_message_id, "chat_id": chat_id, "content": message, "now": now},
         ),
         then_at_once=USER_MESSAGE_AT_ONCE,
+        at_once=not tried,
     )
     # the budget may allow less output than the context: the reservation's cap is sent
     request = GenerationRequest(limits.system_prompt, kept, message, reservation.output_cap)
     return Opened(chat.model, request, reservation, user_message_id, now)
+
+
+# PostgreSQL's opening of a chat in one statement: `open_steps`'s read, `fit_to_context`
+# in SQL, and `reserve_at_once` with the user message. The prompt's bound is each text's
+# UTF-8 bytes plus `PER_MESSAGE_OVERHEAD` (`counting.text_bound`; octet_length counts
+# UTF-8 bytes in a UTF-8 database), summed newest first over the history (`upto`); a
+# message is kept while the sum up to it, the system prompt, the message and the output
+# cap fit the context window. The models' figures are written into the statement, joined
+# to the chat's model.
+def _fitted_read(models: Mapping[str, ModelLimits], history_messages: int) -> str:
+    """The CTEs that read the chat and its history and fit the prompt (`ask`: the
+    reservation's tokens and money). The models' figures and the history's length are
+    written into the text, as the worker's constants: PostgreSQL then plans the statement
+    once (a generic plan) instead of at every run, as it did while they were parameters
+    whose values changed its estimates."""
+    table = ", ".join(
+        f"({_literal(name)}, {limits.context_window}, {limits.max_output_tokens}, "
+        f"{text_bound(limits.system_prompt)}, CAST('{limits.highest_price}' AS NUMERIC))"
+        for name, limits in models.items()
+    )
+    latest = LATEST_MESSAGES.replace(":count", str(int(history_messages)))
+    return (
+        "chat AS (SELECT user_id, model, is_active FROM chats "
+        "WHERE chat_id = CAST(:chat_id AS UUID)), "
+        "recent AS (SELECT role, content, created_at, message_id, sum(octet_length(content) + "
+        f"{PER_MESSAGE_OVERHEAD}) OVER (ORDER BY created_at DESC, role ASC, message_id "
+        "ROWS UNBOUNDED PRECEDING) AS upto FROM (SELECT role, content, created_at, message_id "
+        f"{latest}) AS latest), "
+        "model AS (SELECT m.ctx, m.cap, m.price, m.base + CAST(:message_bound AS BIGINT) AS base "
+        f"FROM chat JOIN (VALUES {table}) AS m(name, ctx, cap, base, price) "
+        "ON m.name = chat.model "
+        "WHERE chat.user_id = CAST(:user_id AS VARCHAR) AND chat.is_active), "
+        "sized AS (SELECT model.*, model.base + COALESCE((SELECT max(upto) FROM recent "
+        "WHERE model.base + upto + model.cap <= model.ctx), 0) AS size FROM model), "
+        "fit AS (SELECT base, cap, ctx, size, LEAST(cap, ctx - size) AS output_cap, price "
+        "FROM sized WHERE ctx - size >= 1), "
+        "ask AS (SELECT size + output_cap AS tokens, "
+        "CAST(ceil((size + output_cap) * price) AS BIGINT) AS micros FROM fit)"
+    )
+
+
+def _literal(text: str) -> str:
+    """A string constant of SQL (a configured model's name)."""
+    return "'" + text.replace("'", "''") + "'"
+
+
+# the chat's row (with the reservation's plan and figures when it was made), then its
+# history newest first, each message with whether the prompt keeps it
+_AT_ONCE_ANSWER = (
+    "SELECT 0 AS kind, chat.user_id, chat.model, chat.is_active, took.plan, fit.size, "
+    "fit.output_cap, ask.micros, NULL AS role, NULL AS content, NULL AS kept, "
+    "NULL AS created_at, NULL AS message_id FROM chat LEFT JOIN took ON TRUE "
+    "LEFT JOIN fit ON TRUE LEFT JOIN ask ON TRUE UNION ALL SELECT 1, NULL, NULL, NULL, NULL, "
+    "NULL, NULL, NULL, role, content, fit.base + upto + fit.cap <= fit.ctx, created_at, "
+    "message_id FROM recent LEFT JOIN fit ON TRUE "
+    "ORDER BY kind, created_at DESC, role ASC, message_id"
+)
+
+
+def _open_at_once(
+    rules: OpeningRules,
+    user_id: str,
+    chat_id: uuid.UUID,
+    message: str,
+    user_message_id: uuid.UUID,
+    now: datetime,
+) -> Steps[Opened | tuple[ChatRef | None, list[ChatTurn]] | None]:
+    """PostgreSQL: the whole opening in one statement when nothing refuses it and the
+    prompt fits: `Opened`. Otherwise it wrote nothing and returns the chat and its
+    history for `open_steps` to go on with (or None when the chat holds a reservation:
+    a unique violation answers no rows)."""
+    ask = rules.ask(user_id, chat_id, Decimal(0), 0, 0, now)  # the figures: SQL's (ASKED)
+    ctes, params = at_once_ctes(ask, ASKED)
+    said = f"said AS ({USER_MESSAGE_AT_ONCE})"
+    try:
+        rows = yield Sql(
+            f"WITH {rules.fitted_read_sql}, {', '.join(ctes)}, {said} {_AT_ONCE_ANSWER}",
+            {
+                **params,
+                "message_bound": text_bound(message) + EXCHANGE_OVERHEAD_TOKENS,
+                "message_id": user_message_id,
+                "content": message,
+            },
+            alone=True,
+        )
+    except Conflict:
+        return None
+    if not rows or rows[0][0] != 0:
+        return None, []
+    _, owner, model, is_active, plan, size, output_cap, micros, *_ = rows[0]
+    history = rows[1:]
+    if plan is None:
+        turns = [ChatTurn(row[8], row[9]) for row in reversed(history)]
+        return ChatRef(owner, model, bool(is_active)), turns
+    kept = tuple(ChatTurn(row[8], row[9]) for row in reversed(history) if row[10])
+    reservation = Reservation(
+        ask.reservation_id, user_id, chat_id, size + output_cap, size, str(plan), micros
+    )
+    system_prompt = rules.models[model].system_prompt
+    request = GenerationRequest(system_prompt, kept, message, output_cap)
+    return Opened(model, request, reservation, user_message_id, now)
 
 
 def undo_opening(

@@ -22,7 +22,7 @@ import httpx
 import pytest
 
 from chatmeter.chats.store import deactivate_chat
-from chatmeter.db.steps import PostgresStatements, Sql, Steps
+from chatmeter.db.steps import Conflict, PostgresStatements, Sql, Steps
 from chatmeter.db.tables import utcnow
 from chatmeter.db.transactor import RACE_ATTEMPTS, PostgresTransactor
 from chatmeter.errors import DATABASE_UNAVAILABLE, ApiError, database_down_response
@@ -101,7 +101,9 @@ def settlement_of(opened: Opened, user_id: str, chat_id: uuid.UUID) -> Settlemen
 
 @dataclass(eq=False)
 class Driven:
-    """Transactions run one after another on one connection, a statement per step."""
+    """Transactions run one after another on one connection, a statement per step, as
+    `steps.run_asyncpg` runs them: statements marked `alone` outside a transaction until
+    one is not, which begins the transaction that the rest runs in."""
 
     conn: asyncpg.Connection
     transactions: list[Callable[[], Steps[Any]]]
@@ -120,14 +122,21 @@ class Driven:
         """Run the next statement (beginning or committing transactions as needed)."""
         if self._steps is None:
             self._steps = self.transactions.pop(0)()
-            self._transaction = self.conn.transaction()
-            await self._transaction.start()
             self._statement = next(self._steps)
             return  # the first statement runs on the next step
         assert self._statement is not None
         try:
+            if self._transaction is None and not self._statement.alone:
+                self._transaction = self.conn.transaction()
+                await self._transaction.start()
             text, args = self.statements.convert(self._statement)
-            records = await self.conn.fetch(text, *args)
+            try:
+                records = await self.conn.fetch(text, *args)
+            except asyncpg.UniqueViolationError as exc:
+                if self._transaction is not None:
+                    raise
+                self._statement = self._steps.throw(Conflict(str(exc)))
+                return
             self._statement = self._steps.send([tuple(r) for r in records])
         except StopIteration:
             await self._end(commit=True)
@@ -136,12 +145,14 @@ class Driven:
             await self._end(commit=False)
 
     async def _end(self, *, commit: bool) -> None:
-        if commit:
-            await self._transaction.commit()
-        else:
-            await self._transaction.rollback()
+        if self._transaction is not None:
+            if commit:
+                await self._transaction.commit()
+            else:
+                await self._transaction.rollback()
         self._steps = None
         self._statement = None
+        self._transaction = None
 
 
 async def waits_for_a_lock(monitor: asyncpg.Connection, conn: asyncpg.Connection) -> bool:
@@ -295,18 +306,20 @@ async def test_housekeeping_and_a_settlement_never_deadlock(
 
 
 async def test_a_chat_deleted_between_an_openings_read_and_its_reservation(dsn: str) -> None:
-    """The opening reads the chat on its own (alone), then reserves: a chat deleted in
-    between (through the route, the way a client deletes it) is found deleted (404).
-    The delete used to stop the chat's reply (none yet) and then deactivate it, and the
-    opening reserved after that: a reply streamed on, unstoppable, in a deleted chat."""
+    """When the opening's one statement does not reserve (here: a user not seen before
+    has no budget row yet), it has read the chat on its own (alone) and reserves step by
+    step: a chat deleted in between (through the route, the way a client deletes it) is
+    found deleted (404). The delete used to stop the chat's reply (none yet) and then
+    deactivate it, and the opening reserved after that: a reply streamed on,
+    unstoppable, in a deleted chat."""
     user = f"u{uuid.uuid4().hex[:8]}"
     rules = replace(RULES, writable_ctes=True)  # PostgreSQL's one-statement opening
     settings = make_settings(dsn.replace("postgresql://", "postgresql+asyncpg://", 1))
     async with connections(dsn, 2) as (one, monitor), serve(settings) as server:
         chat = await new_chat(monitor, user)
         opening = Driven(one, [lambda: open_steps(rules, user, chat, "hello", None, new_id())])
-        await opening.step()  # begins
-        await opening.step()  # reads the chat and its history: active
+        await opening.step()  # the first statement, ready
+        await opening.step()  # reads the chat and its history (active), reserves nothing
         async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
             deleted = await client.delete(f"/api/chat/{chat}", headers=auth(user))
         assert deleted.status_code == 204
@@ -319,10 +332,10 @@ async def test_a_chat_deleted_between_an_openings_read_and_its_reservation(dsn: 
 
 async def test_an_opening_waits_for_a_delete_in_progress(dsn: str) -> None:
     """The delete holds the chat's row FOR UPDATE until it commits, and the opening's
-    reservation reads the row FOR KEY SHARE: an opening that read the chat before the
-    delete committed cannot reserve with that stale read, it waits and then finds the
-    chat deleted (404). Without the locks its one statement saw the chat active and
-    reserved while the delete was between deactivating and stopping."""
+    reservation reads the row FOR KEY SHARE: an opening whose statement read the chat
+    before the delete committed cannot reserve with that stale read, it waits and then
+    finds the chat deleted (404). Without the locks its one statement saw the chat active
+    and reserved while the delete was between deactivating and stopping."""
     user = f"u{uuid.uuid4().hex[:8]}"
     rules = replace(RULES, writable_ctes=True)
     async with connections(dsn, 3) as (one, two, monitor):
@@ -332,9 +345,8 @@ async def test_an_opening_waits_for_a_delete_in_progress(dsn: str) -> None:
         opening = Driven(two, [lambda: open_steps(rules, user, chat, "hello", None, new_id())])
         for _ in range(3):  # begins, checks ownership, locks the row
             await delete.step()
-        for _ in range(2):  # begins, reads the chat (still active)
-            await opening.step()
-        assert not await turn(monitor, opening)  # the reservation waits for the delete
+        await opening.step()  # the one statement, ready
+        assert not await turn(monitor, opening)  # it waits for the delete
         await delete.step()  # deactivates and commits
         assert delete.finished and delete.errors == []
         assert opening.task is not None

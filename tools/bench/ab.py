@@ -34,6 +34,9 @@ def main() -> None:
     parser.add_argument("--redis", action="store_true", help="on SQLite + Redis too")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument(
+        "--clients", type=int, default=CLIENTS, help="1: one exchange at a time (latency)"
+    )
     options = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="chatmeter-ab-"))
     bench = Bench(BenchOptions(quick=True), workdir, lambda message: None)
@@ -59,7 +62,7 @@ def main() -> None:
                     {"CHATMETER_REDIS_URL": redis.url},
                 )
         os.environ.pop("PYTHONPATH", None)
-        measure(bench, servers, options.rounds, options.seconds)
+        measure(bench, servers, options.rounds, options.seconds, options.clients)
     finally:
         bench.stop_all()
         if postgres is not None:
@@ -68,10 +71,16 @@ def main() -> None:
             redis.cleanup()
 
 
-def measure(bench: Bench, servers: dict[str, ServerProcess], rounds: int, seconds: float) -> None:
+def measure(
+    bench: Bench,
+    servers: dict[str, ServerProcess],
+    rounds: int,
+    seconds: float,
+    clients: int = CLIENTS,
+) -> None:
     slots: dict[str, list[Slot]] = {}
     for name, server in servers.items():
-        slots[name] = bench.slots(server, "bench", CLIENTS)
+        slots[name] = bench.slots(server, "bench", clients)
         run_wrk(server, slots[name], seconds=2, workdir=bench.workdir)  # warm up
     results: dict[str, list[tuple[LoadResult, float]]] = {name: [] for name in servers}
     for index in range(rounds):
@@ -83,6 +92,7 @@ def measure(bench: Bench, servers: dict[str, ServerProcess], rounds: int, second
             results[name].append((result, worker_ms))
             print(
                 f"round {index + 1} {name:>16}: {result.throughput:8,.0f}/s, "
+                f"p50 {result.p50_ms:.2f} ms, "
                 f"CPU {result.server_cpu_ms_per_exchange:.3f} ms per exchange "
                 f"(worker {worker_ms:.3f}), failures {result.failures}",
                 flush=True,
@@ -92,8 +102,10 @@ def measure(bench: Bench, servers: dict[str, ServerProcess], rounds: int, second
         rate = median([r.throughput for r, _ in rows])
         cpu = median([r.server_cpu_ms_per_exchange for r, _ in rows])
         worker = median([w for _, w in rows])
+        p50 = median([r.p50_ms for r, _ in rows])
         print(
             f"{name:>16}: median {rate:8,.0f}/s, {rate / floor:6.1%} of the floor, "
+            f"p50 {p50:.2f} ms, "
             f"CPU {cpu:.3f} ms per exchange (worker {worker:.3f})"
         )
 
