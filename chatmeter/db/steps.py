@@ -10,8 +10,8 @@ statements and values:
   (`sqlite_process.py`), on the `sqlite3` connection it owns;
 - PostgreSQL: asyncpg directly, prepared statements. A statement marked `alone` (whole
   on its own: a read, or data-modifying CTEs that do one transaction's writes in one
-  statement) runs without BEGIN and COMMIT while no transaction has begun: a settlement
-  is then one round trip and an opening two. The first statement not so marked begins
+  statement) runs without BEGIN and COMMIT while no transaction has begun: an opening
+  and a settlement are then one round trip each. The first statement not so marked begins
   the transaction that the rest runs in.
 
 The ORM-free, driver-direct path is what the message path needs: through SQLAlchemy's

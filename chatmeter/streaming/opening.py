@@ -6,9 +6,9 @@ An exchange of the OpenAI-compatible endpoint (SPEC section 12) has no chat: the
 sends the whole conversation (`Prompt`), which is reserved for as sent and not stored.
 
 It takes plain values only (`OpeningRules` holds what it needs of the settings): on
-SQLite it runs in the writer process (`db/sqlite_process.py`). On PostgreSQL it is two
-round trips in the common case: the chat with its history (one read), then the
-reservation and the user message (one statement, `reserve_at_once`)."""
+SQLite it runs in the writer process (`db/sqlite_process.py`). On PostgreSQL the common
+case is one statement, one round trip (`_open_at_once`): the chat, its history fitted to
+the context, the reservation and the user message."""
 
 from __future__ import annotations
 
@@ -68,13 +68,16 @@ class OpeningRules:
     # with Redis: an opening does not release a chat held by a dead process's
     # reservation (409); the sweeper settles that reply from its log first (`orphans.py`)
     settles_orphans: bool = False
-    # PostgreSQL: the read and fit of `_open_at_once`, this worker's figures written in
-    fitted_read_sql: str = field(init=False, default="", repr=False, compare=False)
+    # PostgreSQL: the read and fit of `_open_at_once`, this worker's figures written in.
+    # Made from the fields above whatever is given (a field all the same: the SQLite
+    # writer process rebuilds the rules from every field in order)
+    fitted_read_sql: str = field(default="", repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        fitted = ""
         if self.writable_ctes and self.models:
             fitted = _fitted_read(self.models, self.history_messages)
-            object.__setattr__(self, "fitted_read_sql", fitted)
+        object.__setattr__(self, "fitted_read_sql", fitted)
 
     @classmethod
     def of(cls, settings: Settings, worker_id: str, settles_orphans: bool) -> OpeningRules:
@@ -351,8 +354,9 @@ def _fitted_read(models: Mapping[str, ModelLimits], history_messages: int) -> st
     return (
         "chat AS (SELECT user_id, model, is_active FROM chats "
         "WHERE chat_id = CAST(:chat_id AS UUID)), "
-        "recent AS (SELECT role, content, created_at, message_id, sum(octet_length(content) + "
-        f"{PER_MESSAGE_OVERHEAD}) OVER (ORDER BY created_at DESC, role ASC, message_id "
+        "recent AS (SELECT role, content, created_at, message_id, "
+        f"sum(octet_length(convert_to(content, 'UTF8')) + {PER_MESSAGE_OVERHEAD}) "
+        "OVER (ORDER BY created_at DESC, role ASC, message_id "
         "ROWS UNBOUNDED PRECEDING) AS upto FROM (SELECT role, content, created_at, message_id "
         f"{latest}) AS latest), "
         "model AS (SELECT m.ctx, m.cap, m.price, m.base + CAST(:message_bound AS BIGINT) AS base "
