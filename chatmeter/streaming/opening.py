@@ -75,8 +75,11 @@ class OpeningRules:
 
     def __post_init__(self) -> None:
         fitted = ""
-        if self.writable_ctes and self.models:
-            fitted = _fitted_read(self.models, self.history_messages)
+        # a name with a NUL character cannot be a PostgreSQL string (nor a chat's model
+        # there): written into the statement, it would break every chat's opening
+        models = {name: limits for name, limits in self.models.items() if "\x00" not in name}
+        if self.writable_ctes and models:
+            fitted = _fitted_read(models, self.history_messages)
         object.__setattr__(self, "fitted_read_sql", fitted)
 
     @classmethod
@@ -373,8 +376,9 @@ def _fitted_read(models: Mapping[str, ModelLimits], history_messages: int) -> st
 
 
 def _literal(text: str) -> str:
-    """A string constant of SQL (a configured model's name)."""
-    return "'" + text.replace("'", "''") + "'"
+    """A string constant of SQL (a configured model's name), escaped (E'...') so that it
+    reads the same whatever the server's `standard_conforming_strings`."""
+    return "E'" + text.replace("\\", "\\\\").replace("'", "''") + "'"
 
 
 # the chat's row (with the reservation's plan and figures when it was made), then its

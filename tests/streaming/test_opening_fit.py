@@ -210,3 +210,28 @@ async def test_a_history_limit_of_zero_keeps_no_history(book: Chats) -> None:
     chat_id = await book.chat("ida", "wide", [ChatTurn("user", "old"), ChatTurn("assistant", "x")])
     opened, _ = await book.open("ida", chat_id, "hi")
     assert opened.request.history == ()
+
+
+async def test_any_configured_model_name_is_written_into_the_statement_safely(
+    book: Chats,
+) -> None:
+    """Model names are configuration, any text: PostgreSQL's statement writes them all
+    into its text, so one name with a backslash before a quote, or a NUL character, must
+    neither break the statement (every chat's opening, whatever its model) nor change
+    which model a chat's row matches."""
+    odd = {
+        "back\\'slash\\": ModelLimits("", 900, 300, Decimal("2")),
+        "nul\x00name": ModelLimits("", 900, 300, Decimal("2")),
+    }
+    book.rules = replace(book.rules, models={**MODELS, **odd})
+    await book.user("jo")
+    chat_id = await book.chat("jo", "small", [ChatTurn("user", "hello")])
+    opened, statements = await book.open("jo", chat_id, "hi")
+    assert opened.model == "small"
+    assert opened.request.history == (ChatTurn("user", "hello"),)
+    if book.transactor.writable_ctes:
+        assert statements == 1
+    odd_chat = await book.chat("jo", "back\\'slash\\", [])
+    opened, _ = await book.open("jo", odd_chat, "hi")
+    assert opened.model == "back\\'slash\\"
+    assert opened.reservation.micros == reserve_micros(opened.reservation.tokens, Decimal(2))
