@@ -31,6 +31,7 @@ from chatmeter.streaming.opening import (
     Opened,
     OpeningRules,
     PromptTooLarge,
+    chat_and_history,
     fit_to_context,
     open_steps,
 )
@@ -235,3 +236,40 @@ async def test_any_configured_model_name_is_written_into_the_statement_safely(
     opened, _ = await book.open("jo", odd_chat, "hi")
     assert opened.model == "back\\'slash\\"
     assert opened.reservation.micros == reserve_micros(opened.reservation.tokens, Decimal(2))
+
+
+async def test_messages_of_the_same_time_are_fitted_in_the_order_the_history_is_read(
+    book: Chats,
+) -> None:
+    """Messages written at the same instant (a reply and the message it answered, or
+    several of one role): the prompt keeps the newest as the history's read orders them
+    (time, role, id), in SQL as in `fit_to_context`, however the cut falls among them."""
+    rng = random.Random(7)
+    await book.user("kim")
+    start = utcnow() - timedelta(hours=1)
+    for trial in range(12):
+        chat_id = await book.chat("kim", "small", [])
+        async with book.engine.begin() as conn:
+            for _ in range(14):
+                await conn.execute(
+                    sa.insert(messages).values(
+                        message_id=new_id(),
+                        chat_id=chat_id,
+                        role=rng.choice(("user", "assistant")),
+                        content=text(rng, 60),
+                        tokens_consumed=0,
+                        status="complete",
+                        created_at=start + timedelta(seconds=rng.randint(0, 2)),
+                    )
+                )
+        chat, history = await book.transactor.run(
+            chat_and_history, chat_id, book.rules.history_messages
+        )
+        assert chat is not None
+        message = text(rng, 40)
+        kept, size, cap = fit_to_context(MODELS["small"], history, message)
+
+        opened, _ = await book.open("kim", chat_id, message)
+
+        assert opened.request.history == kept, trial
+        assert (opened.reservation.prompt_estimate, opened.reservation.output_cap) == (size, cap)
