@@ -273,3 +273,7 @@ async def test_messages_of_the_same_time_are_fitted_in_the_order_the_history_is_
 
         assert opened.request.history == kept, trial
         assert (opened.reservation.prompt_estimate, opened.reservation.output_cap) == (size, cap)
+        # integers, not a Decimal that compares equal (PostgreSQL's numeric)
+        figures = (opened.reservation.tokens, opened.reservation.prompt_estimate)
+        assert {type(n) for n in (*figures, opened.reservation.micros)} == {int}
+        assert type(opened.request.max_output_tokens) is int
