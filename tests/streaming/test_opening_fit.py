@@ -277,3 +277,41 @@ async def test_messages_of_the_same_time_are_fitted_in_the_order_the_history_is_
         figures = (opened.reservation.tokens, opened.reservation.prompt_estimate)
         assert {type(n) for n in (*figures, opened.reservation.micros)} == {int}
         assert type(opened.request.max_output_tokens) is int
+
+
+async def test_a_budget_short_of_the_fitted_prompt_lowers_the_cap_or_refuses(
+    book: Chats,
+) -> None:
+    """The one statement reserves all of the fitted prompt and cap or nothing: a budget
+    with room for the prompt and part of the cap gets the part (step by step), one with
+    no room for any output is refused (403) with nothing written."""
+    history = [ChatTurn("user", "hello there"), ChatTurn("assistant", "hi! 😀")]
+    _, size, cap = fit_to_context(MODELS["small"], history, "next")
+    assert cap > 5
+    for user, limit in (("lee", size + 5), ("max", size)):
+        chat_id = await book.chat(user, "small", history)
+        async with book.engine.begin() as conn:
+            await conn.execute(
+                sa.insert(user_usage).values(
+                    user_id=user,
+                    total_tokens_used=0,
+                    token_limit=limit,
+                    token_limit_overridden=True,
+                    reserved_tokens=0,
+                    updated_at=utcnow(),
+                    plan="default",
+                )
+            )
+        if limit > size:
+            opened, _ = await book.open(user, chat_id, "next")
+            assert (opened.reservation.tokens, opened.request.max_output_tokens) == (limit, 5)
+            assert opened.reservation.micros == reserve_micros(limit, Decimal("1.5"))
+            assert await open_reservations(book.engine, user) == 1
+        else:
+            with pytest.raises(ApiError) as refused:
+                await book.open(user, chat_id, "next")
+            assert (refused.value.status, refused.value.code) == (403, "TOKEN_BUDGET_EXCEEDED")
+            assert await open_reservations(book.engine, user) == 0
+            async with book.engine.connect() as conn:
+                count = sa.select(sa.func.count()).where(messages.c.chat_id == chat_id)
+                assert (await conn.execute(count)).scalar_one() == len(history)
