@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from chatmeter.db.engine import make_engine
 from chatmeter.db.steps import Sql, Steps
-from chatmeter.db.tables import chats, messages, user_usage, utcnow
+from chatmeter.db.tables import chats, messages, reservations, user_usage, utcnow
 from chatmeter.db.transactor import Transactor, make_transactor
 from chatmeter.errors import ApiError
 from chatmeter.ids import new_id
@@ -315,3 +315,29 @@ async def test_a_budget_short_of_the_fitted_prompt_lowers_the_cap_or_refuses(
             async with book.engine.connect() as conn:
                 count = sa.select(sa.func.count()).where(messages.c.chat_id == chat_id)
                 assert (await conn.execute(count)).scalar_one() == len(history)
+
+
+async def test_a_chat_held_by_a_dead_process_is_released_or_refused(book: Chats) -> None:
+    """The chat's reservation outlived its lease (its process died): the one statement
+    breaks the chat's unique reservation, and the opening goes on step by step, which
+    releases it (no Redis) or answers 409 (with Redis: the sweeper settles it first),
+    writing nothing then."""
+    await book.user("ned")
+    chat_id = await book.chat("ned", "small", [ChatTurn("user", "hello")])
+    await book.open("ned", chat_id, "first")
+    past = utcnow() - timedelta(hours=1)
+    async with book.engine.begin() as conn:
+        await conn.execute(
+            sa.update(reservations).where(reservations.c.chat_id == chat_id).values(expires_at=past)
+        )
+    book.rules = replace(book.rules, settles_orphans=True)
+    with pytest.raises(ApiError) as busy:
+        await book.open("ned", chat_id, "second")
+    assert busy.value.code == "REPLY_IN_PROGRESS"
+    async with book.engine.connect() as conn:
+        count = sa.select(sa.func.count()).where(messages.c.chat_id == chat_id)
+        assert (await conn.execute(count)).scalar_one() == 2
+    book.rules = replace(book.rules, settles_orphans=False)
+    opened, _ = await book.open("ned", chat_id, "third")
+    assert opened.request.history == (ChatTurn("user", "hello"), ChatTurn("user", "first"))
+    assert await open_reservations(book.engine, "ned") == 1
