@@ -75,11 +75,12 @@ class OpeningRules:
 
     def __post_init__(self) -> None:
         fitted = ""
-        # a name with a NUL character cannot be a PostgreSQL string (nor a chat's model
-        # there): written into the statement, it would break every chat's opening
-        models = {name: limits for name, limits in self.models.items() if "\x00" not in name}
-        if self.writable_ctes and models:
-            fitted = _fitted_read(models, self.history_messages)
+        if self.writable_ctes:  # PostgreSQL (SQLite rebuilds the rules at every batch)
+            # a name with a NUL character cannot be a PostgreSQL string (nor a chat's
+            # model there): written into the statement, it would break every opening
+            models = {name: limits for name, limits in self.models.items() if "\x00" not in name}
+            if models:
+                fitted = _fitted_read(models, self.history_messages)
         object.__setattr__(self, "fitted_read_sql", fitted)
 
     @classmethod
