@@ -341,3 +341,35 @@ async def test_a_chat_held_by_a_dead_process_is_released_or_refused(book: Chats)
     opened, _ = await book.open("ned", chat_id, "third")
     assert opened.request.history == (ChatTurn("user", "hello"), ChatTurn("user", "first"))
     assert await open_reservations(book.engine, "ned") == 1
+
+
+async def test_a_model_name_with_backslashes_whatever_the_servers_string_syntax(
+    book: Chats, database_url: str
+) -> None:
+    """A server whose `standard_conforming_strings` is off reads a backslash in a plain
+    '...' string as an escape: the model names written into the statement must read the
+    same there (E'...'), or a name ending in a backslash breaks every opening."""
+    if not book.transactor.writable_ctes:
+        return  # SQLite writes no name into its statements
+    name = "back\\'slash\\"
+    async with book.engine.connect() as conn:
+        database = (await conn.execute(sa.text("SELECT current_database()"))).scalar_one()
+    alter = f'ALTER DATABASE "{database}" SET standard_conforming_strings = '
+    async with book.engine.begin() as conn:
+        await conn.execute(sa.text(alter + "off"))
+    transactor = make_transactor(database_url, 30_000)
+    try:
+        await transactor.start()
+        book.transactor = transactor
+        book.rules = replace(
+            book.rules, models={**MODELS, name: ModelLimits("", 900, 300, Decimal("2"))}
+        )
+        await book.user("olu")
+        for model in ("small", name):
+            chat_id = await book.chat("olu", model, [ChatTurn("user", "hello")])
+            opened, statements = await book.open("olu", chat_id, "hi")
+            assert (opened.model, statements) == (model, 1)
+    finally:
+        await transactor.close()
+        async with book.engine.begin() as conn:
+            await conn.execute(sa.text(alter + "DEFAULT"))
