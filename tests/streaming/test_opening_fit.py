@@ -151,8 +151,10 @@ async def test_the_prompt_is_fitted_as_fit_to_context_fits_it(book: Chats) -> No
     await book.user("fay")
     for trial in range(40):
         model = ("wide", "it's", "small", "small")[trial % 4]
-        roles = ("user", "assistant")
-        history = [ChatTurn(roles[n % 2], text(rng, 60)) for n in range(rng.randint(0, 20))]
+        history = [
+            ChatTurn("assistant" if n % 2 else "user", text(rng, 60))
+            for n in range(rng.randint(0, 20))
+        ]
         # assistant messages of interrupted replies may be empty: never in the prompt
         if history and trial % 5 == 0:
             history[-1] = ChatTurn("assistant", "")
