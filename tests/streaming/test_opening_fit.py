@@ -375,3 +375,42 @@ async def test_a_model_name_with_backslashes_whatever_the_servers_string_syntax(
         await transactor.close()
         async with book.engine.begin() as conn:
             await conn.execute(sa.text(alter + "DEFAULT"))
+
+
+async def test_a_spend_limit_met_to_the_micro_by_the_reservations_rounded_up_price(
+    book: Chats, database_url: str
+) -> None:
+    """The one statement prices its reservation in SQL (ceil of an exact numeric): a
+    spend limit of exactly that rounded-up money reserves all of it in one statement;
+    one micro less lowers the cap to what the money pays for (step by step)."""
+    third = ModelLimits("", 900, 300, Decimal("0.333333333333"))
+    history = [ChatTurn("user", "hello"), ChatTurn("assistant", "hi")]
+    _, size, cap = fit_to_context(third, history, "next")
+    need = reserve_micros(size + cap, third.highest_price)
+    plans = {"exact": {"spend_limit": Decimal(need) / 10**6}}
+    plans["short"] = {"spend_limit": Decimal(need - 1) / 10**6}
+    settings = make_settings(database_url, default_token_limit=LIMIT, plans=plans)
+    book.rules = replace(book.rules, models={**MODELS, "third": third}, plans=PlanBook.of(settings))
+    for user, plan in (("pia", "exact"), ("quin", "short")):
+        async with book.engine.begin() as conn:
+            await conn.execute(
+                sa.insert(user_usage).values(
+                    user_id=user,
+                    total_tokens_used=0,
+                    token_limit=LIMIT,
+                    reserved_tokens=0,
+                    updated_at=utcnow(),
+                    plan=plan,
+                )
+            )
+        chat_id = await book.chat(user, "third", history)
+        opened, statements = await book.open(user, chat_id, "next")
+        if plan == "exact":
+            assert (opened.reservation.tokens, opened.reservation.micros) == (size + cap, need)
+            if book.transactor.writable_ctes:
+                assert statements == 1
+        else:
+            tokens = int((Decimal(need - 1) / third.highest_price).to_integral_value("ROUND_FLOOR"))
+            assert opened.reservation.tokens == tokens < size + cap
+            assert opened.reservation.micros == reserve_micros(tokens, third.highest_price)
+            assert opened.reservation.micros <= need - 1
