@@ -207,7 +207,7 @@ def chat_with_messages(chat_id: uuid.UUID, user_id: str) -> Steps[dict[str, Any]
     chat = yield from owned_chat_steps(chat_id, user_id)
     rows = yield Sql(
         f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE chat_id = :chat_id "
-        "ORDER BY created_at, role DESC",
+        "ORDER BY created_at, role DESC, message_id DESC",  # the index's order
         {"chat_id": chat_id},
         alone=True,
     )

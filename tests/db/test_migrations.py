@@ -271,3 +271,31 @@ async def test_existing_users_move_onto_the_default_plan_keeping_their_limits(
     async with engine.connect() as conn:
         kept = (await conn.execute(sa.text("SELECT user_id, token_limit FROM user_usage"))).all()
     assert kept == [("old", 5000)]
+
+
+async def test_the_history_index_is_built_without_blocking_writes_on_postgres(
+    postgres: PostgresServer,
+) -> None:
+    """Migration 0004 builds the messages index CONCURRENTLY on PostgreSQL, outside a
+    transaction (a plain CREATE INDEX holds every write to a large messages table until
+    it ends): the statements Alembic sends, seen by SQLAlchemy as they go out."""
+    name = f"e_{uuid.uuid4().hex[:12]}"
+    postgres.createdb(name)
+    url = postgres.url(name)
+    await run_alembic(command.upgrade, url, "0003_api_keys")
+    sent: list[str] = []
+
+    def seen(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        sent.append(" ".join(statement.split()))
+
+    sa.event.listen(sa.engine.Engine, "before_cursor_execute", seen)
+    try:
+        await run_alembic(command.upgrade, url, "head")
+    finally:
+        sa.event.remove(sa.engine.Engine, "before_cursor_execute", seen)
+    built = [s for s in sent if "ix_messages" in s]
+    assert built == [
+        "CREATE INDEX CONCURRENTLY ix_messages_in_order ON messages "
+        "(chat_id, created_at, role DESC, message_id DESC)",
+        "DROP INDEX CONCURRENTLY ix_messages_chat_id_created_at",
+    ]

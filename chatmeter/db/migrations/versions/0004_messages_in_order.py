@@ -23,15 +23,30 @@ branch_labels = None
 depends_on = None
 
 
+# PostgreSQL builds and drops the indexes CONCURRENTLY, outside the migration's
+# transaction: a large messages table stays writable while the index is built (a plain
+# CREATE INDEX would hold every new message until it ended)
+
+
 def upgrade() -> None:
-    op.create_index(
-        "ix_messages_in_order",
-        "messages",
-        ["chat_id", "created_at", sa.text("role DESC"), sa.text("message_id DESC")],
-    )
-    op.drop_index("ix_messages_chat_id_created_at", table_name="messages")
+    with op.get_context().autocommit_block():
+        op.create_index(
+            "ix_messages_in_order",
+            "messages",
+            ["chat_id", "created_at", sa.text("role DESC"), sa.text("message_id DESC")],
+            postgresql_concurrently=True,
+        )
+        op.drop_index(
+            "ix_messages_chat_id_created_at", table_name="messages", postgresql_concurrently=True
+        )
 
 
 def downgrade() -> None:
-    op.create_index("ix_messages_chat_id_created_at", "messages", ["chat_id", "created_at"])
-    op.drop_index("ix_messages_in_order", table_name="messages")
+    with op.get_context().autocommit_block():
+        op.create_index(
+            "ix_messages_chat_id_created_at",
+            "messages",
+            ["chat_id", "created_at"],
+            postgresql_concurrently=True,
+        )
+        op.drop_index("ix_messages_in_order", table_name="messages", postgresql_concurrently=True)
