@@ -185,16 +185,18 @@ class JobReader:
 
 class _Pickler(pickle.Pickler):
     """Pickles a slots dataclass (the values transactions take and return) as its class
-    and its field values in order: about four times faster than the state `dataclasses`
-    pickles by default, which looks the fields up on every call. Rebuilt by calling the
-    class with them."""
+    and the values of its `__init__` fields in order: about four times faster than the
+    state `dataclasses` pickles by default, which looks the fields up on every call.
+    Rebuilt by calling the class with them, so what `__post_init__` derives (fields with
+    init=False) is derived again on the other side."""
 
     def reducer_override(self, obj: Any) -> Any:
         cls = type(obj)
         names = getattr(cls, "__slots__", None)
-        if names is None or not hasattr(cls, "__dataclass_fields__"):
+        fields = getattr(cls, "__dataclass_fields__", None)
+        if names is None or fields is None:
             return NotImplemented
-        return (cls, tuple([getattr(obj, name) for name in names]))
+        return (cls, tuple([getattr(obj, name) for name in names if fields[name].init]))
 
 
 def dumps(value: Any) -> bytes:

@@ -68,20 +68,17 @@ class OpeningRules:
     # with Redis: an opening does not release a chat held by a dead process's
     # reservation (409); the sweeper settles that reply from its log first (`orphans.py`)
     settles_orphans: bool = False
-    # PostgreSQL: the read and fit of `_open_at_once`, this worker's figures written in.
-    # Made from the fields above whatever is given (a field all the same: the SQLite
-    # writer process rebuilds the rules from every field in order)
-    fitted_read_sql: str = field(default="", repr=False, compare=False)
+    # PostgreSQL: the read and fit of `_open_at_once`, this worker's figures written in
+    fitted_read_sql: str = field(init=False, default="", repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        fitted = ""
-        if self.writable_ctes:  # PostgreSQL (SQLite rebuilds the rules at every batch)
+        if self.writable_ctes:
             # a name with a NUL character cannot be a PostgreSQL string (nor a chat's
             # model there): written into the statement, it would break every opening
             models = {name: limits for name, limits in self.models.items() if "\x00" not in name}
             if models:
                 fitted = _fitted_read(models, self.history_messages)
-        object.__setattr__(self, "fitted_read_sql", fitted)
+                object.__setattr__(self, "fitted_read_sql", fitted)
 
     @classmethod
     def of(cls, settings: Settings, worker_id: str, settles_orphans: bool) -> OpeningRules:

@@ -49,3 +49,19 @@ def test_transaction_values_round_trip_through_pickle() -> None:
     for value in values:
         copy = pickle.loads(dumps(value))  # as the writer's pipe carries it
         assert copy == value and type(copy) is type(value)
+
+
+def test_what_a_value_derives_in_post_init_is_derived_again() -> None:
+    # PostgreSQL's rules write their one statement's text when made (a field with
+    # init=False): the class is called with its __init__ fields only
+    rules = OpeningRules(
+        {"m": ModelLimits("be brief", 8192, 1024)},
+        20,
+        PlanBook.of(Settings()),
+        "w",
+        30.0,
+        writable_ctes=True,
+    )
+    assert rules.fitted_read_sql
+    copy = pickle.loads(dumps(rules))
+    assert copy == rules and copy.fitted_read_sql == rules.fitted_read_sql
