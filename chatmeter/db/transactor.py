@@ -14,8 +14,10 @@ import pickle
 import random
 import sqlite3
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from functools import partial
+from operator import attrgetter
 from typing import Any, ParamSpec, Protocol, TypeVar
 
 import asyncpg
@@ -70,6 +72,15 @@ class Transactor(Protocol):
     async def run(self, steps: Callable[P, Steps[T]], *args: P.args, **kwargs: P.kwargs) -> T:
         """Run the transaction `steps(*args, **kwargs)` and commit it; roll back and
         raise if it raises. A retry calls `run` again and starts afresh."""
+        ...
+
+    async def run_together(
+        self, order: str, steps: Callable[P, Steps[T]], *args: P.args, **kwargs: P.kwargs
+    ) -> T:
+        """`run`, for a transaction that is one statement marked `alone` whose rows it
+        does not read (a settlement): PostgreSQL sends those asked for in the same turn
+        of the loop together, in the order of `order` (the lock order: the user's row
+        first). The outcome is each one's as if it had run alone."""
         ...
 
     async def start(self) -> None:
@@ -185,6 +196,12 @@ class SqliteTransactor:
             loop.call_soon(self._send)  # after the other tasks of this turn asked too
         self._pending.append((steps, args, kwargs, future))
         return await future
+
+    async def run_together(
+        self, order: str, steps: Callable[P, Steps[T]], *args: P.args, **kwargs: P.kwargs
+    ) -> T:
+        """`run`: the writer process already commits the transactions of a turn together."""
+        return await self.run(steps, *args, **kwargs)
 
     @property
     def pid(self) -> int | None:
@@ -346,6 +363,36 @@ class SqliteTransactor:
             await self._answers
 
 
+@dataclass(eq=False, slots=True)
+class _Together:
+    """A transaction waiting in `PostgresTransactor.run_together`."""
+
+    order: str
+    values: list[object]
+    transaction: Steps[Any]  # its one statement taken: `finish` sends it the (no) rows
+    alone: Callable[[], Awaitable[Any]]  # the same transaction run again on its own
+    done: asyncio.Future[Any]
+
+    def finish(self) -> None:
+        try:
+            self.transaction.send([])
+        except StopIteration as end:
+            self.succeed(end.value)
+        except Exception as exc:
+            self.fail(exc)
+        else:
+            self.transaction.close()
+            self.fail(TypeError("run_together takes a transaction of one statement alone"))
+
+    def succeed(self, value: Any) -> None:
+        if not self.done.done():  # its caller may have been cancelled
+            self.done.set_result(value)
+
+    def fail(self, exc: BaseException) -> None:
+        if not self.done.done():
+            self.done.set_exception(exc)
+
+
 class PostgresTransactor:
     """asyncpg itself, on connections of its own (`pg_connections.py`): SQLAlchemy's pool
     would add a ping per checkout, its own BEGIN and a ROLLBACK on return, round trips the
@@ -358,6 +405,77 @@ class PostgresTransactor:
         # made when first needed: the app starts while the server is away
         self._connections = Connections(dsn, pool_size)
         self._statements = PostgresStatements()
+        # `run_together`: the statements asked for in this turn of the loop, by text
+        self._together: dict[str, list[_Together]] = {}
+        self._sending: set[asyncio.Task[None]] = set()
+
+    async def run_together(
+        self, order: str, steps: Callable[P, Steps[T]], *args: P.args, **kwargs: P.kwargs
+    ) -> T:
+        """Gathered with the others asked for meanwhile (`_send_together`), sent as one
+        `executemany`: one round trip and one transaction for them all, in the order of
+        `order`. asyncpg's executemany is atomic: if it fails, none was written, and each
+        runs again alone (`run`), to the outcome it would have had; if the connection is
+        lost under it, each may have been written, and each raises `ConnectionLost`
+        (a settlement's retry looks whether it was)."""
+        transaction = steps(*args, **kwargs)
+        statement = next(transaction)
+        if not statement.alone:
+            raise TypeError("run_together takes a transaction of one statement alone")
+        text, values = self._statements.convert(statement)
+        loop = asyncio.get_running_loop()
+        if not self._together:
+            loop.call_soon(self._send_together)
+        done: asyncio.Future[T] = loop.create_future()
+        alone = partial(self.run, steps, *args, **kwargs)
+        self._together.setdefault(text, []).append(
+            _Together(order, values, transaction, alone, done)
+        )
+        return await done
+
+    def _send_together(self) -> None:
+        gathered, self._together = self._together, {}
+        for text, items in gathered.items():
+            task = asyncio.get_running_loop().create_task(self._send_group(text, items))
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
+
+    async def _send_group(self, text: str, items: list[_Together]) -> None:
+        if len(items) > 1:
+            items.sort(key=attrgetter("order"))
+            try:
+                sent = await self._send_many(text, items)
+            except ConnectionLost as lost:
+                for item in items:
+                    item.fail(lost)
+                return
+            if sent:
+                for item in items:
+                    item.finish()
+                return
+        for item in items:  # one, or none was written: each alone
+            item.transaction.close()
+            try:
+                item.succeed(await item.alone())
+            except Exception as exc:
+                item.fail(exc)
+
+    async def _send_many(self, text: str, items: list[_Together]) -> bool:
+        """True if all were written; False if none was (then each runs alone)."""
+        try:
+            async with self._connections.lend() as conn:
+                try:
+                    await conn.executemany(text, [item.values for item in items])
+                except (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError) as exc:
+                    if isinstance(exc, asyncpg.InterfaceError) and not conn.is_closed():
+                        raise
+                    raise ConnectionLost(f"{type(exc).__name__}: {exc}") from exc
+        except ConnectionLost:
+            raise
+        except Exception as exc:
+            log.info("%d transactions sent together failed (%s): each alone", len(items), exc)
+            return False
+        return True
 
     async def run(self, steps: Callable[P, Steps[T]], *args: P.args, **kwargs: P.kwargs) -> T:
         """Run the transaction; one that loses a deadlock or a serialization race is run

@@ -146,15 +146,24 @@ def release_expired(now: datetime) -> Steps[int]:
 RENEW_BATCH = 100
 
 
-def renew_leases(reservation_ids: list[uuid.UUID], expires_at: datetime) -> Steps[None]:
+def renew_leases(
+    reservation_ids: list[uuid.UUID], expires_at: datetime, skip_locked: bool = False
+) -> Steps[None]:
     """Extend the leases of the replies this process is streaming, 100 to a statement
     (padded, so the statement text, and the prepared statement, is always the same). A
-    reservation whose exchange was lost without settling is not renewed, and expires."""
+    reservation whose exchange was lost without settling is not renewed, and expires.
+    `skip_locked` (PostgreSQL): a reservation another transaction holds is left for the
+    next renewal, a third of a lease later. It is being settled, most likely, and the
+    settlements sent together lock several reservations in their own order: waiting for
+    them could close a cycle (a deadlock)."""
     names = [f"r{i}" for i in range(RENEW_BATCH)]
-    text = (
-        "UPDATE reservations SET expires_at = :expires_at "
-        f"WHERE reservation_id IN ({', '.join(':' + n for n in names)})"
-    )
+    listed = f"reservation_id IN ({', '.join(':' + n for n in names)})"
+    if skip_locked:
+        listed = (
+            f"reservation_id IN (SELECT reservation_id FROM reservations WHERE {listed} "
+            "FOR UPDATE SKIP LOCKED)"
+        )
+    text = f"UPDATE reservations SET expires_at = :expires_at WHERE {listed}"
     for start in range(0, len(reservation_ids), RENEW_BATCH):
         batch = reservation_ids[start : start + RENEW_BATCH]
         batch += [batch[0]] * (RENEW_BATCH - len(batch))

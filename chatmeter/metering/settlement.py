@@ -181,9 +181,16 @@ async def settle(
     transactor: Transactor, s: Settlement, book: PlanBook, *, is_retry: bool = False
 ) -> None:
     """Write the settlement once, under the plans of `book`. Raises on database errors
-    (the caller retries)."""
-    await transactor.run(
-        settle_steps, s, book, writable_ctes=transactor.writable_ctes, is_retry=is_retry
+    (the caller retries). A first attempt is sent with the others of the moment
+    (`run_together`, in the lock order: by user); a retry first looks whether an earlier
+    attempt was written, in a transaction of its own."""
+    if is_retry:
+        await transactor.run(
+            settle_steps, s, book, writable_ctes=transactor.writable_ctes, is_retry=True
+        )
+        return
+    await transactor.run_together(
+        s.user_id, settle_steps, s, book, writable_ctes=transactor.writable_ctes
     )
 
 

@@ -141,7 +141,9 @@ class ReplyRegistry:
             # transactions, as one would lock reservations rows before users' rows and
             # break the lock order (`reservations.py`)
             expires_at = now + timedelta(seconds=self.lease_seconds)
-            await self.transactor.run(renew_leases, live, expires_at)
+            await self.transactor.run(
+                renew_leases, live, expires_at, skip_locked=self.transactor.writable_ctes
+            )
         await self._sweep(now)
 
     async def sweep_chat(self, chat_id: uuid.UUID) -> bool:

@@ -29,7 +29,7 @@ from chatmeter.errors import DATABASE_UNAVAILABLE, ApiError, database_down_respo
 from chatmeter.ids import new_id
 from chatmeter.metering.plans import PlanBook
 from chatmeter.metering.reservations import release_expired, renew_leases, request_stop
-from chatmeter.metering.settlement import Settlement, settle_steps
+from chatmeter.metering.settlement import Settlement, settle, settle_steps
 from chatmeter.providers.base import Usage
 from chatmeter.streaming.opening import ModelLimits, Opened, OpeningRules, open_steps
 from tests.conftest import auth, make_settings
@@ -484,3 +484,106 @@ async def test_other_errors_are_not_run_again(dsn: str, transactor: PostgresTran
 def api_errors(errors: list[BaseException]) -> list[tuple[int, str] | BaseException]:
     """Each error as (status, code) if it is an ApiError, else as it is."""
     return [(e.status, e.code) if isinstance(e, ApiError) else e for e in errors]
+
+
+# settlements sent together (`PostgresTransactor.run_together`)
+
+
+async def test_settlements_asked_for_at_once_are_written_in_one_transaction(
+    dsn: str, transactor: PostgresTransactor
+) -> None:
+    """Eight replies of three users settle together: one transaction (their messages
+    share the xmin of the transaction that wrote them), in the lock order, and every
+    user's books balance as if each had settled alone."""
+    users = [f"u{uuid.uuid4().hex[:8]}" for _ in range(3)]
+    async with connections(dsn, 1) as (monitor,):
+        await add_users(monitor, *users)
+        opened = []
+        for n in range(8):
+            user = users[n % 3]
+            chat = await new_chat(monitor, user)
+            opening = await transactor.run(open_steps, RULES, user, chat, f"hi {n}", None, new_id())
+            opened.append(settlement_of(opening, user, chat))
+        await asyncio.gather(*(settle(transactor, s, RULES.plans) for s in opened))
+        writers = await monitor.fetch(
+            "SELECT DISTINCT xmin::text FROM messages WHERE message_id = ANY($1::uuid[])",
+            [s.message_id for s in opened],
+        )
+        assert len(writers) == 1
+        for user in users:
+            row = await monitor.fetchrow(
+                "SELECT total_tokens_used, reserved_tokens, active_replies FROM user_usage "
+                "WHERE user_id = $1",
+                user,
+            )
+            ledger = await monitor.fetchval(
+                "SELECT sum(total_tokens) FROM usage_events WHERE user_id = $1", user
+            )
+            mine = [s for s in opened if s.user_id == user]
+            assert tuple(row) == (sum(s.usage.total_tokens for s in mine), 0, 0)
+            assert ledger == row[0]
+
+
+async def test_a_settlement_that_fails_among_others_fails_alone(
+    dsn: str, transactor: PostgresTransactor
+) -> None:
+    """The same settlement asked for twice in one turn (a double settle) and a third:
+    sent together, the duplicate breaks the messages' key and nothing of the batch is
+    written; each then runs alone, to its own outcome: the first copy and the other
+    settlement are written once, the second copy is refused (`Conflict`), billed never."""
+    user = f"u{uuid.uuid4().hex[:8]}"
+    async with connections(dsn, 1) as (monitor,):
+        await add_users(monitor, user)
+        settlements = []
+        for n in range(2):
+            chat = await new_chat(monitor, user)
+            opening = await transactor.run(open_steps, RULES, user, chat, f"hi {n}", None, new_id())
+            settlements.append(settlement_of(opening, user, chat))
+        twice, other = settlements
+        outcomes = await asyncio.gather(
+            settle(transactor, twice, RULES.plans),
+            settle(transactor, twice, RULES.plans),
+            settle(transactor, other, RULES.plans),
+            return_exceptions=True,
+        )
+        assert [type(o) for o in outcomes].count(type(None)) == 2
+        assert [o for o in outcomes if o is not None and not isinstance(o, Conflict)] == []
+        total, reserved = await monitor.fetchrow(
+            "SELECT total_tokens_used, reserved_tokens FROM user_usage WHERE user_id = $1", user
+        )
+        assert (total, reserved) == (twice.usage.total_tokens + other.usage.total_tokens, 0)
+        billed = await monitor.fetchval(
+            "SELECT count(*) FROM usage_events WHERE user_id = $1", user
+        )
+        assert billed == 2
+
+
+async def test_a_renewal_passes_over_a_reservation_being_settled(
+    dsn: str, transactor: PostgresTransactor
+) -> None:
+    """The lease renewal does not wait for a reservation another transaction holds (a
+    batch of settlements deleting it): it renews the others and leaves that one, so it
+    can never close a lock cycle with a batch."""
+    user = f"u{uuid.uuid4().hex[:8]}"
+    async with connections(dsn, 2) as (holder, monitor):
+        await add_users(monitor, user)
+        ids = []
+        for n in range(2):
+            chat = await new_chat(monitor, user)
+            opening = await transactor.run(open_steps, RULES, user, chat, f"hi {n}", None, new_id())
+            ids.append(opening.reservation.reservation_id)
+        held, free = ids
+        later = utcnow() + timedelta(hours=1)
+        deleting = holder.transaction()
+        await deleting.start()
+        try:
+            await holder.execute("DELETE FROM reservations WHERE reservation_id = $1", held)
+            await asyncio.wait_for(
+                transactor.run(renew_leases, ids, later, skip_locked=True), timeout=30
+            )
+            renewed = await monitor.fetch(
+                "SELECT reservation_id FROM reservations WHERE expires_at = $1", later
+            )
+            assert [row[0] for row in renewed] == [free]
+        finally:
+            await deleting.rollback()

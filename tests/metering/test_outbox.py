@@ -49,6 +49,11 @@ class DeadDatabase:
         await asyncio.sleep(0.3)
         raise ConnectionRefusedError("database down")
 
+    async def run_together(
+        self, order: str, steps: Callable[..., Any], *args: Any, **kwargs: Any
+    ) -> Any:
+        return await self.run(steps, *args, **kwargs)
+
     async def start(self) -> None:
         return None
 
