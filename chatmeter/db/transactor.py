@@ -368,12 +368,22 @@ class _Together:
     """A transaction waiting in `PostgresTransactor.run_together`."""
 
     order: str
-    values: list[object]
-    transaction: Steps[Any]  # its one statement taken: `finish` sends it the (no) rows
-    alone: Callable[[], Awaitable[Any]]  # the same transaction run again on its own
+    steps: Callable[[], Steps[Any]]  # its steps, begun only if it is sent with others
+    alone: Callable[[], Awaitable[Any]]  # the transaction run on its own (`run`)
     done: asyncio.Future[Any]
+    transaction: Steps[Any] | None = None  # begun: its one statement taken
+
+    def begin(self, statements: PostgresStatements) -> tuple[str, list[object]] | None:
+        """Its one statement as asyncpg takes it; None if it is not one `alone`."""
+        self.transaction = self.steps()
+        statement = next(self.transaction)
+        if not statement.alone:
+            self.transaction.close()
+            return None
+        return statements.convert(statement)
 
     def finish(self) -> None:
+        assert self.transaction is not None
         try:
             self.transaction.send([])
         except StopIteration as end:
@@ -383,6 +393,14 @@ class _Together:
         else:
             self.transaction.close()
             self.fail(TypeError("run_together takes a transaction of one statement alone"))
+
+    async def run_alone(self) -> None:
+        if self.transaction is not None:
+            self.transaction.close()
+        try:
+            self.succeed(await self.alone())
+        except Exception as exc:
+            self.fail(exc)
 
     def succeed(self, value: Any) -> None:
         if not self.done.done():  # its caller may have been cancelled
@@ -405,46 +423,63 @@ class PostgresTransactor:
         # made when first needed: the app starts while the server is away
         self._connections = Connections(dsn, pool_size)
         self._statements = PostgresStatements()
-        # `run_together`: the statements asked for in this turn of the loop, by text
-        self._together: dict[str, list[_Together]] = {}
+        # `run_together`: the transactions asked for in this turn of the loop
+        self._together: list[_Together] = []
         self._sending: set[asyncio.Task[None]] = set()
 
     async def run_together(
         self, order: str, steps: Callable[P, Steps[T]], *args: P.args, **kwargs: P.kwargs
     ) -> T:
-        """Gathered with the others asked for meanwhile (`_send_together`), sent as one
-        `executemany`: one round trip and one transaction for them all, in the order of
-        `order`. asyncpg's executemany is atomic: if it fails, none was written, and each
-        runs again alone (`run`), to the outcome it would have had; if the connection is
-        lost under it, each may have been written, and each raises `ConnectionLost`
-        (a settlement's retry looks whether it was)."""
-        transaction = steps(*args, **kwargs)
-        statement = next(transaction)
-        if not statement.alone:
-            raise TypeError("run_together takes a transaction of one statement alone")
-        text, values = self._statements.convert(statement)
+        """Gathered with the others asked for in this turn of the loop; those of the same
+        statement are sent as one `executemany`: one round trip and one transaction for
+        them all, in the order of `order`. asyncpg's executemany is atomic: if it fails,
+        none was written, and each runs again alone (`run`), to the outcome it would
+        have had; if the connection is lost under it, each may have been written, and
+        each raises `ConnectionLost` (a settlement's retry looks whether it was). A
+        transaction alone in its turn is simply `run`."""
         loop = asyncio.get_running_loop()
         if not self._together:
             loop.call_soon(self._send_together)
         done: asyncio.Future[T] = loop.create_future()
-        alone = partial(self.run, steps, *args, **kwargs)
-        self._together.setdefault(text, []).append(
-            _Together(order, values, transaction, alone, done)
+        self._together.append(
+            _Together(
+                order,
+                partial(steps, *args, **kwargs),
+                partial(self.run, steps, *args, **kwargs),
+                done,
+            )
         )
         return await done
 
     def _send_together(self) -> None:
-        gathered, self._together = self._together, {}
-        for text, items in gathered.items():
-            task = asyncio.get_running_loop().create_task(self._send_group(text, items))
-            self._sending.add(task)
-            task.add_done_callback(self._sending.discard)
+        gathered, self._together = self._together, []
+        task = asyncio.get_running_loop().create_task(self._send(gathered))
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
 
-    async def _send_group(self, text: str, items: list[_Together]) -> None:
+    async def _send(self, items: list[_Together]) -> None:
+        if len(items) == 1:
+            await items[0].run_alone()
+            return
+        groups: dict[str, tuple[list[_Together], list[list[object]]]] = {}
+        for item in sorted(items, key=attrgetter("order")):
+            statement = item.begin(self._statements)
+            if statement is None:
+                await item.run_alone()
+                continue
+            text, values = statement
+            group = groups.setdefault(text, ([], []))
+            group[0].append(item)
+            group[1].append(values)
+        for text, (together, rows) in groups.items():
+            await self._send_group(text, together, rows)
+
+    async def _send_group(
+        self, text: str, items: list[_Together], values: list[list[object]]
+    ) -> None:
         if len(items) > 1:
-            items.sort(key=attrgetter("order"))
             try:
-                sent = await self._send_many(text, items)
+                sent = await self._send_many(text, values)
             except ConnectionLost as lost:
                 for item in items:
                     item.fail(lost)
@@ -454,18 +489,14 @@ class PostgresTransactor:
                     item.finish()
                 return
         for item in items:  # one, or none was written: each alone
-            item.transaction.close()
-            try:
-                item.succeed(await item.alone())
-            except Exception as exc:
-                item.fail(exc)
+            await item.run_alone()
 
-    async def _send_many(self, text: str, items: list[_Together]) -> bool:
+    async def _send_many(self, text: str, values: list[list[object]]) -> bool:
         """True if all were written; False if none was (then each runs alone)."""
         try:
             async with self._connections.lend() as conn:
                 try:
-                    await conn.executemany(text, [item.values for item in items])
+                    await conn.executemany(text, values)
                 except (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError) as exc:
                     if isinstance(exc, asyncpg.InterfaceError) and not conn.is_closed():
                         raise
@@ -473,7 +504,7 @@ class PostgresTransactor:
         except ConnectionLost:
             raise
         except Exception as exc:
-            log.info("%d transactions sent together failed (%s): each alone", len(items), exc)
+            log.info("%d transactions sent together failed (%s): each alone", len(values), exc)
             return False
         return True
 

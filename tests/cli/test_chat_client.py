@@ -23,7 +23,7 @@ from rich.console import Console
 from chatmeter.cli.chat import ApiProblem, ChatApi, ChatSession, ReplyReading
 from chatmeter.config import ModelConfig, PlanConfig
 from tests.conftest import TEST_SECRET, auth, make_settings, scripted, token_for
-from tests.support.proxy import cutting_proxy
+from tests.support.proxy import CuttingProxy, cutting_proxy
 from tests.support.server import RunningServer, serve
 from tests.support.sse import stream_message
 from tests.support.waiting import eventually
@@ -216,6 +216,18 @@ async def test_ctrl_c_stops_the_reply_and_the_session_goes_on(
         assert [m["content"] for m in chat["messages"]][::2] == ["Count slowly", "Again"]
 
 
+async def count_through_one_cut(term: Terminal, proxy: CuttingProxy) -> Any:
+    """Ask for the slow reply through a proxy that cuts the connection once: the client
+    shows it whole; returns its match (the reply, the tokens). Ends the session."""
+    await term.type("Count")
+    shown = await term.expect(r"model \u203a (.*)\n([\d,]+) tokens · ")
+    assert proxy.cuts == 1
+    assert shown[1] == SLOW
+    await term.expect(PROMPT)
+    assert await term.close_stdin() == 0
+    return shown
+
+
 async def test_a_dropped_connection_is_resumed_and_the_reply_shown_once(
     chatmeter: ServerFactory, terminal: Callable[..., Any]
 ) -> None:
@@ -225,12 +237,7 @@ async def test_a_dropped_connection_is_resumed_and_the_reply_shown_once(
         async with cutting_proxy(server.url, events=6) as proxy:
             term: Terminal = await terminal("--url", proxy.url, "--token", token_for("nia"))
             await term.expect(PROMPT)
-            await term.type("Count")
-            shown = await term.expect(r"model \u203a (.*)\n([\d,]+) tokens · ")
-            assert proxy.cuts == 1
-            assert shown[1] == SLOW
-            await term.expect(PROMPT)
-            assert await term.close_stdin() == 0
+            shown = await count_through_one_cut(term, proxy)
         chat = await only_chat(server, "nia")
         reply = chat["messages"][-1]
         assert reply["status"] == "complete" and reply["content"] == SLOW
@@ -254,12 +261,7 @@ async def test_a_connection_dropped_before_the_reply_was_named_is_resumed_too(
             await term.type("First")
             await term.expect(r"model \u203a (.*)\n([\d,]+) tokens · ")
             await term.expect(PROMPT)
-            await term.type("Count")
-            shown = await term.expect(r"model \u203a (.*)\n([\d,]+) tokens · ")
-            assert proxy.cuts == 1
-            assert shown[1] == SLOW
-            await term.expect(PROMPT)
-            assert await term.close_stdin() == 0
+            shown = await count_through_one_cut(term, proxy)
         chat = await only_chat(server, "ora")
         assert [m["status"] for m in chat["messages"]] == ["complete"] * 4
         reply = chat["messages"][-1]

@@ -72,7 +72,7 @@ class Chats:
     transactor: Transactor
     rules: OpeningRules
 
-    async def user(self, user_id: str) -> None:
+    async def user(self, user_id: str, plan: str = "default") -> None:
         async with self.engine.begin() as conn:
             await conn.execute(
                 sa.insert(user_usage).values(
@@ -81,7 +81,7 @@ class Chats:
                     token_limit=LIMIT,
                     reserved_tokens=0,
                     updated_at=utcnow(),
-                    plan="default",
+                    plan=plan,
                 )
             )
 
@@ -392,17 +392,7 @@ async def test_a_spend_limit_met_to_the_micro_by_the_reservations_rounded_up_pri
     settings = make_settings(database_url, default_token_limit=LIMIT, plans=plans)
     book.rules = replace(book.rules, models={**MODELS, "third": third}, plans=PlanBook.of(settings))
     for user, plan in (("pia", "exact"), ("quin", "short")):
-        async with book.engine.begin() as conn:
-            await conn.execute(
-                sa.insert(user_usage).values(
-                    user_id=user,
-                    total_tokens_used=0,
-                    token_limit=LIMIT,
-                    reserved_tokens=0,
-                    updated_at=utcnow(),
-                    plan=plan,
-                )
-            )
+        await book.user(user, plan)
         chat_id = await book.chat(user, "third", history)
         opened, statements = await book.open(user, chat_id, "next")
         if plan == "exact":
