@@ -43,6 +43,10 @@ class Sql:
     # atomic by itself: PostgreSQL runs it outside a transaction if none has begun yet,
     # and a unique violation is thrown into the steps as `Conflict` (nothing was written)
     alone: bool = False
+    # the parameter whose value each row it returns begins with (if it returns any): it
+    # tells apart the rows of statements sent together (`Transactor.run_together`, which
+    # sends no other statement with others)
+    keyed_by: str = ""
 
 
 class Conflict(Exception):

@@ -32,7 +32,7 @@ from chatmeter.db.sqlite_process import (
     encode_jobs,
     sqlite_path,
 )
-from chatmeter.db.steps import Conflict, PostgresStatements, Steps, run_asyncpg
+from chatmeter.db.steps import Conflict, PostgresStatements, Rows, Steps, run_asyncpg
 
 log = logging.getLogger("chatmeter.db")
 T = TypeVar("T")
@@ -77,10 +77,12 @@ class Transactor(Protocol):
     async def run_together(
         self, order: str, steps: Callable[P, Steps[T]], *args: P.args, **kwargs: P.kwargs
     ) -> T:
-        """`run`, for a transaction that is one statement marked `alone` whose rows it
-        does not read (a settlement): PostgreSQL sends those asked for in the same turn
-        of the loop together, in the order of `order` (the lock order: the user's row
-        first). The outcome is each one's as if it had run alone."""
+        """`run`, for a transaction whose first statement is marked `alone` (a
+        settlement, an opening): PostgreSQL sends those asked for in the same turn of the
+        loop together, in the order of `order` (the lock order: the user's row first).
+        Only a statement whose rows can be told apart (`Sql.keyed_by`) goes with
+        others; a transaction that goes on after it must have written nothing with it
+        (it is then run again, alone). The outcome is each one's as if it had run alone."""
         ...
 
     async def start(self) -> None:
@@ -371,28 +373,34 @@ class _Together:
     steps: Callable[[], Steps[Any]]  # its steps, begun only if it is sent with others
     alone: Callable[[], Awaitable[Any]]  # the transaction run on its own (`run`)
     done: asyncio.Future[Any]
-    transaction: Steps[Any] | None = None  # begun: its one statement taken
+    transaction: Steps[Any] | None = None  # begun: its first statement taken
+    key: object = None  # the value its rows begin with (`Sql.keyed_by`)
 
     def begin(self, statements: PostgresStatements) -> tuple[str, list[object]] | None:
-        """Its one statement as asyncpg takes it; None if it is not one `alone`."""
+        """Its first statement as asyncpg takes it; None if that statement cannot go with
+        others: not `alone`, or its rows cannot be told apart (not `keyed_by`)."""
         self.transaction = self.steps()
         statement = next(self.transaction)
-        if not statement.alone:
+        if not (statement.alone and statement.keyed_by):
             self.transaction.close()
             return None
+        self.key = statement.params[statement.keyed_by]
         return statements.convert(statement)
 
-    def finish(self) -> None:
+    def finish(self, rows: Rows) -> bool:
+        """Hand the transaction its statement's rows. True if it ended there; False if
+        it goes on (it wrote nothing, `run_together`'s terms): it is then to run alone."""
         assert self.transaction is not None
         try:
-            self.transaction.send([])
+            self.transaction.send(rows)
         except StopIteration as end:
             self.succeed(end.value)
         except Exception as exc:
             self.fail(exc)
         else:
             self.transaction.close()
-            self.fail(TypeError("run_together takes a transaction of one statement alone"))
+            return False
+        return True
 
     async def run_alone(self) -> None:
         if self.transaction is not None:
@@ -409,6 +417,21 @@ class _Together:
     def fail(self, exc: BaseException) -> None:
         if not self.done.done():
             self.done.set_exception(exc)
+
+
+def _split(records: Sequence[Sequence[Any]], items: Sequence[_Together]) -> list[Rows]:
+    """The rows of statements sent together, each statement's own (in the order sent):
+    a statement's rows are those that begin with its key, one after another."""
+    split: list[Rows] = []
+    at = 0
+    for item in items:
+        start = at
+        while at < len(records) and records[at][0] == item.key:
+            at += 1
+        split.append([tuple(record) for record in records[start:at]])
+    if at != len(records):
+        raise RuntimeError("rows sent together that no statement sent owns")
+    return split
 
 
 class PostgresTransactor:
@@ -431,12 +454,15 @@ class PostgresTransactor:
         self, order: str, steps: Callable[P, Steps[T]], *args: P.args, **kwargs: P.kwargs
     ) -> T:
         """Gathered with the others asked for in this turn of the loop; those of the same
-        statement are sent as one `executemany`: one round trip and one transaction for
-        them all, in the order of `order`. asyncpg's executemany is atomic: if it fails,
-        none was written, and each runs again alone (`run`), to the outcome it would
-        have had; if the connection is lost under it, each may have been written, and
-        each raises `ConnectionLost` (a settlement's retry looks whether it was). A
-        transaction alone in its turn is simply `run`."""
+        first statement (`alone` and `keyed_by`) are sent with one `fetchmany`: one
+        round trip and one transaction for them all, in the order of `order`, and each
+        reads its own rows. asyncpg's fetchmany is atomic: if it fails, none was
+        written, and each runs again alone (`run`), to the outcome it would have had; if
+        the connection is lost under it, each may have been written, and each raises
+        `ConnectionLost` (a settlement's retry looks whether it was, an opening takes
+        itself back). A transaction that goes on after its statement (an opening refused
+        at once, which wrote nothing) is run alone from its start. A transaction alone in
+        its turn is simply `run`."""
         loop = asyncio.get_running_loop()
         if not self._together:
             loop.call_soon(self._send_together)
@@ -462,41 +488,47 @@ class PostgresTransactor:
             await items[0].run_alone()
             return
         groups: dict[str, tuple[list[_Together], list[list[object]]]] = {}
+        alone: list[_Together] = []
         for item in sorted(items, key=attrgetter("order")):
             statement = item.begin(self._statements)
             if statement is None:
-                await item.run_alone()
+                alone.append(item)
                 continue
             text, values = statement
             group = groups.setdefault(text, ([], []))
             group[0].append(item)
             group[1].append(values)
-        for text, (together, rows) in groups.items():
-            await self._send_group(text, together, rows)
+        await asyncio.gather(
+            *(item.run_alone() for item in alone),
+            *(self._send_group(text, *group) for text, group in groups.items()),
+        )
 
     async def _send_group(
         self, text: str, items: list[_Together], values: list[list[object]]
     ) -> None:
+        alone = items  # one, or none was written: each alone
         if len(items) > 1:
             try:
-                sent = await self._send_many(text, values)
+                records = await self._send_many(text, values)
             except ConnectionLost as lost:
                 for item in items:
                     item.fail(lost)
                 return
-            if sent:
-                for item in items:
-                    item.finish()
-                return
-        for item in items:  # one, or none was written: each alone
-            await item.run_alone()
+            if records is not None:
+                rows = _split(records, items)
+                ended = [item.finish(its) for item, its in zip(items, rows, strict=True)]
+                alone = [item for item, end in zip(items, ended, strict=True) if not end]
+        await asyncio.gather(*(item.run_alone() for item in alone))
 
-    async def _send_many(self, text: str, values: list[list[object]]) -> bool:
-        """True if all were written; False if none was (then each runs alone)."""
+    async def _send_many(
+        self, text: str, values: list[list[object]]
+    ) -> Sequence[Sequence[Any]] | None:
+        """All the rows returned if all were written; None if none was (then each runs
+        alone)."""
         try:
             async with self._connections.lend() as conn:
                 try:
-                    await conn.executemany(text, values)
+                    records: Sequence[Sequence[Any]] = await conn.fetchmany(text, values)
                 except (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError) as exc:
                     if isinstance(exc, asyncpg.InterfaceError) and not conn.is_closed():
                         raise
@@ -505,8 +537,8 @@ class PostgresTransactor:
             raise
         except Exception as exc:
             log.info("%d transactions sent together failed (%s): each alone", len(values), exc)
-            return False
-        return True
+            return None
+        return records
 
     async def run(self, steps: Callable[P, Steps[T]], *args: P.args, **kwargs: P.kwargs) -> T:
         """Run the transaction; one that loses a deadlock or a serialization race is run

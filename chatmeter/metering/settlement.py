@@ -101,7 +101,7 @@ def settle_steps(
             *(f"w{i} AS ({write})" for i, write in enumerate(writes)),
         ]
         text = f"WITH {', '.join(ctes)} {_user_update('gone', start)}"
-        yield Sql(text, params, alone=True)
+        yield Sql(text, params, alone=True, keyed_by="message_id")  # it returns no rows
         return
     # SQLite: one writer at a time, so the reservation read under the user's row update
     # is still there for the DELETE after it

@@ -380,15 +380,16 @@ def _literal(text: str) -> str:
 
 
 # the chat's row (with the reservation's plan and figures when it was made), then its
-# history newest first, each message with whether the prompt keeps it
+# history newest first, each message with whether the prompt keeps it; every row begins
+# with the user message's id, which tells apart the rows of openings sent together
 _AT_ONCE_ANSWER = (
-    "SELECT 0 AS kind, chat.user_id, chat.model, chat.is_active, took.plan, fit.size, "
-    "fit.output_cap, ask.micros, NULL AS role, NULL AS content, NULL AS kept, "
-    "NULL AS created_at, NULL AS message_id FROM chat LEFT JOIN took ON TRUE "
-    "LEFT JOIN fit ON TRUE LEFT JOIN ask ON TRUE UNION ALL SELECT 1, NULL, NULL, NULL, NULL, "
-    "NULL, NULL, NULL, role, content, fit.base + upto + fit.cap <= fit.ctx, created_at, "
-    "message_id FROM recent LEFT JOIN fit ON TRUE "
-    "ORDER BY kind, created_at DESC, role ASC, message_id"
+    "SELECT CAST(:message_id AS UUID) AS opening, 0 AS kind, chat.user_id, chat.model, "
+    "chat.is_active, took.plan, fit.size, fit.output_cap, ask.micros, NULL AS role, "
+    "NULL AS content, NULL AS kept, NULL AS created_at, NULL AS message_id FROM chat "
+    "LEFT JOIN took ON TRUE LEFT JOIN fit ON TRUE LEFT JOIN ask ON TRUE UNION ALL "
+    "SELECT CAST(:message_id AS UUID), 1, NULL, NULL, NULL, NULL, NULL, NULL, NULL, role, "
+    "content, fit.base + upto + fit.cap <= fit.ctx, created_at, message_id FROM recent "
+    "LEFT JOIN fit ON TRUE ORDER BY kind, created_at DESC, role ASC, message_id"
 )
 
 
@@ -417,17 +418,18 @@ def _open_at_once(
                 "content": message,
             },
             alone=True,
+            keyed_by="message_id",
         )
     except Conflict:
         return None
-    if not rows or rows[0][0] != 0:
+    if not rows or rows[0][1] != 0:
         return None, []
-    _, owner, model, is_active, plan, size, output_cap, micros, *_ = rows[0]
+    _, _, owner, model, is_active, plan, size, output_cap, micros, *_ = rows[0]
     history = rows[1:]
     if plan is None:
-        turns = [ChatTurn(row[8], row[9]) for row in reversed(history)]
+        turns = [ChatTurn(row[9], row[10]) for row in reversed(history)]
         return ChatRef(owner, model, bool(is_active)), turns
-    kept = tuple(ChatTurn(row[8], row[9]) for row in reversed(history) if row[10])
+    kept = tuple(ChatTurn(row[9], row[10]) for row in reversed(history) if row[11])
     reservation = Reservation(
         ask.reservation_id, user_id, chat_id, size + output_cap, size, str(plan), micros
     )

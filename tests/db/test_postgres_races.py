@@ -587,3 +587,130 @@ async def test_a_renewal_passes_over_a_reservation_being_settled(
             assert [row[0] for row in renewed] == [free]
         finally:
             await deleting.rollback()
+
+
+# openings sent together: one statement each, its rows keyed by the user message
+
+
+async def add_history(conn: asyncpg.Connection, chat_id: uuid.UUID, texts: Sequence[str]) -> None:
+    """`texts` as the chat's earlier messages, oldest first, alternating user and reply."""
+    now = utcnow()
+    for n, text in enumerate(texts):
+        await conn.execute(
+            "INSERT INTO messages (message_id, chat_id, role, content, tokens_consumed, "
+            "status, created_at) VALUES ($1, $2, $3, $4, 0, 'complete', $5)",
+            new_id(),
+            chat_id,
+            "user" if n % 2 == 0 else "assistant",
+            text,
+            now - timedelta(seconds=len(texts) - n),
+        )
+
+
+def open_together(
+    transactor: PostgresTransactor, asked: Sequence[tuple[str, uuid.UUID, uuid.UUID]]
+) -> Any:
+    """The openings `(user, chat, user message id)` asked for in one turn of the loop,
+    with PostgreSQL's one-statement opening."""
+    rules = replace(RULES, writable_ctes=True)
+    return asyncio.gather(
+        *(
+            transactor.run_together(user, open_steps, rules, user, chat, f"hi {n}", None, said)
+            for n, (user, chat, said) in enumerate(asked)
+        ),
+        return_exceptions=True,
+    )
+
+
+async def test_openings_asked_for_at_once_are_written_in_one_transaction(
+    dsn: str, transactor: PostgresTransactor
+) -> None:
+    """Six openings of three users, each chat with a history of its own, asked for in
+    one turn: one transaction (their user messages share the xmin of the transaction
+    that wrote them), and each is answered with its own chat's history and reservation,
+    as if it had run alone."""
+    users = [f"u{n}{uuid.uuid4().hex[:8]}" for n in range(3)]
+    async with connections(dsn, 1) as (monitor,):
+        await add_users(monitor, *users)
+        asked = []
+        for n in range(6):
+            chat = await new_chat(monitor, users[n % 3])
+            await add_history(monitor, chat, [f"chat {n} said {k}" for k in range(n)])
+            asked.append((users[n % 3], chat, new_id()))
+        opened = await open_together(transactor, asked)
+        writers = await monitor.fetch(
+            "SELECT DISTINCT xmin::text FROM messages WHERE message_id = ANY($1::uuid[])",
+            [said for *_, said in asked],
+        )
+        assert len(writers) == 1
+        for n, (opening, (_, _, said)) in enumerate(zip(opened, asked, strict=True)):
+            assert isinstance(opening, Opened)
+            assert [turn.content for turn in opening.request.history] == [
+                f"chat {n} said {k}" for k in range(n)
+            ]
+            assert (opening.request.message, opening.user_message_id) == (f"hi {n}", said)
+        for user in users:
+            held = sum(o.reservation.tokens for o in opened if o.reservation.user_id == user)
+            assert await reserved_balance(monitor, user) == (held, held)
+
+
+async def test_openings_refused_among_others_are_refused_alone(
+    dsn: str, transactor: PostgresTransactor
+) -> None:
+    """Openings asked for in one turn, three of them refused by the one statement (it
+    wrote nothing for them): a chat that does not exist (no rows at all, between the
+    others' rows), another user's chat and a user without budget. The others are opened
+    with their own rows; each refused one goes on alone to its refusal."""
+    a, b, c, d = (f"u{n}{uuid.uuid4().hex[:8]}" for n in range(4))
+    async with connections(dsn, 1) as (monitor,):
+        await add_users(monitor, a, b, c, d)
+        spent = "UPDATE user_usage SET total_tokens_used = token_limit WHERE user_id = $1"
+        await monitor.execute(spent, c)
+        chats = {user: await new_chat(monitor, user) for user in (a, b, c, d)}
+        for chat in chats.values():
+            await add_history(monitor, chat, ["earlier", "a reply"])
+        asked = [
+            (a, chats[a], new_id()),
+            (b, new_id(), new_id()),  # no such chat
+            (b, chats[a], new_id()),  # a's chat
+            (c, chats[c], new_id()),  # no budget
+            (d, chats[d], new_id()),
+        ]
+        outcomes = await open_together(transactor, asked)
+        assert api_errors(outcomes[1:4]) == [
+            (404, "CHAT_NOT_FOUND"),
+            (403, "FORBIDDEN"),
+            (403, "TOKEN_BUDGET_EXCEEDED"),
+        ]
+        for opening in (outcomes[0], outcomes[4]):
+            assert isinstance(opening, Opened)
+            assert [turn.content for turn in opening.request.history] == ["earlier", "a reply"]
+        saved = await monitor.fetch(
+            "SELECT message_id FROM messages WHERE message_id = ANY($1::uuid[])",
+            [said for *_, said in asked],
+        )
+        assert sorted(row[0] for row in saved) == sorted([asked[0][2], asked[4][2]])
+
+
+async def test_an_opening_of_a_held_chat_among_others_fails_alone(
+    dsn: str, transactor: PostgresTransactor
+) -> None:
+    """An opening of a chat that already holds a reservation breaks the reservations'
+    key: nothing of the openings sent with it is written, each runs again alone, and
+    only that one is refused (409). The others are written once."""
+    users = [f"u{n}{uuid.uuid4().hex[:8]}" for n in range(3)]
+    async with connections(dsn, 1) as (monitor,):
+        await add_users(monitor, *users)
+        chats = [await new_chat(monitor, user) for user in users]
+        await transactor.run(open_steps, RULES, users[1], chats[1], "first", None, new_id())
+        asked = [(user, chat, new_id()) for user, chat in zip(users, chats, strict=True)]
+        outcomes = await open_together(transactor, asked)
+        assert api_errors([outcomes[1]]) == [(409, "REPLY_IN_PROGRESS")]
+        assert isinstance(outcomes[0], Opened) and isinstance(outcomes[2], Opened)
+        for user, chat, said in asked:
+            count = await monitor.fetchval(
+                "SELECT count(*) FROM messages WHERE chat_id = $1 AND message_id = $2",
+                chat,
+                said,
+            )
+            assert count == (0 if user == users[1] else 1)
