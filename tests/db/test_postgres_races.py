@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import httpx
@@ -24,15 +25,22 @@ import pytest
 from chatmeter.chats.store import deactivate_chat
 from chatmeter.db.steps import Conflict, PostgresStatements, Sql, Steps
 from chatmeter.db.tables import utcnow
-from chatmeter.db.transactor import RACE_ATTEMPTS, PostgresTransactor
+from chatmeter.db.transactor import RACE_ATTEMPTS, ConnectionLost, PostgresTransactor
 from chatmeter.errors import DATABASE_UNAVAILABLE, ApiError, database_down_response
 from chatmeter.ids import new_id
 from chatmeter.metering.plans import PlanBook
 from chatmeter.metering.reservations import release_expired, renew_leases, request_stop
 from chatmeter.metering.settlement import Settlement, settle, settle_steps
 from chatmeter.providers.base import Usage
-from chatmeter.streaming.opening import ModelLimits, Opened, OpeningRules, open_steps
+from chatmeter.streaming.opening import (
+    ModelLimits,
+    Opened,
+    OpeningRules,
+    open_steps,
+    undo_opening,
+)
 from tests.conftest import auth, make_settings
+from tests.support.outage import LostAnswerProxy
 from tests.support.postgres import PostgresServer
 from tests.support.server import serve
 from tests.support.waiting import eventually
@@ -714,3 +722,78 @@ async def test_an_opening_of_a_held_chat_among_others_fails_alone(
                 said,
             )
             assert count == (0 if user == users[1] else 1)
+
+
+@contextlib.asynccontextmanager
+async def losing_the_answer_to(dsn: str, marker: bytes) -> AsyncIterator[PostgresTransactor]:
+    """A transactor whose first statement containing `marker` runs on the server and
+    whose answer is lost on the way back (`LostAnswerProxy`)."""
+    parts = urlsplit(dsn)
+    proxy = LostAnswerProxy(parts.hostname or "127.0.0.1", parts.port or 5432, marker)
+    await proxy.start()
+    netloc = f"{parts.username}@127.0.0.1:{proxy.port}"
+    running = PostgresTransactor(urlunsplit(parts._replace(netloc=netloc)), pool_size=4)
+    try:
+        yield running
+        assert proxy.lost == 1
+    finally:
+        await running.close()
+        await proxy.close()
+
+
+async def test_openings_sent_together_whose_answer_is_lost_are_each_taken_back(
+    dsn: str,
+) -> None:
+    """The connection is lost as the answer to three openings sent together comes back:
+    each hears `ConnectionLost` (it may have been written), all or none was written (one
+    transaction), and each is taken back as the message path does (`undo_opening`),
+    which leaves nothing held."""
+    users = [f"u{n}{uuid.uuid4().hex[:8]}" for n in range(3)]
+    lost = losing_the_answer_to(dsn, b"held AS (INSERT INTO reservations")
+    async with connections(dsn, 1) as (monitor,), lost as transactor:
+        await add_users(monitor, *users)
+        asked = [(user, await new_chat(monitor, user), new_id()) for user in users]
+        outcomes = await open_together(transactor, asked)
+        assert [type(outcome) for outcome in outcomes] == [ConnectionLost] * 3
+        undone = [
+            await transactor.run(undo_opening, user, chat, said, RULES.worker_id)
+            for user, chat, said in asked
+        ]
+        assert undone in ([True] * 3, [False] * 3)
+        for user, chat, _ in asked:
+            assert await reserved_balance(monitor, user) == (0, 0)
+            kept = await monitor.fetchval("SELECT count(*) FROM messages WHERE chat_id = $1", chat)
+            assert kept == 0
+
+
+async def test_settlements_sent_together_whose_answer_is_lost_are_billed_once(
+    dsn: str, transactor: PostgresTransactor
+) -> None:
+    """The connection is lost as the answer to three settlements sent together comes
+    back: each hears `ConnectionLost`, and each one's retry (`is_retry`, as
+    `settle_with_retries` makes it) finds whether it was written: every reply is
+    billed exactly once."""
+    users = [f"u{n}{uuid.uuid4().hex[:8]}" for n in range(3)]
+    async with connections(dsn, 1) as (monitor,):
+        await add_users(monitor, *users)
+        settlements = []
+        for user in users:
+            chat = await new_chat(monitor, user)
+            opening = await transactor.run(open_steps, RULES, user, chat, "hi", None, new_id())
+            settlements.append(settlement_of(opening, user, chat))
+        async with losing_the_answer_to(dsn, b"gone AS (DELETE FROM reservations") as losing:
+            outcomes = await asyncio.gather(
+                *(settle(losing, s, RULES.plans) for s in settlements), return_exceptions=True
+            )
+            assert [type(outcome) for outcome in outcomes] == [ConnectionLost] * 3
+            for s in settlements:
+                await settle(losing, s, RULES.plans, is_retry=True)
+        for s in settlements:
+            row = await monitor.fetchrow(
+                "SELECT total_tokens_used, reserved_tokens FROM user_usage WHERE user_id = $1",
+                s.user_id,
+            )
+            billed = await monitor.fetchval(
+                "SELECT count(*) FROM usage_events WHERE message_id = $1", s.message_id
+            )
+            assert (tuple(row), billed) == ((s.usage.total_tokens, 0), 1)
