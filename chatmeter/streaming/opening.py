@@ -355,7 +355,7 @@ def _fitted_read(models: Mapping[str, ModelLimits], history_messages: int) -> st
     return (
         "chat AS (SELECT user_id, model, is_active FROM chats "
         "WHERE chat_id = CAST(:chat_id AS UUID)), "
-        "recent AS (SELECT role, content, created_at, message_id, "
+        "recent AS (SELECT role, content, "
         f"sum(octet_length(convert_to(content, 'UTF8')) + {PER_MESSAGE_OVERHEAD}) "
         "OVER (ORDER BY created_at DESC, role ASC, message_id "
         "ROWS UNBOUNDED PRECEDING) AS upto FROM (SELECT role, content, created_at, message_id "
@@ -364,7 +364,8 @@ def _fitted_read(models: Mapping[str, ModelLimits], history_messages: int) -> st
         f"FROM chat JOIN (VALUES {table}) AS m(name, ctx, cap, base, price) "
         "ON m.name = chat.model "
         "WHERE chat.user_id = CAST(:user_id AS VARCHAR) AND chat.is_active), "
-        "sized AS (SELECT model.*, model.base + COALESCE((SELECT max(upto) FROM recent "
+        "sized AS MATERIALIZED (SELECT model.*, model.base + COALESCE((SELECT max(upto) "
+        "FROM recent "
         "WHERE model.base + upto + model.cap <= model.ctx), 0) AS size FROM model), "
         "fit AS (SELECT base, cap, ctx, size, LEAST(cap, ctx - size) AS output_cap, price "
         "FROM sized WHERE ctx - size >= 1), "
@@ -380,16 +381,17 @@ def _literal(text: str) -> str:
 
 
 # the chat's row (with the reservation's plan and figures when it was made), then its
-# history newest first, each message with whether the prompt keeps it; every row begins
-# with the user message's id, which tells apart the rows of openings sent together
+# history newest first (`upto` grows in that order), each message with whether the
+# prompt keeps it; every row begins with the user message's id, which tells apart the
+# rows of openings sent together
 _AT_ONCE_ANSWER = (
     "SELECT CAST(:message_id AS UUID) AS opening, 0 AS kind, chat.user_id, chat.model, "
     "chat.is_active, took.plan, fit.size, fit.output_cap, ask.micros, NULL AS role, "
-    "NULL AS content, NULL AS kept, NULL AS created_at, NULL AS message_id FROM chat "
-    "LEFT JOIN took ON TRUE LEFT JOIN fit ON TRUE LEFT JOIN ask ON TRUE UNION ALL "
+    "NULL AS content, NULL AS kept, NULL AS upto FROM chat LEFT JOIN took ON TRUE "
+    "LEFT JOIN fit ON TRUE LEFT JOIN ask ON TRUE UNION ALL "
     "SELECT CAST(:message_id AS UUID), 1, NULL, NULL, NULL, NULL, NULL, NULL, NULL, role, "
-    "content, fit.base + upto + fit.cap <= fit.ctx, created_at, message_id FROM recent "
-    "LEFT JOIN fit ON TRUE ORDER BY kind, created_at DESC, role ASC, message_id"
+    "content, fit.base + upto + fit.cap <= fit.ctx, upto FROM recent "
+    "LEFT JOIN fit ON TRUE ORDER BY kind, upto"
 )
 
 
