@@ -405,6 +405,8 @@ class _Together:
     async def run_alone(self) -> None:
         if self.transaction is not None:
             self.transaction.close()
+        if self.done.done():  # its caller was cancelled: nothing is sent
+            return
         try:
             self.succeed(await self.alone())
         except Exception as exc:
@@ -421,7 +423,8 @@ class _Together:
 
 def _split(records: Sequence[Sequence[Any]], items: Sequence[_Together]) -> list[Rows]:
     """The rows of statements sent together, each statement's own (in the order sent):
-    a statement's rows are those that begin with its key, one after another."""
+    a statement's rows are those that begin with its key, one after another (no two
+    statements sent together have the same key)."""
     split: list[Rows] = []
     at = 0
     for item in items:
@@ -429,8 +432,8 @@ def _split(records: Sequence[Sequence[Any]], items: Sequence[_Together]) -> list
         while at < len(records) and records[at][0] == item.key:
             at += 1
         split.append([tuple(record) for record in records[start:at]])
-    if at != len(records):
-        raise RuntimeError("rows sent together that no statement sent owns")
+    if at != len(records):  # a bug; they were written, whose rows are whose is unknown
+        raise OutcomeUnknown("rows sent together that no statement sent owns")
     return split
 
 
@@ -484,17 +487,32 @@ class PostgresTransactor:
         task.add_done_callback(self._sending.discard)
 
     async def _send(self, items: list[_Together]) -> None:
-        if len(items) == 1:
-            await items[0].run_alone()
+        try:
+            # a caller cancelled before its turn ended sends nothing
+            await self._send_now([item for item in items if not item.done.done()])
+        except Exception as exc:  # a bug: no caller is left waiting for nothing
+            log.exception("transactions sent together failed")
+            for item in items:
+                item.fail(exc)
+
+    async def _send_now(self, items: list[_Together]) -> None:
+        if len(items) <= 1:
+            await asyncio.gather(*(item.run_alone() for item in items))
             return
         groups: dict[str, tuple[list[_Together], list[list[object]]]] = {}
+        keys: set[tuple[str, object]] = set()
         alone: list[_Together] = []
         for item in sorted(items, key=attrgetter("order")):
-            statement = item.begin(self._statements)
-            if statement is None:
-                alone.append(item)
+            try:
+                statement = item.begin(self._statements)
+            except Exception as exc:  # its steps failed before their first statement
+                item.fail(exc)
+                continue
+            if statement is None or (statement[0], item.key) in keys:
+                alone.append(item)  # not one to send together, or its rows would mix
                 continue
             text, values = statement
+            keys.add((text, item.key))
             group = groups.setdefault(text, ([], []))
             group[0].append(item)
             group[1].append(values)
@@ -510,12 +528,12 @@ class PostgresTransactor:
         if len(items) > 1:
             try:
                 records = await self._send_many(text, values)
-            except ConnectionLost as lost:
+                rows = _split(records, items) if records is not None else None
+            except OutcomeUnknown as unknown:
                 for item in items:
-                    item.fail(lost)
+                    item.fail(unknown)
                 return
-            if records is not None:
-                rows = _split(records, items)
+            if rows is not None:
                 ended = [item.finish(its) for item, its in zip(items, rows, strict=True)]
                 alone = [item for item, end in zip(items, ended, strict=True) if not end]
         await asyncio.gather(*(item.run_alone() for item in alone))
@@ -524,7 +542,9 @@ class PostgresTransactor:
         self, text: str, values: list[list[object]]
     ) -> Sequence[Sequence[Any]] | None:
         """All the rows returned if all were written; None if none was (then each runs
-        alone)."""
+        alone): PostgreSQL refused them (and rolled them back), or a value could not be
+        sent (asyncpg then rolls back what it sent). Anything else after they were sent
+        leaves each one's outcome unknown (`OutcomeUnknown`)."""
         try:
             async with self._connections.lend() as conn:
                 try:
@@ -533,11 +553,13 @@ class PostgresTransactor:
                     if isinstance(exc, asyncpg.InterfaceError) and not conn.is_closed():
                         raise
                     raise ConnectionLost(f"{type(exc).__name__}: {exc}") from exc
-        except ConnectionLost:
-            raise
-        except Exception as exc:
+        except (asyncpg.PostgresError, ValueError, TypeError) as exc:  # asyncpg's DataError
             log.info("%d transactions sent together failed (%s): each alone", len(values), exc)
             return None
+        except OutcomeUnknown:
+            raise
+        except Exception as exc:
+            raise OutcomeUnknown(f"{type(exc).__name__}: {exc}") from exc
         return records
 
     async def run(self, steps: Callable[P, Steps[T]], *args: P.args, **kwargs: P.kwargs) -> T:
@@ -573,6 +595,8 @@ class PostgresTransactor:
         return None
 
     async def close(self) -> None:
+        # the transactions sent together are answered before their connections close
+        await asyncio.gather(*self._sending, return_exceptions=True)
         await self._connections.close()
 
 

@@ -201,11 +201,23 @@ def lock_active_chat(chat_id: uuid.UUID) -> Steps[None]:
         raise ApiError(404, "CHAT_NOT_FOUND", "This chat does not exist or was deleted.")
 
 
+# a chat that holds a reservation (a reply, live or a dead process's) is passed over by
+# the one-statement opening, which then writes nothing, rather than refused by the
+# reservations' unique key: a unique violation aborts every opening sent with it
+# (`Transactor.run_together`). The key still settles two openings of one chat that race.
+CHAT_HELD = "SELECT 1 FROM reservations WHERE chat_id = CAST(:chat_id AS UUID)"
+
+
 def at_once_ctes(ask: Ask, amounts: Amounts) -> tuple[list[str], dict[str, object]]:
     """The CTEs `took` (the user's row, if the chat is still active and locked, see
-    `ACTIVE_CHAT_LOCKED`) and `held` (the reservation, written only if `took` was) of a
-    one-statement opening, and their parameters. The reservation takes `amounts`."""
-    also = f"AND EXISTS ({ACTIVE_CHAT_LOCKED}) " if ask.chat_id is not None else ""
+    `ACTIVE_CHAT_LOCKED`, and holds no reservation, `CHAT_HELD`) and `held` (the
+    reservation, written only if `took` was) of a one-statement opening, and their
+    parameters. The reservation takes `amounts`."""
+    also = (
+        f"AND EXISTS ({ACTIVE_CHAT_LOCKED}) AND NOT EXISTS ({CHAT_HELD}) "
+        if ask.chat_id is not None
+        else ""
+    )
     take = take_statement(ask.book, ask.user_id, amounts, ask.now, also)
     ctes = [
         f"took AS ({take.text})",

@@ -700,12 +700,13 @@ async def test_openings_refused_among_others_are_refused_alone(
         assert sorted(row[0] for row in saved) == sorted([asked[0][2], asked[4][2]])
 
 
-async def test_an_opening_of_a_held_chat_among_others_fails_alone(
+async def test_an_opening_of_a_held_chat_does_not_hold_back_those_sent_with_it(
     dsn: str, transactor: PostgresTransactor
 ) -> None:
-    """An opening of a chat that already holds a reservation breaks the reservations'
-    key: nothing of the openings sent with it is written, each runs again alone, and
-    only that one is refused (409). The others are written once."""
+    """An opening of a chat that already holds a reservation is passed over by the one
+    statement (`CHAT_HELD`), not refused by the reservations' unique key, which would
+    abort every opening sent with it: the others are written together, in one
+    transaction, and only that one is refused (409), alone."""
     users = [f"u{n}{uuid.uuid4().hex[:8]}" for n in range(3)]
     async with connections(dsn, 1) as (monitor,):
         await add_users(monitor, *users)
@@ -715,13 +716,102 @@ async def test_an_opening_of_a_held_chat_among_others_fails_alone(
         outcomes = await open_together(transactor, asked)
         assert api_errors([outcomes[1]]) == [(409, "REPLY_IN_PROGRESS")]
         assert isinstance(outcomes[0], Opened) and isinstance(outcomes[2], Opened)
-        for user, chat, said in asked:
-            count = await monitor.fetchval(
-                "SELECT count(*) FROM messages WHERE chat_id = $1 AND message_id = $2",
-                chat,
-                said,
+        writers = await monitor.fetch(
+            "SELECT DISTINCT xmin::text FROM messages WHERE message_id = ANY($1::uuid[])",
+            [asked[0][2], asked[2][2]],
+        )
+        assert len(writers) == 1
+        saved = await monitor.fetchval(
+            "SELECT count(*) FROM messages WHERE message_id = $1", asked[1][2]
+        )
+        assert saved == 0
+
+
+def echo(key: str, n: int) -> Steps[list[tuple[Any, ...]]]:
+    """A read whose one row begins with its key."""
+    return (
+        yield Sql(
+            "SELECT CAST(:key AS TEXT), CAST(:n AS INT)",
+            {"key": key, "n": n},
+            alone=True,
+            keyed_by="key",
+        )
+    )
+
+
+async def test_statements_with_the_same_key_are_not_sent_together(
+    transactor: PostgresTransactor,
+) -> None:
+    """Three reads asked for in one turn, two with the same key (which tells their rows
+    apart): those two do not go in the same round trip, and each reads its own row."""
+    rows = await asyncio.gather(
+        transactor.run_together("a", echo, "k", 1),
+        transactor.run_together("a", echo, "k", 2),
+        transactor.run_together("b", echo, "j", 3),
+    )
+    assert list(rows) == [[("k", 1)], [("k", 2)], [("j", 3)]]
+
+
+async def test_an_opening_cancelled_before_its_turn_ends_sends_nothing(
+    dsn: str, transactor: PostgresTransactor
+) -> None:
+    """Of three openings asked for in one turn, one is cancelled before the turn ends:
+    it is not sent (its message is not saved, its user holds nothing); the others are."""
+    users = [f"u{n}{uuid.uuid4().hex[:8]}" for n in range(3)]
+    rules = replace(RULES, writable_ctes=True)
+    async with connections(dsn, 1) as (monitor,):
+        await add_users(monitor, *users)
+        asked = [(user, await new_chat(monitor, user), new_id()) for user in users]
+        tasks = [
+            asyncio.ensure_future(
+                transactor.run_together(user, open_steps, rules, user, chat, "hi", None, said)
             )
-            assert count == (0 if user == users[1] else 1)
+            for user, chat, said in asked
+        ]
+        await asyncio.sleep(0)  # each has asked; the turn has not ended
+        tasks[1].cancel()
+        outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+        assert isinstance(outcomes[1], asyncio.CancelledError)
+        assert isinstance(outcomes[0], Opened) and isinstance(outcomes[2], Opened)
+        saved = await monitor.fetch(
+            "SELECT message_id FROM messages WHERE message_id = ANY($1::uuid[])",
+            [said for *_, said in asked],
+        )
+        assert sorted(row[0] for row in saved) == sorted([asked[0][2], asked[2][2]])
+        assert await reserved_balance(monitor, users[1]) == (0, 0)
+
+
+def broken_steps() -> Steps[None]:
+    """A transaction that fails before its first statement (a bug in its steps)."""
+    raise ValueError("a bug before the first statement")
+    yield Sql("SELECT 1", {})  # a generator all the same
+
+
+async def test_steps_that_fail_before_their_statement_fail_alone(
+    dsn: str, transactor: PostgresTransactor
+) -> None:
+    """A transaction whose steps raise before their first statement, asked for with a
+    settlement in one turn: it hears its own error, and the settlement is written (no
+    caller is left waiting)."""
+    user = f"u{uuid.uuid4().hex[:8]}"
+    async with connections(dsn, 1) as (monitor,):
+        await add_users(monitor, user)
+        chat = await new_chat(monitor, user)
+        opening = await transactor.run(open_steps, RULES, user, chat, "hi", None, new_id())
+        s = settlement_of(opening, user, chat)
+        outcomes = await asyncio.wait_for(
+            asyncio.gather(
+                transactor.run_together("a", broken_steps),
+                settle(transactor, s, RULES.plans),
+                return_exceptions=True,
+            ),
+            timeout=30,
+        )
+        assert isinstance(outcomes[0], ValueError) and outcomes[1] is None
+        billed = await monitor.fetchval(
+            "SELECT count(*) FROM usage_events WHERE message_id = $1", s.message_id
+        )
+        assert billed == 1
 
 
 @contextlib.asynccontextmanager
