@@ -131,14 +131,17 @@ class PostgresStatements:
         return positional.text, [statement.params[name] for name in positional.names]
 
 
-async def run_asyncpg(conn: Any, statements: PostgresStatements, steps: Steps[T]) -> T:
+async def run_asyncpg(
+    conn: Any, statements: PostgresStatements, steps: Steps[T], first: Sql | None = None
+) -> T:
     """Drive `steps` on an asyncpg connection: statements marked `alone` on their own
     until one is not, then a transaction for the rest, committed when the steps end
-    (rolled back if they raise)."""
+    (rolled back if they raise). `first`: the steps' first statement, when it was taken
+    already."""
     async with contextlib.AsyncExitStack() as transaction:
         began = False
         try:
-            statement = next(steps)
+            statement = next(steps) if first is None else first
             while True:
                 if not began and not statement.alone:
                     await transaction.enter_async_context(conn.transaction())

@@ -32,7 +32,7 @@ from chatmeter.db.sqlite_process import (
     encode_jobs,
     sqlite_path,
 )
-from chatmeter.db.steps import Conflict, PostgresStatements, Rows, Steps, run_asyncpg
+from chatmeter.db.steps import Conflict, PostgresStatements, Rows, Sql, Steps, run_asyncpg
 
 log = logging.getLogger("chatmeter.db")
 T = TypeVar("T")
@@ -365,32 +365,43 @@ class SqliteTransactor:
             await self._answers
 
 
+def _name(steps: Callable[..., Any]) -> str:
+    return getattr(steps, "__name__", "a transaction")
+
+
+# a transaction's steps and their first statement, taken and not yet sent
+_Begun = tuple[Steps[T], Sql]
+
+
 @dataclass(eq=False, slots=True)
 class _Together:
     """A transaction waiting in `PostgresTransactor.run_together`."""
 
     order: str
     steps: Callable[[], Steps[Any]]  # its steps, begun only if it is sent with others
-    alone: Callable[[], Awaitable[Any]]  # the transaction run on its own (`run`)
+    # the transaction run on its own (`PostgresTransactor._run`), from where it was begun
+    alone: Callable[[_Begun[Any] | None], Awaitable[Any]]
     done: asyncio.Future[Any]
-    transaction: Steps[Any] | None = None  # begun: its first statement taken
+    transaction: Steps[Any] | None = None  # begun
+    first: Sql | None = None  # its first statement, while it is not sent
     key: object = None  # the value its rows begin with (`Sql.keyed_by`)
 
     def begin(self, statements: PostgresStatements) -> tuple[str, list[object]] | None:
         """Its first statement as asyncpg takes it; None if that statement cannot go with
         others: not `alone`, or its rows cannot be told apart (not `keyed_by`)."""
         self.transaction = self.steps()
-        statement = next(self.transaction)
-        if not (statement.alone and statement.keyed_by):
-            self.transaction.close()
+        self.first = next(self.transaction)
+        if not (self.first.alone and self.first.keyed_by):
             return None
-        self.key = statement.params[statement.keyed_by]
-        return statements.convert(statement)
+        self.key = self.first.params[self.first.keyed_by]
+        return statements.convert(self.first)
 
     def finish(self, rows: Rows) -> bool:
         """Hand the transaction its statement's rows. True if it ended there; False if
-        it goes on (it wrote nothing, `run_together`'s terms): it is then to run alone."""
+        it goes on (it wrote nothing, `run_together`'s terms): it is then to run alone,
+        from its start."""
         assert self.transaction is not None
+        self.first = None
         try:
             self.transaction.send(rows)
         except StopIteration as end:
@@ -399,16 +410,22 @@ class _Together:
             self.fail(exc)
         else:
             self.transaction.close()
+            self.transaction = None
             return False
         return True
 
     async def run_alone(self) -> None:
-        if self.transaction is not None:
-            self.transaction.close()
+        """Run it on its own: from its first statement if that was taken and not sent
+        (its steps are not made twice), else from its start."""
+        begun = None
+        if self.transaction is not None and self.first is not None:
+            begun = (self.transaction, self.first)
         if self.done.done():  # its caller was cancelled: nothing is sent
+            if self.transaction is not None:
+                self.transaction.close()
             return
         try:
-            self.succeed(await self.alone())
+            self.succeed(await self.alone(begun))
         except Exception as exc:
             self.fail(exc)
 
@@ -470,14 +487,8 @@ class PostgresTransactor:
         if not self._together:
             loop.call_soon(self._send_together)
         done: asyncio.Future[T] = loop.create_future()
-        self._together.append(
-            _Together(
-                order,
-                partial(steps, *args, **kwargs),
-                partial(self.run, steps, *args, **kwargs),
-                done,
-            )
-        )
+        make = partial(steps, *args, **kwargs)
+        self._together.append(_Together(order, make, partial(self._run, make, _name(steps)), done))
         return await done
 
     def _send_together(self) -> None:
@@ -566,12 +577,21 @@ class PostgresTransactor:
         """Run the transaction; one that loses a deadlock or a serialization race is run
         again from the start (its steps anew) a few times, after a short random wait so
         the two do not meet again: a lost race is never an error for the client."""
+        return await self._run(partial(steps, *args, **kwargs), _name(steps))
+
+    async def _run(
+        self, make: Callable[[], Steps[T]], name: str, begun: _Begun[T] | None = None
+    ) -> T:
+        """`run` of the steps `make()`; `begun`: their first attempt, already begun (its
+        first statement taken, not sent)."""
         attempt = 1
         while True:
+            steps, first = begun if begun is not None else (make(), None)
+            begun = None
             try:
                 async with self._connections.lend() as conn:
                     try:
-                        return await run_asyncpg(conn, self._statements, steps(*args, **kwargs))
+                        return await run_asyncpg(conn, self._statements, steps, first)
                     except (
                         asyncpg.PostgresConnectionError,
                         asyncpg.InterfaceError,
@@ -586,7 +606,6 @@ class PostgresTransactor:
             except asyncpg.PostgresError as exc:
                 if exc.sqlstate not in RACE_LOST or attempt == RACE_ATTEMPTS:
                     raise
-                name = getattr(steps, "__name__", "a transaction")
                 log.info("%s lost a race (%s), attempt %d", name, exc.sqlstate, attempt)
             await asyncio.sleep(random.uniform(0, RACE_BACKOFF_SECONDS * 2 ** (attempt - 1)))
             attempt += 1

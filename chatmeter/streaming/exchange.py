@@ -310,7 +310,7 @@ async def _open_chat(
 ) -> Exchange:
     args = (chat_id, message, exact_prompt, user_message_id)
     try:
-        return await _open(services, user, chat_id, open_steps, *args, together=True)
+        return await _open(services, user, chat_id, open_steps, *args)
     except OutcomeUnknown:
         # the SQLite writer process died, or PostgreSQL's connection was lost, before it
         # answered: the opening may have committed, and its reservation would hold the
@@ -320,7 +320,7 @@ async def _open_chat(
             undo_opening, user.user_id, chat_id, user_message_id, rules.worker_id
         )
         log.warning("the database was lost during an opening (committed: %s)", undone)
-        return await _open(services, user, chat_id, open_steps, *args, together=True)
+        return await _open(services, user, chat_id, open_steps, *args)
 
 
 async def open_prompt_exchange(services: Services, user: Principal, prompt: Prompt) -> Exchange:
@@ -364,18 +364,14 @@ async def _open(
     chat_id: uuid.UUID | None,
     steps: Callable[..., Steps[Opened]],
     *args: object,
-    together: bool = False,
 ) -> Exchange:
     """Run an opening transaction, `steps(rules, user_id, *args)`, and make its exchange.
-    `together`: it goes with the others of the moment (`run_together`; a chat's opening,
-    whose one statement on PostgreSQL keys its rows by the user message)."""
-    transactor = services.transactor
-    rules = services.opening_rules
+    It goes with the others of the moment (`run_together`: on PostgreSQL a chat's
+    opening is one statement keyed by its user message)."""
     try:
-        if together:
-            opened = await transactor.run_together(user.user_id, steps, rules, user.user_id, *args)
-        else:
-            opened = await transactor.run(steps, rules, user.user_id, *args)
+        opened = await services.transactor.run_together(
+            user.user_id, steps, services.opening_rules, user.user_id, *args
+        )
     except ApiError as exc:
         services.metrics.count_refusal(exc.code)
         raise

@@ -752,6 +752,29 @@ async def test_statements_with_the_same_key_are_not_sent_together(
     assert list(rows) == [[("k", 1)], [("k", 2)], [("j", 3)]]
 
 
+def counted(made: list[str], key: str, keyed: bool) -> Steps[list[tuple[Any, ...]]]:
+    """A read that notes each time its steps are made."""
+    made.append(key)
+    text = "SELECT CAST(:key AS TEXT)" if keyed else "SELECT CAST(:key AS TEXT) AS unkeyed"
+    return (yield Sql(text, {"key": key}, alone=True, keyed_by="key" if keyed else ""))
+
+
+async def test_a_transaction_not_sent_with_others_is_made_once(
+    transactor: PostgresTransactor,
+) -> None:
+    """Three transactions asked for in one turn, none sent with another (two statements
+    alone of their kind, one not keyed): each runs on from the first statement taken to
+    group them, and its steps are made once."""
+    made: list[str] = []
+    rows = await asyncio.gather(
+        transactor.run_together("1", counted, made, "a", True),
+        transactor.run_together("2", counted, made, "b", False),
+        transactor.run_together("3", echo, "k", 3),
+    )
+    assert list(rows) == [[("a",)], [("b",)], [("k", 3)]]
+    assert made == ["a", "b"]
+
+
 async def test_an_opening_cancelled_before_its_turn_ends_sends_nothing(
     dsn: str, transactor: PostgresTransactor
 ) -> None:
