@@ -24,17 +24,18 @@ run: $(STAMP)
 
 # system packages the tests use: PostgreSQL 15 server binaries, Chromium, redis-server,
 # Node with npm (the OpenAI JS SDK test installs its npm package into tests/v1/js itself),
-# and for the container image test (tests/deploy) podman, debootstrap and iproute2
+# for the container image test (tests/deploy) podman, debootstrap and iproute2, and wrk
+# (the benchmark's load generator, whose script tests/tools/bench runs)
 test-deps:
 	@if [ ! -x /usr/lib/postgresql/15/bin/initdb ] || ! command -v chromium >/dev/null \
-		|| ! command -v redis-server >/dev/null \
+		|| ! command -v redis-server >/dev/null || ! command -v wrk >/dev/null \
 		|| ! command -v node >/dev/null || ! command -v npm >/dev/null \
 		|| ! command -v podman >/dev/null || ! command -v debootstrap >/dev/null \
 		|| ! command -v ip >/dev/null; then \
 		if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 		$$SUDO apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq postgresql-15 chromium \
-			redis-server nodejs npm podman debootstrap iproute2 >/dev/null; \
+			redis-server nodejs npm podman debootstrap iproute2 wrk >/dev/null; \
 	fi
 
 test: $(STAMP) test-deps

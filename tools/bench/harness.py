@@ -198,12 +198,22 @@ def alternate(
     rounds: int,
     seconds: float,
     label: str,
+    spread_seconds: float = 0.0,
 ) -> dict[str, list[LoadResult]]:
-    """Rounds of A B (C) A B (C)...: whatever drifts over the run hits every target alike."""
+    """Rounds of A B (C) A B (C)...: whatever drifts over the run hits every target alike.
+    The clients' first requests spread over `spread_seconds` (`run_wrk`)."""
     results: dict[str, list[LoadResult]] = {name: [] for name in targets}
     for index in range(rounds):
         for name, (server, slots) in targets.items():
             wait_idle(server)
             bench.say(f"{label}: round {index + 1}/{rounds}, {name}")
-            results[name].append(run_wrk(server, slots, seconds=seconds, workdir=bench.workdir))
+            results[name].append(
+                run_wrk(
+                    server,
+                    slots,
+                    seconds=seconds,
+                    workdir=bench.workdir,
+                    spread_seconds=spread_seconds,
+                )
+            )
     return results

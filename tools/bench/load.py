@@ -7,7 +7,11 @@ a tenth of the server's CPU here (each result records both, so this stays checke
 Each wrk thread holds exactly one connection (`-t N -c N`), because wrk's Lua hooks know
 the thread but not the connection: one thread = one client = one chat, so a connection
 never finds its chat busy with another connection's reply (409). The Lua `response` hook
-counts an exchange only when the stream answered 200 and ended with `"done":true`."""
+counts an exchange only when the stream answered 200 and ended with `"done":true`.
+
+A spread staggers the clients' first requests evenly over that many seconds (wrk's `delay`
+hook, which runs before every request: the first waits its share, the others none), so
+that clients whose replies all take the same time do not stay in step."""
 
 from __future__ import annotations
 
@@ -58,6 +62,7 @@ function response(status, headers, body)
   end
 end
 
+%(spread)s
 function done(summary, latency, requests)
   local e, f = 0, 0
   for _, t in ipairs(threads) do
@@ -132,10 +137,26 @@ def _lua_string(text: str) -> str:
     return json.dumps(text)  # a JSON string of ASCII is a valid Lua string literal
 
 
-def write_script(path: Path, slots: list[Slot], message: str) -> None:
+# the first request of thread `slot` (1..N) waits its share of the spread; wrk times a
+# request from when it is written, so the wait is not in its latency
+_SPREAD = """
+local started = false
+
+function delay()
+  if started then
+    return 0
+  end
+  started = true
+  return math.floor(%(spread_ms)d * (slot - 1) / #slots)
+end
+"""
+
+
+def write_script(path: Path, slots: list[Slot], message: str, spread_seconds: float = 0.0) -> None:
     rows = ",".join(f"{{{_lua_string(s.path)},{_lua_string(s.token)}}}" for s in slots)
     body = _lua_string(json.dumps({"message": message}))
-    path.write_text(_SCRIPT % {"slots": rows, "body": body})
+    spread = _SPREAD % {"spread_ms": round(spread_seconds * 1000)} if spread_seconds > 0 else ""
+    path.write_text(_SCRIPT % {"slots": rows, "body": body, "spread": spread})
 
 
 def run_wrk(
@@ -145,12 +166,13 @@ def run_wrk(
     seconds: float,
     workdir: Path,
     message: str = BENCH_MESSAGE,
+    spread_seconds: float = 0.0,
 ) -> LoadResult:
     """`len(slots)` concurrent clients, each posting an exchange as soon as its last one
-    ended, for `seconds`."""
+    ended, for `seconds`; their first requests spread over `spread_seconds`."""
     concurrency = len(slots)
     script = workdir / f"wrk-{server.name}-{concurrency}.lua"
-    write_script(script, slots, message)
+    write_script(script, slots, message, spread_seconds)
     command = [
         wrk_path(),
         f"-t{concurrency}",

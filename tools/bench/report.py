@@ -51,8 +51,9 @@ def _added_rows(
     title: str,
     comparison: Comparison | None,
     target: str = "chatmeter",
-    p50_bar: float = ADDED_P50_BAR_MS,
+    p50_bar: float | None = ADDED_P50_BAR_MS,
 ) -> list[Row]:
+    """The added latency of `target`, judged against `p50_bar` (None: reported only)."""
     if comparison is None or target not in comparison.rounds:
         return []
     p50, p99 = comparison.added_p50(target), comparison.added_p99(target)
@@ -61,6 +62,8 @@ def _added_rows(
         f"{_ms(comparison.p99(target))}; floor {_ms(comparison.p50('floor'))} / "
         f"{_ms(comparison.p99('floor'))})"
     )
+    if p50_bar is None:
+        return [Row(title, measured, "no bar", None)]
     bar = f"added p50 ≤ {p50_bar:g} ms, p99 ≤ {ADDED_P99_BAR_MS:g} ms"
     return [Row(title, measured, bar, p50 <= p50_bar and p99 <= ADDED_P99_BAR_MS)]
 
@@ -110,6 +113,11 @@ def summary_rows(results: BenchResults) -> list[Row]:
     rows: list[Row] = []
     rows += _added_rows(
         "Server overhead at 50 concurrent streams (paced model, SQLite)", results.paced
+    )
+    rows += _added_rows(
+        "The same 50 streams in step (all 50 requests at once each second)",
+        results.paced_in_step,
+        p50_bar=None,
     )
     rows += _added_rows("Added latency, one exchange at a time (SQLite)", results.one_at_a_time)
     rows += _added_rows(
@@ -304,6 +312,7 @@ def markdown(results: BenchResults, plot_name: str | None) -> str:
         ("One exchange at a time", results.one_at_a_time),
         ("50 concurrent clients, no delay (throughput)", results.throughput),
         ("50 concurrent streams, paced model", results.paced),
+        ("50 concurrent streams, paced model, in step", results.paced_in_step),
     ):
         if comparison is not None:
             out += [
@@ -311,8 +320,13 @@ def markdown(results: BenchResults, plot_name: str | None) -> str:
                 f"### {title}",
                 "",
                 f"Scripted reply: {comparison.scenario.describe()}; "
-                f"{comparison.concurrency} client(s). Latency is request sent to end event "
-                "received. Medians over the rounds:",
+                f"{comparison.concurrency} client(s)"
+                + (
+                    f", their first requests spread over {comparison.spread_seconds:g} s"
+                    if comparison.spread_seconds
+                    else ""
+                )
+                + ". Latency is request sent to end event received. Medians over the rounds:",
                 "",
             ]
             for name in comparison.rounds:
@@ -503,8 +517,15 @@ floor is what chatmeter adds.
 - **Server overhead at 50 concurrent streams** uses a paced scripted model (the provider
   takes a second per reply) so that 50 streams are open without saturating the worker;
   the provider's own time is the same on both sides and cancels in the difference.
-  wrk's 50 clients start together and every reply takes the same second, so they stay
-  in step: 50 requests, then 50 settlements, arrive at once each second.
+  The clients' first requests are spread evenly over that second (wrk's `delay` hook
+  holds each client's first request back by its share; wrk times a request from when it
+  is written), as 50 users who do not coordinate arrive; every reply then takes the same
+  second, so they stay spread. The bar is judged on this figure.
+  The same 50 streams are also measured **in step**: started together, they stay
+  together, so 50 requests, then 50 settlements, arrive at once each second, and the
+  median request waits behind the work of about half the others: every microsecond an
+  exchange costs beyond the floor counts some 25 times. That figure is reported, not
+  judged.
   **Saturated** (no delay, 50 clients as fast as they go) latency is queueing: by Little's
   law it is 50 / throughput, so it restates the throughput figure.
 - **Throughput** is complete exchanges per second at 50 concurrent clients, in rounds

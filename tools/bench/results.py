@@ -69,6 +69,7 @@ class Comparison:
     scenario: Scenario
     concurrency: int
     rounds: dict[str, list[LoadResult]]  # target name -> its rounds, in run order
+    spread_seconds: float = 0.0  # the clients' first requests spread over this long
 
     def p50(self, target: str) -> float:
         return median([r.p50_ms for r in self.rounds[target]])
@@ -267,7 +268,8 @@ class BenchResults:
     open_files_limit: int
     one_at_a_time: Comparison | None = None
     throughput: Comparison | None = None
-    paced: Comparison | None = None
+    paced: Comparison | None = None  # the clients spread over a reply's time
+    paced_in_step: Comparison | None = None  # all 50 at once
     sweep: list[SweepPoint] = field(default_factory=list)
     count_calls_per_exchange: float | None = None
     count_exchanges: int = 0
@@ -281,7 +283,12 @@ class BenchResults:
 
     def load_results(self) -> list[LoadResult]:
         found: list[LoadResult] = []
-        for comparison in (self.one_at_a_time, self.throughput, self.paced):
+        for comparison in (
+            self.one_at_a_time,
+            self.throughput,
+            self.paced,
+            self.paced_in_step,
+        ):
             if comparison is not None:
                 for rounds in comparison.rounds.values():
                     found.extend(rounds)

@@ -6,7 +6,8 @@ Order of a run (each server a process of its own, one uvicorn worker):
     floor, chatmeter on SQLite, on PostgreSQL, on SQLite + Redis    started together, warmed up
     one exchange at a time        floor / chatmeter, alternating rounds
     50 concurrent, no delay       floor / SQLite / PostgreSQL / SQLite + Redis, alternating
-    50 concurrent, paced model    floor / chatmeter, alternating rounds
+    50 concurrent, paced model    floor / chatmeter, alternating rounds: clients spread
+                                  over a reply's second, then all in step
     concurrency sweep             floor / chatmeter at each level (the plot)
     count-token calls             a clean batch of complete exchanges, /metrics before/after
     SQL statements per exchange   chatmeter in this process, SQLite and PostgreSQL
@@ -167,8 +168,18 @@ def measure_scripted(
         "floor": (floor, paced_slots["floor"]),
         "chatmeter": (sqlite, paced_slots["chatmeter"]),
     }
+    # 50 users do not arrive together: the clients' first requests spread over one reply's
+    # time, and replies that all take that time keep them spread (the bar's figure)
+    spread = PACED.chunks * PACED.delay_ms / 1000
     results.paced = Comparison(
-        PACED, 50, alternate(bench, paced, rounds, seconds, "50 concurrent, paced model")
+        PACED,
+        50,
+        alternate(bench, paced, rounds, seconds, "50 concurrent, paced model", spread),
+        spread,
+    )
+    # and all at once, in step: 50 openings, then 50 settlements, queue together each second
+    results.paced_in_step = Comparison(
+        PACED, 50, alternate(bench, paced, rounds, seconds, "50 concurrent, paced, in step")
     )
 
     for level in levels:

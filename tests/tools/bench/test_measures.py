@@ -51,6 +51,8 @@ def test_wrk_script_gives_each_thread_its_own_chat_and_token(tmp_path: Path) -> 
         assert f'{{"{slot.path}","{slot.token}"}}' in text
     assert 'thread:set("slot", counter)' in text
     assert '"{\\"message\\": \\"say \\\\\\"hi\\\\\\"\\"}"' in text
+    # no spread asked for: no delay hook, so wrk sends every request the moment it can
+    assert "function delay" not in text
 
 
 def test_statement_kinds_name_the_verb_and_the_table() -> None:

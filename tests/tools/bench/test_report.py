@@ -140,3 +140,27 @@ def test_the_markdown_has_the_replies_sections() -> None:
     assert "| replies held | 100.0 MiB | 105.7 MiB | 3,000 B | 0 |" in text
     assert "Per held reply: **2,500 B**." in text
     assert "- chatmeter-redis: 530.0 exchanges/s" in text
+
+
+def test_paced_streams_are_judged_spread_and_reported_in_step() -> None:
+    outcome = results()
+    outcome.paced = Comparison(
+        SCENARIO,
+        50,
+        {"floor": [load(45, 1003.0, 1008.0)], "chatmeter": [load(45, 1004.0, 1012.0)]},
+        spread_seconds=1.0,
+    )
+    outcome.paced_in_step = Comparison(
+        SCENARIO,
+        50,
+        {"floor": [load(45, 1006.0, 1011.0)], "chatmeter": [load(44, 1016.0, 1030.0)]},
+    )
+    rows = {row.figure: row for row in summary_rows(outcome)}
+    spread = rows["Server overhead at 50 concurrent streams (paced model, SQLite)"]
+    assert spread.met is True and "added p50 1.00 ms, p99 4.00 ms" in spread.measured
+    in_step = rows["The same 50 streams in step (all 50 requests at once each second)"]
+    assert in_step.met is None and in_step.bar == "no bar"
+    assert "added p50 10.00 ms" in in_step.measured
+    text = markdown(outcome, None)
+    assert "their first requests spread over 1 s" in text
+    assert "### 50 concurrent streams, paced model, in step" in text
