@@ -14,6 +14,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from chatmeter import __version__
 from chatmeter.auth.routes import router as keys_router
 from chatmeter.chats.routes import router as chats_router
+from chatmeter.collector import collect_young_less_often
 from chatmeter.config import Settings, load_settings
 from chatmeter.cors import ApiCors
 from chatmeter.errors import install_error_handlers
@@ -122,7 +123,8 @@ def create_app(settings: Settings) -> Chatmeter:
 
 def create_app_from_env() -> Chatmeter:
     """The app as `uvicorn --factory` builds it in each worker: settings from the
-    environment, logging configured."""
+    environment, logging configured, garbage collected less often."""
+    collect_young_less_often()
     settings = load_settings()
     logging.basicConfig(
         level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s"

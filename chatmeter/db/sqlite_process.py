@@ -38,6 +38,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any, TextIO
 
+from chatmeter.collector import collect_young_less_often
 from chatmeter.db.steps import Steps, run_sqlite
 
 log = logging.getLogger("chatmeter.db")
@@ -346,6 +347,7 @@ def main() -> None:
     os.dup2(2, 1)  # stdout is the answers' pipe: anything else printed goes to stderr
     for module in sys.argv[4:]:  # the transactions' modules, imported before the first job
         __import__(module)
+    collect_young_less_often()
     _write_all(answers, encode_answers([]))  # ready: a process that ends before this failed
     with contextlib.ExitStack() as stack:
         trace = stack.enter_context(open(trace_path, "a", buffering=1)) if trace_path else None
