@@ -130,7 +130,8 @@ def _user_update(held: str, start: str) -> str:
 
 def _writes(s: Settlement) -> list[str]:
     """The rows the exchange adds: its message (a chat's), its ledger row (if it used
-    tokens), the chat's last activity."""
+    tokens). The chat's row is left alone: its last activity is its last message's time
+    (`chats.store.CHATS`)."""
     writes = []
     if s.chat_id is not None:
         writes.append(
@@ -147,8 +148,6 @@ def _writes(s: Settlement) -> list[str]:
             ":message_id, :model, :prompt, :completion, :thinking, :cached, :total, :source, "
             ":now, :cost)"
         )
-    if s.chat_id is not None:
-        writes.append("UPDATE chats SET updated_at = :now WHERE chat_id = :chat_id")
     return writes
 
 
