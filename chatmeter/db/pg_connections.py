@@ -20,15 +20,18 @@ from types import TracebackType
 import asyncpg
 
 CONNECT_TIMEOUT_SECONDS = 5.0
-# Every statement chatmeter runs finds its rows by key, through an index. PostgreSQL plans
+# The message path's statements find their rows by key, through an index. PostgreSQL plans
 # a prepared statement once (a generic plan), from the statistics of that moment. Planned
 # while a chat held ~10 messages on average, the opening's read of a chat's last messages
 # became a bitmap scan and a sort of all the chat's messages (on a smaller table, a
 # sequential scan of the whole table), kept until the next ANALYZE: its cost grew with
 # every message (1.6 ms an opening instead of 0.27 ms in a benchmark), and with a long
 # chat whatever the averages. Without those two plans, the index read backwards from the
-# newest message is the plan at any size.
-PLANNER_SETTINGS = "SET enable_bitmapscan = off; SET enable_seqscan = off"
+# newest message is the plan at any size. The statements that read much of a table (the
+# usage summary, the admin search: `Sql.wide`) get them back for their transaction.
+# JIT compiling is off too: it is chosen by a plan's cost, and a plan with no index to use
+# costs the switches' penalty (10^10), so every run of it would compile.
+PLANNER_SETTINGS = "SET enable_bitmapscan = off; SET enable_seqscan = off; SET jit = off"
 # what leaves a connection in a state not to trust: the driver's own failures (a protocol
 # state it cannot leave), the network's, a timeout in the middle of a statement
 UNTRUSTED = (asyncpg.InterfaceError, asyncpg.InternalClientError, OSError, TimeoutError)
@@ -119,7 +122,7 @@ async def connect(dsn: str) -> asyncpg.Connection:
     """A connection planning as chatmeter's statements need (`PLANNER_SETTINGS`)."""
     conn = await asyncpg.connect(dsn, timeout=CONNECT_TIMEOUT_SECONDS)
     try:
-        await conn.execute(PLANNER_SETTINGS)
+        await conn.execute(PLANNER_SETTINGS, timeout=CONNECT_TIMEOUT_SECONDS)
     except BaseException:
         conn.terminate()
         raise

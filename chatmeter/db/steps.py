@@ -47,6 +47,10 @@ class Sql:
     # tells apart the rows of statements sent together (`Transactor.run_together`, which
     # sends no other statement with others)
     keyed_by: str = ""
+    # reads much of a table (a report, a search): PostgreSQL may plan it with the
+    # sequential and bitmap scans that chatmeter's connections otherwise leave out
+    # (`pg_connections.PLANNER_SETTINGS`); it then runs in a transaction of its own
+    wide: bool = False
 
 
 class Conflict(Exception):
@@ -131,6 +135,10 @@ class PostgresStatements:
         return positional.text, [statement.params[name] for name in positional.names]
 
 
+# what a `wide` statement is planned with: PostgreSQL's defaults, for its transaction
+WIDE_READ_SETTINGS = "SET LOCAL enable_seqscan = on; SET LOCAL enable_bitmapscan = on"
+
+
 async def run_asyncpg(
     conn: Any, statements: PostgresStatements, steps: Steps[T], first: Sql | None = None
 ) -> T:
@@ -143,9 +151,11 @@ async def run_asyncpg(
         try:
             statement = next(steps) if first is None else first
             while True:
-                if not began and not statement.alone:
+                if not began and (statement.wide or not statement.alone):
                     await transaction.enter_async_context(conn.transaction())
                     began = True
+                if statement.wide:
+                    await conn.execute(WIDE_READ_SETTINGS)  # until the transaction ends
                 text, args = statements.convert(statement)
                 try:
                     records = await conn.fetch(text, *args)

@@ -85,12 +85,13 @@ def find_users(part: str, limit: int, offset: int) -> Steps[tuple[int, list[Usag
     escaped = part.lower().replace("/", "//").replace("%", "/%").replace("_", "/_")
     where = "WHERE lower(user_id) LIKE :pattern ESCAPE '/'" if part else ""
     pattern = {"pattern": f"%{escaped}%"} if part else {}
-    counted = yield Sql(f"SELECT COUNT(*) FROM user_usage {where}", pattern, alone=True)
+    counted = yield Sql(f"SELECT COUNT(*) FROM user_usage {where}", pattern, alone=True, wide=True)
     rows = yield Sql(
         f"SELECT {USAGE_COLUMNS} FROM user_usage {where} ORDER BY user_id "
         "LIMIT :limit OFFSET :offset",
         {**pattern, "limit": limit, "offset": offset},
         alone=True,
+        wide=True,
     )
     return int(counted[0][0]), rows
 

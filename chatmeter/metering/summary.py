@@ -108,6 +108,7 @@ def summarize(
         f"WHERE created_at >= :start AND created_at < :end{mine} GROUP BY 1",
         {"start": start, "end": end, **({"user_id": user_id} if user_id is not None else {})},
         alone=True,
+        wide=True,
     )
     totals: dict[str, list[int]] = {}
     for group, *figures in rows:

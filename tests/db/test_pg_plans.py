@@ -1,5 +1,6 @@
 """PostgreSQL plans the opening's read of a chat's last messages along the index, whatever
-the statistics of the moment it planned it (`pg_connections.PLANNER_SETTINGS`)."""
+the statistics of the moment it planned it (`pg_connections.PLANNER_SETTINGS`); a wide
+read (a report, a search) may still scan a table."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ import asyncpg
 import pytest
 
 from chatmeter.db.pg_connections import Connections
+from chatmeter.db.steps import Sql, Steps
 from chatmeter.db.tables import utcnow
+from chatmeter.db.transactor import PostgresTransactor
 from chatmeter.ids import new_id
 from chatmeter.streaming.opening import LATEST_MESSAGES
 from tests.support.postgres import PostgresServer
@@ -79,3 +82,23 @@ async def test_the_history_read_walks_the_index_whatever_the_statistics(dsn: str
         await connections.close()
     assert "Index Scan Backward using ix_messages_in_order on messages" in plan, plan
     assert "Bitmap" not in plan and "Seq Scan" not in plan, plan
+
+
+def explain(sql: str, *, wide: bool) -> Steps[str]:
+    rows = yield Sql(f"EXPLAIN {sql}", {"pattern": "%a%"}, alone=True, wide=wide)
+    return "\n".join(str(row[0]) for row in rows)
+
+
+async def test_a_wide_read_may_scan_the_table_and_the_next_statement_may_not(dsn: str) -> None:
+    search = "SELECT COUNT(*) FROM messages WHERE lower(content) LIKE :pattern"
+    penalty = "cost=10000000"  # what PostgreSQL adds to a plan its settings turn off
+    transactor = PostgresTransactor(dsn, pool_size=1)  # one connection: the same session
+    try:
+        wide = await transactor.run(explain, search, wide=True)
+        # the settings were the wide statement's transaction's only
+        narrow = await transactor.run(explain, search, wide=False)
+    finally:
+        await transactor.close()
+    assert "Seq Scan on messages" in wide and penalty not in wide, wide
+    assert penalty in narrow, narrow  # no index serves it: the scan, at the penalty
+    assert "JIT" not in narrow, narrow  # which would otherwise compile it at every run
