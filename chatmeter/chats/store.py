@@ -43,20 +43,6 @@ class Chat:
 # the columns `read_chat` reads, in its order
 CHAT_COLUMNS = "chat_id, user_id, title, model, is_active, created_at, updated_at"
 
-# The chats as they are read: a chat's `updated_at` is its row's (made, renamed, deleted)
-# or its last message's, whichever is later. An exchange writes messages and leaves the
-# chat's row alone: on PostgreSQL, updating the row at every settlement cost about a
-# seventh of the throughput (a new version of the row and of its index entries each time,
-# old versions for the next opening to pass over). The last message is one step back
-# along the index of a chat's messages.
-CHATS = (
-    "(SELECT chat_id, user_id, title, model, is_active, created_at, "
-    "CASE WHEN last_message_at > updated_at THEN last_message_at ELSE updated_at END "
-    "AS updated_at FROM (SELECT c.*, (SELECT m.created_at FROM messages AS m "
-    "WHERE m.chat_id = c.chat_id ORDER BY m.created_at DESC LIMIT 1) AS last_message_at "
-    "FROM chats AS c) AS lasts) AS chats"
-)
-
 
 def read_chat(row: tuple[Any, ...]) -> Chat:
     chat_id, user_id, title, model, is_active, created_at, updated_at = row
@@ -152,7 +138,7 @@ def check_owned(chat: AnyChat | None, user_id: str) -> AnyChat:
 def owned_chat_steps(chat_id: uuid.UUID, user_id: str) -> Steps[Chat]:
     """The active chat `chat_id` of `user_id` (`check_owned`)."""
     rows = yield Sql(
-        f"SELECT {CHAT_COLUMNS} FROM {CHATS} WHERE chat_id = :chat_id",
+        f"SELECT {CHAT_COLUMNS} FROM chats WHERE chat_id = :chat_id",
         {"chat_id": chat_id},
         alone=True,
     )
@@ -202,9 +188,9 @@ def next_cursor(rows: Rows, limit: int, moment: datetime, item_id: uuid.UUID) ->
 def list_chats(
     user_id: str, limit: int, before: Cursor | None
 ) -> Steps[tuple[list[dict[str, Any]], str | None]]:
-    """The user's active chats, last updated first (`CHATS`: by their last message)."""
+    """The user's active chats, last updated first."""
     text, params = page_before(
-        f"SELECT {CHAT_COLUMNS} FROM {CHATS} WHERE user_id = :user_id AND is_active = :yes",
+        f"SELECT {CHAT_COLUMNS} FROM chats WHERE user_id = :user_id AND is_active = :yes",
         "updated_at",
         "chat_id",
         before,
@@ -235,10 +221,7 @@ def rename_chat(chat_id: uuid.UUID, user_id: str, title: str) -> Steps[Chat]:
         "UPDATE chats SET title = :title, updated_at = :now WHERE chat_id = :chat_id",
         {"title": title, "now": now, "chat_id": chat_id},
     )
-    # as `CHATS` reads it: the later of the row's time and the last message's, which
-    # `chat.updated_at` holds if it is the later (a message from a worker whose clock runs
-    # ahead of this one's)
-    return replace(chat, title=title, updated_at=max(now, chat.updated_at))
+    return replace(chat, title=title, updated_at=now)
 
 
 def deactivate_chat(chat_id: uuid.UUID, user_id: str, row_locks: bool = False) -> Steps[None]:

@@ -130,8 +130,7 @@ def _user_update(held: str, start: str) -> str:
 
 def _writes(s: Settlement) -> list[str]:
     """The rows the exchange adds: its message (a chat's), its ledger row (if it used
-    tokens). The chat's row is left alone: its last activity is its last message's time
-    (`chats.store.CHATS`)."""
+    tokens), the chat's last activity."""
     writes = []
     if s.chat_id is not None:
         writes.append(
@@ -148,6 +147,8 @@ def _writes(s: Settlement) -> list[str]:
             ":message_id, :model, :prompt, :completion, :thinking, :cached, :total, :source, "
             ":now, :cost)"
         )
+    if s.chat_id is not None:
+        writes.append("UPDATE chats SET updated_at = :now WHERE chat_id = :chat_id")
     return writes
 
 
