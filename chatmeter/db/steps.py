@@ -147,15 +147,16 @@ async def run_asyncpg(
     (rolled back if they raise). `first`: the steps' first statement, when it was taken
     already."""
     async with contextlib.AsyncExitStack() as transaction:
-        began = False
+        began = widened = False
         try:
             statement = next(steps) if first is None else first
             while True:
                 if not began and (statement.wide or not statement.alone):
                     await transaction.enter_async_context(conn.transaction())
                     began = True
-                if statement.wide:
+                if statement.wide and not widened:
                     await conn.execute(WIDE_READ_SETTINGS)  # until the transaction ends
+                    widened = True
                 text, args = statements.convert(statement)
                 try:
                     records = await conn.fetch(text, *args)

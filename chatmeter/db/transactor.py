@@ -417,13 +417,13 @@ class _Together:
     async def run_alone(self) -> None:
         """Run it on its own: from its first statement if that was taken and not sent
         (its steps are not made twice), else from its start."""
-        begun = None
-        if self.transaction is not None and self.first is not None:
-            begun = (self.transaction, self.first)
         if self.done.done():  # its caller was cancelled: nothing is sent
             if self.transaction is not None:
                 self.transaction.close()
             return
+        begun = None
+        if self.transaction is not None and self.first is not None:
+            begun = (self.transaction, self.first)
         try:
             self.succeed(await self.alone(begun))
         except Exception as exc:
