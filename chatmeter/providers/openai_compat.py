@@ -73,7 +73,7 @@ class OpenAICompatibleProvider:
         try:
             stream = await self._client.chat.completions.create(
                 model=self._model,
-                messages=_messages(request),
+                messages=chat_messages(request),
                 stream=True,
                 stream_options={"include_usage": True},
                 max_tokens=openai.omit if modern else cap,
@@ -196,7 +196,7 @@ def _or_omit(value: float | None) -> float | openai.Omit:
     return openai.omit if value is None else value
 
 
-def _messages(request: GenerationRequest) -> list[ChatCompletionMessageParam]:
+def chat_messages(request: GenerationRequest) -> list[ChatCompletionMessageParam]:
     return [
         _message("system", request.system_prompt),
         *(_message(turn.role, turn.content) for turn in request.turns()),

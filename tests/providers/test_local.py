@@ -140,7 +140,7 @@ async def test_closing_the_stream_stops_generation(local: LocalProvider) -> None
     assert await slots_busy(local) == 1
     await stream.aclose()
 
-    # llama.cpp notices the closed connection and frees the slot at once, not after
+    # llama.cpp is told to stop at the next chunk and frees the slot at once, not after
     # the 1500 tokens (about 15 s) it was asked for
     # (10 s: generous for a busy machine, and still well short of the whole reply)
     await slot_freed(local, "llama.cpp kept generating after the close")
@@ -170,6 +170,47 @@ async def test_replies_run_in_parallel_slots(local: LocalProvider) -> None:
     texts = await asyncio.gather(*(reply(outcome) for outcome in outcomes))
     assert all(texts)
     assert all(o.usage is not None and o.usage.prompt_tokens > 0 for o in outcomes)
+
+
+async def test_more_replies_than_slots_wait_their_turn(local: LocalProvider) -> None:
+    """A reply holds one of the provider's threads (one per slot) while it generates."""
+    outcomes = [StreamOutcome() for _ in range(CONFIG.parallel * 2 + 1)]
+
+    async def reply(outcome: StreamOutcome) -> str:
+        return "".join([piece async for piece in local.stream(REQUEST, outcome)])
+
+    texts = await asyncio.gather(*(reply(outcome) for outcome in outcomes))
+    assert all(texts)
+    assert all(o.usage is not None and o.usage.completion_tokens > 0 for o in outcomes)
+
+
+async def test_a_prompt_beyond_the_context_is_refused_before_output(
+    local: LocalProvider,
+) -> None:
+    # a slot holds CONFIG.context_window (2048) tokens; llama.cpp answers its error object
+    request = dataclasses.replace(REQUEST, message="word " * 3000)
+    outcome = StreamOutcome()
+    with pytest.raises(ProviderError) as refused:
+        async for _ in local.stream(request, outcome):
+            pass
+    assert refused.value.code == "PROVIDER_ERROR"
+    assert refused.value.before_output
+    assert refused.value.message == "the model server answered HTTP 400"
+    assert outcome.usage is None
+    # and the provider goes on serving
+    assert "".join([piece async for piece in local.stream(REQUEST, StreamOutcome())])
+
+
+async def test_closing_the_provider_stops_the_replies_it_is_generating() -> None:
+    provider = await create_local_provider("local", CONFIG, Settings())
+    stream = provider.stream(LONG_STORY, StreamOutcome())
+    for _ in range(3):
+        await anext(stream)
+    await provider.aclose()
+    # what llama.cpp generated before it was told to stop: a few pieces, not the rest of
+    # the 1500 tokens it was asked for (which a close that waited for it would leave)
+    rest = [piece async for piece in stream]
+    assert len(rest) < 100
 
 
 def test_the_gguf_is_found_without_importing_the_package() -> None:
