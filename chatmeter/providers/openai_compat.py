@@ -1,7 +1,8 @@
 """The `openai` provider: any OpenAI-compatible Chat Completions server (OpenAI, vLLM,
 Ollama, llama.cpp server, LM Studio), through the official `openai` SDK.
 
-The embedded `local` model speaks the same protocol, so it reuses this adapter.
+The embedded `local` model (`local.py`) speaks the same protocol in process: it shares the
+messages, the usage mapping and the `/tokenize` counting defined here.
 """
 
 from __future__ import annotations
@@ -56,12 +57,7 @@ class OpenAICompatibleProvider:
             timeout=timeout,
             max_retries=0,
         )
-        # /tokenize is not under /v1 (llama.cpp, vLLM) and needs the key like any call.
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._http = httpx.AsyncClient(
-            base_url=server_root(base_url), headers=headers, timeout=timeout
-        )
-        self._can_tokenize = True
+        self._tokenizer = Tokenizer(name, server_root(base_url), api_key, timeout)
         self._cap_is_completion_tokens = caps_with_max_completion_tokens(base_url)
 
     async def stream(
@@ -120,8 +116,27 @@ class OpenAICompatibleProvider:
             )
 
     async def count_tokens(self, texts: list[str]) -> list[int]:
+        return await self._tokenizer.count(texts)
+
+    async def aclose(self) -> None:
+        await self._client.close()
+        await self._tokenizer.aclose()
+
+
+class Tokenizer:
+    """Exact counts from a server's `/tokenize` (llama.cpp, vLLM), until it shows it has
+    none (OpenAI, Ollama)."""
+
+    def __init__(self, name: str, root: str, api_key: str | None, timeout: float) -> None:
+        self._name = name
+        # /tokenize is not under /v1 (llama.cpp, vLLM) and needs the key like any call.
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.http = httpx.AsyncClient(base_url=root, headers=headers, timeout=timeout)
+        self._can_tokenize = True
+
+    async def count(self, texts: list[str]) -> list[int]:
         if not self._can_tokenize:
-            raise ProviderError("PROVIDER_ERROR", f"{self.name} cannot count tokens")
+            raise ProviderError("PROVIDER_ERROR", f"{self._name} cannot count tokens")
         return list(await asyncio.gather(*(self._tokenize(text) for text in texts)))
 
     async def _tokenize(self, text: str) -> int:
@@ -129,7 +144,7 @@ class OpenAICompatibleProvider:
         # Special tokens (BOS) are left out: texts are counted one by one and summed.
         body = {"content": text, "prompt": text, "add_special_tokens": False}
         try:
-            response = await self._http.post("/tokenize", json=body)
+            response = await self.http.post("/tokenize", json=body)
         except httpx.HTTPError as exc:
             raise ProviderError("PROVIDER_ERROR", f"tokenize failed: {exc!r}") from exc
         if response.is_success:
@@ -143,8 +158,7 @@ class OpenAICompatibleProvider:
         raise ProviderError("PROVIDER_ERROR", f"tokenize answered HTTP {response.status_code}")
 
     async def aclose(self) -> None:
-        await self._client.close()
-        await self._http.aclose()
+        await self.http.aclose()
 
 
 async def create_openai_provider(

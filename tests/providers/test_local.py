@@ -53,7 +53,7 @@ async def local() -> AsyncIterator[LocalProvider]:
 
 async def llama(provider: LocalProvider, method: str, path: str, **kwargs: Any) -> Any:
     """Ask llama.cpp itself, with the provider's client (it carries the server's key)."""
-    response = await provider._http.request(method, path, **kwargs)
+    response = await provider._tokenizer.http.request(method, path, **kwargs)
     response.raise_for_status()
     return response.json()
 
@@ -201,16 +201,32 @@ async def test_a_prompt_beyond_the_context_is_refused_before_output(
     assert "".join([piece async for piece in local.stream(REQUEST, StreamOutcome())])
 
 
-async def test_closing_the_provider_stops_the_replies_it_is_generating() -> None:
-    provider = await create_local_provider("local", CONFIG, Settings())
-    stream = provider.stream(LONG_STORY, StreamOutcome())
+async def test_closing_the_provider_ends_its_replies_as_failed() -> None:
+    """One slot: a reply generating, another waiting for the slot's thread. Closing the
+    provider stops the first in a few pieces, as cut short (not as a reply that ended),
+    and ends the second before it starts; neither waits for the 1500 tokens."""
+    provider = await create_local_provider(
+        "local", CONFIG.model_copy(update={"parallel": 1}), Settings()
+    )
+    generating = provider.stream(LONG_STORY, StreamOutcome())
     for _ in range(3):
-        await anext(stream)
+        await anext(generating)
+    waiting_outcome = StreamOutcome()
+    waiting = asyncio.create_task(anext(provider.stream(REQUEST, waiting_outcome)))
+    await eventually(lambda: provider._threads._work_queue.qsize() == 1)  # in line
     await provider.aclose()
-    # what llama.cpp generated before it was told to stop: a few pieces, not the rest of
-    # the 1500 tokens it was asked for (which a close that waited for it would leave)
-    rest = [piece async for piece in stream]
-    assert len(rest) < 100
+
+    rest: list[str] = []
+    with pytest.raises(ProviderError) as cut:
+        async for piece in generating:
+            rest.append(piece)
+    assert cut.value.code == "PROVIDER_ERROR" and not cut.value.before_output
+    assert len(rest) < 100  # what came before the stop, not the rest of the reply
+    with pytest.raises(ProviderError) as never_started:
+        await asyncio.wait_for(waiting, 30)  # not forever
+    assert never_started.value.before_output and waiting_outcome.usage is None
+    with pytest.raises(ProviderError, match="shut down"):
+        await anext(provider.stream(REQUEST, StreamOutcome()))
 
 
 def test_the_gguf_is_found_without_importing_the_package() -> None:
