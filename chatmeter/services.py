@@ -103,14 +103,18 @@ async def start_services(settings: Settings) -> Services:
     metrics = Metrics()
     worker_id = new_worker_id()
     secret = dev_jwt_secret(settings) if not settings.jwt_jwks_url else settings.jwt_secret
+    reply_log, stop_signals = _reply_sharing(settings)
+    shared = reply_log if isinstance(reply_log, RedisLog) else None
+    # a reply whose process dies mid-reply is settled from its log in Redis
+    opening_rules = OpeningRules.of(settings, worker_id, settles_orphans=shared is not None)
     transactor = make_transactor(
         settings.database_url,
         settings.sqlite_busy_timeout_ms,
         sqlite_trace_file=settings.sqlite_trace_file,
         preload=TRANSACTION_MODULES,
+        # every opening takes the rules and every settlement the plans
+        constants=(opening_rules, opening_rules.plans),
     )
-    reply_log, stop_signals = _reply_sharing(settings)
-    shared = reply_log if isinstance(reply_log, RedisLog) else None
     services = Services(
         settings=settings,
         transactor=transactor,
@@ -130,8 +134,7 @@ async def start_services(settings: Settings) -> Services:
         stop_signals=stop_signals,
         outbox=Outbox(settings.outbox_dir, worker_id, metrics),
         worker_id=worker_id,
-        # a reply whose process dies mid-reply is settled from its log in Redis
-        opening_rules=OpeningRules.of(settings, worker_id, settles_orphans=shared is not None),
+        opening_rules=opening_rules,
     )
     if shared is not None:
         services.replies.orphans = OrphanSettler(

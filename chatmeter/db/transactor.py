@@ -25,6 +25,7 @@ import asyncpg
 from chatmeter.db.pg_connections import Connections
 from chatmeter.db.sqlite_process import (
     ANSWER_HEADER,
+    Constants,
     Outcome,
     commit_batch,
     connect_sqlite,
@@ -169,8 +170,10 @@ class SqliteTransactor:
         start_backoff_seconds: float = START_BACKOFF_SECONDS,
         trace_file: str | None = None,
         preload: Sequence[str] = (),
+        constants: Sequence[object] = (),
     ) -> None:
         self._path = sqlite_path(url)
+        self._constants = Constants(tuple(constants))
         self._busy_timeout_ms = busy_timeout_ms
         self._trace_file = trace_file
         self._preload = tuple(preload)
@@ -235,6 +238,8 @@ class SqliteTransactor:
             except OSError as exc:
                 self._start_failed(str(exc))
                 raise WriterGone(f"could not start the SQLite writer process: {exc}") from exc
+            assert process.stdin is not None
+            process.stdin.write(self._constants.frame())  # read before any job
             try:
                 await asyncio.wait_for(_ready(process), START_TIMEOUT_SECONDS)
             except BaseException as exc:
@@ -288,12 +293,12 @@ class SqliteTransactor:
                     _answer(future, ok, value)
                 return
         try:
-            frame = encode_jobs([job[0] for job in jobs], [job[1] for job in jobs])
+            frame = encode_jobs([job[0] for job in jobs], [job[1] for job in jobs], self._constants)
         except Exception:  # a bug: the calls that do not pickle fail, the others go
             jobs = [job for job in jobs if _pickles(job)]
             if not jobs:
                 return
-            frame = encode_jobs([job[0] for job in jobs], [job[1] for job in jobs])
+            frame = encode_jobs([job[0] for job in jobs], [job[1] for job in jobs], self._constants)
         for job_id, _, future in jobs:
             self._waiting[job_id] = future
         # if it died, `_read_answers` fails whatever is waiting
@@ -625,10 +630,18 @@ def make_transactor(
     *,
     sqlite_trace_file: str | None = None,
     preload: Sequence[str] = (),
+    constants: Sequence[object] = (),
 ) -> Transactor:
     """The transactor for `url`. `preload` names the modules of the transactions the
     application runs: the SQLite writer process imports them as it starts, so that the
-    first exchange does not wait for the imports."""
+    first exchange does not wait for the imports. `constants`: objects many transactions
+    take, unchanged while the server runs; the writer process is sent them once."""
     if url.startswith("sqlite"):
-        return SqliteTransactor(url, busy_timeout_ms, trace_file=sqlite_trace_file, preload=preload)
+        return SqliteTransactor(
+            url,
+            busy_timeout_ms,
+            trace_file=sqlite_trace_file,
+            preload=preload,
+            constants=constants,
+        )
     return PostgresTransactor(url)

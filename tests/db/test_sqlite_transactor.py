@@ -217,6 +217,49 @@ async def test_arguments_that_cannot_be_sent_fail_that_caller_alone(db_path: Pat
         assert names(db_path) == {"fine"}
 
 
+class Naming:
+    """Configuration a transaction takes, counting how often it is pickled."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.pickled = 0
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        self.pickled += 1
+        return (Naming, (self.prefix,))
+
+
+def insert_named(naming: Naming, name: str) -> Steps[str]:
+    return (yield from insert(naming.prefix + name))
+
+
+async def test_constants_cross_once_per_writer_process(db_path: Path) -> None:
+    naming = Naming("n-")
+    transactor = SqliteTransactor(
+        f"sqlite+aiosqlite:///{db_path}", busy_timeout_ms=5000, inline=False, constants=(naming,)
+    )
+    try:
+        await transactor.start()
+        assert [await transactor.run(insert_named, naming, str(i)) for i in range(3)] == [
+            "n-0",
+            "n-1",
+            "n-2",
+        ]
+        assert naming.pickled == 1  # as the writer process started, not with each frame
+        # the same value in another object is an argument like any other
+        assert await transactor.run(insert_named, Naming("other-"), "x") == "other-x"
+
+        pid = transactor.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        await eventually(lambda: transactor.pid is None)
+        assert await transactor.run(insert_named, naming, "3") == "n-3"
+        assert naming.pickled == 2  # to the process started again
+    finally:
+        await transactor.close()
+    assert names(db_path) == {"n-0", "n-1", "n-2", "other-x", "n-3"}
+
+
 async def test_a_lone_transaction_on_a_quiet_server_commits_on_the_loop(
     db_path: Path, commits: Callable[[], int]
 ) -> None:
