@@ -18,9 +18,9 @@ it is ready: the server backs off from starting again a process that ends before
 It ends when stdin closes, which is also what happens when the server dies.
 
 What every frame would carry again, the worker's configuration of openings and plans, is
-sent once, first, as a frame of no jobs (`Constants`); the frames then name each of those
-objects by its number. Pickling the opening's rules took ~50 us and reading them ~25 us,
-for every frame.
+sent once, first, as a frame of no jobs (`Constants`), read before the process says it is
+ready; the frames then name each of those objects by its number. Pickling the opening's
+rules took ~50 us and reading them ~25 us, for every frame.
 
 A quiet server does not wait for this process: a lone transaction while nothing is in
 hand here commits on the server's own connection, which leaves checkpoints to this
@@ -244,21 +244,38 @@ def dumps(value: Any, numbers: Mapping[int, int] = MappingProxyType({})) -> byte
     return buffer.getvalue()
 
 
+# what `Constants` refuses: pickle never asks `reducer_override` about these, so they
+# could not be named by number
+_UNNAMEABLE = (type(None), bool, int, float, complex, str, bytes, tuple, list, dict, set, frozenset)
+
+
 class Constants:
-    """Objects the server's transactions take again and again, unchanged for the life of
-    the server (the opening's rules, the plans): sent to the process once, as it starts
-    (`frame`), then named by number in every frame of calls (`numbers`)."""
+    """Objects the server's transactions take again and again (the opening's rules, the
+    plans): sent to the process once, as it starts (`frame`), then named by number in
+    every frame of calls (`numbers`). The process keeps what it was sent, so a constant
+    must not change while the server runs (a cache that answers the same is fine)."""
 
     def __init__(self, values: tuple[Any, ...] = ()) -> None:
+        for value in values:
+            if type(value) in _UNNAMEABLE:
+                raise TypeError(f"a {type(value).__name__} cannot be a constant")
         self._values = values  # held: an id names its object only while it lives
         self.numbers: Mapping[int, int] = MappingProxyType(
             {id(value): number for number, value in enumerate(values)}
         )
+        payload = dumps(values)  # once: constants that do not pickle fail here
+        self.frame = BATCH_HEADER.pack(len(payload), 0) + payload  # no jobs: the constants
 
-    def frame(self) -> bytes:
-        """The frame that hands them over: one with no jobs."""
-        payload = dumps(self._values)
-        return BATCH_HEADER.pack(len(payload), 0) + payload
+
+def read_constants(reader: JobReader) -> tuple[Any, ...]:
+    """The first frame from the server, `Constants.frame`; () if the server is gone."""
+    frames = reader.read(on_idle=lambda: None)
+    if not frames:
+        return ()
+    if len(frames) > 1 or frames[0][0]:
+        raise RuntimeError("the server sent jobs before its constants")
+    constants: tuple[Any, ...] = pickle.loads(frames[0][1])
+    return constants
 
 
 def encode_jobs(ids: list[int], calls: list[tuple[Any, ...]], constants: Constants) -> bytes:
@@ -309,35 +326,19 @@ Job = tuple[int, Callable[[], Steps[Any]]]
 Answer = tuple[int, bool, Any]  # job id, (True, result) or (False, exception)
 
 
-class Calls:
-    """Reads the jobs of frames, with the constants the server sent last (`Constants`)."""
-
-    def __init__(self) -> None:
-        self._constants: tuple[Any, ...] = ()
-
-    def unpack(self, frames: list[Frame]) -> tuple[list[Job], list[Answer]]:
-        """The jobs of `frames`, and the answers of those that could not be read."""
-        jobs: list[Job] = []
-        failed: list[Answer] = []
-        for ids, payload in frames:
-            if not ids:
-                self._take_constants(payload)
-                continue
-            try:
-                calls = _Unpickler(payload, self._constants).load()
-            except Exception as exc:  # a function this process cannot import: those fail
-                failed += [(job_id, False, exc) for job_id in ids]
-                continue
-            for job_id, (function, args, kwargs) in zip(ids, calls, strict=True):
-                jobs.append((job_id, partial(function, *args, **kwargs)))
-        return jobs, failed
-
-    def _take_constants(self, payload: bytes) -> None:
+def unpack(frames: list[Frame], constants: tuple[Any, ...]) -> tuple[list[Job], list[Answer]]:
+    """The jobs of `frames`, and the answers of those that could not be read."""
+    jobs: list[Job] = []
+    failed: list[Answer] = []
+    for ids, payload in frames:
         try:
-            self._constants = pickle.loads(payload)
-        except Exception:  # the jobs that name them fail, each with its own answer
-            log.exception("the server's constants could not be read")
-            self._constants = ()
+            calls = _Unpickler(payload, constants).load()
+        except Exception as exc:  # a function this process cannot import: those jobs fail
+            failed += [(job_id, False, exc) for job_id in ids]
+            continue
+        for job_id, (function, args, kwargs) in zip(ids, calls, strict=True):
+            jobs.append((job_id, partial(function, *args, **kwargs)))
+    return jobs, failed
 
 
 def run_jobs(writer: Writer, jobs: list[Job]) -> list[Answer]:
@@ -387,12 +388,10 @@ def _unsent(value: Any) -> RuntimeError:
     return RuntimeError(f"the writer process could not send back {type(value).__name__}")
 
 
-def serve(writer: Writer, fd_in: int, fd_out: int) -> None:
+def serve(writer: Writer, reader: JobReader, constants: tuple[Any, ...], fd_out: int) -> None:
     """Answer jobs until the server closes the pipe."""
-    reader = JobReader(fd_in)
-    calls = Calls()
     while frames := reader.read(on_idle=writer.checkpoint):
-        jobs, unreadable = calls.unpack(frames)
+        jobs, unreadable = unpack(frames, constants)
         if unreadable:
             _write_all(fd_out, encode_answers(unreadable))
         for start in range(0, len(jobs), MAX_BATCH):
@@ -419,10 +418,16 @@ def main() -> None:
     for module in sys.argv[4:]:  # the transactions' modules, imported before the first job
         __import__(module)
     collect_young_less_often()
+    reader = JobReader(0)
+    try:
+        constants = read_constants(reader)
+    except Exception:  # the server then sees a process that ended before it was ready
+        log.exception("the server's constants could not be read")
+        sys.exit(1)
     _write_all(answers, encode_answers([]))  # ready: a process that ends before this failed
     with contextlib.ExitStack() as stack:
         trace = stack.enter_context(open(trace_path, "a", buffering=1)) if trace_path else None
-        serve(Writer(path, busy_timeout_ms, trace), 0, answers)
+        serve(Writer(path, busy_timeout_ms, trace), reader, constants, answers)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 A transaction is named by a module-level steps function and its arguments,
 `run(settle_steps, settlement)`, not by a closure: on SQLite it runs in another process
-(`sqlite_process.py`), which receives the function by name and the arguments pickled."""
+(`sqlite_process.py`), which receives the function by name and the arguments pickled
+(the server's constants, its opening rules and plans, by number)."""
 
 from __future__ import annotations
 
@@ -96,11 +97,11 @@ class Transactor(Protocol):
 _Job = tuple[int, tuple[Any, ...], asyncio.Future[Any]]  # id, (steps, args, kwargs), caller
 
 
-def _pickles(job: _Job) -> bool:
+def _pickles(job: _Job, constants: Constants) -> bool:
     """Whether the call of `job` can be sent; if not, its caller hears why."""
     _, call, future = job
     try:
-        dumps(call)
+        dumps(call, constants.numbers)
     except Exception as exc:
         future.set_exception(exc)
         return False
@@ -173,7 +174,7 @@ class SqliteTransactor:
         constants: Sequence[object] = (),
     ) -> None:
         self._path = sqlite_path(url)
-        self._constants = Constants(tuple(constants))
+        self.constants = Constants(tuple(constants))
         self._busy_timeout_ms = busy_timeout_ms
         self._trace_file = trace_file
         self._preload = tuple(preload)
@@ -238,9 +239,9 @@ class SqliteTransactor:
             except OSError as exc:
                 self._start_failed(str(exc))
                 raise WriterGone(f"could not start the SQLite writer process: {exc}") from exc
-            assert process.stdin is not None
-            process.stdin.write(self._constants.frame())  # read before any job
             try:
+                assert process.stdin is not None
+                process.stdin.write(self.constants.frame)  # read before it says it is ready
                 await asyncio.wait_for(_ready(process), START_TIMEOUT_SECONDS)
             except BaseException as exc:
                 with contextlib.suppress(ProcessLookupError):
@@ -293,12 +294,12 @@ class SqliteTransactor:
                     _answer(future, ok, value)
                 return
         try:
-            frame = encode_jobs([job[0] for job in jobs], [job[1] for job in jobs], self._constants)
+            frame = encode_jobs([job[0] for job in jobs], [job[1] for job in jobs], self.constants)
         except Exception:  # a bug: the calls that do not pickle fail, the others go
-            jobs = [job for job in jobs if _pickles(job)]
+            jobs = [job for job in jobs if _pickles(job, self.constants)]
             if not jobs:
                 return
-            frame = encode_jobs([job[0] for job in jobs], [job[1] for job in jobs], self._constants)
+            frame = encode_jobs([job[0] for job in jobs], [job[1] for job in jobs], self.constants)
         for job_id, _, future in jobs:
             self._waiting[job_id] = future
         # if it died, `_read_answers` fails whatever is waiting

@@ -12,7 +12,9 @@ import os
 import pickle
 import signal
 import sqlite3
+import threading
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -20,9 +22,14 @@ from typing import Any
 import pytest
 
 from chatmeter.config import load_settings
-from chatmeter.db.sqlite_process import MAX_BATCH
+from chatmeter.db.migrate import upgrade
+from chatmeter.db.sqlite_process import MAX_BATCH, encode_jobs
 from chatmeter.db.steps import Sql, Steps
 from chatmeter.db.transactor import SqliteTransactor, WriterGone, make_transactor
+from chatmeter.metering.settlement import settle_steps
+from chatmeter.services import start_services
+from chatmeter.streaming.opening import open_steps
+from tests.conftest import make_settings
 from tests.support.waiting import eventually
 
 
@@ -245,7 +252,7 @@ async def test_constants_cross_once_per_writer_process(db_path: Path) -> None:
             "n-1",
             "n-2",
         ]
-        assert naming.pickled == 1  # as the writer process started, not with each frame
+        assert naming.pickled == 1  # once, not with each frame
         # the same value in another object is an argument like any other
         assert await transactor.run(insert_named, Naming("other-"), "x") == "other-x"
 
@@ -253,11 +260,63 @@ async def test_constants_cross_once_per_writer_process(db_path: Path) -> None:
         assert pid is not None
         os.kill(pid, signal.SIGKILL)
         await eventually(lambda: transactor.pid is None)
+        # the process started again is sent the same frame of constants (it names them)
         assert await transactor.run(insert_named, naming, "3") == "n-3"
-        assert naming.pickled == 2  # to the process started again
+        assert naming.pickled == 1
     finally:
         await transactor.close()
     assert names(db_path) == {"n-0", "n-1", "n-2", "other-x", "n-3"}
+
+
+def refuse_to_load() -> None:
+    raise RuntimeError("this constant cannot be read in the writer process")
+
+
+class Unreadable:
+    """Pickles in the server; reading it in the writer process fails."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (refuse_to_load, ())
+
+
+async def test_constants_the_writer_cannot_read_fail_its_start(db_path: Path) -> None:
+    transactor = SqliteTransactor(
+        f"sqlite+aiosqlite:///{db_path}", busy_timeout_ms=5000, constants=(Unreadable(),)
+    )
+    try:
+        # a start that failed (503, backed off), not a writer that fails every job
+        with pytest.raises(WriterGone, match="could not start"):
+            await transactor.start()
+        assert transactor.pid is None
+    finally:
+        await transactor.close()
+
+
+def test_constants_that_do_not_pickle_are_refused_when_given() -> None:
+    with pytest.raises(TypeError):
+        SqliteTransactor("sqlite+aiosqlite:///unused.db", 5000, constants=(threading.Lock(),))
+    with pytest.raises(TypeError, match="cannot be a constant"):  # never named by number
+        SqliteTransactor("sqlite+aiosqlite:///unused.db", 5000, constants=({"a": 1},))
+
+
+async def test_the_server_names_its_rules_and_plans_by_number(tmp_path: Path) -> None:
+    """What every opening and every settlement takes is among the server's constants."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 's.db'}"
+    upgrade(url)
+    services = await start_services(make_settings(url))
+    try:
+        assert isinstance(services.transactor, SqliteTransactor)
+        frame = encode_jobs(
+            [1, 2],
+            [
+                (open_steps, (services.opening_rules, "u", uuid.uuid4(), "hi"), {}),
+                (settle_steps, (None, services.plans), {}),
+            ],
+            services.transactor.constants,
+        )
+        assert b"OpeningRules" not in frame and b"PlanBook" not in frame
+    finally:
+        await services.aclose()
 
 
 async def test_a_lone_transaction_on_a_quiet_server_commits_on_the_loop(
