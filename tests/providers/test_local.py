@@ -221,7 +221,9 @@ async def test_closing_the_provider_ends_its_replies_as_failed() -> None:
         async for piece in generating:
             rest.append(piece)
     assert cut.value.code == "PROVIDER_ERROR" and not cut.value.before_output
-    assert len(rest) < 100  # what came before the stop, not the rest of the reply
+    # what came before the stop (a few pieces; room for a slow machine), not the rest of
+    # the 1500 tokens asked for
+    assert len(rest) < 200
     with pytest.raises(ProviderError) as never_started:
         await asyncio.wait_for(waiting, 30)  # not forever
     assert never_started.value.before_output and waiting_outcome.usage is None
