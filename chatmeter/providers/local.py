@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import logging
 import secrets
 import threading
 from collections.abc import AsyncGenerator, Callable
@@ -34,6 +35,7 @@ _LOG_ERRORS_ONLY = 1
 # Host RAM llama.cpp may use to keep idle slots' prompt caches (its default is 8 GiB).
 _PROMPT_CACHE_MIB = 512
 CLOSED = "the local model was shut down"
+log = logging.getLogger("chatmeter.providers.local")
 
 
 # What a generating thread hands the loop: a chunk's JSON, what llama.cpp raised, or the end.
@@ -145,8 +147,10 @@ class LocalProvider:
 
 def _refusal(chunk: dict[str, Any], *, before_output: bool) -> ProviderError:
     """llama.cpp's error object (`{"error": {"code": 400, ...}}`) as our error. Its own
-    message stays in the log: the user's message names the failure."""
+    message goes to the log (a prompt over the context says so there): the user's
+    message names the failure."""
     error = chunk["error"]
+    log.warning("llama.cpp refused a reply: %s", error)
     status = error.get("code") if isinstance(error, dict) else None
     message = (
         f"the model server answered HTTP {status}"

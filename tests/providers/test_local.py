@@ -185,7 +185,7 @@ async def test_more_replies_than_slots_wait_their_turn(local: LocalProvider) -> 
 
 
 async def test_a_prompt_beyond_the_context_is_refused_before_output(
-    local: LocalProvider,
+    local: LocalProvider, caplog: pytest.LogCaptureFixture
 ) -> None:
     # a slot holds CONFIG.context_window (2048) tokens; llama.cpp answers its error object
     request = dataclasses.replace(REQUEST, message="word " * 3000)
@@ -197,6 +197,8 @@ async def test_a_prompt_beyond_the_context_is_refused_before_output(
     assert refused.value.before_output
     assert refused.value.message == "the model server answered HTTP 400"
     assert outcome.usage is None
+    # llama.cpp's own reason is for the operator, in the log
+    assert "exceeds the available context size" in caplog.text
     # and the provider goes on serving
     assert "".join([piece async for piece in local.stream(REQUEST, StreamOutcome())])
 
