@@ -30,6 +30,7 @@ process (`Writer.checkpoint`, when idle; SQLite's automatic one after its own co
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import logging
 import os
@@ -41,8 +42,9 @@ import struct
 import sys
 from collections.abc import Callable, Mapping
 from functools import partial
+from operator import attrgetter
 from types import MappingProxyType
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 
 from chatmeter.collector import collect_young_less_often
 from chatmeter.db.steps import Steps, run_sqlite
@@ -206,22 +208,52 @@ class _Pickler(pickle.Pickler):
     state `dataclasses` pickles by default, which looks the fields up on every call.
     Rebuilt by calling the class with them, so what `__post_init__` derives (fields with
     init=False) is derived again on the other side. A constant (the very object, by
-    `numbers`: id -> number) is written as its number."""
+    `numbers`: id -> number) is written as its number. `forms`: what is known of each
+    class so far (`_init_values`), kept by the `Encoder` from one pickle to the next."""
 
-    def __init__(self, file: io.BytesIO, numbers: Mapping[int, int]) -> None:
+    def __init__(
+        self,
+        file: io.BytesIO,
+        numbers: Mapping[int, int],
+        forms: dict[type, _Form | None],
+    ) -> None:
         super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
         self._numbers = numbers
+        self._forms = forms
 
     def reducer_override(self, obj: Any) -> Any:
         number = self._numbers.get(id(obj))
         if number is not None:
             return (constant, (number,))
         cls = type(obj)
-        names = getattr(cls, "__slots__", None)
-        fields = getattr(cls, "__dataclass_fields__", None)
-        if names is None or fields is None:
+        try:
+            form = self._forms[cls]
+        except KeyError:
+            form = self._forms[cls] = _init_values(cls)
+        if form is None:
             return NotImplemented
-        return (cls, tuple([getattr(obj, name) for name in names if fields[name].init]))
+        return (cls, form(obj))
+
+
+_Form = Callable[[Any], tuple[Any, ...]]
+
+
+def _init_values(cls: type) -> _Form | None:
+    """The values to call `cls` with again, in its `__init__`'s order, if it is a slots
+    dataclass whose fields `__init__` takes by position; None for any other class."""
+    if "__slots__" not in vars(cls) or not dataclasses.is_dataclass(cls):
+        return None
+    fields = [field for field in dataclasses.fields(cls) if field.init]
+    if any(field.kw_only for field in fields):
+        return None
+    getters = [attrgetter(field.name) for field in fields]
+    if len(getters) == 1:
+        (getter,) = getters
+        return lambda obj: (getter(obj),)
+    if not getters:
+        return lambda obj: ()
+    together = attrgetter(*(field.name for field in fields))
+    return cast(_Form, together)
 
 
 class _Unpickler(pickle.Unpickler):
@@ -237,11 +269,19 @@ class _Unpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def dumps(value: Any, numbers: Mapping[int, int] = MappingProxyType({})) -> bytes:
-    """`value` pickled for the other side of the pipe."""
-    buffer = io.BytesIO()
-    _Pickler(buffer, numbers).dump(value)
-    return buffer.getvalue()
+class Encoder:
+    """Pickles values for the other side of the pipe (`_Pickler`), naming the constants
+    of `numbers` (id -> number) by their number. It learns once per class how to take
+    its objects apart: one encoder serves a transactor, or the process, for its life."""
+
+    def __init__(self, numbers: Mapping[int, int] = MappingProxyType({})) -> None:
+        self._numbers = numbers
+        self._forms: dict[type, _Form | None] = {}
+
+    def dumps(self, value: Any) -> bytes:
+        buffer = io.BytesIO()
+        _Pickler(buffer, self._numbers, self._forms).dump(value)
+        return buffer.getvalue()
 
 
 # what `Constants` refuses: pickle never asks `reducer_override` about these, so they
@@ -263,7 +303,8 @@ class Constants:
         self.numbers: Mapping[int, int] = MappingProxyType(
             {id(value): number for number, value in enumerate(values)}
         )
-        payload = dumps(values)  # once: constants that do not pickle fail here
+        self.encoder = Encoder(self.numbers)  # what the server's frames are pickled with
+        payload = Encoder().dumps(values)  # once: constants that do not pickle fail here
         self.frame = BATCH_HEADER.pack(len(payload), 0) + payload  # no jobs: the constants
 
 
@@ -281,7 +322,7 @@ def read_constants(reader: JobReader) -> tuple[Any, ...]:
 def encode_jobs(ids: list[int], calls: list[tuple[Any, ...]], constants: Constants) -> bytes:
     """One frame for jobs sent together. One pickle for all of them: what they share
     (the same function, the same settlement's values) is written once."""
-    payload = dumps(calls, constants.numbers)
+    payload = constants.encoder.dumps(calls)
     return (
         BATCH_HEADER.pack(len(payload), len(ids))
         + b"".join(JOB_ID.pack(job_id) for job_id in ids)
@@ -353,28 +394,30 @@ def run_jobs(writer: Writer, jobs: list[Job]) -> list[Answer]:
     return [(job_id, ok, value) for (job_id, _), (ok, value) in zip(jobs, outcomes, strict=True)]
 
 
-def encode_answers(answers: list[Answer]) -> bytes:
+def encode_answers(answers: list[Answer], encoder: Encoder) -> bytes:
     """One frame for `answers`. An exception the server could not rebuild (one whose
     constructor does not take its `args`) is sent as a RuntimeError naming it."""
     sendable = [
-        (job_id, ok, value if ok or _round_trips(value) else RuntimeError(_named(value)))
+        (job_id, ok, value if ok or _round_trips(value, encoder) else RuntimeError(_named(value)))
         for job_id, ok, value in answers
     ]
     try:
-        payload = dumps(sendable)
+        payload = encoder.dumps(sendable)
     except Exception:  # a result that does not pickle: a bug, said to that caller
-        payload = dumps(
+        payload = encoder.dumps(
             [
-                (job_id, ok, value) if _round_trips(value) else (job_id, False, _unsent(value))
+                (job_id, ok, value)
+                if _round_trips(value, encoder)
+                else (job_id, False, _unsent(value))
                 for job_id, ok, value in sendable
             ]
         )
     return ANSWER_HEADER.pack(len(payload)) + payload
 
 
-def _round_trips(value: Any) -> bool:
+def _round_trips(value: Any, encoder: Encoder) -> bool:
     try:
-        pickle.loads(dumps(value))
+        pickle.loads(encoder.dumps(value))
     except Exception:
         return False
     return True
@@ -390,12 +433,14 @@ def _unsent(value: Any) -> RuntimeError:
 
 def serve(writer: Writer, reader: JobReader, constants: tuple[Any, ...], fd_out: int) -> None:
     """Answer jobs until the server closes the pipe."""
+    encoder = Encoder()
     while frames := reader.read(on_idle=writer.checkpoint):
         jobs, unreadable = unpack(frames, constants)
         if unreadable:
-            _write_all(fd_out, encode_answers(unreadable))
+            _write_all(fd_out, encode_answers(unreadable, encoder))
         for start in range(0, len(jobs), MAX_BATCH):
-            _write_all(fd_out, encode_answers(run_jobs(writer, jobs[start : start + MAX_BATCH])))
+            batch = jobs[start : start + MAX_BATCH]
+            _write_all(fd_out, encode_answers(run_jobs(writer, batch), encoder))
     writer.drop()
 
 
@@ -424,7 +469,8 @@ def main() -> None:
     except Exception:  # the server then sees a process that ended before it was ready
         log.exception("the server's constants could not be read")
         sys.exit(1)
-    _write_all(answers, encode_answers([]))  # ready: a process that ends before this failed
+    # ready: a process that ends before this failed
+    _write_all(answers, encode_answers([], Encoder()))
     with contextlib.ExitStack() as stack:
         trace = stack.enter_context(open(trace_path, "a", buffering=1)) if trace_path else None
         serve(Writer(path, busy_timeout_ms, trace), reader, constants, answers)

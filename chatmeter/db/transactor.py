@@ -30,7 +30,6 @@ from chatmeter.db.sqlite_process import (
     Outcome,
     commit_batch,
     connect_sqlite,
-    dumps,
     encode_jobs,
     sqlite_path,
 )
@@ -101,7 +100,7 @@ def _pickles(job: _Job, constants: Constants) -> bool:
     """Whether the call of `job` can be sent; if not, its caller hears why."""
     _, call, future = job
     try:
-        dumps(call, constants.numbers)
+        constants.encoder.dumps(call)
     except Exception as exc:
         future.set_exception(exc)
         return False
