@@ -246,14 +246,13 @@ def _init_values(cls: type) -> _Form | None:
     fields = [field for field in dataclasses.fields(cls) if field.init]
     if any(field.kw_only for field in fields):
         return None
-    getters = [attrgetter(field.name) for field in fields]
-    if len(getters) == 1:
-        (getter,) = getters
-        return lambda obj: (getter(obj),)
-    if not getters:
+    names = [field.name for field in fields]
+    if not names:
         return lambda obj: ()
-    together = attrgetter(*(field.name for field in fields))
-    return cast(_Form, together)
+    if len(names) == 1:  # attrgetter of one name gives the value, not a tuple
+        getter = attrgetter(names[0])
+        return lambda obj: (getter(obj),)
+    return cast(_Form, attrgetter(*names))
 
 
 class _Unpickler(pickle.Unpickler):

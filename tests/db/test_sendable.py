@@ -89,5 +89,5 @@ def test_inherited_fields_and_keyword_only_fields_round_trip() -> None:
     # a subclass's __slots__ name its own fields only; a keyword-only field cannot be
     # passed by position: each is rebuilt with every field
     encoder = Encoder()
-    for value in [_Positional("a", 1), _Derived("b", 2, third=("c",))]:
+    for value in [_Base("z"), _Positional("a", 1), _Derived("b", 2, third=("c",))]:
         assert pickle.loads(encoder.dumps(value)) == value
