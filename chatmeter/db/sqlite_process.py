@@ -59,6 +59,9 @@ JOB_ID = struct.Struct(">Q")
 ANSWER_HEADER = struct.Struct(">I")  # payload length
 # with nothing asked for this long, the process checkpoints the WAL
 IDLE_SECONDS = 0.5
+# how long that checkpoint waits for a write or a read of older frames to end; if they do
+# not, it copies what it can and the WAL starts over at a later one
+CHECKPOINT_WAIT_MS = 100
 
 Outcome = tuple[bool, Any]  # (True, result) or (False, exception)
 
@@ -347,11 +350,23 @@ class Writer:
         return self._conn
 
     def checkpoint(self) -> None:
-        """Copy the WAL into the database while nothing else is asked of us. The server
-        commits small transactions on its own connection when this process is idle, and
-        that connection leaves checkpoints to this one."""
+        """Copy the WAL into the database while nothing else is asked of us, so that the
+        next write starts it over. The server commits small transactions on its own
+        connection when this process is idle, and that connection leaves checkpoints to
+        this one. A PASSIVE checkpoint never let the WAL start over while the server
+        committed without a pause (one client asking as fast as it could): new frames
+        came before the next write, and the WAL grew by each exchange's pages (2.3 GB in
+        30 s; every read then searched its index). RESTART takes the write lock while it
+        copies (the server's commits find it taken and come here, after it) and waits
+        for readers of older frames; for at most `CHECKPOINT_WAIT_MS`, not the busy
+        timeout, so that a long read does not hold up every write."""
         try:
-            self.connection().execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            conn = self.connection()
+            conn.execute(f"PRAGMA busy_timeout={CHECKPOINT_WAIT_MS}")
+            try:
+                conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchall()
+            finally:
+                conn.execute(f"PRAGMA busy_timeout={int(self._busy_timeout_ms)}")
         except sqlite3.Error as exc:
             log.warning("WAL checkpoint failed: %s", exc)
             self.drop()

@@ -368,6 +368,31 @@ def file_size(path: Path) -> int:
     return path.stat().st_size
 
 
+async def test_the_wal_starts_over_while_the_loop_commits_without_a_pause(
+    db_path: Path,
+) -> None:
+    # one client asking as fast as it can: every transaction commits on the loop's
+    # connection, one after another, and the idle writer's checkpoint must still let the
+    # WAL start over; otherwise it grows by every transaction's pages while the client asks
+    # (a checkpoint that copies while the loop commits never catches up)
+    async with running(db_path) as transactor:
+        await transactor.run(wide_insert, "first")
+        started = wal_starts(db_path)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        count = 0
+        while wal_starts(db_path) == started:
+            assert loop.time() < deadline, f"the WAL did not start over in {count} commits"
+            await transactor.run(wide_insert, f"row{count:06}")
+            count += 1
+
+
+def wal_starts(db_path: Path) -> int:
+    """How many times the WAL has started over: its header's checkpoint sequence number."""
+    with open(f"{db_path}-wal", "rb") as wal:
+        return int.from_bytes(wal.read(16)[12:16], "big")
+
+
 class Awkward(Exception):
     """Pickles, but cannot be rebuilt from its args."""
 
