@@ -356,12 +356,16 @@ class Writer:
         this one. A PASSIVE checkpoint never let the WAL start over while the server
         committed without a pause (one client asking as fast as it could): new frames
         came before the next write, and the WAL grew by each exchange's pages (2.3 GB in
-        30 s; every read then searched its index). RESTART takes the write lock while it
-        copies (the server's commits find it taken and come here, after it) and waits
-        for readers of older frames; for at most `CHECKPOINT_WAIT_MS`, not the busy
-        timeout, so that a long read does not hold up every write."""
+        30 s; every read then searched its index). So a PASSIVE checkpoint copies first,
+        beside the server's commits, then a RESTART copies what they added meanwhile
+        holding the write lock (the server's commits find it taken and come here, after
+        it: a few milliseconds, where a RESTART alone held it for the whole copy and its
+        sync, 25 ms at p99 for one client), and waits for readers of older frames; for
+        at most `CHECKPOINT_WAIT_MS`, not the busy timeout, so that a long read does not
+        hold up every write."""
         try:
             conn = self.connection()
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
             conn.execute(f"PRAGMA busy_timeout={CHECKPOINT_WAIT_MS}")
             try:
                 conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchall()
