@@ -279,6 +279,11 @@ async def terminate_the_waiting_backend(holder: asyncpg.Connection, database: st
     waiting: list[int] = []
 
     async def a_backend_waits() -> bool:
+        # `holder` is in its transaction, and PostgreSQL shows a transaction the sessions
+        # of pg_stat_activity as they were when it first looked (their wait events live,
+        # the rows not): a backend connected after that look (the server makes its
+        # connections when first needed) was never seen, and the wait timed out
+        await holder.execute("SELECT pg_stat_clear_snapshot()")
         waiting[:] = (
             await holder.fetchval(
                 "SELECT array_agg(pid) FROM pg_stat_activity WHERE datname = $1 "
