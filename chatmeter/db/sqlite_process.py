@@ -306,7 +306,9 @@ class Constants:
             {id(value): number for number, value in enumerate(values)}
         )
         self.encoder = Encoder(self.numbers)  # what the server's frames are pickled with
-        payload = Encoder().dumps(values)  # once: constants that do not pickle fail here
+        # once: constants that do not pickle fail here (not with `encoder`, which would
+        # write each of them as its number)
+        payload = Encoder().dumps(values)
         self.frame = BATCH_HEADER.pack(len(payload), 0) + payload  # no jobs: the constants
 
 
