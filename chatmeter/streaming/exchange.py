@@ -317,7 +317,7 @@ async def _open_chat(
         # chat (409) until its lease ran out. Take it back if it did, then open again.
         rules = services.opening_rules
         undone = await services.transactor.run(
-            undo_opening, user.user_id, chat_id, user_message_id, rules.worker_id
+            undo_opening, user.user_id, chat_id, user_message_id, rules.worker_id, rules.plans
         )
         log.warning("the database was lost during an opening (committed: %s)", undone)
         return await _open(services, user, chat_id, open_steps, *args)
@@ -353,7 +353,9 @@ async def _open_prompt(
     except OutcomeUnknown:
         # as `_open_chat`: a committed opening's reservation would hold the user's budget
         # (and one of their concurrent replies) until its lease ran out
-        undone = await services.transactor.run(undo_prompt_opening, user.user_id, reservation_id)
+        undone = await services.transactor.run(
+            undo_prompt_opening, user.user_id, reservation_id, services.plans
+        )
         log.warning("the database was lost during an opening (committed: %s)", undone)
         return await _open(services, user, None, open_prompt_steps, *args)
 
