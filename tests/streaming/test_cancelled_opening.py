@@ -94,9 +94,12 @@ async def test_an_opening_cancelled_while_postgres_runs_it_holds_nothing(
                 )
 
                 async def the_opening_waits() -> bool:
+                    # `holder`'s transaction sees pg_stat_activity as at its first look
+                    await holder.execute("SELECT pg_stat_clear_snapshot()")
                     waiting = await holder.fetchval(
-                        "SELECT count(*) FROM pg_locks WHERE NOT granted AND pid <> $1",
-                        holder.get_server_pid(),
+                        "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 "
+                        "AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()",
+                        name,
                     )
                     return bool(waiting)
 
