@@ -183,7 +183,8 @@ class Settings(BaseModel):
     jwt_issuer: str | None = None
     jwt_algorithms: tuple[str, ...] = ("HS256", "RS256", "ES256")
     dev_secret_file: str = DEV_SECRET_FILE
-    default_token_limit: int = Field(default=100_000, ge=0)
+    # the built-in plan's token limit: bounded as a plan's is, so that an error names this
+    default_token_limit: int = Field(default=100_000, ge=0, le=2**62)
     history_messages: int = Field(default=10, ge=0, le=1000)
     max_message_chars: int = Field(default=5000, ge=1, le=1_000_000)
     max_body_bytes: int = Field(default=64 * 1024, ge=1024)

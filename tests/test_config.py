@@ -369,6 +369,7 @@ def test_prices_default_to_free_and_cached_input_to_input(tmp_path: Path) -> Non
         ('[plans.p]\nperiod = "fortnight"\n', "plans.p.period"),
         ('[plans.p]\nperiod = "0s"\n', "plans.p.period"),
         ('[plans.p]\nperiod = "5y"\n', "plans.p.period"),
+        ('[plans.p]\nperiod = "999999999h"\n', "plans.p.period"),
         ("[plans.p]\nrequests_per_minute = 0\n", "plans.p.requests_per_minute"),
         ("[plans.p]\nconcurrent_replies = 0\n", "plans.p.concurrent_replies"),
         ("[plans.p]\nconcurent_replies = 1\n", "plans.p.concurent_replies"),
@@ -390,6 +391,9 @@ def test_bad_plan_or_price_names_the_key(tmp_path: Path, toml: str, key: str) ->
         ("CHATMETER_TIMEZONE", "Mars/Olympus"),
         ("CHATMETER_TIMEZONE", "../etc/passwd"),
         ("CHATMETER_CURRENCY", "dollars"),
+        # past the highest token limit (2**62): named as written, not as the built-in
+        # plan's key that it becomes (it was "CHATMETER_TOKEN_LIMIT", a name nobody set)
+        ("CHATMETER_DEFAULT_TOKEN_LIMIT", str(2**63)),
     ],
 )
 def test_bad_plan_setting_in_the_environment(key: str, value: str) -> None:
