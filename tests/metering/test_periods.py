@@ -99,14 +99,14 @@ def test_microseconds_are_exact() -> None:
 
 
 @pytest.mark.parametrize(
-    "bad", ["", "daily", "0s", "10", "5y", "1.5h", "-1d", " day", "36501d", "999999999h"]
+    "bad", ["", "daily", "0s", "10", "5y", "1.5h", "-1d", " day", "1000001d", "999999999h"]
 )
 def test_bad_periods_are_refused(bad: str) -> None:
     with pytest.raises(ValueError):
         parse_period(bad)
 
 
-@pytest.mark.parametrize("longest", ["36500d", "876000h", "52560000m", "999999999s"])
+@pytest.mark.parametrize("longest", ["1000000d", "24000000h", "999999999m", "999999999s"])
 def test_the_longest_fixed_lengths_have_bounds(longest: str) -> None:
     # a period accepted at start-up is one every statement can compute: "999999999h"
     # was accepted, and its end (year 116,000) raised OverflowError in every reservation
