@@ -403,3 +403,29 @@ def test_bad_plan_setting_in_the_environment(key: str, value: str) -> None:
 
 def test_plans_cannot_come_from_the_environment() -> None:
     assert "CHATMETER_PLANS" in refused({"CHATMETER_PLANS": "{}"})
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "CHATMETER_RESERVATION_TTL_SECONDS",
+        "CHATMETER_REPLAY_SECONDS",
+        "CHATMETER_PING_INTERVAL_SECONDS",
+        "CHATMETER_SETTLE_RETRY_SECONDS",
+        "CHATMETER_PROVIDER_IDLE_TIMEOUT_SECONDS",
+        "CHATMETER_REQUEST_READ_TIMEOUT_SECONDS",
+    ],
+)
+@pytest.mark.parametrize("value", ["inf", "nan", "1e12"])
+def test_a_duration_past_a_year_is_refused(key: str, value: str) -> None:
+    # accepted before, a lease of 1e12 s (or inf) made every message a 500: its
+    # reservation's expiry is past the last moment a datetime holds
+    message = refused({key: value})
+    assert key in message, message
+    assert load_settings(environ={key: str(365 * 86_400)})
+
+
+def test_a_models_timeout_past_a_year_is_refused(tmp_path: Path) -> None:
+    toml = '[models.m]\nprovider = "openai"\ntimeout_seconds = inf\n'
+    message = refused({"CHATMETER_CONFIG": write_toml(tmp_path, toml)})
+    assert "models.m.timeout_seconds" in message, message
