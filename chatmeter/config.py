@@ -203,7 +203,8 @@ class Settings(BaseModel):
     reservation_ttl_seconds: float = Field(default=120.0, gt=0, le=MOST_SECONDS)
     settle_retry_seconds: float = Field(default=10.0, ge=0, le=MOST_SECONDS)
     outbox_dir: str = ".chatmeter/outbox"
-    sqlite_busy_timeout_ms: int = Field(default=30_000, ge=0)
+    # SQLite's busy timeout is a C int: a larger one silently becomes 0 (no wait at all)
+    sqlite_busy_timeout_ms: int = Field(default=30_000, ge=0, le=2**31 - 1)
     # a file the SQLite writer process appends every statement it runs to, one a line
     # (for diagnosis: the benchmark counts them); none by default
     sqlite_trace_file: str | None = None

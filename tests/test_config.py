@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from chatmeter.config import ConfigError, Settings, load_settings
+from chatmeter.db.sqlite_process import connect_sqlite
 
 
 def write_toml(tmp_path: Path, text: str) -> str:
@@ -429,3 +430,16 @@ def test_a_models_timeout_past_a_year_is_refused(tmp_path: Path) -> None:
     toml = '[models.m]\nprovider = "openai"\ntimeout_seconds = inf\n'
     message = refused({"CHATMETER_CONFIG": write_toml(tmp_path, toml)})
     assert "models.m.timeout_seconds" in message, message
+
+
+def test_the_longest_sqlite_busy_timeout_is_one_sqlite_keeps(tmp_path: Path) -> None:
+    # SQLite holds it in a C int: 2**31 ms was accepted and became 0, so a write that met
+    # a lock failed at once ("database is locked") instead of waiting
+    message = refused({"CHATMETER_SQLITE_BUSY_TIMEOUT_MS": str(2**31)})
+    assert "CHATMETER_SQLITE_BUSY_TIMEOUT_MS" in message, message
+    longest = load_settings(environ={"CHATMETER_SQLITE_BUSY_TIMEOUT_MS": str(2**31 - 1)})
+    conn = connect_sqlite(str(tmp_path / "busy.db"), longest.sqlite_busy_timeout_ms)
+    try:
+        assert conn.execute("PRAGMA busy_timeout").fetchone() == (2**31 - 1,)
+    finally:
+        conn.close()
