@@ -104,7 +104,12 @@ def run_sqlite(conn: Any, steps: Steps[T]) -> T:
 
 # PostgreSQL (asyncpg): positional parameters, native types
 
-_NAMED = re.compile(r"(?<!:):([A-Za-z_][A-Za-z0-9_]*)")
+# a `:name` parameter, or a string constant, which is passed over as it is: the
+# opening writes the configured models' names into its statement, and one such as
+# Ollama's `llama3:instruct` is not a parameter (E'...' is the escaped form, `_literal`)
+_NAMED = re.compile(
+    r"(?<![A-Za-z0-9_])[Ee]'(?:[^'\\]|\\.|'')*'|'(?:[^']|'')*'|(?<!:):([A-Za-z_][A-Za-z0-9_]*)"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +131,8 @@ class PostgresStatements:
 
             def number(match: re.Match[str]) -> str:
                 name = match.group(1)
+                if name is None:  # a string constant
+                    return match.group(0)
                 if name not in names:
                     names.append(name)
                 return f"${names.index(name) + 1}"

@@ -61,8 +61,11 @@ def refused_for_good(exc: BaseException) -> bool:
         return True
     if isinstance(exc, asyncpg.PostgresError):
         return str(exc.sqlstate)[:2] in ("22", "23")  # data exception, integrity violation
-    # asyncpg's own DataError (a value it cannot send) is a ValueError
-    return isinstance(exc, (sqlite3.IntegrityError, sqlite3.DataError, ValueError, TypeError))
+    # asyncpg's own DataError (a value it cannot send) is a ValueError; sqlite3 raises
+    # OverflowError for an integer no SQLite INTEGER holds
+    return isinstance(
+        exc, (sqlite3.IntegrityError, sqlite3.DataError, ValueError, TypeError, OverflowError)
+    )
 
 
 class Transactor(Protocol):

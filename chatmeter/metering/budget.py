@@ -183,6 +183,17 @@ def take_statement(
     )
 
 
+def give_back_request(user_id: str, book: PlanBook) -> Steps[None]:
+    """Un-count one request of the user's against `requests_per_minute`: an opening
+    taken back (its outcome was lost, `opening.undo_opening`) is asked for again, and
+    the user made one request, not two. The GCRA arrival time goes back by the one
+    emission the take added (the caller holds the lock of the user's row)."""
+    yield Sql(
+        f"UPDATE user_usage SET rate_tat = rate_tat - {book.emission_sql} WHERE user_id = :user_id",
+        {"user_id": user_id},
+    )
+
+
 # PostgreSQL: the chat is still active, its row locked FOR KEY SHARE until the opening
 # commits. A delete locks it FOR UPDATE (`store.deactivate_chat`), so it waits for an
 # opening that got there first (whose reservation its stop then finds), and an opening

@@ -103,9 +103,13 @@ class TokenCounter:
         reply: str,
         reported: Usage | None,
     ) -> Metered:
-        """The figure to bill for one exchange, and where it came from."""
+        """The figure to bill for one exchange, and where it came from. A report no
+        exchange can have (a negative figure, billions of tokens) is not believed: the
+        exchange is counted as if the provider had reported nothing."""
         if reported is not None:
-            return Metered(reported, "provider")
+            if reported.is_possible:
+                return Metered(reported, "provider")
+            log.warning("the provider reported impossible usage (%s); counting instead", reported)
         prompt_texts = [*(turn.content for turn in request.history), request.message]
         try:
             if provider is None:

@@ -21,6 +21,12 @@ class ChatTurn:
     content: str
 
 
+# the most tokens a provider's report may give one figure of one exchange: hundreds of
+# times the longest context of today's models, and far from what the ledger's 64-bit
+# sums hold (a report past it is a broken upstream's, not a bill)
+MOST_TOKENS_REPORTED = 2**31 - 1
+
+
 @dataclass(frozen=True, slots=True)
 class Usage:
     """Token usage as the provider reported it (or as counted or estimated)."""
@@ -34,6 +40,16 @@ class Usage:
     def total_tokens(self) -> int:
         # cached tokens are part of prompt_tokens already (Gemini and OpenAI alike)
         return self.prompt_tokens + self.completion_tokens + self.thinking_tokens
+
+    @property
+    def is_possible(self) -> bool:
+        """Whether one exchange can have used this: no figure below 0 (a bill that would
+        credit the user) or past `MOST_TOKENS_REPORTED`, no more cached than prompt."""
+        figures = (self.prompt_tokens, self.completion_tokens, self.thinking_tokens)
+        return (
+            all(0 <= figure <= MOST_TOKENS_REPORTED for figure in figures)
+            and 0 <= self.cached_tokens <= self.prompt_tokens
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -309,18 +309,44 @@ async def _open_chat(
     user_message_id: uuid.UUID,
 ) -> Exchange:
     args = (chat_id, message, exact_prompt, user_message_id)
-    try:
-        return await _open(services, user, chat_id, open_steps, *args)
-    except OutcomeUnknown:
-        # the SQLite writer process died, or PostgreSQL's connection was lost, before it
-        # answered: the opening may have committed, and its reservation would hold the
-        # chat (409) until its lease ran out. Take it back if it did, then open again.
-        rules = services.opening_rules
-        undone = await services.transactor.run(
-            undo_opening, user.user_id, chat_id, user_message_id, rules.worker_id
+    rules = services.opening_rules
+
+    async def undo() -> bool:
+        return await services.transactor.run(
+            undo_opening, user.user_id, chat_id, user_message_id, rules.worker_id, rules.plans
         )
-        log.warning("the database was lost during an opening (committed: %s)", undone)
-        return await _open(services, user, chat_id, open_steps, *args)
+
+    try:
+        try:
+            return await _open(services, user, chat_id, open_steps, *args)
+        except OutcomeUnknown:
+            # the SQLite writer process died, or PostgreSQL's connection was lost, before
+            # it answered: the opening may have committed, and its reservation would hold
+            # the chat (409) until its lease ran out. Take it back if it did, then open
+            # again.
+            undone = await undo()
+            log.warning("the database was lost during an opening (committed: %s)", undone)
+            return await _open(services, user, chat_id, open_steps, *args)
+    except asyncio.CancelledError:
+        _take_back_later(services, undo)
+        raise
+
+
+def _take_back_later(services: Services, undo: Callable[[], Awaitable[bool]]) -> None:
+    """The task that asked for an opening was cancelled (a shutdown) while the opening
+    was out: it may commit with nobody to stream or settle it, holding the chat (409),
+    the user's budget and a concurrent reply until its lease ran out, its user message
+    left behind. Take it back in a task of its own, which runs after the opening (the
+    SQLite writer takes transactions in order; PostgreSQL's waits for the user's row)."""
+
+    async def take_back() -> None:
+        try:
+            if await undo():
+                log.warning("an opening whose request was cancelled was taken back")
+        except Exception:
+            log.exception("an opening whose request was cancelled could not be taken back")
+
+    services.spawn(take_back())
 
 
 async def open_prompt_exchange(services: Services, user: Principal, prompt: Prompt) -> Exchange:
@@ -348,14 +374,24 @@ async def _open_prompt(
     reservation_id: uuid.UUID,
 ) -> Exchange:
     args = (prompt, exact_prompt, reservation_id)
+
+    async def undo() -> bool:
+        return await services.transactor.run(
+            undo_prompt_opening, user.user_id, reservation_id, services.plans
+        )
+
     try:
-        return await _open(services, user, None, open_prompt_steps, *args)
-    except OutcomeUnknown:
-        # as `_open_chat`: a committed opening's reservation would hold the user's budget
-        # (and one of their concurrent replies) until its lease ran out
-        undone = await services.transactor.run(undo_prompt_opening, user.user_id, reservation_id)
-        log.warning("the database was lost during an opening (committed: %s)", undone)
-        return await _open(services, user, None, open_prompt_steps, *args)
+        try:
+            return await _open(services, user, None, open_prompt_steps, *args)
+        except OutcomeUnknown:
+            # as `_open_chat`: a committed opening's reservation would hold the user's
+            # budget (and one of their concurrent replies) until its lease ran out
+            undone = await undo()
+            log.warning("the database was lost during an opening (committed: %s)", undone)
+            return await _open(services, user, None, open_prompt_steps, *args)
+    except asyncio.CancelledError:
+        _take_back_later(services, undo)
+        raise
 
 
 async def _open(

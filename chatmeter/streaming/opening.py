@@ -28,6 +28,7 @@ from chatmeter.metering.budget import (
     ASKED,
     Ask,
     at_once_ctes,
+    give_back_request,
     lock_active_chat,
     reserve_at_once,
     reserve_budget,
@@ -441,12 +442,18 @@ def _open_at_once(
 
 
 def undo_opening(
-    user_id: str, chat_id: uuid.UUID, user_message_id: uuid.UUID, worker_id: str
+    user_id: str,
+    chat_id: uuid.UUID,
+    user_message_id: uuid.UUID,
+    worker_id: str,
+    book: PlanBook | None = None,
 ) -> Steps[bool]:
     """Take back an opening whose outcome is unknown (the SQLite writer process died
-    before it answered): if it committed, its user message exists; then it is deleted
-    and the chat's reservation released, which is the opening's (one per chat: a chat
-    already held would have refused the opening). True if there was something to undo."""
+    before it answered): if it committed, its user message exists; then it is deleted,
+    the chat's reservation released, which is the opening's (one per chat: a chat
+    already held would have refused the opening), and, under the plans of `book`, its
+    request no longer counts against the rate (the caller opens again: one request).
+    True if there was something to undo."""
     yield from lock_user(user_id)
     rows = yield Sql(
         "DELETE FROM messages WHERE message_id = :id AND chat_id = :chat_id RETURNING role",
@@ -455,15 +462,23 @@ def undo_opening(
     if not rows:
         return False
     yield from release_chat(user_id, chat_id, worker_id)
+    if book is not None:
+        yield from give_back_request(user_id, book)
     return True
 
 
-def undo_prompt_opening(user_id: str, reservation_id: uuid.UUID) -> Steps[bool]:
+def undo_prompt_opening(
+    user_id: str, reservation_id: uuid.UUID, book: PlanBook | None = None
+) -> Steps[bool]:
     """Take back an opening without a chat whose outcome is unknown (as `undo_opening`):
     it saved nothing but its reservation, whose id the caller chose. True if it had
     committed."""
     yield from lock_user(user_id)
-    return bool((yield from release_reservation(user_id, reservation_id)))
+    if not (yield from release_reservation(user_id, reservation_id)):
+        return False
+    if book is not None:
+        yield from give_back_request(user_id, book)
+    return True
 
 
 def context_length_exceeded() -> ApiError:

@@ -10,6 +10,7 @@ import asyncio
 import logging
 import os
 import sys
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -206,3 +207,21 @@ async def test_two_processes_replaying_the_same_outbox_bill_each_settlement_once
     assert state.ledger_rows == 30
     assert state.total == state.ledger == billed(*spooled)
     assert state.reserved == 0 and state.open_reservations == 0
+
+
+async def test_a_figure_no_database_column_holds_is_a_dead_letter_on_both_databases(
+    audit_engine: AsyncEngine, transactor: Transactor, tmp_path: Path
+) -> None:
+    """A settlement whose usage no BIGINT holds (an upstream that reported 2**63 tokens):
+    PostgreSQL's driver refuses the value, SQLite's module raises OverflowError; either
+    way it can only fail again, so it becomes a dead letter and the line after it is
+    written, instead of being taken for a database that is down and holding back every
+    line after it for good."""
+    outbox = Outbox(str(tmp_path), "w1")
+    absurd, kept = [await reply_to_settle(transactor, n) for n in (1, 2)]
+    outbox.append(replace(absurd, usage=Usage(prompt_tokens=2**63, completion_tokens=1)))
+    outbox.append(kept)
+    assert await outbox.replay(transactor, RULES.plans) == 1
+    assert outbox.pending() == 0 and outbox.dead_letters() == 1
+    state = await books(audit_engine, USER)
+    assert state.total == state.ledger == billed(kept)

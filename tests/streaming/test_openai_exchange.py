@@ -117,6 +117,36 @@ async def test_no_usage_is_counted_with_tokenize(stack: Stack) -> None:
     assert state.total == state.ledger == usage["total_tokens"] and state.reserved == 0
 
 
+@pytest.mark.parametrize(
+    "script",
+    [
+        OpenAIScript(pieces=["a reply"], prompt_tokens=-5000),  # would credit the user
+        OpenAIScript(pieces=["a reply"], completion_tokens=2**63),  # past every column
+        OpenAIScript(pieces=["a reply"], prompt_tokens=10, cached_tokens=-3),
+        OpenAIScript(pieces=["a reply"], prompt_tokens=10, cached_tokens=11),
+    ],
+    ids=["negative", "past-bigint", "negative-cached", "more-cached-than-prompt"],
+)
+async def test_usage_no_exchange_can_have_is_counted_instead(
+    stack: Stack, script: OpenAIScript
+) -> None:
+    stack.upstream.script = script
+    chat = await new_chat(stack.client, "di")
+    result = await stream_message(stack.client, chat, "count these three", token_for("di"))
+    usage = result.last["usage"]
+    assert usage["source"] == "counted"
+    expected = fake_token_count("You are terse.") + fake_token_count("count these three") + 10
+    assert usage["prompt_tokens"] == expected and usage["cached_tokens"] == 0
+    assert usage["completion_tokens"] == fake_token_count("a reply")
+    row = await ledger_row(stack.server.engine, result.last["message_id"])
+    assert row.total_tokens == usage["total_tokens"] and row.source == "counted"
+    state = await books(stack.server.engine, "di")
+    assert state.total == state.ledger == usage["total_tokens"] and state.reserved == 0
+    answer = await stack.client.get("/api/usage", headers=auth("di"))
+    assert answer.status_code == 200
+    assert answer.json()["total_tokens_used"] == usage["total_tokens"]
+
+
 async def test_no_usage_and_no_tokenize_is_estimated(stack: Stack) -> None:
     stack.upstream.script = OpenAIScript(pieces=["some reply"], usage=False, tokenize=False)
     chat = await new_chat(stack.client, "cy")

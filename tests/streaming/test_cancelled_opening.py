@@ -1,0 +1,151 @@
+"""A message request cancelled while its opening was out (the client's request ended
+by a shutdown, or any cancellation of the task that asked): the opening may have
+committed, with nobody left to stream or settle it. It must not hold the chat (409)
+and the user's budget until its lease runs out, nor leave its user message behind."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import uuid
+from pathlib import Path
+
+import asyncpg
+import httpx
+import pytest
+
+from chatmeter.auth.tokens import Principal
+from chatmeter.db.transactor import SqliteTransactor
+from chatmeter.streaming.exchange import open_exchange, open_prompt_exchange
+from chatmeter.streaming.opening import Prompt
+from tests.conftest import auth, make_settings, token_for
+from tests.streaming.test_exchange import new_chat
+from tests.support.db import chat_rows, open_reservations
+from tests.support.postgres import PostgresServer
+from tests.support.server import serve
+from tests.support.sse import stream_message
+from tests.support.waiting import eventually
+from tests.support.writer_faults import hold_the_answer_to_the_next_batch, nothing
+
+
+@pytest.fixture
+def sqlite_url(sqlite_template: Path, tmp_path: Path) -> str:
+    path = tmp_path / "chatmeter.db"
+    shutil.copyfile(sqlite_template, path)
+    return f"sqlite+aiosqlite:///{path}"
+
+
+async def test_an_opening_cancelled_after_its_commit_holds_nothing(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    settings = make_settings(sqlite_url, reservation_ttl_seconds=600)
+    async with serve(settings) as server, httpx.AsyncClient(base_url=server.url) as client:
+        services = server.services
+        assert isinstance(services.transactor, SqliteTransactor)
+        chat_id = await new_chat(client, "cal")
+        holding, committed, release = (tmp_path / n for n in ("holding", "committed", "go"))
+        armed = asyncio.gather(
+            services.transactor.run(
+                hold_the_answer_to_the_next_batch, str(holding), str(committed), str(release)
+            ),
+            services.transactor.run(nothing),
+            services.transactor.run(nothing),
+        )
+        await eventually(holding.exists, within=30)
+        asking = asyncio.ensure_future(
+            open_exchange(services, Principal("cal"), uuid.UUID(chat_id), "hello")
+        )
+        await eventually(committed.exists, within=30)  # committed; its answer is held
+        asking.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asking
+        release.touch()
+        await asyncio.wait_for(armed, 30)
+
+        async def nothing_held() -> bool:
+            return await open_reservations(server.engine, "cal") == 0
+
+        await eventually(nothing_held, within=15)  # not held until the lease runs out
+        assert await chat_rows(server.engine, chat_id) == []  # its user message taken back
+        again = await stream_message(client, chat_id, "hello again", token_for("cal"))
+        assert again.status == 200, again.body
+        assert again.last.get("done") is True
+
+
+async def test_an_opening_cancelled_while_postgres_runs_it_holds_nothing(
+    postgres: PostgresServer, postgres_template: str
+) -> None:
+    # the opening's statement waits for the user's row (another transaction holds it);
+    # its caller is cancelled meanwhile, and the statement commits once the row is free
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    postgres.createdb(name, postgres_template)
+    url = postgres.url(name)
+    async with serve(make_settings(url, reservation_ttl_seconds=600)) as server:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+            chat_id = await new_chat(client, "cy")
+            assert (await client.get("/api/usage", headers=auth("cy"))).status_code == 200
+            holder = await asyncpg.connect(url.replace("+asyncpg", "", 1))
+            try:
+                holding = holder.transaction()
+                await holding.start()
+                await holder.execute("SELECT 1 FROM user_usage WHERE user_id = 'cy' FOR UPDATE")
+                asking = asyncio.ensure_future(
+                    open_exchange(server.services, Principal("cy"), uuid.UUID(chat_id), "hi")
+                )
+
+                async def the_opening_waits() -> bool:
+                    # `holder`'s transaction sees pg_stat_activity as at its first look
+                    await holder.execute("SELECT pg_stat_clear_snapshot()")
+                    waiting = await holder.fetchval(
+                        "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 "
+                        "AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()",
+                        name,
+                    )
+                    return bool(waiting)
+
+                await eventually(the_opening_waits, within=30)
+                asking.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await asking
+                await holding.rollback()
+            finally:
+                await holder.close()
+
+            async def nothing_held() -> bool:
+                return await open_reservations(server.engine, "cy") == 0
+
+            await eventually(nothing_held, within=15)
+            assert await chat_rows(server.engine, chat_id) == []
+            again = await stream_message(client, chat_id, "hello again", token_for("cy"))
+            assert again.status == 200, again.body
+
+
+async def test_a_completion_opening_cancelled_after_its_commit_holds_nothing(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    # the OpenAI-compatible endpoint's opening: its reservation holds the user's budget
+    settings = make_settings(sqlite_url, reservation_ttl_seconds=600)
+    async with serve(settings) as server:
+        services = server.services
+        holding, committed, release = (tmp_path / n for n in ("holding", "committed", "go"))
+        armed = asyncio.gather(
+            services.transactor.run(
+                hold_the_answer_to_the_next_batch, str(holding), str(committed), str(release)
+            ),
+            services.transactor.run(nothing),
+            services.transactor.run(nothing),
+        )
+        await eventually(holding.exists, within=30)
+        prompt = Prompt("scripted", None, (), "hello", None)
+        asking = asyncio.ensure_future(open_prompt_exchange(services, Principal("cid"), prompt))
+        await eventually(committed.exists, within=30)
+        asking.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asking
+        release.touch()
+        await asyncio.wait_for(armed, 30)
+
+        async def nothing_held() -> bool:
+            return await open_reservations(server.engine, "cid") == 0
+
+        await eventually(nothing_held, within=15)
