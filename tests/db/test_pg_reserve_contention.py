@@ -92,9 +92,11 @@ async def test_openings_committing_between_the_read_and_the_take_do_not_refuse_i
                         run_asyncpg(theirs, PostgresStatements(), another_opening(now))
                     )
                     others.append(other)
-                    await eventually(
-                        lambda task=other: task.done() or _waits(watcher, their_pid), 20
-                    )
+
+                    async def ended_or_waits(task: asyncio.Task[object] = other) -> bool:
+                        return task.done() or await _waits(watcher, their_pid)
+
+                    await eventually(ended_or_waits, 20)
                     if other.done():
                         other.result()
                 try:
