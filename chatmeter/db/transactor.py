@@ -89,6 +89,13 @@ class Transactor(Protocol):
         (it is then run again, alone). The outcome is each one's as if it had run alone."""
         ...
 
+    async def caught_up(self) -> None:
+        """Return once every transaction asked for before the call has ended, committed
+        or not, whether or not its caller still waits for it: what takes back the work
+        of a caller cancelled while its transaction was out waits here first, so that it
+        does not run before that transaction and find nothing to take back."""
+        ...
+
     async def start(self) -> None:
         """Get ready at start-up (a database that is down is not an error here)."""
         ...
@@ -215,6 +222,11 @@ class SqliteTransactor:
     def pid(self) -> int | None:
         """The writer process, None while there is none."""
         return self._process.pid if self._process is not None else None
+
+    async def caught_up(self) -> None:
+        # the writer process takes transactions in the order they are asked for, and one
+        # whose caller was cancelled before it went out is never sent
+        return None
 
     async def start(self) -> None:
         """Start the writer process (`run` does too, when there is none)."""
@@ -617,6 +629,11 @@ class PostgresTransactor:
                 log.info("%s lost a race (%s), attempt %d", name, exc.sqlstate, attempt)
             await asyncio.sleep(random.uniform(0, RACE_BACKOFF_SECONDS * 2 ** (attempt - 1)))
             attempt += 1
+
+    async def caught_up(self) -> None:
+        # those of this turn's gathering whose callers were cancelled are never sent; the
+        # others are out, each in a task of `_sending` (`run` is its caller's own await)
+        await asyncio.gather(*self._sending, return_exceptions=True)
 
     async def start(self) -> None:
         return None

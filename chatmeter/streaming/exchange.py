@@ -336,11 +336,15 @@ def _take_back_later(services: Services, undo: Callable[[], Awaitable[bool]]) ->
     """The task that asked for an opening was cancelled (a shutdown) while the opening
     was out: it may commit with nobody to stream or settle it, holding the chat (409),
     the user's budget and a concurrent reply until its lease ran out, its user message
-    left behind. Take it back in a task of its own, which runs after the opening (the
-    SQLite writer takes transactions in order; PostgreSQL's waits for the user's row)."""
+    left behind. Take it back in a task of its own, once the opening has ended."""
 
     async def take_back() -> None:
         try:
+            # once the opening has ended: the undo could otherwise run first (the opening
+            # waiting for a lock before it takes the user's row), find nothing, and the
+            # opening commit after it
+            log.info("an opening whose request was cancelled is taken back once it ends")
+            await services.transactor.caught_up()
             if await undo():
                 log.warning("an opening whose request was cancelled was taken back")
         except Exception:

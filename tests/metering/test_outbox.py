@@ -54,6 +54,9 @@ class DeadDatabase:
     ) -> Any:
         return await self.run(steps, *args, **kwargs)
 
+    async def caught_up(self) -> None:
+        return None
+
     async def start(self) -> None:
         return None
 

@@ -6,6 +6,7 @@ and the user's budget until its lease runs out, nor leave its user message behin
 from __future__ import annotations
 
 import asyncio
+import logging
 import shutil
 import uuid
 from pathlib import Path
@@ -72,11 +73,23 @@ async def test_an_opening_cancelled_after_its_commit_holds_nothing(
         assert again.last.get("done") is True
 
 
+# the row another transaction holds while the opening's statement waits for it: the
+# user's, or the chat's (a delete's lock), which the opening waits for before it takes
+# the user's row: an undo run at once would find the user's row free and nothing to take
+# back, and the opening would commit after it
+HELD_ROWS = {
+    "user": "SELECT 1 FROM user_usage WHERE user_id = 'cy' FOR UPDATE",
+    "chat": "SELECT 1 FROM chats WHERE chat_id = $1 FOR UPDATE",
+}
+
+
+@pytest.mark.parametrize("held", sorted(HELD_ROWS))
 async def test_an_opening_cancelled_while_postgres_runs_it_holds_nothing(
-    postgres: PostgresServer, postgres_template: str
+    postgres: PostgresServer, postgres_template: str, held: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # the opening's statement waits for the user's row (another transaction holds it);
-    # its caller is cancelled meanwhile, and the statement commits once the row is free
+    # the opening's statement waits for a row another transaction holds; its caller is
+    # cancelled meanwhile, and the statement commits once the row is free
+    caplog.set_level(logging.INFO, "chatmeter.exchange")
     name = f"t_{uuid.uuid4().hex[:12]}"
     postgres.createdb(name, postgres_template)
     url = postgres.url(name)
@@ -88,7 +101,8 @@ async def test_an_opening_cancelled_while_postgres_runs_it_holds_nothing(
             try:
                 holding = holder.transaction()
                 await holding.start()
-                await holder.execute("SELECT 1 FROM user_usage WHERE user_id = 'cy' FOR UPDATE")
+                lock = HELD_ROWS[held]
+                await holder.execute(lock, *([uuid.UUID(chat_id)] if "$1" in lock else []))
                 asking = asyncio.ensure_future(
                     open_exchange(server.services, Principal("cy"), uuid.UUID(chat_id), "hi")
                 )
@@ -104,9 +118,34 @@ async def test_an_opening_cancelled_while_postgres_runs_it_holds_nothing(
                     return bool(waiting)
 
                 await eventually(the_opening_waits, within=30)
+
+                async def user_row_version() -> object:
+                    # a new snapshot for each statement (read committed)
+                    return await holder.fetchval(
+                        "SELECT xmin::text FROM user_usage WHERE user_id = 'cy'"
+                    )
+
+                version = await user_row_version()
                 asking.cancel()
                 with pytest.raises(asyncio.CancelledError):
                     await asking
+
+                async def the_undo_ran_or_waits() -> bool:
+                    if "taken back once it ends" in caplog.text:
+                        return True  # it waits for the opening in the server
+                    if await user_row_version() != version:
+                        return True  # it ran: it writes the user's row first
+                    # or it waits in PostgreSQL, behind the opening
+                    await holder.execute("SELECT pg_stat_clear_snapshot()")
+                    waiting = await holder.fetchval(
+                        "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 "
+                        "AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()",
+                        name,
+                    )
+                    return bool(waiting >= 2)
+
+                # the row is let go only once the undo has had its chance to run first
+                await eventually(the_undo_ran_or_waits, within=30)
                 await holding.rollback()
             finally:
                 await holder.close()
