@@ -44,7 +44,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from chatmeter.jsonutil import dumps
-from chatmeter.streaming.log import Batch, LeftReply, MemoryLog, ReplyRecord
+from chatmeter.streaming.log import Batch, LeftReply, MemoryLog, MemoryReader, ReplyRecord
 from chatmeter.streaming.signals import OnStop, Resync
 
 log = logging.getLogger("chatmeter.redis")
@@ -296,9 +296,14 @@ class RedisLog:
 
     # -- reading: any process -----------------------------------------------------------
 
+    def reader(self, reply_id: uuid.UUID) -> RedisReader:
+        return RedisReader(self, self._local.reader(reply_id))
+
     async def read(self, reply_id: uuid.UUID, after: int, wait: float) -> Batch | None:
-        if self._local.has(reply_id):
-            return await self._local.read(reply_id, after, wait)
+        return await self.reader(reply_id).read(after, wait)
+
+    async def read_shared(self, reply_id: uuid.UUID, after: int, wait: float) -> Batch | None:
+        """The reply as Redis holds it."""
         # Redis that fails for a moment (a reconnect) costs the reader a pause, not the
         # rest of the reply; one that stays away ends the resume
         loop = asyncio.get_running_loop()
@@ -392,6 +397,22 @@ class RedisLog:
                 await self._flush
         await self._local.aclose()
         await self._redis.aclose()
+
+
+@dataclass(eq=False, slots=True)
+class RedisReader:
+    """A reader of one reply: from this process's memory if it generates the reply (the
+    request that asked, almost always; read to the end even if memory drops it
+    meanwhile), else from Redis."""
+
+    log: RedisLog
+    local: MemoryReader
+
+    async def read(self, after: int, wait: float) -> Batch | None:
+        batch = await self.local.read(after, wait)
+        if batch is not None:
+            return batch
+        return await self.log.read_shared(self.local.reply_id, after, wait)
 
 
 class RedisSignals:
