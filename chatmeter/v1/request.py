@@ -71,6 +71,9 @@ def _conversation(messages: object) -> tuple[str | None, list[ChatTurn]]:
         if not isinstance(message, dict):
             raise bad_request("each message must be an object", where)
         role = message.get("role")
+        if not isinstance(role, str):
+            # not even a name: a list or an object as the role could not be looked up
+            raise bad_request("role must be system, user or assistant", f"{where}.role")
         if (
             message.get("tool_calls")
             or message.get("function_call")
