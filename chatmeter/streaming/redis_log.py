@@ -180,6 +180,7 @@ class RedisLog:
         self._writing: dict[uuid.UUID, _Writing] = {}
         self._flush: asyncio.Task[None] | None = None
         self._retry: asyncio.TimerHandle | None = None  # while Redis is away
+        self._renewal: asyncio.TimerHandle | None = None  # while replies stream
         self._script = client.register_script(WRITE_SCRIPT)
 
     # -- writing: the generating process -------------------------------------------------
@@ -219,18 +220,37 @@ class RedisLog:
         self._retry = None
         self._schedule()
 
+    def _renew_later(self) -> None:
+        """Come back to renew the keys of the replies still streaming, even those that
+        write nothing meanwhile: a model that thinks before it writes is silent for up
+        to the provider idle timeout, and keys renewed only with an entry expired while
+        the reply streamed (a resume elsewhere answered 204; had the process died, the
+        sweeper found no log to settle the reply from)."""
+        if self._writing and self._renewal is None:
+            self._renewal = asyncio.get_running_loop().call_later(self._lease / 3, self._renew_now)
+
+    def _renew_now(self) -> None:
+        self._renewal = None
+        self._schedule()
+
     async def _write(self) -> None:
         """Everything queued, one entry a reply, in one script call; then what came since."""
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(WRITE_EVERY_SECONDS)  # what comes meanwhile joins the write
-            due = [(r, w) for r, w in self._writing.items() if w.queued or w.finished]
+            now = loop.time()
+            renew_before = now - self._lease / 3
+            due = [
+                (r, w)
+                for r, w in self._writing.items()
+                if w.queued or w.finished or w.renewed_at < renew_before
+            ]
             if not due:
+                self._renew_later()
                 return
             keys: list[str] = []
             writes: list[tuple[str | int, ...]] = []
             taken: list[_Taken] = []
-            now = loop.time()
             for reply_id, writing in due:
                 taken.append(_Taken(reply_id, writing, writing.written, writing.queued))
                 keys += (stream_key(reply_id), chat_key(writing.chat_id))
@@ -392,6 +412,8 @@ class RedisLog:
     async def aclose(self) -> None:
         if self._retry is not None:
             self._retry.cancel()
+        if self._renewal is not None:
+            self._renewal.cancel()
         if self._flush is not None:
             with contextlib.suppress(Exception):
                 await self._flush
