@@ -31,11 +31,14 @@ class Ready(BaseModel):
 PROMETHEUS_TEXT = "text/plain; version=0.0.4"
 
 
+# HEAD too, out of the API description: load balancers and uptime checks probe with it
+@router.head("/healthz", include_in_schema=False)
 @router.get("/healthz", response_model=Health)
 async def healthz() -> Response:
     return json_response({"status": "ok"})
 
 
+@router.head("/readyz", include_in_schema=False)
 @router.get(
     "/readyz",
     response_model=Ready,

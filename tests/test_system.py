@@ -40,6 +40,13 @@ async def test_healthz(client: httpx.AsyncClient) -> None:
     assert response.json() == {"status": "ok"}
 
 
+@pytest.mark.parametrize("path", ["/healthz", "/readyz", "/"])
+async def test_head_answers_where_checks_probe(client: httpx.AsyncClient, path: str) -> None:
+    response = await client.head(path)
+    assert response.status_code == 200, response.text
+    assert response.content == b""
+
+
 async def test_readyz(client: httpx.AsyncClient) -> None:
     response = await client.get("/readyz")
     assert response.status_code == 200, response.text

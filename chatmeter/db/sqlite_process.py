@@ -79,7 +79,13 @@ def connect_sqlite(path: str, busy_timeout_ms: int) -> sqlite3.Connection:
     conn.execute("PRAGMA synchronous=NORMAL")
     conn.execute("PRAGMA foreign_keys=ON")
     conn.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+    # lower() as PostgreSQL's: every letter, not ASCII only (the admin's search by id)
+    conn.create_function("lower", 1, _lower, deterministic=True)
     return conn
+
+
+def _lower(value: str | bytes | int | float | None) -> str | bytes | int | float | None:
+    return value.lower() if isinstance(value, str) else value
 
 
 def commit_batch(conn: sqlite3.Connection, batch: list[Callable[[], Steps[Any]]]) -> list[Outcome]:

@@ -136,7 +136,7 @@ async def list_plans(_: AdminUser, services: ServicesDep) -> Response:
 
 
 @router.put(
-    "/api/admin/users/{user_id}/plan",
+    "/api/admin/users/{user_id:path}/plan",
     response_model=UsageOut,
     responses=errors(400, 403),
     openapi_extra=json_body(NewPlan),

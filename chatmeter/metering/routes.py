@@ -97,7 +97,7 @@ def user_id_of(raw: str) -> str:
 
 
 @router.put(
-    "/api/admin/users/{user_id}/limit",
+    "/api/admin/users/{user_id:path}/limit",
     response_model=UsageOut,
     responses=errors(400, 403),
     openapi_extra=json_body(NewLimit),
@@ -116,7 +116,9 @@ async def set_limit(
     return json_response(accounts.usage_json(row, services.plans))
 
 
-@router.get("/api/admin/users/{user_id}/usage", response_model=UsageOut, responses=errors(400, 403))
+@router.get(
+    "/api/admin/users/{user_id:path}/usage", response_model=UsageOut, responses=errors(400, 403)
+)
 async def user_usage(user_id: str, _: AdminUser, services: ServicesDep) -> Response:
     user_id = user_id_of(user_id)
     row = await services.transactor.run(accounts.usage_steps, user_id, services.plans)

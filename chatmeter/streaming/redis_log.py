@@ -52,6 +52,14 @@ log = logging.getLogger("chatmeter.redis")
 PREFIX = "chatmeter:"
 STOP_CHANNEL = PREFIX + "stop"
 READ_RETRY_SECONDS = 10.0
+# a reader waits for new events in blocking reads of at most this long, under the
+# client's socket timeout (redis-py 8 reads with a 5 s one by default: a longer XREAD
+# BLOCK failed as a timeout, and a resume whose reply stayed silent ~10 s ended empty)
+BLOCK_SECONDS = 2.0
+# the `e` field of an entry holding a reply's end: written by its own process, or by
+# another process's sweeper that settled it after the process died (`end_left`)
+ENDED = b"1"
+ENDED_ELSEWHERE = b"2"
 # a streaming reply's keys outlive their last renewal by this many leases: the sweeper
 # finds a dead worker's reservation expired a lease after its last renewal, plus up to
 # a third of a lease (its period), and must still find the log to settle the reply
@@ -77,7 +85,7 @@ for i, w in ipairs(writes) do
     local fields = {'n', w[2], 'd', w[3]}
     if w[4] ~= '' then table.insert(fields, 'c'); table.insert(fields, w[4]) end
     if w[5] ~= '' then table.insert(fields, 'm'); table.insert(fields, w[5]) end
-    if w[6] == 1 then table.insert(fields, 'e'); table.insert(fields, 1) end
+    if w[6] ~= 0 then table.insert(fields, 'e'); table.insert(fields, w[6]) end
     redis.pcall('XADD', stream, w[1], unpack(fields))
   end
   if w[8] ~= '' then
@@ -141,9 +149,12 @@ def _script_write(
     end: bool = False,
     ttl: int = 0,
     latest: str = "",
+    elsewhere: bool = False,
 ) -> tuple[str | int, ...]:
-    """One reply's part of `WRITE_SCRIPT`'s argument, in the order the script reads it."""
-    return (entry_id, first, data, chat, record, 1 if end else 0, ttl, latest)
+    """One reply's part of `WRITE_SCRIPT`'s argument, in the order the script reads it.
+    `elsewhere`: the end is a sweeper's, for a reply whose process died."""
+    ended = int(ENDED_ELSEWHERE if elsewhere else ENDED) if end else 0
+    return (entry_id, first, data, chat, record, ended, ttl, latest)
 
 
 def _number(entry_id: bytes) -> int:
@@ -164,6 +175,16 @@ def _entries(entries: Any, after: int) -> list[tuple[int, bytes]]:
                 after = number
             number += 1
     return events
+
+
+def _end_for_reader_ahead(entries: Any, after: int) -> list[tuple[int, bytes]]:
+    """A sweeper's end (`end_left`) numbered at or below `after`, numbered after it: the
+    reader was sent events its dead process never wrote here (they are written a few ms
+    after they are sent), so the number the sweeper gave the end is one it has seen."""
+    for entry_id, fields in entries:
+        if fields.get(b"e") == ENDED_ELSEWHERE and _number(entry_id) <= after:
+            return [(after + 1, bytes(fields[b"d"]))]
+    return []
 
 
 class RedisLog:
@@ -350,12 +371,28 @@ class RedisLog:
                 # written between the two reads: read again, the end may be in it
                 entries = await redis.xrange(key, min=f"({start}", max="+")
             elif b"e" in last[0][1]:
-                return Batch([], True)  # the reader has every event
+                entries = last  # the reader has every event, or is ahead of the log
             elif wait > 0:
-                found = await redis.xread({key: start}, block=max(1, int(wait * 1000)))
-                entries = found[0][1] if found else []
+                # from the log's last entry, not the reader's: a reader ahead of the log
+                # must wake for a sweeper's end numbered below its own cursor
+                entries = await self._wait(key, f"0-{_number(last[0][0])}", wait)
         events = [(n, data) for n, data in _entries(entries, after) if data]
-        return Batch(events, any(b"e" in fields for _, fields in entries))
+        finished = any(b"e" in fields for _, fields in entries)
+        if finished and not events:
+            events = _end_for_reader_ahead(entries, after)
+        return Batch(events, finished)
+
+    async def _wait(self, key: str, start: str, wait: float) -> Any:
+        """The entries after `start` as soon as there are some, within `wait` seconds
+        (none then), read in blocks of at most `BLOCK_SECONDS`."""
+        redis: Any = self._redis
+        loop = asyncio.get_running_loop()
+        until = loop.time() + wait
+        while True:
+            block = min(until - loop.time(), BLOCK_SECONDS)
+            found = await redis.xread({key: start}, block=max(1, int(block * 1000)))
+            if found or loop.time() >= until - 0.001:
+                return found[0][1] if found else []
 
     async def current(self, chat_id: uuid.UUID) -> uuid.UUID | None:
         redis: Any = self._redis
@@ -404,7 +441,12 @@ class RedisLog:
         see it end; its keys then expire as a finished reply's."""
         number = left.last_event + 1
         end = _script_write(
-            f"0-{number}", number, dumps(event).decode(), end=True, ttl=self._replay
+            f"0-{number}",
+            number,
+            dumps(event).decode(),
+            end=True,
+            ttl=self._replay,
+            elsewhere=True,
         )
         keys = [stream_key(left.reply_id), chat_key(left.record.chat_id)]
         await self._script(keys=keys, args=[dumps([end])])

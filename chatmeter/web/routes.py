@@ -47,6 +47,7 @@ def _page(name: str) -> Response:
     return Response(body, media_type="text/html", headers=PAGE_HEADERS)
 
 
+@router.head("/")  # an uptime check of the page
 @router.get("/")
 async def index() -> Response:
     return _page("index.html")

@@ -334,3 +334,28 @@ async def test_an_entry_repeating_events_of_the_one_before_is_read_once(
     finally:
         await reader.aclose()
         await client.aclose()
+
+
+async def test_a_reader_waits_past_the_clients_socket_timeout(redis_server: RedisServer) -> None:
+    """A reply silent for longer than redis-py's socket timeout (5 s by default since
+    redis-py 8; a thinking model can be): the wait ends empty, as an idle wait does, so
+    the resume sends a ping and goes on; it used to end the resume instead."""
+    writer = RedisLog(connect(redis_server.url), MemoryLog(60, 1 << 20), 60, 30)
+    reader = RedisLog(connect(redis_server.url), MemoryLog(60, 1 << 20), 60, 30)
+    try:
+        reply_id, chat_id = uuid.uuid4(), uuid.uuid4()
+        await writer.begin(reply_id, chat_id, FIRST)
+
+        async def started() -> bool:
+            return await reader.holds(reply_id, chat_id)
+
+        await eventually(started)
+        batch = await reader.read(reply_id, 1, 6.0)
+        assert batch is not None and batch.events == [] and not batch.finished
+        # and still wakes for what comes
+        follower = asyncio.create_task(read_all(reader, reply_id, after=1))
+        await write_reply_rest(writer, reply_id)
+        assert [n for n, _ in await follower] == [2, 3, 4]
+    finally:
+        await writer.aclose()
+        await reader.aclose()

@@ -348,3 +348,38 @@ async def read_from(log: RedisLog, reply_id: uuid.UUID, after: int) -> list[tupl
         after = events[-1][0] if events else after
         if batch.finished:
             return events
+
+
+async def test_a_reader_ahead_of_the_log_still_gets_the_end(
+    database_url: str, redis_server: RedisServer
+) -> None:
+    """The process that died sent its own readers events it had not written to Redis yet
+    (they are written a few ms later, together); such a reader resumes with a
+    Last-Event-ID past the log's last event, where the survivor then numbers its end.
+    It gets that end, numbered after what it saw, whether it resumed before the sweep
+    (waiting) or after it, instead of an empty stream."""
+    async with two_workers(database_url, redis_server.url) as (a, b):
+        exchange = await abandoned_reply(a, "ursa", PIECES)
+        await logged(b, exchange, "".join(PIECES))
+        chat_id = str(exchange.chat_id)
+        logged_last = 1 + len(PIECES)  # the event naming the reply, then the pieces
+        seen_last = str(logged_last + 1)  # one event sent but never written
+        async with httpx.AsyncClient(base_url=b.url, timeout=60) as on_b:
+            waiting = asyncio.create_task(
+                resume(on_b, chat_id, "ursa", last_event_id_header=seen_last)
+            )
+            await expire_lease(a, exchange)
+            assert await settler(b).settle_expired(utcnow()) == 1
+            after_sweep = await resume(on_b, chat_id, "ursa", last_event_id_header=seen_last)
+            early = await waiting
+        for seen in (early, after_sweep):
+            assert seen.status == 200
+            assert seen.ids == [logged_last + 2]
+            end = seen.last
+            assert end["done"] is True and end["finish_reason"] == "interrupted"
+            assert end["message_id"] == str(exchange.message_id)
+        # a reader that follows from the log sees the ids it always did
+        async with httpx.AsyncClient(base_url=b.url, timeout=30) as on_b:
+            whole = await resume(on_b, chat_id, "ursa")
+        assert whole.ids == list(range(1, logged_last + 2))
+        assert whole.last == early.last
