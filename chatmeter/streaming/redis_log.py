@@ -76,26 +76,33 @@ WRITE_RETRY_SECONDS = 0.5  # while Redis is away, a write is tried again this of
 # ARGV[1]: a JSON array, for each reply [the entry's id (empty: no entry), its `n`, its
 # `d`, the chat id (`c`, on the first entry), the record (`m`, on the first entry, may be
 # empty), 1 if it holds the end (`e`), the TTL for both keys (0: leave them), the reply id
-# to SET as the chat's latest (empty: leave it)].
+# to SET as the chat's latest (empty: leave it)]. Returns the (1-based) indexes of the
+# replies whose log Redis no longer has (a restart without its data): nothing is written
+# for them, and the writer writes their log again whole.
 WRITE_SCRIPT = """
 local writes = cjson.decode(ARGV[1])
+local lost = {}
 for i, w in ipairs(writes) do
   local stream, chat, ttl = KEYS[2 * i - 1], KEYS[2 * i], w[7]
-  if w[1] ~= '' then
+  if w[4] == '' and redis.call('EXISTS', stream) == 0 then
+    table.insert(lost, i)
+  elseif w[1] ~= '' then
     local fields = {'n', w[2], 'd', w[3]}
     if w[4] ~= '' then table.insert(fields, 'c'); table.insert(fields, w[4]) end
     if w[5] ~= '' then table.insert(fields, 'm'); table.insert(fields, w[5]) end
     if w[6] ~= 0 then table.insert(fields, 'e'); table.insert(fields, w[6]) end
     redis.pcall('XADD', stream, w[1], unpack(fields))
   end
-  if w[8] ~= '' then
+  if lost[#lost] == i then
+    -- nothing more for a lost log
+  elseif w[8] ~= '' then
     redis.call('SET', chat, w[8], 'EX', ttl)
   elseif ttl ~= 0 then
     redis.call('EXPIRE', chat, ttl)
   end
-  if ttl ~= 0 then redis.call('EXPIRE', stream, ttl) end
+  if ttl ~= 0 and lost[#lost] ~= i then redis.call('EXPIRE', stream, ttl) end
 end
-return #writes
+return lost
 """
 
 
@@ -279,7 +286,7 @@ class RedisLog:
                 if writing.finished:
                     del self._writing[reply_id]
             try:
-                await self._script(keys=keys, args=[dumps(writes)])
+                lost = await self._script(keys=keys, args=[dumps(writes)])
             except (RedisError, OSError) as exc:
                 log.warning("could not write %d replies to Redis: %r", len(due), exc)
                 self._put_back(taken, now)
@@ -287,6 +294,24 @@ class RedisLog:
                 return
             for _, writing in due:
                 writing.failing_since = None
+            for index in lost or []:
+                await self._write_again(*due[int(index) - 1])
+
+    async def _write_again(self, reply_id: uuid.UUID, writing: _Writing) -> None:
+        """Redis no longer has the reply's log (it restarted without its data): write it
+        again whole from this process's copy, first entry, record and chat key included.
+        Without it the rest of the reply went to a log with no first entry: no resume
+        found it (204), and had this process died, the sweeper found no record and
+        released the reply unbilled."""
+        batch = await self._local.read(reply_id, 0, 0)
+        if batch is None:
+            log.warning("Redis lost the log of reply %s, no longer held here", reply_id)
+            return
+        log.warning("Redis lost the log of reply %s; writing it again", reply_id)
+        writing.written = 0
+        writing.queued = [data for _, data in batch.events]
+        writing.renewed_at = 0.0
+        self._writing[reply_id] = writing
 
     def _put_back(self, taken: list[_Taken], now: float) -> None:
         """What a failed write took goes back in the queue, to be written when Redis is
