@@ -37,6 +37,10 @@ DEFAULT_PLAN = "default"
 # the most money a limit or a price may name: micro-units fit a 64-bit integer
 MAX_AMOUNT = Decimal(10**12)
 _PLAN_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+# the longest duration a setting may name: a year. Longer ones (or inf) passed the checks
+# and then failed at run time: a lease of 1e12 s put every reservation's expiry past year
+# 9999 (OverflowError), so every message was a 500
+MOST_SECONDS = 365 * 86_400
 
 
 class ConfigError(Exception):
@@ -76,11 +80,11 @@ class ModelConfig(BaseModel):
     max_output_tokens: int = Field(default=1024, ge=1, le=1_000_000)
     context_window: int = Field(default=8192, ge=64, le=100_000_000)
     # a call to the provider's HTTP API (the local model's replies make none: only counts)
-    timeout_seconds: float = Field(default=60.0, gt=0)
+    timeout_seconds: float = Field(default=60.0, gt=0, le=MOST_SECONDS)
     # scripted provider only
     reply: str = "Hello from the scripted model."
     chunks: int = Field(default=4, ge=1, le=100_000)
-    delay_ms: float = Field(default=0.0, ge=0)
+    delay_ms: float = Field(default=0.0, ge=0, le=MOST_SECONDS * 1000)
     # usage reporting of the scripted provider: "last" chunk, "none" (forces counting)
     usage: Literal["last", "none"] = "last"
     # local provider only
@@ -183,29 +187,31 @@ class Settings(BaseModel):
     jwt_issuer: str | None = None
     jwt_algorithms: tuple[str, ...] = ("HS256", "RS256", "ES256")
     dev_secret_file: str = DEV_SECRET_FILE
-    default_token_limit: int = Field(default=100_000, ge=0)
+    # the built-in plan's token limit: bounded as a plan's is, so that an error names this
+    default_token_limit: int = Field(default=100_000, ge=0, le=2**62)
     history_messages: int = Field(default=10, ge=0, le=1000)
     max_message_chars: int = Field(default=5000, ge=1, le=1_000_000)
     max_body_bytes: int = Field(default=64 * 1024, ge=1024)
     # a request (head and body) must arrive within this of the connection being ready
-    request_read_timeout_seconds: float = Field(default=20.0, gt=0)
+    request_read_timeout_seconds: float = Field(default=20.0, gt=0, le=MOST_SECONDS)
     # before default_model, which is checked against it
     models: dict[str, ModelConfig] = Field(default_factory=dict)
     default_model: str = "local"
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
-    ping_interval_seconds: float = Field(default=15.0, gt=0)
-    provider_idle_timeout_seconds: float = Field(default=60.0, gt=0)
-    reservation_ttl_seconds: float = Field(default=120.0, gt=0)
-    settle_retry_seconds: float = Field(default=10.0, ge=0)
+    ping_interval_seconds: float = Field(default=15.0, gt=0, le=MOST_SECONDS)
+    provider_idle_timeout_seconds: float = Field(default=60.0, gt=0, le=MOST_SECONDS)
+    reservation_ttl_seconds: float = Field(default=120.0, gt=0, le=MOST_SECONDS)
+    settle_retry_seconds: float = Field(default=10.0, ge=0, le=MOST_SECONDS)
     outbox_dir: str = ".chatmeter/outbox"
-    sqlite_busy_timeout_ms: int = Field(default=30_000, ge=0)
+    # SQLite's busy timeout is a C int: a larger one silently becomes 0 (no wait at all)
+    sqlite_busy_timeout_ms: int = Field(default=30_000, ge=0, le=2**31 - 1)
     # a file the SQLite writer process appends every statement it runs to, one a line
     # (for diagnosis: the benchmark counts them); none by default
     sqlite_trace_file: str | None = None
     count_cache_size: int = Field(default=4096, ge=1)
     # replies outlive their connection (SPEC section 11)
     on_disconnect: Literal["continue", "stop"] = "continue"
-    replay_seconds: float = Field(default=300.0, ge=0)
+    replay_seconds: float = Field(default=300.0, ge=0, le=MOST_SECONDS)
     replay_max_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
     redis_url: str | None = None
     plans: dict[str, PlanConfig] = Field(default_factory=dict)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from chatmeter.config import ConfigError, Settings, load_settings
+from chatmeter.db.sqlite_process import connect_sqlite
 
 
 def write_toml(tmp_path: Path, text: str) -> str:
@@ -369,6 +370,7 @@ def test_prices_default_to_free_and_cached_input_to_input(tmp_path: Path) -> Non
         ('[plans.p]\nperiod = "fortnight"\n', "plans.p.period"),
         ('[plans.p]\nperiod = "0s"\n', "plans.p.period"),
         ('[plans.p]\nperiod = "5y"\n', "plans.p.period"),
+        ('[plans.p]\nperiod = "999999999h"\n', "plans.p.period"),
         ("[plans.p]\nrequests_per_minute = 0\n", "plans.p.requests_per_minute"),
         ("[plans.p]\nconcurrent_replies = 0\n", "plans.p.concurrent_replies"),
         ("[plans.p]\nconcurent_replies = 1\n", "plans.p.concurent_replies"),
@@ -390,6 +392,9 @@ def test_bad_plan_or_price_names_the_key(tmp_path: Path, toml: str, key: str) ->
         ("CHATMETER_TIMEZONE", "Mars/Olympus"),
         ("CHATMETER_TIMEZONE", "../etc/passwd"),
         ("CHATMETER_CURRENCY", "dollars"),
+        # past the highest token limit (2**62): named as written, not as the built-in
+        # plan's key that it becomes (it was "CHATMETER_TOKEN_LIMIT", a name nobody set)
+        ("CHATMETER_DEFAULT_TOKEN_LIMIT", str(2**63)),
     ],
 )
 def test_bad_plan_setting_in_the_environment(key: str, value: str) -> None:
@@ -399,3 +404,42 @@ def test_bad_plan_setting_in_the_environment(key: str, value: str) -> None:
 
 def test_plans_cannot_come_from_the_environment() -> None:
     assert "CHATMETER_PLANS" in refused({"CHATMETER_PLANS": "{}"})
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "CHATMETER_RESERVATION_TTL_SECONDS",
+        "CHATMETER_REPLAY_SECONDS",
+        "CHATMETER_PING_INTERVAL_SECONDS",
+        "CHATMETER_SETTLE_RETRY_SECONDS",
+        "CHATMETER_PROVIDER_IDLE_TIMEOUT_SECONDS",
+        "CHATMETER_REQUEST_READ_TIMEOUT_SECONDS",
+    ],
+)
+@pytest.mark.parametrize("value", ["inf", "nan", "1e12"])
+def test_a_duration_past_a_year_is_refused(key: str, value: str) -> None:
+    # accepted before, a lease of 1e12 s (or inf) made every message a 500: its
+    # reservation's expiry is past the last moment a datetime holds
+    message = refused({key: value})
+    assert key in message, message
+    assert load_settings(environ={key: str(365 * 86_400)})
+
+
+def test_a_models_timeout_past_a_year_is_refused(tmp_path: Path) -> None:
+    toml = '[models.m]\nprovider = "openai"\ntimeout_seconds = inf\n'
+    message = refused({"CHATMETER_CONFIG": write_toml(tmp_path, toml)})
+    assert "models.m.timeout_seconds" in message, message
+
+
+def test_the_longest_sqlite_busy_timeout_is_one_sqlite_keeps(tmp_path: Path) -> None:
+    # SQLite holds it in a C int: 2**31 ms was accepted and became 0, so a write that met
+    # a lock failed at once ("database is locked") instead of waiting
+    message = refused({"CHATMETER_SQLITE_BUSY_TIMEOUT_MS": str(2**31)})
+    assert "CHATMETER_SQLITE_BUSY_TIMEOUT_MS" in message, message
+    longest = load_settings(environ={"CHATMETER_SQLITE_BUSY_TIMEOUT_MS": str(2**31 - 1)})
+    conn = connect_sqlite(str(tmp_path / "busy.db"), longest.sqlite_busy_timeout_ms)
+    try:
+        assert conn.execute("PRAGMA busy_timeout").fetchone() == (2**31 - 1,)
+    finally:
+        conn.close()

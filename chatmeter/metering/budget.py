@@ -35,7 +35,7 @@ from chatmeter.ids import new_id
 from chatmeter.metering.cost import reserve_micros, tokens_for_micros
 from chatmeter.metering.periods import to_micros
 from chatmeter.metering.plans import STANDING_COLUMNS, PlanBook, Standing, retry_after_seconds
-from chatmeter.metering.reservations import Reservation, claim_chat
+from chatmeter.metering.reservations import Reservation, claim_chat, lock_user
 
 
 @dataclass(frozen=True, slots=True)
@@ -329,13 +329,18 @@ def _reserve(
     if plan is not None:
         return full, plan
     for _ in range(3):
+        # the user's row locked before it is read: what the read finds is what the take
+        # then meets. Unlocked, other openings of the user's that committed in between
+        # made each take miss, and the third miss refused a request that had room (or
+        # that the rate limits refuse: 429, not 403)
+        yield from lock_user(user_id)
         standing = yield from _standing(book, user_id, now)
         if standing is None:
             yield from ensure_user(user_id, book, now)
             wanted = full
         else:
             wanted = _allowed(standing, prompt_estimate, full, highest_price, now)
-        # conditional again: another worker may have reserved since we looked
+        # conditional again: a row first seen here was not locked by the read
         micros = reserve_micros(wanted, highest_price)
         plan = yield from _take(book, user_id, wanted, micros, now)
         if plan is not None:

@@ -19,14 +19,22 @@ CALENDAR = ("day", "week", "month")
 _FIXED = re.compile(r"([1-9][0-9]{0,8})([smhd])")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 MICROS = 1_000_000
+# the longest fixed length: a million days (some 2,700 years). Much longer ones (the
+# pattern matches up to 999999999 of a unit) end past the last moment a datetime holds
+# (year 9999), and every statement, which computes every plan's period, would fail
+MOST_FIXED_SECONDS = 1_000_000 * 86_400
 
 
 def parse_period(value: str) -> str:
     """The period as configured, checked: none | day | week | month | N s/m/h/d."""
-    if value in ("none", *CALENDAR) or _FIXED.fullmatch(value):
+    if value in ("none", *CALENDAR):
+        return value
+    seconds = fixed_seconds(value)
+    if seconds is not None and seconds <= MOST_FIXED_SECONDS:
         return value
     raise ValueError(
-        'must be none, day, week, month or a fixed length like "30s", "15m", "6h", "7d"'
+        'must be none, day, week, month or a fixed length like "30s", "15m", "6h", "7d" '
+        "of at most 1000000 days"
     )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
@@ -36,6 +37,9 @@ MOST_DAYS = 366
 EARLIEST_DAY = date.min + timedelta(days=1)
 LATEST_DAY = date.max - timedelta(days=1)
 QUARTER_SECONDS = 900
+# what the contract names: date.fromisoformat alone also reads ISO week dates of the same
+# length ("2026-W01-1", "2026W011  " are 2025-12-29), a range the client never asked for
+_DAY = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 
 
 def _invalid(message: str) -> ApiError:
@@ -44,7 +48,7 @@ def _invalid(message: str) -> ApiError:
 
 def _day(raw: str, name: str) -> date:
     try:
-        if len(raw) != 10:
+        if not _DAY.fullmatch(raw):
             raise ValueError
         return date.fromisoformat(raw)
     except ValueError:

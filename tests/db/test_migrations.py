@@ -249,6 +249,45 @@ async def test_downgrade_keeps_chatless_ledger_rows_and_hands_back_their_reserva
     assert left == [(10,)]
 
 
+async def test_downgrade_to_plans_hands_back_the_money_and_reply_of_chatless_reservations(
+    empty_url: str, engine: AsyncEngine
+) -> None:
+    """0003 down to 0002 deletes the /v1 reservations in flight: each gives back its
+    tokens, its money and its place among the user's concurrent replies. Only the tokens
+    were: `active_replies` stayed counted with no reservation left to settle it, and a
+    user on `concurrent_replies = 1` was refused every message (429) from then on."""
+    await run_alembic(command.upgrade, empty_url, "0003_api_keys")
+    async with engine.begin() as conn:
+        await conn.execute(
+            sa.text(
+                "INSERT INTO user_usage (user_id, total_tokens_used, token_limit,"
+                " reserved_tokens, updated_at, reserved_micros, active_replies) VALUES"
+                " ('u', 0, 100, 30, CURRENT_TIMESTAMP, 500, 2)"
+            )
+        )
+        for chat, tokens, micros in ((None, 20, 300), (uuid.uuid4(), 10, 200)):
+            await conn.execute(
+                sa.text(
+                    "INSERT INTO reservations (reservation_id, user_id, chat_id, tokens,"
+                    " micros, worker_id, stop_requested, expires_at, created_at) VALUES (:r,"
+                    " 'u', :c, :t, :m, 'w', false, CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"
+                ).bindparams(
+                    sa.bindparam("r", type_=sa.Uuid()), sa.bindparam("c", type_=sa.Uuid())
+                ),
+                {"r": uuid.uuid4(), "c": chat, "t": tokens, "m": micros},
+            )
+    await run_alembic(command.downgrade, empty_url, "0002_plans")
+    async with engine.connect() as conn:
+        row = (
+            await conn.execute(
+                sa.text("SELECT reserved_tokens, reserved_micros, active_replies FROM user_usage")
+            )
+        ).one()
+        left = (await conn.execute(sa.text("SELECT tokens, micros FROM reservations"))).all()
+    assert left == [(10, 200)]
+    assert tuple(row) == (10, 200, 1)
+
+
 async def test_existing_users_move_onto_the_default_plan_keeping_their_limits(
     empty_url: str, engine: AsyncEngine
 ) -> None:

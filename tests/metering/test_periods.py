@@ -98,7 +98,19 @@ def test_microseconds_are_exact() -> None:
     assert to_micros(datetime(1970, 1, 1, tzinfo=UTC)) == 0
 
 
-@pytest.mark.parametrize("bad", ["", "daily", "0s", "10", "5y", "1.5h", "-1d", " day"])
+@pytest.mark.parametrize(
+    "bad", ["", "daily", "0s", "10", "5y", "1.5h", "-1d", " day", "1000001d", "999999999h"]
+)
 def test_bad_periods_are_refused(bad: str) -> None:
     with pytest.raises(ValueError):
         parse_period(bad)
+
+
+@pytest.mark.parametrize("longest", ["1000000d", "24000000h", "999999999m", "999999999s"])
+def test_the_longest_fixed_lengths_have_bounds(longest: str) -> None:
+    # a period accepted at start-up is one every statement can compute: "999999999h"
+    # was accepted, and its end (year 116,000) raised OverflowError in every reservation
+    assert parse_period(longest) == longest
+    now = datetime(2026, 12, 2, 10, 0, tzinfo=UTC)
+    period = bounds(longest, now, UTC_ZONE)
+    assert period is not None and period.start <= now < period.end

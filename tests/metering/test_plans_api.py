@@ -402,6 +402,9 @@ async def test_summary_refuses_bad_input_with_the_error_shape(client: httpx.Asyn
         "group_by=week",
         "format=xml",
         "from=20260501",
+        # ISO week dates of ten characters, which date.fromisoformat reads (2025-12-29)
+        "from=2026-W01-1",
+        "to=2026W011%20%20",
     ]
     for query in queries:
         response = await client.get(f"/api/usage/summary?{query}", headers=auth(user))

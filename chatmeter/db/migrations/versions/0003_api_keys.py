@@ -48,11 +48,17 @@ def upgrade() -> None:
 def downgrade() -> None:
     reservations = sa.table("reservations", sa.column("chat_id", sa.Uuid()))
     usage_events = sa.table("usage_events", sa.column("chat_id", sa.Uuid()))
-    # a chat-less reply in flight: released now, its tokens handed back
+    # a chat-less reply in flight: released now, what it held handed back (its tokens, its
+    # money and its place among the user's concurrent replies, as `reservations._release`)
+    chatless = (
+        "FROM reservations WHERE reservations.user_id = user_usage.user_id "
+        "AND reservations.chat_id IS NULL)"
+    )
     op.execute(
-        "UPDATE user_usage SET reserved_tokens = reserved_tokens - (SELECT "
-        "COALESCE(SUM(tokens), 0) FROM reservations WHERE reservations.user_id = "
-        "user_usage.user_id AND reservations.chat_id IS NULL)"
+        f"UPDATE user_usage SET reserved_tokens = reserved_tokens - (SELECT "
+        f"COALESCE(SUM(tokens), 0) {chatless}, reserved_micros = reserved_micros - (SELECT "
+        f"COALESCE(SUM(micros), 0) {chatless}, active_replies = active_replies - (SELECT "
+        f"COUNT(*) {chatless}"
     )
     op.execute(reservations.delete().where(reservations.c.chat_id.is_(None)))
     op.execute(
