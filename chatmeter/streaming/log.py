@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
@@ -89,6 +90,12 @@ class LeftReply:
     last_event: int
 
 
+class ReplyReader(Protocol):
+    async def read(self, after: int, wait: float) -> Batch | None:
+        """The events after id `after`, waiting up to `wait` seconds for one if there are
+        none yet (an empty, unfinished batch then). None: no such reply is held."""
+
+
 class ReplyLog(Protocol):
     # whether `begin` keeps a reply's record (a log that outlives this process): only
     # then is the record worth building
@@ -110,9 +117,13 @@ class ReplyLog(Protocol):
     async def finish(self, reply_id: uuid.UUID) -> None:
         """No more events: readers stop after the last one; the replay window starts."""
 
+    def reader(self, reply_id: uuid.UUID) -> ReplyReader:
+        """A reader of reply `reply_id` from its start to its end. Once it has found the
+        reply it reads it to the end, even if the log drops the reply meanwhile (its
+        replay window over, or the size bound reached, while the reader was behind)."""
+
     async def read(self, reply_id: uuid.UUID, after: int, wait: float) -> Batch | None:
-        """The events after id `after`, waiting up to `wait` seconds for one if there are
-        none yet (an empty, unfinished batch then). None: no such reply is held."""
+        """`reader(reply_id).read(after, wait)`: one look at the reply."""
 
     async def current(self, chat_id: uuid.UUID) -> uuid.UUID | None:
         """The chat's latest reply still held, if any."""
@@ -147,6 +158,40 @@ class _Held:
             if not waiter.done():
                 waiter.set_result(None)
         self.waiters.clear()
+
+
+@dataclass(eq=False, slots=True)
+class MemoryReader:
+    """A reader of one reply held in memory. It keeps the reply it found: a reader
+    behind a finished reply (a client slower than its reply) still reads it to its end
+    after the log has dropped it (its window over, or the size bound reached); a reader
+    that looked it up again at each read lost the rest of the pieces and the end event.
+    So a reply's memory lives as long as its slowest reader, no more than its text."""
+
+    replies: Mapping[uuid.UUID, _Held]
+    reply_id: uuid.UUID
+    held: _Held | None = None
+
+    async def read(self, after: int, wait: float) -> Batch | None:
+        held = self.held or self.replies.get(self.reply_id)
+        if held is None:
+            return None
+        self.held = held
+        if after >= len(held.events) and held.finished_at is None and wait > 0:
+            waiter = asyncio.get_running_loop().create_future()
+            held.waiters.append(waiter)
+            try:
+                await asyncio.wait_for(waiter, wait)
+            except TimeoutError:
+                pass
+            finally:
+                if waiter in held.waiters:
+                    held.waiters.remove(waiter)
+        events = [
+            (number, item if isinstance(item, bytes) else encode_piece(item))
+            for number, item in enumerate(held.events[after:], start=after + 1)
+        ]
+        return Batch(events, held.finished_at is not None)
 
 
 class MemoryLog:
@@ -210,25 +255,11 @@ class MemoryLog:
         held.wake()
         self._expire()
 
+    def reader(self, reply_id: uuid.UUID) -> MemoryReader:
+        return MemoryReader(self._replies, reply_id)
+
     async def read(self, reply_id: uuid.UUID, after: int, wait: float) -> Batch | None:
-        held = self._replies.get(reply_id)
-        if held is None:
-            return None
-        if after >= len(held.events) and held.finished_at is None and wait > 0:
-            waiter = asyncio.get_running_loop().create_future()
-            held.waiters.append(waiter)
-            try:
-                await asyncio.wait_for(waiter, wait)
-            except TimeoutError:
-                pass
-            finally:
-                if waiter in held.waiters:
-                    held.waiters.remove(waiter)
-        events = [
-            (number, item if isinstance(item, bytes) else encode_piece(item))
-            for number, item in enumerate(held.events[after:], start=after + 1)
-        ]
-        return Batch(events, held.finished_at is not None)
+        return await self.reader(reply_id).read(after, wait)
 
     async def current(self, chat_id: uuid.UUID) -> uuid.UUID | None:
         self._expire()

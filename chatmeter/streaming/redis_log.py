@@ -44,7 +44,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from chatmeter.jsonutil import dumps
-from chatmeter.streaming.log import Batch, LeftReply, MemoryLog, ReplyRecord
+from chatmeter.streaming.log import Batch, LeftReply, MemoryLog, MemoryReader, ReplyRecord
 from chatmeter.streaming.signals import OnStop, Resync
 
 log = logging.getLogger("chatmeter.redis")
@@ -76,26 +76,33 @@ WRITE_RETRY_SECONDS = 0.5  # while Redis is away, a write is tried again this of
 # ARGV[1]: a JSON array, for each reply [the entry's id (empty: no entry), its `n`, its
 # `d`, the chat id (`c`, on the first entry), the record (`m`, on the first entry, may be
 # empty), 1 if it holds the end (`e`), the TTL for both keys (0: leave them), the reply id
-# to SET as the chat's latest (empty: leave it)].
+# to SET as the chat's latest (empty: leave it)]. Returns the (1-based) indexes of the
+# replies whose log Redis no longer has (a restart without its data): nothing is written
+# for them, and the writer writes their log again whole.
 WRITE_SCRIPT = """
 local writes = cjson.decode(ARGV[1])
+local lost = {}
 for i, w in ipairs(writes) do
   local stream, chat, ttl = KEYS[2 * i - 1], KEYS[2 * i], w[7]
-  if w[1] ~= '' then
+  if w[4] == '' and redis.call('EXISTS', stream) == 0 then
+    table.insert(lost, i)
+  elseif w[1] ~= '' then
     local fields = {'n', w[2], 'd', w[3]}
     if w[4] ~= '' then table.insert(fields, 'c'); table.insert(fields, w[4]) end
     if w[5] ~= '' then table.insert(fields, 'm'); table.insert(fields, w[5]) end
     if w[6] ~= 0 then table.insert(fields, 'e'); table.insert(fields, w[6]) end
     redis.pcall('XADD', stream, w[1], unpack(fields))
   end
-  if w[8] ~= '' then
+  if lost[#lost] == i then
+    -- nothing more for a lost log
+  elseif w[8] ~= '' then
     redis.call('SET', chat, w[8], 'EX', ttl)
   elseif ttl ~= 0 then
     redis.call('EXPIRE', chat, ttl)
   end
-  if ttl ~= 0 then redis.call('EXPIRE', stream, ttl) end
+  if ttl ~= 0 and lost[#lost] ~= i then redis.call('EXPIRE', stream, ttl) end
 end
-return #writes
+return lost
 """
 
 
@@ -201,6 +208,7 @@ class RedisLog:
         self._writing: dict[uuid.UUID, _Writing] = {}
         self._flush: asyncio.Task[None] | None = None
         self._retry: asyncio.TimerHandle | None = None  # while Redis is away
+        self._renewal: asyncio.TimerHandle | None = None  # while replies stream
         self._script = client.register_script(WRITE_SCRIPT)
 
     # -- writing: the generating process -------------------------------------------------
@@ -240,18 +248,37 @@ class RedisLog:
         self._retry = None
         self._schedule()
 
+    def _renew_later(self) -> None:
+        """Come back to renew the keys of the replies still streaming, even those that
+        write nothing meanwhile: a model that thinks before it writes is silent for up
+        to the provider idle timeout, and keys renewed only with an entry expired while
+        the reply streamed (a resume elsewhere answered 204; had the process died, the
+        sweeper found no log to settle the reply from)."""
+        if self._writing and self._renewal is None:
+            self._renewal = asyncio.get_running_loop().call_later(self._lease / 3, self._renew_now)
+
+    def _renew_now(self) -> None:
+        self._renewal = None
+        self._schedule()
+
     async def _write(self) -> None:
         """Everything queued, one entry a reply, in one script call; then what came since."""
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(WRITE_EVERY_SECONDS)  # what comes meanwhile joins the write
-            due = [(r, w) for r, w in self._writing.items() if w.queued or w.finished]
+            now = loop.time()
+            renew_before = now - self._lease / 3
+            due = [
+                (r, w)
+                for r, w in self._writing.items()
+                if w.queued or w.finished or w.renewed_at < renew_before
+            ]
             if not due:
+                self._renew_later()
                 return
             keys: list[str] = []
             writes: list[tuple[str | int, ...]] = []
             taken: list[_Taken] = []
-            now = loop.time()
             for reply_id, writing in due:
                 taken.append(_Taken(reply_id, writing, writing.written, writing.queued))
                 keys += (stream_key(reply_id), chat_key(writing.chat_id))
@@ -259,7 +286,7 @@ class RedisLog:
                 if writing.finished:
                     del self._writing[reply_id]
             try:
-                await self._script(keys=keys, args=[dumps(writes)])
+                lost = await self._script(keys=keys, args=[dumps(writes)])
             except (RedisError, OSError) as exc:
                 log.warning("could not write %d replies to Redis: %r", len(due), exc)
                 self._put_back(taken, now)
@@ -267,6 +294,24 @@ class RedisLog:
                 return
             for _, writing in due:
                 writing.failing_since = None
+            for index in lost or []:
+                await self._write_again(*due[int(index) - 1])
+
+    async def _write_again(self, reply_id: uuid.UUID, writing: _Writing) -> None:
+        """Redis no longer has the reply's log (it restarted without its data): write it
+        again whole from this process's copy, first entry, record and chat key included.
+        Without it the rest of the reply went to a log with no first entry: no resume
+        found it (204), and had this process died, the sweeper found no record and
+        released the reply unbilled."""
+        batch = await self._local.read(reply_id, 0, 0)
+        if batch is None:
+            log.warning("Redis lost the log of reply %s, no longer held here", reply_id)
+            return
+        log.warning("Redis lost the log of reply %s; writing it again", reply_id)
+        writing.written = 0
+        writing.queued = [data for _, data in batch.events]
+        writing.renewed_at = 0.0
+        self._writing[reply_id] = writing
 
     def _put_back(self, taken: list[_Taken], now: float) -> None:
         """What a failed write took goes back in the queue, to be written when Redis is
@@ -317,9 +362,14 @@ class RedisLog:
 
     # -- reading: any process -----------------------------------------------------------
 
+    def reader(self, reply_id: uuid.UUID) -> RedisReader:
+        return RedisReader(self, self._local.reader(reply_id))
+
     async def read(self, reply_id: uuid.UUID, after: int, wait: float) -> Batch | None:
-        if self._local.has(reply_id):
-            return await self._local.read(reply_id, after, wait)
+        return await self.reader(reply_id).read(after, wait)
+
+    async def read_shared(self, reply_id: uuid.UUID, after: int, wait: float) -> Batch | None:
+        """The reply as Redis holds it."""
         # Redis that fails for a moment (a reconnect) costs the reader a pause, not the
         # rest of the reply; one that stays away ends the resume
         loop = asyncio.get_running_loop()
@@ -429,11 +479,29 @@ class RedisLog:
     async def aclose(self) -> None:
         if self._retry is not None:
             self._retry.cancel()
+        if self._renewal is not None:
+            self._renewal.cancel()
         if self._flush is not None:
             with contextlib.suppress(Exception):
                 await self._flush
         await self._local.aclose()
         await self._redis.aclose()
+
+
+@dataclass(eq=False, slots=True)
+class RedisReader:
+    """A reader of one reply: from this process's memory if it generates the reply (the
+    request that asked, almost always; read to the end even if memory drops it
+    meanwhile), else from Redis."""
+
+    log: RedisLog
+    local: MemoryReader
+
+    async def read(self, after: int, wait: float) -> Batch | None:
+        batch = await self.local.read(after, wait)
+        if batch is not None:
+            return batch
+        return await self.log.read_shared(self.local.reply_id, after, wait)
 
 
 class RedisSignals:

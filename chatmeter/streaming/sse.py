@@ -89,8 +89,9 @@ class ReplyStream(Response):
         """The events as the log gives them, the last batch with the body's end (one
         write, not two)."""
         cursor = self._after
+        reader = self._log.reader(self._reply_id)
         while True:
-            batch = await self._log.read(self._reply_id, cursor, self._ping_interval)
+            batch = await reader.read(cursor, self._ping_interval)
             if batch is None:  # dropped from the log (expired, or the log went away)
                 break
             if batch.events:

@@ -71,6 +71,9 @@ def _conversation(messages: object) -> tuple[str | None, list[ChatTurn]]:
         if not isinstance(message, dict):
             raise bad_request("each message must be an object", where)
         role = message.get("role")
+        if not isinstance(role, str):
+            # not even a name: a list or an object as the role could not be looked up
+            raise bad_request("role must be system, user or assistant", f"{where}.role")
         if (
             message.get("tool_calls")
             or message.get("function_call")
@@ -80,8 +83,10 @@ def _conversation(messages: object) -> tuple[str | None, list[ChatTurn]]:
         content = _text(message.get("content"), f"{where}.content", allow_null=role == "assistant")
         if role in SYSTEM_ROLES:
             system.append(content)
-        elif role == "user" or role == "assistant":
-            turns.append(ChatTurn(role, content))
+        elif role == "user":
+            turns.append(ChatTurn("user", content))
+        elif role == "assistant":
+            turns.append(ChatTurn("assistant", content))
         else:
             raise bad_request(f"unknown role {role!r}: system, user or assistant", f"{where}.role")
     if not turns or turns[-1].role != "user":

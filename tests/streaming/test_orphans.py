@@ -383,3 +383,37 @@ async def test_a_reader_ahead_of_the_log_still_gets_the_end(
             whole = await resume(on_b, chat_id, "ursa")
         assert whole.ids == list(range(1, logged_last + 2))
         assert whole.last == early.last
+
+
+async def test_a_log_redis_lost_mid_reply_is_written_again_and_settles(
+    database_url: str, redis_server: RedisServer
+) -> None:
+    """Redis restarts without its data (the throwaway server keeps nothing) while a reply
+    streams. Its next pieces used to go to a log with no first entry: no record, no chat
+    key. A resume elsewhere answered 204, and when the reply's process then died, the
+    sweeper found nothing to settle from and released the reply unbilled. Now the writer
+    sees the log gone and writes it again whole from its own copy."""
+    async with two_workers(database_url, redis_server.url) as (a, b):
+        exchange = await abandoned_reply(a, "rhea", PIECES)
+        await logged(b, exchange, "".join(PIECES))
+        redis_server.stop()
+        redis_server.start()
+        more = ["and ", "then"]
+        for piece in more:
+            await a.services.reply_log.append(exchange.message_id, {"chunk": piece, "done": False})
+        text = "".join(PIECES + more)
+        await logged(b, exchange, text)  # the whole log, its record with it
+        chat_id = str(exchange.chat_id)
+        # then its process dies: its lease runs out, and B's sweeper settles it
+        await expire_lease(a, exchange)
+        assert await settler(b).settle_expired(utcnow()) == 1
+        ledger = await ledger_row(b.engine, str(exchange.message_id))
+        assert ledger is not None
+        assert (await chat_rows(b.engine, chat_id))[-1].content == text
+        state = await books(b.engine, "rhea")
+        assert state.total == state.ledger and state.reserved == 0
+        async with httpx.AsyncClient(base_url=b.url, timeout=30) as on_b:
+            seen = await resume(on_b, chat_id, "rhea")
+        assert seen.status == 200
+        assert seen.ids == list(range(1, len(PIECES) + len(more) + 3))
+        assert seen.text == text and seen.last["done"] is True

@@ -8,10 +8,13 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
+from datetime import datetime, timedelta
 from typing import Any
 
 import httpx
+from sqlalchemy import text
 
+from chatmeter.db.rows import as_datetime
 from tests.conftest import auth, make_settings, scripted, token_for
 from tests.streaming.test_exchange import new_chat
 from tests.streaming.test_resume import resume
@@ -130,3 +133,60 @@ async def test_redis_gone_mid_reply_loses_neither_the_reply_nor_its_bill(
             state = await books(a.engine, "dot")
             assert state.total == state.ledger == result.last["tokens_used"]
             assert state.reserved == 0
+
+
+THINKER = scripted(reply="a long thought, then this", chunks=2, delay_ms=10_000)
+
+
+async def lease_end(engine: Any, user_id: str) -> datetime | None:
+    async with engine.connect() as conn:
+        rows = (
+            await conn.execute(
+                text("SELECT expires_at FROM reservations WHERE user_id = :u"), {"u": user_id}
+            )
+        ).all()
+    return as_datetime(rows[0][0]) if rows else None
+
+
+async def test_a_reply_silent_longer_than_its_redis_ttl_is_still_resumable(
+    database_url: str, redis_server: RedisServer
+) -> None:
+    """A model that thinks before it writes (Gemini's thoughts, a reasoning model) can be
+    silent for up to the provider idle timeout (60 s by default). The reply's Redis keys
+    were given a TTL of three leases, renewed only when an event was written: with a
+    short lease they expired while the reply streamed, and a resume from another worker
+    answered 204 (SPEC 11: resumable while it streams); had its worker died then, the
+    sweeper found no log and released the reply unbilled."""
+    overrides: dict[str, Any] = {"redis_url": redis_server.url, "reservation_ttl_seconds": 2}
+    async with AsyncExitStack() as stack:
+        a, b = [
+            await stack.enter_async_context(
+                serve(make_settings(database_url, models={"thinker": THINKER}, **overrides))
+            )
+            for _ in range(2)
+        ]
+        async with httpx.AsyncClient(base_url=a.url, timeout=60) as on_a:
+            async with httpx.AsyncClient(base_url=b.url, timeout=60) as on_b:
+                chat_id = await new_chat(on_a, "tia", model="thinker")
+                reading = asyncio.create_task(stream_message(on_a, chat_id, "go", token_for("tia")))
+
+                async def opened() -> bool:
+                    return await lease_end(a.engine, "tia") is not None
+
+                await eventually(opened)
+                first_lease = await lease_end(a.engine, "tia")
+                assert first_lease is not None
+
+                async def silent_past_three_leases() -> bool:
+                    # the reply is alive (its lease renewed) and has written nothing
+                    # for more than three leases: the keys' first TTL is over
+                    now = await lease_end(a.engine, "tia")
+                    return now is not None and now > first_lease + timedelta(seconds=6.5)
+
+                await eventually(silent_past_three_leases, within=30)
+                assert not reading.done()
+                resumed = await resume(on_b, chat_id, "tia")
+                original = await reading
+                assert resumed.status == 200, "a streaming reply answered 204 on another worker"
+                assert resumed.last["done"] is True
+                assert resumed.events == original.events

@@ -95,6 +95,9 @@ BAD_REQUESTS: list[tuple[dict[str, Any], str | None]] = [
     ({"messages": [{"role": "user", "content": "   "}]}, "messages"),
     ({"messages": [{"role": "tool", "content": "42", "tool_call_id": "c1"}]}, "messages[0]"),
     ({"messages": [{"role": "wizard", "content": "Hi"}]}, "messages[0].role"),
+    # a role that is not a string at all (unhashable: it used to be a 500)
+    ({"messages": [{"role": ["user"], "content": "Hi"}]}, "messages[0].role"),
+    ({"messages": [{"role": {"name": "user"}, "content": "Hi"}]}, "messages[0].role"),
     ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
     ({"messages": ["Hi"]}, "messages[0]"),
     ({"model": 5}, "model"),
