@@ -15,7 +15,7 @@ from chatmeter.deps import AdminUser, CurrentUser, ServicesDep
 from chatmeter.errors import ApiError
 from chatmeter.jsonutil import BadBody, json_response, parse_model, read_json
 from chatmeter.metering import accounts
-from chatmeter.metering.routes import UsageOut, user_id_of
+from chatmeter.metering.routes import ADMIN_USER, ADMIN_USER_WITH_SLASH, UsageOut, user_id_of
 from chatmeter.metering.summary import SUM_FIELDS, DayRange, as_csv, group_by, summarize
 from chatmeter.openapi import errors, json_body
 from chatmeter.services import Services
@@ -135,8 +135,9 @@ async def list_plans(_: AdminUser, services: ServicesDep) -> Response:
     return json_response({"currency": settings.currency, "plans": plans})
 
 
+@router.put(ADMIN_USER_WITH_SLASH + "/plan", include_in_schema=False)
 @router.put(
-    "/api/admin/users/{user_id:path}/plan",
+    ADMIN_USER + "/plan",
     response_model=UsageOut,
     responses=errors(400, 403),
     openapi_extra=json_body(NewPlan),

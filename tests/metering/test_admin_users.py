@@ -127,6 +127,23 @@ async def test_a_user_whose_id_holds_a_slash_is_managed_like_any_other(
     assert_error(empty, 400, "INVALID_REQUEST")
 
 
+@pytest.mark.parametrize("raw", ["%0A", "a%0Ab"])
+async def test_an_id_with_a_newline_is_refused_by_the_rule_not_the_router(
+    client: httpx.AsyncClient, raw: str
+) -> None:
+    """Starlette's `path` convertor stops at a newline: an id holding one (no user can
+    have it) is the id rule's 400, not the router's 404 (schemathesis found it)."""
+    for method, path, body in (
+        ("PUT", "limit", {"token_limit": 5}),
+        ("PUT", "plan", {"plan": "pro"}),
+        ("GET", "usage", None),
+    ):
+        answer = await client.request(
+            method, f"/api/admin/users/{raw}/{path}", json=body, headers=admin()
+        )
+        assert_error(answer, 400, "INVALID_REQUEST")
+
+
 async def test_the_search_ignores_case_beyond_ascii(client: httpx.AsyncClient) -> None:
     """SQLite's own lower() folds ASCII only: an id with 'Ü' was not found on SQLite even
     by its exact text (the query's part is lowered, the id's 'Ü' was not)."""
