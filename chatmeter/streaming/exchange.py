@@ -308,49 +308,58 @@ async def _open_chat(
     exact_prompt: int | None,
     user_message_id: uuid.UUID,
 ) -> Exchange:
-    args = (chat_id, message, exact_prompt, user_message_id)
-    rules = services.opening_rules
-
     async def undo() -> bool:
         return await services.transactor.run(
-            undo_opening, user.user_id, chat_id, user_message_id, rules.worker_id, rules.plans
+            undo_opening,
+            user.user_id,
+            chat_id,
+            user_message_id,
+            services.opening_rules.worker_id,
+            services.plans,
         )
 
+    args = (chat_id, message, exact_prompt, user_message_id)
+    return await _open_or_take_back(services, user, chat_id, open_steps, args, undo)
+
+
+async def _open_or_take_back(
+    services: Services,
+    user: Principal,
+    chat_id: uuid.UUID | None,
+    steps: Callable[..., Steps[Opened]],
+    args: tuple[object, ...],
+    undo: Callable[[], Awaitable[bool]],
+) -> Exchange:
+    """`_open`, with `undo` (True if the opening had committed) for the two ways it can
+    be left behind. The SQLite writer process died, or PostgreSQL's connection was lost,
+    before it answered: it may have committed, and its reservation would hold the chat
+    (409), the user's budget and a concurrent reply until its lease ran out; it is taken
+    back, then opened again. The task that asked was cancelled (a shutdown) while it was
+    out: it may commit with nobody to stream or settle it; it is taken back in a task of
+    its own, once it has ended."""
     try:
         try:
-            return await _open(services, user, chat_id, open_steps, *args)
+            return await _open(services, user, chat_id, steps, *args)
         except OutcomeUnknown:
-            # the SQLite writer process died, or PostgreSQL's connection was lost, before
-            # it answered: the opening may have committed, and its reservation would hold
-            # the chat (409) until its lease ran out. Take it back if it did, then open
-            # again.
             undone = await undo()
             log.warning("the database was lost during an opening (committed: %s)", undone)
-            return await _open(services, user, chat_id, open_steps, *args)
+            return await _open(services, user, chat_id, steps, *args)
     except asyncio.CancelledError:
-        _take_back_later(services, undo)
+        services.spawn(_take_back_later(services, undo))
         raise
 
 
-def _take_back_later(services: Services, undo: Callable[[], Awaitable[bool]]) -> None:
-    """The task that asked for an opening was cancelled (a shutdown) while the opening
-    was out: it may commit with nobody to stream or settle it, holding the chat (409),
-    the user's budget and a concurrent reply until its lease ran out, its user message
-    left behind. Take it back in a task of its own, once the opening has ended."""
-
-    async def take_back() -> None:
-        try:
-            # once the opening has ended: the undo could otherwise run first (the opening
-            # waiting for a lock before it takes the user's row), find nothing, and the
-            # opening commit after it
-            log.info("an opening whose request was cancelled is taken back once it ends")
-            await services.transactor.caught_up()
-            if await undo():
-                log.warning("an opening whose request was cancelled was taken back")
-        except Exception:
-            log.exception("an opening whose request was cancelled could not be taken back")
-
-    services.spawn(take_back())
+async def _take_back_later(services: Services, undo: Callable[[], Awaitable[bool]]) -> None:
+    try:
+        # once the opening has ended: the undo could otherwise run first (the opening
+        # waiting for a lock before it takes the user's row), find nothing, and the
+        # opening commit after it
+        log.info("an opening whose request was cancelled is taken back once it ends")
+        await services.transactor.caught_up()
+        if await undo():
+            log.warning("an opening whose request was cancelled was taken back")
+    except Exception:
+        log.exception("an opening whose request was cancelled could not be taken back")
 
 
 async def open_prompt_exchange(services: Services, user: Principal, prompt: Prompt) -> Exchange:
@@ -377,25 +386,13 @@ async def _open_prompt(
     exact_prompt: int | None,
     reservation_id: uuid.UUID,
 ) -> Exchange:
-    args = (prompt, exact_prompt, reservation_id)
-
     async def undo() -> bool:
         return await services.transactor.run(
             undo_prompt_opening, user.user_id, reservation_id, services.plans
         )
 
-    try:
-        try:
-            return await _open(services, user, None, open_prompt_steps, *args)
-        except OutcomeUnknown:
-            # as `_open_chat`: a committed opening's reservation would hold the user's
-            # budget (and one of their concurrent replies) until its lease ran out
-            undone = await undo()
-            log.warning("the database was lost during an opening (committed: %s)", undone)
-            return await _open(services, user, None, open_prompt_steps, *args)
-    except asyncio.CancelledError:
-        _take_back_later(services, undo)
-        raise
+    args = (prompt, exact_prompt, reservation_id)
+    return await _open_or_take_back(services, user, None, open_prompt_steps, args, undo)
 
 
 async def _open(

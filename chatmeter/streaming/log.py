@@ -122,9 +122,6 @@ class ReplyLog(Protocol):
         reply it reads it to the end, even if the log drops the reply meanwhile (its
         replay window over, or the size bound reached, while the reader was behind)."""
 
-    async def read(self, reply_id: uuid.UUID, after: int, wait: float) -> Batch | None:
-        """`reader(reply_id).read(after, wait)`: one look at the reply."""
-
     async def current(self, chat_id: uuid.UUID) -> uuid.UUID | None:
         """The chat's latest reply still held, if any."""
 
@@ -258,9 +255,6 @@ class MemoryLog:
     def reader(self, reply_id: uuid.UUID) -> MemoryReader:
         return MemoryReader(self._replies, reply_id)
 
-    async def read(self, reply_id: uuid.UUID, after: int, wait: float) -> Batch | None:
-        return await self.reader(reply_id).read(after, wait)
-
     async def current(self, chat_id: uuid.UUID) -> uuid.UUID | None:
         self._expire()
         reply_id = self._by_chat.get(chat_id)
@@ -270,9 +264,6 @@ class MemoryLog:
         self._expire()
         held = self._replies.get(reply_id)
         return held is not None and held.chat_id == chat_id
-
-    def has(self, reply_id: uuid.UUID) -> bool:
-        return reply_id in self._replies
 
     def expire(self) -> None:
         """Drop what the replay window and the size bound no longer keep."""

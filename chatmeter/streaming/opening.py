@@ -446,7 +446,7 @@ def undo_opening(
     chat_id: uuid.UUID,
     user_message_id: uuid.UUID,
     worker_id: str,
-    book: PlanBook | None = None,
+    book: PlanBook,
 ) -> Steps[bool]:
     """Take back an opening whose outcome is unknown (the SQLite writer process died
     before it answered): if it committed, its user message exists; then it is deleted,
@@ -462,22 +462,18 @@ def undo_opening(
     if not rows:
         return False
     yield from release_chat(user_id, chat_id, worker_id)
-    if book is not None:
-        yield from give_back_request(user_id, book)
+    yield from give_back_request(user_id, book)
     return True
 
 
-def undo_prompt_opening(
-    user_id: str, reservation_id: uuid.UUID, book: PlanBook | None = None
-) -> Steps[bool]:
+def undo_prompt_opening(user_id: str, reservation_id: uuid.UUID, book: PlanBook) -> Steps[bool]:
     """Take back an opening without a chat whose outcome is unknown (as `undo_opening`):
     it saved nothing but its reservation, whose id the caller chose. True if it had
     committed."""
     yield from lock_user(user_id)
     if not (yield from release_reservation(user_id, reservation_id)):
         return False
-    if book is not None:
-        yield from give_back_request(user_id, book)
+    yield from give_back_request(user_id, book)
     return True
 
 

@@ -303,7 +303,7 @@ class RedisLog:
         Without it the rest of the reply went to a log with no first entry: no resume
         found it (204), and had this process died, the sweeper found no record and
         released the reply unbilled."""
-        batch = await self._local.read(reply_id, 0, 0)
+        batch = await self._local.reader(reply_id).read(0, 0)
         if batch is None:
             log.warning("Redis lost the log of reply %s, no longer held here", reply_id)
             return
@@ -364,9 +364,6 @@ class RedisLog:
 
     def reader(self, reply_id: uuid.UUID) -> RedisReader:
         return RedisReader(self, self._local.reader(reply_id))
-
-    async def read(self, reply_id: uuid.UUID, after: int, wait: float) -> Batch | None:
-        return await self.reader(reply_id).read(after, wait)
 
     async def read_shared(self, reply_id: uuid.UUID, after: int, wait: float) -> Batch | None:
         """The reply as Redis holds it."""

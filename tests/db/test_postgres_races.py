@@ -869,7 +869,7 @@ async def test_openings_sent_together_whose_answer_is_lost_are_each_taken_back(
         outcomes = await open_together(transactor, asked)
         assert [type(outcome) for outcome in outcomes] == [ConnectionLost] * 3
         undone = [
-            await transactor.run(undo_opening, user, chat, said, RULES.worker_id)
+            await transactor.run(undo_opening, user, chat, said, RULES.worker_id, RULES.plans)
             for user, chat, said in asked
         ]
         assert undone in ([True] * 3, [False] * 3)

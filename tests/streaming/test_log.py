@@ -43,7 +43,7 @@ async def read_all(
 ) -> list[tuple[int, dict[str, Any]]]:
     events: list[tuple[int, dict[str, Any]]] = []
     while True:
-        batch = await log.read(reply_id, after, 5.0)
+        batch = await log.reader(reply_id).read(after, 5.0)
         assert batch is not None
         events += [(number, orjson.loads(data)) for number, data in batch.events]
         after = events[-1][0] if events else after
@@ -68,7 +68,7 @@ async def test_a_reader_waits_for_events_and_stops_at_the_end() -> None:
     assert await read_all(log, reply_id, after=2) == events[2:]
     assert await log.current(chat_id) == reply_id
     assert await log.holds(reply_id, chat_id) and not await log.holds(reply_id, uuid.uuid4())
-    idle = await log.read(uuid.uuid4(), 0, 0.01)
+    idle = await log.reader(uuid.uuid4()).read(0, 0.01)
     assert idle is None
 
 
@@ -76,7 +76,7 @@ async def test_an_idle_read_returns_empty_after_the_wait() -> None:
     log = MemoryLog(replay_seconds=60, max_bytes=1 << 20)
     reply_id = uuid.uuid4()
     await log.begin(reply_id, uuid.uuid4(), FIRST)
-    batch = await log.read(reply_id, 1, 0.01)
+    batch = await log.reader(reply_id).read(1, 0.01)
     assert batch is not None and batch.events == [] and not batch.finished
 
 
@@ -97,14 +97,15 @@ async def test_finished_replies_expire_and_the_oldest_go_first_past_the_bound() 
     for reply_id in ids:
         await write_reply(small, reply_id, uuid.uuid4())
     assert small.held_bytes <= 2048
-    assert small.has(ids[-1]) and not small.has(ids[0])
+    assert await small.reader(ids[-1]).read(0, 0) is not None
+    assert await small.reader(ids[0]).read(0, 0) is None
     # a reply still streaming is never dropped, whatever the bound
     live = uuid.uuid4()
     await small.begin(live, uuid.uuid4(), FIRST)
     await small.append(live, {"chunk": "x" * 5000, "done": False})
     for reply_id in ids[:3]:
         await write_reply(small, reply_id, uuid.uuid4())
-    assert small.has(live)
+    assert await small.reader(live).read(0, 0) is not None
 
 
 async def test_what_the_memory_log_counts_is_what_it_holds() -> None:
@@ -165,7 +166,7 @@ async def test_the_redis_log_is_read_from_another_process(redis_server: RedisSer
             return all(0 < ttl <= 60 for ttl in ttls)
 
         await eventually(expiring)
-        assert await reader.read(uuid.uuid4(), 0, 0.01) is None
+        assert await reader.reader(uuid.uuid4()).read(0, 0.01) is None
     finally:
         await writer.aclose()
         await reader.aclose()
@@ -350,7 +351,7 @@ async def test_a_reader_waits_past_the_clients_socket_timeout(redis_server: Redi
             return await reader.holds(reply_id, chat_id)
 
         await eventually(started)
-        batch = await reader.read(reply_id, 1, 6.0)
+        batch = await reader.reader(reply_id).read(1, 6.0)
         assert batch is not None and batch.events == [] and not batch.finished
         # and still wakes for what comes
         follower = asyncio.create_task(read_all(reader, reply_id, after=1))

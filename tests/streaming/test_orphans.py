@@ -212,7 +212,7 @@ async def test_a_reply_that_ended_is_left_to_its_settlement(
 
 
 async def resume_status(server: RunningServer, exchange: Exchange) -> str:
-    batch = await server.services.reply_log.read(exchange.message_id, 0, 0)
+    batch = await server.services.reply_log.reader(exchange.message_id).read(0, 0)
     if batch is None:
         return "gone"
     return "finished" if batch.finished else "open"
@@ -342,7 +342,7 @@ async def test_the_redis_log_keeps_what_a_dead_reply_needs(redis_server: RedisSe
 async def read_from(log: RedisLog, reply_id: uuid.UUID, after: int) -> list[tuple[int, Any]]:
     events: list[tuple[int, Any]] = []
     while True:
-        batch = await log.read(reply_id, after, 5.0)
+        batch = await log.reader(reply_id).read(after, 5.0)
         assert batch is not None
         events += [(n, orjson.loads(data)) for n, data in batch.events]
         after = events[-1][0] if events else after
