@@ -53,6 +53,14 @@ def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.fixture
+def sqlite_url(sqlite_template: Path, tmp_path: Path) -> str:
+    """A migrated SQLite database of the test's own, copied from the session's template."""
+    path = tmp_path / "chatmeter.db"
+    shutil.copyfile(sqlite_template, path)
+    return f"sqlite+aiosqlite:///{path}"
+
+
 @pytest.fixture(scope="session")
 def postgres_template(postgres: PostgresServer) -> str:
     postgres.createdb("chatmeter_template")

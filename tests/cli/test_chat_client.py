@@ -7,7 +7,6 @@ import asyncio
 import io
 import os
 import re
-import shutil
 import signal
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -81,13 +80,6 @@ class Terminal:
         rest = await asyncio.wait_for(self.process.stdout.read(), WAIT)
         self.output += rest.decode()
         return await asyncio.wait_for(self.process.wait(), WAIT)
-
-
-@pytest.fixture
-def sqlite_url(sqlite_template: Path, tmp_path: Path) -> str:
-    path = tmp_path / "chatmeter.db"
-    shutil.copyfile(sqlite_template, path)
-    return f"sqlite+aiosqlite:///{path}"
 
 
 ServerFactory = Callable[..., AbstractAsyncContextManager[RunningServer]]

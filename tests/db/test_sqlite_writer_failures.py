@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +22,6 @@ from tests.support.server import serve
 from tests.support.sse import stream_message
 from tests.support.waiting import eventually
 from tests.support.writer_faults import hold_then_die_answering_the_next_batch, nothing
-
-
-@pytest.fixture
-def sqlite_url(sqlite_template: Path, tmp_path: Path) -> str:
-    path = tmp_path / "chatmeter.db"
-    shutil.copyfile(sqlite_template, path)
-    return f"sqlite+aiosqlite:///{path}"
 
 
 async def writer_dying_at_the_next_batch(

@@ -7,16 +7,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import shutil
 import uuid
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import httpx
 import pytest
 
 from chatmeter.auth.tokens import Principal
-from chatmeter.db.transactor import SqliteTransactor
+from chatmeter.db.transactor import SqliteTransactor, Transactor
 from chatmeter.streaming.exchange import open_exchange, open_prompt_exchange
 from chatmeter.streaming.opening import Prompt
 from tests.conftest import auth, make_settings, token_for
@@ -29,11 +29,22 @@ from tests.support.waiting import eventually
 from tests.support.writer_faults import hold_the_answer_to_the_next_batch, nothing
 
 
-@pytest.fixture
-def sqlite_url(sqlite_template: Path, tmp_path: Path) -> str:
-    path = tmp_path / "chatmeter.db"
-    shutil.copyfile(sqlite_template, path)
-    return f"sqlite+aiosqlite:///{path}"
+async def answer_held(
+    transactor: Transactor, tmp_path: Path
+) -> tuple[asyncio.Future[tuple[None, Any, Any]], Path, Path]:
+    """The SQLite writer holds its next batch: the next transaction sent commits (the
+    file `committed` appears) and is answered once `release` is touched; the returned
+    future ends with the held batch."""
+    holding, committed, release = (tmp_path / n for n in ("holding", "committed", "go"))
+    armed = asyncio.gather(
+        transactor.run(
+            hold_the_answer_to_the_next_batch, str(holding), str(committed), str(release)
+        ),
+        transactor.run(nothing),
+        transactor.run(nothing),
+    )
+    await eventually(holding.exists, within=30)
+    return armed, committed, release
 
 
 async def test_an_opening_cancelled_after_its_commit_holds_nothing(
@@ -44,15 +55,7 @@ async def test_an_opening_cancelled_after_its_commit_holds_nothing(
         services = server.services
         assert isinstance(services.transactor, SqliteTransactor)
         chat_id = await new_chat(client, "cal")
-        holding, committed, release = (tmp_path / n for n in ("holding", "committed", "go"))
-        armed = asyncio.gather(
-            services.transactor.run(
-                hold_the_answer_to_the_next_batch, str(holding), str(committed), str(release)
-            ),
-            services.transactor.run(nothing),
-            services.transactor.run(nothing),
-        )
-        await eventually(holding.exists, within=30)
+        armed, committed, release = await answer_held(services.transactor, tmp_path)
         asking = asyncio.ensure_future(
             open_exchange(services, Principal("cal"), uuid.UUID(chat_id), "hello")
         )
@@ -166,15 +169,7 @@ async def test_a_completion_opening_cancelled_after_its_commit_holds_nothing(
     settings = make_settings(sqlite_url, reservation_ttl_seconds=600)
     async with serve(settings) as server:
         services = server.services
-        holding, committed, release = (tmp_path / n for n in ("holding", "committed", "go"))
-        armed = asyncio.gather(
-            services.transactor.run(
-                hold_the_answer_to_the_next_batch, str(holding), str(committed), str(release)
-            ),
-            services.transactor.run(nothing),
-            services.transactor.run(nothing),
-        )
-        await eventually(holding.exists, within=30)
+        armed, committed, release = await answer_held(services.transactor, tmp_path)
         prompt = Prompt("scripted", None, (), "hello", None)
         asking = asyncio.ensure_future(open_prompt_exchange(services, Principal("cid"), prompt))
         await eventually(committed.exists, within=30)

@@ -22,7 +22,7 @@ from chatmeter.providers.base import Usage
 from tests.conftest import auth, make_settings, scripted, token_for
 from tests.streaming.test_exchange import new_chat
 from tests.support.db import books, chat_rows, ledger_row
-from tests.support.outage import DatabaseOutage, LostAnswerProxy
+from tests.support.outage import DatabaseOutage, opening_answer_lost
 from tests.support.postgres import PostgresServer
 from tests.support.server import serve
 from tests.support.sse import StreamResult, parse_events, stream_message
@@ -209,15 +209,7 @@ async def test_an_opening_whose_answer_postgres_never_sent_leaves_no_stuck_chat(
     # network or a pooler failing) left the chat held by a reservation nobody would
     # settle: 409 for every message until the lease ran out. Taken back, as the SQLite
     # writer process's death is, the message is opened again and streams.
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    postgres.createdb(name, postgres_template)
-    parts = urlsplit(postgres.url(name))
-    proxy = LostAnswerProxy(
-        parts.hostname or "127.0.0.1", parts.port or 5432, b"held AS (INSERT INTO reservations"
-    )
-    await proxy.start()
-    try:
-        url = urlunsplit(parts._replace(netloc=f"{parts.username}@127.0.0.1:{proxy.port}"))
+    async with opening_answer_lost(postgres, postgres_template) as (url, proxy):
         settings = make_settings(url, reservation_ttl_seconds=600)
         async with serve(settings) as server:
             async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
@@ -237,8 +229,6 @@ async def test_an_opening_whose_answer_postgres_never_sent_leaves_no_stuck_chat(
                 assert state.reserved == 0 and state.open_reservations == 0
                 billed = result.last["tokens_used"] + again.last["tokens_used"]
                 assert state.total == state.ledger == billed
-    finally:
-        await proxy.close()
 
 
 @contextlib.asynccontextmanager

@@ -6,32 +6,21 @@ section 10), not once for the lost opening and again for the one that streams.""
 from __future__ import annotations
 
 import asyncio
-import shutil
-import uuid
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import httpx
-import pytest
 
 from chatmeter.config import PlanConfig
 from chatmeter.db.transactor import SqliteTransactor
 from tests.conftest import auth, make_settings, token_for
 from tests.db.test_sqlite_writer_failures import writer_dying_at_the_next_batch
 from tests.streaming.test_exchange import new_chat
-from tests.support.outage import LostAnswerProxy
+from tests.support.outage import opening_answer_lost
 from tests.support.postgres import PostgresServer
 from tests.support.server import serve
 from tests.support.sse import stream_message
 
 ONE_A_MINUTE = {"plans": {"one": PlanConfig(requests_per_minute=1)}, "default_plan": "one"}
-
-
-@pytest.fixture
-def sqlite_url(sqlite_template: Path, tmp_path: Path) -> str:
-    path = tmp_path / "chatmeter.db"
-    shutil.copyfile(sqlite_template, path)
-    return f"sqlite+aiosqlite:///{path}"
 
 
 async def test_a_message_whose_opening_the_writer_lost_counts_once_against_the_rate(
@@ -54,15 +43,7 @@ async def test_a_message_whose_opening_the_writer_lost_counts_once_against_the_r
 async def test_a_message_whose_opening_postgres_never_answered_counts_once_against_the_rate(
     postgres: PostgresServer, postgres_template: str
 ) -> None:
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    postgres.createdb(name, postgres_template)
-    parts = urlsplit(postgres.url(name))
-    proxy = LostAnswerProxy(
-        parts.hostname or "127.0.0.1", parts.port or 5432, b"held AS (INSERT INTO reservations"
-    )
-    await proxy.start()
-    try:
-        url = urlunsplit(parts._replace(netloc=f"{parts.username}@127.0.0.1:{proxy.port}"))
+    async with opening_answer_lost(postgres, postgres_template) as (url, proxy):
         settings = make_settings(url, reservation_ttl_seconds=600, **ONE_A_MINUTE)
         async with serve(settings) as server:
             async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
@@ -72,8 +53,6 @@ async def test_a_message_whose_opening_postgres_never_answered_counts_once_again
                 assert proxy.lost == 1
                 assert result.status == 200, result.body
                 assert result.last.get("done") is True
-    finally:
-        await proxy.close()
 
 
 async def test_a_completion_whose_opening_the_writer_lost_counts_once_against_the_rate(

@@ -6,7 +6,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
+import uuid
+from collections.abc import AsyncIterator
 from urllib.parse import urlsplit, urlunsplit
+
+from tests.support.postgres import PostgresServer
 
 
 class TcpProxy:
@@ -162,3 +166,24 @@ class LostAnswerProxy:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
+
+
+# the opening's one statement on PostgreSQL, as asyncpg prepares it
+OPENING_MARKER = b"held AS (INSERT INTO reservations"
+
+
+@contextlib.asynccontextmanager
+async def opening_answer_lost(
+    postgres: PostgresServer, template: str
+) -> AsyncIterator[tuple[str, LostAnswerProxy]]:
+    """A fresh database reached through a `LostAnswerProxy` that loses the answer to the
+    first opening: chatmeter's URL through it, and the proxy."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    postgres.createdb(name, template)
+    parts = urlsplit(postgres.url(name))
+    proxy = LostAnswerProxy(parts.hostname or "127.0.0.1", parts.port or 5432, OPENING_MARKER)
+    await proxy.start()
+    try:
+        yield urlunsplit(parts._replace(netloc=f"{parts.username}@127.0.0.1:{proxy.port}")), proxy
+    finally:
+        await proxy.close()
