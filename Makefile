@@ -27,16 +27,9 @@ run: $(STAMP)
 # for the container image test (tests/deploy) podman, debootstrap and iproute2, and wrk
 # (the benchmark's load generator, whose script tests/tools/bench runs)
 test-deps:
-	@if [ ! -x /usr/lib/postgresql/15/bin/initdb ] || ! command -v chromium >/dev/null \
-		|| ! command -v redis-server >/dev/null || ! command -v wrk >/dev/null \
-		|| ! command -v node >/dev/null || ! command -v npm >/dev/null \
-		|| ! command -v podman >/dev/null || ! command -v debootstrap >/dev/null \
-		|| ! command -v ip >/dev/null; then \
-		if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
-		$$SUDO apt-get update -qq && \
-		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq postgresql-15 chromium \
-			redis-server nodejs npm podman debootstrap iproute2 wrk >/dev/null; \
-	fi
+	@scripts/system-packages.sh /usr/lib/postgresql/15/bin/initdb=postgresql-15 \
+		chromium=chromium redis-server=redis-server node=nodejs npm=npm podman=podman \
+		debootstrap=debootstrap ip=iproute2 wrk=wrk
 
 test: $(STAMP) test-deps
 	$(BIN)/pytest -q -p no:cacheprovider
@@ -56,12 +49,8 @@ soak: $(STAMP) test-deps
 
 # system packages the benchmark uses: wrk (the load generator), PostgreSQL 15, redis-server
 bench-deps:
-	@if ! command -v wrk >/dev/null || [ ! -x /usr/lib/postgresql/15/bin/initdb ] \
-		|| ! command -v redis-server >/dev/null; then \
-		if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
-		$$SUDO apt-get update -qq && \
-		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq wrk postgresql-15 redis-server >/dev/null; \
-	fi
+	@scripts/system-packages.sh wrk=wrk /usr/lib/postgresql/15/bin/initdb=postgresql-15 \
+		redis-server=redis-server
 
 # SPEC section 9's benchmarks on this machine, against a bare Starlette SSE floor: about
 # 6 minutes; writes docs/benchmarks.md and docs/bench-concurrency.png. Run it on a quiet
