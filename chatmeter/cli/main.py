@@ -169,7 +169,7 @@ def db_upgrade() -> None:
 
     settings = settings_or_exit()
     with console.status("Migrating the database…"):
-        upgrade(settings.database_url)
+        upgrade(settings.database_url, default_plan=settings.default_plan)
     console.print(f"[green]database is up to date[/green] ({_safe_url(settings.database_url)})")
 
 

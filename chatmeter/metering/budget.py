@@ -100,17 +100,17 @@ def reply_in_progress() -> ApiError:
 
 
 def ensure_user(user_id: str, book: PlanBook, now: datetime) -> Steps[None]:
-    """Create the user's budget row on the default plan on first sight."""
+    """Create the user's budget row on first sight, with no plan: the default one,
+    whichever is configured (SPEC section 10), until an admin assigns one."""
     yield Sql(
         "INSERT INTO user_usage (user_id, total_tokens_used, token_limit, reserved_tokens, "
         "updated_at, plan, token_limit_overridden, period_start, spend_micros, "
         "reserved_micros, active_replies, rate_tat) VALUES (:user_id, 0, :limit, 0, :now, "
-        ":plan, :no, 0, 0, 0, 0, 0) ON CONFLICT (user_id) DO NOTHING",
+        "NULL, :no, 0, 0, 0, 0, 0) ON CONFLICT (user_id) DO NOTHING",
         {
             "user_id": user_id,
             "limit": book.plan(book.default).stored_token_limit,
             "now": now,
-            "plan": book.default,
             "no": False,
         },
     )
@@ -150,8 +150,8 @@ def take_statement(
     """The one atomic statement of SPEC sections 6 and 10: roll the period over if it
     ended, pass the rate limits, and add the `amounts` of tokens and money to the
     user's reservation if both fit under the limits (and the condition `also`, if
-    given). Returns the user's plan; no row when a limit refuses (or the user was never
-    seen)."""
+    given). Returns the user's plan's name; no row when a limit refuses (or the user was
+    never seen)."""
     start = book.period_start_sql
     ended = f"period_start < {start}"
     tokens, micros = amounts.tokens, amounts.micros
@@ -173,7 +173,7 @@ def take_statement(
         f"AND ({micros} = 0 OR {book.spend_limit_sql} - "
         f"(CASE WHEN {ended} THEN 0 ELSE spend_micros END) - reserved_micros "
         f">= {micros}) {also}"
-        "RETURNING plan",
+        f"RETURNING {book.plan_sql} AS plan",
         {
             "user_id": user_id,
             "now_us": to_micros(now),

@@ -107,6 +107,7 @@ class PlanBook:
     emission_sql: str
     tolerance_sql: str
     concurrency_sql: str
+    plan_sql: str  # the name of the row's plan (NULL: the default)
     # the last bounds computed per period: a period changes rarely, and computing one in
     # a timezone costs ~10 us per statement (an object's cache, not the module's)
     recent: dict[str, Bounds] = field(default_factory=dict)
@@ -141,6 +142,7 @@ class PlanBook:
             emission_sql=_by_plan(each(lambda p: p.emission_us), default),
             tolerance_sql=_by_plan(each(lambda p: p.tolerance_us), default),
             concurrency_sql=_by_plan(each(lambda p: p.concurrency), default),
+            plan_sql=_by_plan({name: f"'{name}'" for name in plans}, default),
         )
 
     def plan(self, name: str | None) -> Plan:

@@ -152,8 +152,9 @@ async def test_upgrade_from_empty_creates_the_spec_tables(
     assert ("message_id",) in unique, "an exchange is billed once"
     nullable = {name for name, c in tables["messages"]["columns"].items() if c["nullable"]}
     assert nullable == {"prompt_tokens", "completion_tokens", "metering_source", "finish_reason"}
-    for table in ("chats", "user_usage"):
-        assert not any(c["nullable"] for c in tables[table]["columns"].values()), table
+    assert not any(c["nullable"] for c in tables["chats"]["columns"].values())
+    nullable = {name for name, c in tables["user_usage"]["columns"].items() if c["nullable"]}
+    assert nullable == {"plan"}, "no plan: the configured default's"
     nullable = {name for name, c in tables["usage_events"]["columns"].items() if c["nullable"]}
     assert nullable == {"chat_id"}, "only an exchange of /v1 has no chat"
     if backend == "postgres":
@@ -299,7 +300,7 @@ async def test_existing_users_move_onto_the_default_plan_keeping_their_limits(
                 " reserved_tokens, updated_at) VALUES ('old', 40, 5000, 0, CURRENT_TIMESTAMP)"
             )
         )
-    await run_alembic(command.upgrade, empty_url, "head")
+    await run_alembic(command.upgrade, empty_url, "0004_messages_in_order")
     async with engine.connect() as conn:
         row = (await conn.execute(sa.text("SELECT * FROM user_usage"))).mappings().one()
     assert row["plan"] == "default"
@@ -310,6 +311,33 @@ async def test_existing_users_move_onto_the_default_plan_keeping_their_limits(
     async with engine.connect() as conn:
         kept = (await conn.execute(sa.text("SELECT user_id, token_limit FROM user_usage"))).all()
     assert kept == [("old", 5000)]
+
+
+async def test_users_on_the_configured_default_plan_follow_the_default_from_then_on(
+    empty_url: str, engine: AsyncEngine
+) -> None:
+    """Migration 0005: the users whose plan is the default configured when it runs
+    (`chatmeter db upgrade` passes CHATMETER_DEFAULT_PLAN) lose their plan's name, so a
+    later default moves them; the others keep theirs. Downgraded, each has a name again."""
+    await run_alembic(command.upgrade, empty_url, "0004_messages_in_order")
+    async with engine.begin() as conn:
+        for user, plan in (("on-default", "starter"), ("assigned", "pro")):
+            await conn.execute(
+                sa.text(
+                    "INSERT INTO user_usage (user_id, total_tokens_used, token_limit,"
+                    " reserved_tokens, updated_at, plan) VALUES (:user, 0, 10, 0,"
+                    " CURRENT_TIMESTAMP, :plan)"
+                ),
+                {"user": user, "plan": plan},
+            )
+    await asyncio.to_thread(upgrade, empty_url, "head", "starter")
+    read = sa.text("SELECT user_id, plan FROM user_usage ORDER BY user_id")
+    async with engine.connect() as conn:
+        assert (await conn.execute(read)).all() == [("assigned", "pro"), ("on-default", None)]
+    downgrading = alembic_config(empty_url, "starter")
+    await asyncio.to_thread(command.downgrade, downgrading, "0004_messages_in_order")
+    async with engine.connect() as conn:
+        assert (await conn.execute(read)).all() == [("assigned", "pro"), ("on-default", "starter")]
 
 
 async def test_the_history_index_is_built_without_blocking_writes_on_postgres(

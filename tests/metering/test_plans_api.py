@@ -273,6 +273,44 @@ async def test_replies_streaming_across_period_boundaries_keep_the_books(
 # -- plans and models ------------------------------------------------------------------
 
 
+async def test_changing_the_default_plan_moves_every_user_no_admin_assigned(
+    database_url: str,
+) -> None:
+    """SPEC section 10: a user has CHATMETER_DEFAULT_PLAN "until an admin assigns
+    another", so a restart on a new default moves the users already seen, not only the
+    new ones; a user an admin assigned keeps that plan, even the old default's."""
+    plans = {
+        "starter": PlanConfig(token_limit=5000),
+        "daily": PlanConfig(token_limit=300, period="day", requests_per_minute=7),
+    }
+    before = make_settings(
+        database_url, models={"priced": PRICED}, plans=plans, default_plan="starter"
+    )
+    async with serve(before) as running:
+        async with httpx.AsyncClient(base_url=running.url, timeout=30) as http:
+            chat = await new_chat(http, "seen", model="priced")
+            await stream_message(http, chat, "On the first default", token_for("seen"))
+            await on_plan(http, "kept", "starter")
+            assert (await usage(http, "seen"))["plan"] == "starter"
+    after = make_settings(
+        database_url, models={"priced": PRICED}, plans=plans, default_plan="daily"
+    )
+    async with serve(after) as running:
+        async with httpx.AsyncClient(base_url=running.url, timeout=30) as http:
+            moved = await usage(http, "seen")
+            assert (moved["plan"], moved["period"], moved["token_limit"]) == ("daily", "day", 300)
+            assert moved["requests_per_minute"] == 7
+            # the day's usage so far is the new period's: nothing spent before it counts
+            assert moved["total_tokens_used"] == 0
+            chat = await new_chat(http, "seen", model="priced")
+            result = await stream_message(http, chat, "On the second", token_for("seen"))
+            assert result.last["done"] is True
+            assert (await usage(http, "seen"))["total_tokens_used"] == result.last["tokens_used"]
+            kept = await usage(http, "kept")
+            assert (kept["plan"], kept["token_limit"]) == ("starter", 5000)
+            assert (await usage(http, "newcomer"))["plan"] == "daily"
+
+
 async def test_unknown_plan_is_refused_and_changes_nothing(client: httpx.AsyncClient) -> None:
     user = fresh("uma")
     before = await usage(client, user)
