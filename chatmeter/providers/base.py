@@ -109,6 +109,9 @@ class Provider(Protocol):
     """A model behind chatmeter. One instance per configured model."""
 
     name: str
+    # True when count_tokens costs no call to the provider's API (a tokenizer in this
+    # process or beside it): the opening then counts what the cheap bound left out
+    counts_locally: bool
 
     def stream(
         self, request: GenerationRequest, outcome: StreamOutcome

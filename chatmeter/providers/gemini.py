@@ -112,6 +112,7 @@ class GeminiProvider:
 
     def __init__(self, name: str, config: ModelConfig, *, api_key: str) -> None:
         self.name = name
+        self.counts_locally = False  # countTokens is a call to Gemini's API
         self._model = config.model
         self._client = genai.Client(
             # explicit, so GOOGLE_GENAI_USE_VERTEXAI in the environment cannot reroute us

@@ -48,6 +48,7 @@ class LocalProvider:
 
     def __init__(self, name: str, config: ModelConfig, server: Any, api_key: str) -> None:
         self.name = name
+        self.counts_locally = True  # llama.cpp's /tokenize, on loopback
         self._model = config.model
         self._server: Any = server
         self._tokenizer = Tokenizer(name, server.listening_address, api_key, config.timeout_seconds)

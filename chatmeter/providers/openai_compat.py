@@ -47,6 +47,8 @@ class OpenAICompatibleProvider:
         timeout: float,
     ) -> None:
         self.name = name
+        # its /tokenize is a call to the server: the opening makes none (zero count calls)
+        self.counts_locally = False
         self._model = model
         base_url = base_url or OPENAI_BASE_URL
         # max_retries=0: a retry would resend a prompt the server may already bill, and

@@ -52,6 +52,7 @@ def clipped(pieces: list[str], length: int) -> list[str]:
 class ScriptedProvider:
     def __init__(self, name: str, config: ModelConfig) -> None:
         self.name = name
+        self.counts_locally = True
         self._config = config
         self._pieces = split_into(config.reply, config.chunks)
         self._delay = config.delay_ms / 1000

@@ -17,7 +17,7 @@ import asyncio
 import logging
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -27,7 +27,7 @@ from chatmeter.db.transactor import OutcomeUnknown
 from chatmeter.errors import ApiError
 from chatmeter.ids import new_id
 from chatmeter.metering.cost import cost_micros
-from chatmeter.metering.counting import EXCHANGE_OVERHEAD_TOKENS, PER_MESSAGE_OVERHEAD, Metered
+from chatmeter.metering.counting import TEMPLATE_TOKENS_PER_MESSAGE, Metered, counted_prompt
 from chatmeter.metering.reservations import Reservation
 from chatmeter.metering.settlement import Settlement, settle_with_retries, settled_at
 from chatmeter.providers.base import (
@@ -82,7 +82,44 @@ async def count_bare_prompt(
         counts = await services.counter.count(provider, system, texts)
     except Exception:
         raise refusal() from None
-    return counts + (len(texts) + 1) * PER_MESSAGE_OVERHEAD + EXCHANGE_OVERHEAD_TOKENS
+    return counted_prompt(counts, len(texts))
+
+
+async def with_counted_history(services: Services, opened: Opened) -> GenerationRequest:
+    """The opening's request, with the newest of the turns its bound left out put back,
+    as many as the prompt's reservation holds by exact count. The bound (UTF-8 bytes)
+    runs 3-4x the real count of English text, so it trims a chat's history long before
+    the context window is full (SPEC section 5 trims only what would overflow it). Only
+    for a model whose tokenizer costs no provider call (`Provider.counts_locally`): no
+    count call otherwise. The reservation is unchanged: the prompt stays within the
+    size it reserved, so the budget holds as before; a count that fails changes nothing."""
+    request = opened.request
+    if not opened.dropped:
+        return request
+    try:
+        provider = await services.providers.get(opened.model)
+        if not provider.counts_locally:
+            return request
+        counter = services.counter
+        texts = [*(turn.content for turn in request.history), request.message]
+        size = counted_prompt(
+            await counter.count(provider, request.system_prompt, texts), len(texts)
+        )
+        older = await counter.sizes(provider, [turn.content for turn in opened.dropped])
+    except Exception:
+        log.warning("the history left out could not be counted; sent without it", exc_info=True)
+        return request
+    room = opened.reservation.prompt_estimate - size
+    back = 0
+    for tokens in reversed(older):
+        room -= tokens + TEMPLATE_TOKENS_PER_MESSAGE
+        if room < 0:
+            break
+        back += 1
+    if back == 0:
+        return request
+    history = (*opened.dropped[len(older) - back :], *request.history)
+    return replace(request, history=history)
 
 
 @dataclass(eq=False)
@@ -417,7 +454,7 @@ async def _open(
         user_id=user.user_id,
         chat_id=chat_id,
         model=opened.model,
-        request=opened.request,
+        request=await with_counted_history(services, opened),
         reservation=opened.reservation,
         user_message_id=opened.user_message_id,
         user_message_at=opened.user_message_at,

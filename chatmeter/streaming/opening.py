@@ -178,6 +178,9 @@ class Opened:
     reservation: Reservation
     user_message_id: uuid.UUID | None  # None without a chat: nothing is saved
     user_message_at: datetime | None
+    # the older turns of the chat's history that the prompt's bound left out, oldest
+    # first: an exact count may put some back (`exchange.with_counted_history`)
+    dropped: tuple[ChatTurn, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -331,7 +334,8 @@ def open_steps(
     )
     # the budget may allow less output than the context: the reservation's cap is sent
     request = GenerationRequest(limits.system_prompt, kept, message, reservation.output_cap)
-    return Opened(chat.model, request, reservation, user_message_id, now)
+    dropped = tuple(history[: len(history) - len(kept)])
+    return Opened(chat.model, request, reservation, user_message_id, now, dropped)
 
 
 # PostgreSQL's opening of a chat in one statement: `open_steps`'s read, `fit_to_context`
@@ -432,13 +436,15 @@ def _open_at_once(
     if plan is None:
         turns = [ChatTurn(row[9], row[10]) for row in reversed(history)]
         return ChatRef(owner, model, bool(is_active)), turns
-    kept = tuple(ChatTurn(row[9], row[10]) for row in reversed(history) if row[11])
+    marked = [(ChatTurn(row[9], row[10]), bool(row[11])) for row in reversed(history)]
+    kept = tuple(turn for turn, fits in marked if fits)
+    dropped = tuple(turn for turn, fits in marked if not fits)
     reservation = Reservation(
         ask.reservation_id, user_id, chat_id, size + output_cap, size, str(plan), micros
     )
     system_prompt = rules.models[model].system_prompt
     request = GenerationRequest(system_prompt, kept, message, output_cap)
-    return Opened(model, request, reservation, user_message_id, now)
+    return Opened(model, request, reservation, user_message_id, now, dropped)
 
 
 def undo_opening(

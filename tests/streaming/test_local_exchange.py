@@ -7,6 +7,7 @@ import httpx
 import pytest
 
 from chatmeter.config import ModelConfig
+from chatmeter.providers.local import LocalProvider
 from tests.conftest import auth, make_settings, token_for
 from tests.streaming.test_exchange import new_chat
 from tests.support.db import books, chat_rows
@@ -73,3 +74,43 @@ async def test_stopping_the_local_model_bills_counted_tokens(database_url: str) 
             assert rows[1].status == "stopped" and rows[1].content == result.text
             state = await books(server.engine, "mo")
             assert state.total == state.ledger == end["tokens_used"] and state.reserved == 0
+
+
+async def test_the_local_model_gets_the_history_its_count_fits(database_url: str) -> None:
+    """The prompt's byte bound keeps only the last turns of this chat in a 1,024-token
+    context; counted with the model's tokenizer, all of them fit and are sent. llama.cpp's
+    own count of the prompt is the templated count of the whole chat, and within what the
+    opening reserved for it: the books balance."""
+    small = LOCAL.model_copy(
+        update={"context_window": 1024, "system_prompt": "Be brief.", "max_output_tokens": 16}
+    )
+    settings = make_settings(database_url, models={"local": small}, default_model="local")
+    question = "Tell me, in a few words, about the colour {}. " + "I am asking because " * 12
+    async with serve(settings) as server:
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
+            chat = await new_chat(client, "noor")
+            for colour in ("red", "green", "blue"):
+                done = await stream_message(
+                    client, chat, question.format(colour), token_for("noor")
+                )
+                assert done.last["done"] is True, done.last
+            said = [(row.role, row.content) for row in await chat_rows(server.engine, chat)]
+            last = await stream_message(client, chat, "And yellow?", token_for("noor"))
+            assert last.last["done"] is True, last.last
+            provider = await server.services.providers.get("local")
+            assert isinstance(provider, LocalProvider)
+            sizes = await provider.count_tokens([text for _, text in said])
+            bound = sum(len(text.encode()) + 4 for _, text in said)
+            assert bound > 1024 - 16 > sum(sizes) * 2, "the bound trims, the count does not"
+            messages = [
+                {"role": "system", "content": "Be brief."},
+                *({"role": role, "content": text} for role, text in said),
+                {"role": "user", "content": "And yellow?"},
+            ]
+            template = await provider._tokenizer.http.post(
+                "/apply-template", json={"messages": messages}
+            )
+            whole = await provider.count_tokens([template.json()["prompt"]])
+            assert last.last["usage"]["prompt_tokens"] == whole[0]
+            state = await books(server.engine, "noor")
+            assert state.total == state.ledger and state.reserved == 0

@@ -170,6 +170,7 @@ async def test_the_prompt_is_fitted_as_fit_to_context_fits_it(book: Chats) -> No
         opened, statements = await book.open("fay", chat_id, message)
 
         assert opened.request.history == kept, trial
+        assert opened.dropped == tuple(recent[: len(recent) - len(kept)]), trial
         assert (opened.reservation.prompt_estimate, opened.request.max_output_tokens) == (
             size,
             cap,
@@ -274,6 +275,7 @@ async def test_messages_of_the_same_time_are_fitted_in_the_order_the_history_is_
         opened, _ = await book.open("kim", chat_id, message)
 
         assert opened.request.history == kept, trial
+        assert opened.dropped == tuple(history[: len(history) - len(kept)]), trial
         assert (opened.reservation.prompt_estimate, opened.reservation.output_cap) == (size, cap)
         # integers, not a Decimal that compares equal (PostgreSQL's numeric)
         figures = (opened.reservation.tokens, opened.reservation.prompt_estimate)

@@ -204,6 +204,7 @@ class FailingProvider:
 
     def __init__(self, name: str) -> None:
         self.name = name
+        self.counts_locally = False
 
     async def stream(
         self, request: GenerationRequest, outcome: StreamOutcome

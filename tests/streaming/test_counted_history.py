@@ -1,0 +1,40 @@
+"""A chat's history is trimmed only when it would overflow the context (SPEC section 5):
+the opening's cheap bound (UTF-8 bytes) runs 3-4x the real count of English text, so for
+a model whose tokenizer counts locally the turns it left out are counted exactly and put
+back as far as the prompt's reservation holds (`exchange.with_counted_history`)."""
+
+from __future__ import annotations
+
+import httpx
+
+from chatmeter.providers.scripted import scripted_count
+from tests.conftest import make_settings, scripted, token_for
+from tests.streaming.test_exchange import new_chat
+from tests.support.db import balanced, period_books
+from tests.support.server import serve
+from tests.support.sse import stream_message
+
+SYSTEM = "Be brief."
+# 120 ASCII characters: a bound of 124, a count of 30
+REPLY = "The answer, in plain English that a byte bound reads as four times its tokens.".ljust(120)
+# context 400, output cap 50: by the bound, four of ten earlier turns fit; counted, all ten
+SHORT = scripted(
+    reply=REPLY, chunks=2, context_window=400, max_output_tokens=50, system_prompt=SYSTEM
+)
+
+
+async def test_history_the_bound_left_out_is_sent_when_its_count_fits(database_url: str) -> None:
+    assert len(REPLY) == 120
+    settings = make_settings(database_url, models={"short": SHORT}, history_messages=10)
+    async with serve(settings) as running:
+        async with httpx.AsyncClient(base_url=running.url, timeout=30) as http:
+            chat = await new_chat(http, "long", model="short")
+            questions = [f"Question {n}?" for n in range(6)]
+            for question in questions[:-1]:
+                done = await stream_message(http, chat, question, token_for("long"))
+                assert done.last["done"] is True
+            result = await stream_message(http, chat, questions[-1], token_for("long"))
+            sent = [SYSTEM, *(t for q in questions[:-1] for t in (q, REPLY)), questions[-1]]
+            assert result.last["usage"]["prompt_tokens"] == sum(map(scripted_count, sent))
+            books = await period_books(running.engine, "long")
+            assert balanced(books) and (books.reserved, books.active) == (0, 0)
