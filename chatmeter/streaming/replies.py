@@ -75,19 +75,23 @@ class ReplyRegistry:
     lease_seconds: float
     poll_seconds: float = 0.5
     orphans: SettlesOrphans | None = None  # with Redis: dead processes' replies
+    # by reservation id, not chat id: a stop names the reply that was live when it was
+    # asked, and one that arrives after that reply ended finds nothing, where by chat
+    # it stopped the chat's next reply
     _replies: dict[uuid.UUID, ActiveReply] = field(default_factory=dict)
 
     def register(self, chat_id: uuid.UUID, reservation_id: uuid.UUID) -> ActiveReply:
         reply = ActiveReply(chat_id, reservation_id, asyncio.current_task())
-        self._replies[chat_id] = reply
+        self._replies[reservation_id] = reply
         return reply
 
     def unregister(self, reply: ActiveReply) -> None:
-        if self._replies.get(reply.chat_id) is reply:
-            del self._replies[reply.chat_id]
+        if self._replies.get(reply.reservation_id) is reply:
+            del self._replies[reply.reservation_id]
 
-    def stop_local(self, chat_id: uuid.UUID, reason: str = "stopped") -> bool:
-        reply = self._replies.get(chat_id)
+    def stop_local(self, reservation_id: uuid.UUID, reason: str = "stopped") -> bool:
+        """Stop the reply of reservation `reservation_id` if this process generates it."""
+        reply = self._replies.get(reservation_id)
         if reply is None:
             return False
         reply.stop(reason)
@@ -130,8 +134,8 @@ class ReplyRegistry:
                 log.exception("reply housekeeping failed; retrying")
 
     async def poll_stops(self) -> None:
-        for chat_id in await self.transactor.run(flagged_stops, self.worker_id):
-            self.stop_local(chat_id)
+        for reservation_id in await self.transactor.run(flagged_stops, self.worker_id):
+            self.stop_local(reservation_id)
 
     async def _renew_and_sweep(self) -> None:
         live = [reply.reservation_id for reply in self._replies.values()]
