@@ -20,6 +20,7 @@ import pytest
 
 from chatmeter.db.steps import Steps
 from chatmeter.db.transactor import Transactor
+from chatmeter.streaming.log import ReplyLog
 from chatmeter.streaming.signals import StopSignals
 from chatmeter.streaming.stopping import flag_stop
 from tests.conftest import auth, make_settings, scripted, token_for
@@ -28,7 +29,7 @@ from tests.streaming.test_scale_out import two_workers
 from tests.support.db import chat_rows, open_reservations
 from tests.support.redis import RedisServer
 from tests.support.server import RunningServer, serve
-from tests.support.sse import StreamResult, is_piece, parse_events
+from tests.support.sse import StreamResult, is_piece, parse_events, stream_message
 from tests.support.waiting import eventually
 
 SLOW = scripted(reply=" ".join(f"word{i}" for i in range(40)), chunks=40, delay_ms=50)
@@ -66,6 +67,24 @@ class HeldTransactor:
             self.entered.set()
             await self.release.wait()
         return result
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+class HeldLog:
+    """A worker's reply log whose `begin` (after the opening committed, before the job
+    registers the reply) waits until `release` is set."""
+
+    def __init__(self, inner: ReplyLog) -> None:
+        self.inner = inner
+        self.entered = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def begin(self, *args: Any, **kwargs: Any) -> None:
+        self.entered.set()
+        await self.release.wait()
+        await self.inner.begin(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
@@ -220,3 +239,37 @@ async def test_a_client_leaving_after_its_reply_spares_the_next_reply(
     assert second.last["finish_reason"] == "stop", "the first client's leaving ended the next"
     rows = await chat_rows(a.engine, chat_id)
     assert [r.status for r in rows if r.role == "assistant"] == ["complete", "complete"]
+
+
+async def stop_while_opening(a: RunningServer, b: RunningServer) -> None:
+    """The reply's reservation is in (the stop finds it: 202) but its job has not yet
+    registered it, so neither the local stop nor the announcement finds it here: the poll
+    of the flag stops it (within `poll_seconds`, not the 100 ms of SPEC 11)."""
+    held = HeldLog(a.services.reply_log)
+    a.services.reply_log = cast(ReplyLog, held)
+    async with httpx.AsyncClient(base_url=a.url, timeout=30) as on_a:
+        async with httpx.AsyncClient(base_url=b.url, timeout=30) as on_b:
+            chat_id = await new_chat(on_a, "max", model="slow")
+            token = token_for("max")
+            reading = asyncio.create_task(stream_message(on_a, chat_id, "go", token))
+            await held.entered.wait()
+            stop = await on_b.post(f"/api/chat/{chat_id}/stop", headers=auth("max"))
+            assert stop.status_code == 202
+            held.release.set()
+            result = await reading
+    assert result.last["finish_reason"] == "stopped", result.last
+    assert len(result.chunks) < 40
+    rows = await chat_rows(a.engine, chat_id)
+    assert rows[1].status == "stopped"
+
+
+async def test_a_stop_while_the_reply_opens_stops_it(database_url: str) -> None:
+    async with serve(make_settings(database_url, models={"slow": SLOW})) as a:
+        await stop_while_opening(a, a)
+
+
+async def test_a_stop_from_another_worker_while_the_reply_opens_stops_it(
+    database_url: str, redis_server: RedisServer
+) -> None:
+    async with two_workers(database_url, redis_url=redis_server.url) as (a, b):
+        await stop_while_opening(a, b)
