@@ -79,10 +79,18 @@ class ReplyRegistry:
     # asked, and one that arrives after that reply ended finds nothing, where by chat
     # it stopped the chat's next reply
     _replies: dict[uuid.UUID, ActiveReply] = field(default_factory=dict)
+    # stops of replies not (yet) registered here, with the loop time each came: a stop
+    # that lands after the opening committed, before its job registered the reply, is
+    # applied at registration (else only the poll found it, up to `poll_seconds` late).
+    # Kept a poll round or two: after that, the poll has the flag.
+    _early: dict[uuid.UUID, tuple[str, float]] = field(default_factory=dict)
 
     def register(self, chat_id: uuid.UUID, reservation_id: uuid.UUID) -> ActiveReply:
         reply = ActiveReply(chat_id, reservation_id, asyncio.current_task())
         self._replies[reservation_id] = reply
+        early = self._early.pop(reservation_id, None)
+        if early is not None:
+            reply.stop(early[0])
         return reply
 
     def unregister(self, reply: ActiveReply) -> None:
@@ -90,9 +98,11 @@ class ReplyRegistry:
             del self._replies[reply.reservation_id]
 
     def stop_local(self, reservation_id: uuid.UUID, reason: str = "stopped") -> bool:
-        """Stop the reply of reservation `reservation_id` if this process generates it."""
+        """Stop the reply of reservation `reservation_id` if this process generates it
+        (True); else remember the stop a moment, for a reply about to be registered."""
         reply = self._replies.get(reservation_id)
         if reply is None:
+            self._early[reservation_id] = (reason, asyncio.get_running_loop().time())
             return False
         reply.stop(reason)
         return True
@@ -124,6 +134,7 @@ class ReplyRegistry:
         while True:
             await asyncio.sleep(self.poll_seconds)
             since_renewal += self.poll_seconds
+            self._forget_early()
             try:
                 if self._replies:
                     await self.poll_stops()
@@ -132,6 +143,13 @@ class ReplyRegistry:
                     await self._renew_and_sweep()
             except Exception:
                 log.exception("reply housekeeping failed; retrying")
+
+    def _forget_early(self) -> None:
+        """Drop the early stops older than a poll round: any reply of theirs registered
+        since is flagged, and the poll finds it."""
+        if self._early:
+            before = asyncio.get_running_loop().time() - self.poll_seconds
+            self._early = {k: v for k, v in self._early.items() if v[1] >= before}
 
     async def poll_stops(self) -> None:
         for reservation_id in await self.transactor.run(flagged_stops, self.worker_id):

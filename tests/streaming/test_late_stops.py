@@ -20,6 +20,7 @@ import pytest
 
 from chatmeter.db.steps import Steps
 from chatmeter.db.transactor import Transactor
+from chatmeter.metering.reservations import flagged_stops
 from chatmeter.streaming.log import ReplyLog
 from chatmeter.streaming.signals import StopSignals
 from chatmeter.streaming.stopping import flag_stop
@@ -241,12 +242,30 @@ async def test_a_client_leaving_after_its_reply_spares_the_next_reply(
     assert [r.status for r in rows if r.role == "assistant"] == ["complete", "complete"]
 
 
+class BlindPoll:
+    """A worker's registry transactor whose poll of the stop flags finds none: only the
+    local stop or the announcement can stop a reply."""
+
+    def __init__(self, inner: Transactor) -> None:
+        self.inner = inner
+
+    async def run(self, steps: Callable[..., Steps[Any]], *args: Any, **kwargs: Any) -> Any:
+        if steps is flagged_stops:
+            return []
+        return await self.inner.run(steps, *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
 async def stop_while_opening(a: RunningServer, b: RunningServer) -> None:
     """The reply's reservation is in (the stop finds it: 202) but its job has not yet
-    registered it, so neither the local stop nor the announcement finds it here: the poll
-    of the flag stops it (within `poll_seconds`, not the 100 ms of SPEC 11)."""
+    registered it: the local stop, or the announcement, found nothing to stop, and the
+    reply ran on until the poll of its flag (every 0.5 s, not the 100 ms of SPEC 11).
+    With the poll blind, the stop alone must end it, before it asked the provider."""
     held = HeldLog(a.services.reply_log)
     a.services.reply_log = cast(ReplyLog, held)
+    a.services.replies.transactor = cast(Transactor, BlindPoll(a.services.replies.transactor))
     async with httpx.AsyncClient(base_url=a.url, timeout=30) as on_a:
         async with httpx.AsyncClient(base_url=b.url, timeout=30) as on_b:
             chat_id = await new_chat(on_a, "max", model="slow")
@@ -258,9 +277,10 @@ async def stop_while_opening(a: RunningServer, b: RunningServer) -> None:
             held.release.set()
             result = await reading
     assert result.last["finish_reason"] == "stopped", result.last
-    assert len(result.chunks) < 40
+    assert result.chunks == [] and result.last["tokens_used"] == 0
     rows = await chat_rows(a.engine, chat_id)
-    assert rows[1].status == "stopped"
+    assert rows[1].status == "stopped" and rows[1].content == ""
+    assert await open_reservations(a.engine, "max") == 0
 
 
 async def test_a_stop_while_the_reply_opens_stops_it(database_url: str) -> None:
@@ -272,4 +292,11 @@ async def test_a_stop_from_another_worker_while_the_reply_opens_stops_it(
     database_url: str, redis_server: RedisServer
 ) -> None:
     async with two_workers(database_url, redis_url=redis_server.url) as (a, b):
+        await stop_while_opening(a, b)
+
+
+async def test_a_notified_stop_while_the_reply_opens_stops_it(database_url: str) -> None:
+    if database_url.startswith("sqlite"):
+        pytest.skip("SQLite announces nothing")
+    async with two_workers(database_url) as (a, b):
         await stop_while_opening(a, b)
