@@ -170,20 +170,31 @@ def renew_leases(
         yield Sql(text, {"expires_at": expires_at, **dict(zip(names, batch, strict=True))})
 
 
-def request_stop(chat_id: uuid.UUID, now: datetime) -> Steps[str | None]:
-    """Flag the live reply of `chat_id` to stop; returns the worker holding it."""
+@dataclass(frozen=True, slots=True)
+class Held:
+    """The live reply of a chat: the worker generating it and its reservation's id."""
+
+    worker_id: str
+    reservation_id: uuid.UUID
+
+
+def request_stop(chat_id: uuid.UUID, now: datetime) -> Steps[Held | None]:
+    """Flag the live reply of `chat_id` to stop; returns who holds it, None if no reply
+    is live. The reply is stopped by its reservation's id, never by the chat's: a stop
+    that reaches its worker late must not stop the chat's next reply."""
     rows = yield Sql(
         "UPDATE reservations SET stop_requested = :yes "
-        "WHERE chat_id = :chat_id AND expires_at >= :now RETURNING worker_id",
+        "WHERE chat_id = :chat_id AND expires_at >= :now RETURNING worker_id, reservation_id",
         {"yes": True, "chat_id": chat_id, "now": now},
     )
-    return str(rows[0][0]) if rows else None
+    return Held(str(rows[0][0]), as_uuid(rows[0][1])) if rows else None
 
 
 def flagged_stops(worker_id: str) -> Steps[list[uuid.UUID]]:
-    """The chats whose replies this worker holds and someone asked to stop."""
+    """The reservations of the replies this worker holds and someone asked to stop."""
     rows = yield Sql(
-        "SELECT chat_id FROM reservations WHERE worker_id = :worker_id AND stop_requested = :yes",
+        "SELECT reservation_id FROM reservations "
+        "WHERE worker_id = :worker_id AND stop_requested = :yes",
         {"worker_id": worker_id, "yes": True},
     )
     return [as_uuid(row[0]) for row in rows]

@@ -17,7 +17,7 @@ Both expire `CHATMETER_REPLAY_SECONDS` after the reply's end; while it streams,
 `STREAMING_TTL_LEASES` leases after their last renewal: a dead worker's keys go too, but
 only after the sweeper that releases its expired reservation (about a lease and a third
 after the death) has settled the reply from them.
-- channel `chatmeter:stop`: a chat id whose reply is to stop.
+- channel `chatmeter:stop`: the reservation id of a reply that is to stop.
 
 The process that generates a reply also keeps it in a `MemoryLog`: its own readers (the
 request that asked, almost always) read memory, never Redis. Events go to Redis in the
@@ -508,11 +508,13 @@ class RedisSignals:
         self._redis = client
         self._retry_seconds = retry_seconds
 
-    async def publish(self, chat_id: uuid.UUID) -> None:
+    async def publish(self, reservation_id: uuid.UUID) -> None:
         try:
-            await self._redis.publish(STOP_CHANNEL, str(chat_id))
+            await self._redis.publish(STOP_CHANNEL, str(reservation_id))
         except (RedisError, OSError):
-            log.warning("could not announce the stop of chat %s; the poll will", chat_id)
+            log.warning(
+                "could not announce the stop of reservation %s; the poll will", reservation_id
+            )
 
     async def run(self, on_stop: OnStop, resync: Resync) -> None:
         while True:

@@ -75,20 +75,34 @@ class ReplyRegistry:
     lease_seconds: float
     poll_seconds: float = 0.5
     orphans: SettlesOrphans | None = None  # with Redis: dead processes' replies
+    # by reservation id, not chat id: a stop names the reply that was live when it was
+    # asked, and one that arrives after that reply ended finds nothing, where by chat
+    # it stopped the chat's next reply
     _replies: dict[uuid.UUID, ActiveReply] = field(default_factory=dict)
+    # stops of replies not (yet) registered here, with the loop time each came: a stop
+    # that lands after the opening committed, before its job registered the reply, is
+    # applied at registration (else only the poll found it, up to `poll_seconds` late).
+    # Kept a poll round or two: after that, the poll has the flag.
+    _early: dict[uuid.UUID, tuple[str, float]] = field(default_factory=dict)
 
     def register(self, chat_id: uuid.UUID, reservation_id: uuid.UUID) -> ActiveReply:
         reply = ActiveReply(chat_id, reservation_id, asyncio.current_task())
-        self._replies[chat_id] = reply
+        self._replies[reservation_id] = reply
+        early = self._early.pop(reservation_id, None)
+        if early is not None:
+            reply.stop(early[0])
         return reply
 
     def unregister(self, reply: ActiveReply) -> None:
-        if self._replies.get(reply.chat_id) is reply:
-            del self._replies[reply.chat_id]
+        if self._replies.get(reply.reservation_id) is reply:
+            del self._replies[reply.reservation_id]
 
-    def stop_local(self, chat_id: uuid.UUID, reason: str = "stopped") -> bool:
-        reply = self._replies.get(chat_id)
+    def stop_local(self, reservation_id: uuid.UUID, reason: str = "stopped") -> bool:
+        """Stop the reply of reservation `reservation_id` if this process generates it
+        (True); else remember the stop a moment, for a reply about to be registered."""
+        reply = self._replies.get(reservation_id)
         if reply is None:
+            self._early[reservation_id] = (reason, asyncio.get_running_loop().time())
             return False
         reply.stop(reason)
         return True
@@ -120,6 +134,7 @@ class ReplyRegistry:
         while True:
             await asyncio.sleep(self.poll_seconds)
             since_renewal += self.poll_seconds
+            self._forget_early()
             try:
                 if self._replies:
                     await self.poll_stops()
@@ -129,9 +144,16 @@ class ReplyRegistry:
             except Exception:
                 log.exception("reply housekeeping failed; retrying")
 
+    def _forget_early(self) -> None:
+        """Drop the early stops older than a poll round: any reply of theirs registered
+        since is flagged, and the poll finds it."""
+        if self._early:
+            before = asyncio.get_running_loop().time() - self.poll_seconds
+            self._early = {k: v for k, v in self._early.items() if v[1] >= before}
+
     async def poll_stops(self) -> None:
-        for chat_id in await self.transactor.run(flagged_stops, self.worker_id):
-            self.stop_local(chat_id)
+        for reservation_id in await self.transactor.run(flagged_stops, self.worker_id):
+            self.stop_local(reservation_id)
 
     async def _renew_and_sweep(self) -> None:
         live = [reply.reservation_id for reply in self._replies.values()]

@@ -121,9 +121,12 @@ class MessageEndpoint:
         services.spawn(run_reply(exchange, services.reply_log))
         on_disconnect = None
         if services.settings.on_disconnect == "stop":
+            reservation_id = exchange.reservation.reservation_id
 
             def on_disconnect() -> None:
-                services.replies.stop_local(chat_uuid, "interrupted")
+                # this reply's, not the chat's: the client may leave after its reply
+                # ended and the chat's next one began
+                services.replies.stop_local(reservation_id, "interrupted")
 
         return ReplyStream(
             services.reply_log,

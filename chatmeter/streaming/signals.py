@@ -7,6 +7,9 @@ it (`replies.py`): a signal only makes the stop arrive sooner. Three ways, one i
 - else PostgreSQL `LISTEN`/`NOTIFY` on a connection of its own, which re-checks the
   flags after each reconnect (a notification sent while it was away is lost);
 - else (SQLite: one host) nothing: the poll alone.
+
+A stop names the reply by its reservation's id, not its chat's: one that arrives after
+its reply ended must find nothing, not the chat's next reply.
 """
 
 from __future__ import annotations
@@ -28,8 +31,8 @@ Resync = Callable[[], Awaitable[None]]
 
 
 class StopSignals(Protocol):
-    async def publish(self, chat_id: uuid.UUID) -> None:
-        """Tell every worker that the reply of `chat_id` is to stop."""
+    async def publish(self, reservation_id: uuid.UUID) -> None:
+        """Tell every worker that the reply of reservation `reservation_id` is to stop."""
 
     async def run(self, on_stop: OnStop, resync: Resync) -> None:
         """Listen until cancelled, calling `on_stop` for each stop announced and
@@ -39,7 +42,7 @@ class StopSignals(Protocol):
 class PollOnly:
     """One host without a shared bus: the poll of the flags is all there is."""
 
-    async def publish(self, chat_id: uuid.UUID) -> None:
+    async def publish(self, reservation_id: uuid.UUID) -> None:
         return None
 
     async def run(self, on_stop: OnStop, resync: Resync) -> None:
@@ -47,7 +50,7 @@ class PollOnly:
 
 
 class PostgresSignals:
-    """`NOTIFY chatmeter_stop, '<chat id>'`, heard by every worker's `LISTEN`."""
+    """`NOTIFY chatmeter_stop, '<reservation id>'`, heard by every worker's `LISTEN`."""
 
     def __init__(self, dsn: str, retry_seconds: float = 1.0) -> None:
         self._dsn = dsn
@@ -56,21 +59,23 @@ class PostgresSignals:
         # one query at a time on a connection: the listener's own and every publish
         self._lock = asyncio.Lock()
 
-    async def publish(self, chat_id: uuid.UUID) -> None:
+    async def publish(self, reservation_id: uuid.UUID) -> None:
         try:
             async with self._lock:
                 conn = self._conn
                 if conn is not None and not conn.is_closed():
-                    await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, str(chat_id))
+                    await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, str(reservation_id))
                     return
             conn = await asyncpg.connect(self._dsn)
             try:
-                await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, str(chat_id))
+                await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, str(reservation_id))
             finally:
                 await conn.close()
         except Exception:
             # the flag is set; the holder's poll will find it
-            log.warning("could not announce the stop of chat %s; the poll will", chat_id)
+            log.warning(
+                "could not announce the stop of reservation %s; the poll will", reservation_id
+            )
 
     async def run(self, on_stop: OnStop, resync: Resync) -> None:
         def heard(_conn: object, _pid: int, _channel: str, payload: str) -> None:

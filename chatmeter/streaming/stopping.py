@@ -14,21 +14,21 @@ from datetime import datetime
 from chatmeter.chats.store import deactivate_chat, owned_chat_steps
 from chatmeter.db.steps import Steps
 from chatmeter.db.tables import utcnow
-from chatmeter.metering.reservations import request_stop
+from chatmeter.metering.reservations import Held, request_stop
 from chatmeter.services import Services
 
 
-def flag_stop(chat_id: uuid.UUID, user_id: str, now: datetime) -> Steps[str | None]:
+def flag_stop(chat_id: uuid.UUID, user_id: str, now: datetime) -> Steps[Held | None]:
     """Check the chat is the user's (404/403), then flag its live reply to stop; returns
-    the worker holding the reply, None if there is none."""
+    who holds the reply, None if there is none."""
     yield from owned_chat_steps(chat_id, user_id)
     return (yield from request_stop(chat_id, now))
 
 
 async def stop_chat_reply(services: Services, chat_id: uuid.UUID, user_id: str) -> bool:
     """Stop the reply streaming in the user's chat; False if none is."""
-    holder = await services.transactor.run(flag_stop, chat_id, user_id, utcnow())
-    return await _stop_held(services, chat_id, holder)
+    held = await services.transactor.run(flag_stop, chat_id, user_id, utcnow())
+    return await _stop_held(services, held)
 
 
 async def delete_chat_and_stop_reply(services: Services, chat_id: uuid.UUID, user_id: str) -> None:
@@ -39,14 +39,17 @@ async def delete_chat_and_stop_reply(services: Services, chat_id: uuid.UUID, use
     await services.transactor.run(
         deactivate_chat, chat_id, user_id, services.transactor.writable_ctes
     )
-    holder = await services.transactor.run(request_stop, chat_id, utcnow())
-    await _stop_held(services, chat_id, holder)
+    held = await services.transactor.run(request_stop, chat_id, utcnow())
+    await _stop_held(services, held)
 
 
-async def _stop_held(services: Services, chat_id: uuid.UUID, holder: str | None) -> bool:
-    """Stop the flagged reply of `chat_id` held by worker `holder` (None: no reply)."""
-    if holder is None:
+async def _stop_held(services: Services, held: Held | None) -> bool:
+    """Stop the flagged reply `held` (None: there was none), named by its reservation:
+    a stop that comes late, after that reply ended, then stops nothing, not the next
+    reply of the chat."""
+    if held is None:
         return False
-    if not services.replies.stop_local(chat_id) and holder != services.worker_id:
-        await services.stop_signals.publish(chat_id)
+    reply = held.reservation_id
+    if not services.replies.stop_local(reply) and held.worker_id != services.worker_id:
+        await services.stop_signals.publish(reply)
     return True
