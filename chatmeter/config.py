@@ -405,10 +405,24 @@ def dev_jwt_secret(settings: Settings) -> str:
     if settings.jwt_secret:
         return settings.jwt_secret
     path = Path(settings.dev_secret_file)
-    if path.exists():
-        return path.read_text().strip()
+    if not path.exists():
+        _create_once(path, secrets.token_urlsafe(48) + "\n")
+    return path.read_text().strip()
+
+
+def _create_once(path: Path, text: str) -> None:
+    """Write `path` whole, unless it exists. Workers start together and each makes the
+    development secret: the file appears at once with all of its text (a hard link of a
+    finished file; one that exists is never replaced), so every worker reads the one
+    that won, never another's half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    secret = secrets.token_urlsafe(48)
-    path.write_text(secret + "\n")
-    path.chmod(0o600)
-    return secret
+    draft = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    handle = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(handle, "w") as out:
+            out.write(text)
+        os.link(draft, path)
+    except FileExistsError:
+        pass  # another worker's came first: it is the secret
+    finally:
+        draft.unlink(missing_ok=True)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+from multiprocessing.queues import Queue
+from multiprocessing.synchronize import Barrier
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
 
-from chatmeter.config import ConfigError, Settings, load_settings
+from chatmeter.config import ConfigError, Settings, dev_jwt_secret, load_settings
 from chatmeter.db.sqlite_process import connect_sqlite
 
 
@@ -443,3 +446,34 @@ def test_the_longest_sqlite_busy_timeout_is_one_sqlite_keeps(tmp_path: Path) -> 
         assert conn.execute("PRAGMA busy_timeout").fetchone() == (2**31 - 1,)
     finally:
         conn.close()
+
+
+def _dev_secret_of_a_worker(path: str, start: Barrier, secrets: Queue[str]) -> None:
+    settings = load_settings(environ={}, dev_secret_file=path)
+    start.wait()
+    secrets.put(dev_jwt_secret(settings))
+
+
+def test_workers_starting_together_share_one_development_secret(tmp_path: Path) -> None:
+    """`uvicorn --workers N` (or `chatmeter serve` with only a JWKS URL, which mints no
+    banner token first) starts N processes that each make the development secret: each
+    checked that the file was missing, then wrote its own, or read it while another had
+    it open but empty. Workers then disagreed on the HMAC secret, and on the API key
+    digests derived from it: a token or a key made through one worker was refused by
+    another. A race: on the old code about one round in seven lost it."""
+    context = multiprocessing.get_context("fork")
+    for attempt in range(60):
+        path = str(tmp_path / str(attempt) / "dev-jwt-secret")
+        start, secrets = context.Barrier(6), context.Queue()
+        workers = [
+            context.Process(target=_dev_secret_of_a_worker, args=(path, start, secrets))
+            for _ in range(6)
+        ]
+        for worker in workers:
+            worker.start()
+        seen = {secrets.get(timeout=30) for _ in workers}
+        for worker in workers:
+            worker.join(timeout=30)
+        assert seen == {Path(path).read_text().strip()}, attempt
+        assert len(seen.pop()) >= 32
+        assert Path(path).stat().st_mode & 0o777 == 0o600
