@@ -30,7 +30,9 @@ ENV_PREFIX = "CHATMETER_"
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant. Answer clearly and concisely."
 DEV_SECRET_FILE = ".chatmeter/dev-jwt-secret"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-_ORIGIN = re.compile(r"\*|https?://[A-Za-z0-9.\-\[\]:]+")
+_ORIGIN = re.compile(r"\*|https?://[A-Za-z0-9.\-\[\]:]+", re.IGNORECASE)
+# the port a browser leaves out of an origin it sends
+_DEFAULT_PORTS = {"http": ":80", "https": ":443"}
 # settings that the environment gives as a comma-separated list
 _LIST_FIELDS = frozenset({"jwt_algorithms", "cors_origins"})
 DEFAULT_PLAN = "default"
@@ -166,6 +168,14 @@ class PlanConfig(BaseModel):
         return int(self.spend_limit.scaleb(6))
 
 
+def _as_browsers_send(origin: str) -> str:
+    """An origin as a browser's `Origin` header has it (origins are compared as text):
+    scheme and host in lower case, no default port."""
+    origin = origin.lower()
+    scheme = origin.partition("://")[0]
+    return origin.removesuffix(_DEFAULT_PORTS.get(scheme, "\0"))
+
+
 def _builtin_local() -> ModelConfig:
     return ModelConfig(
         provider="local",
@@ -256,7 +266,7 @@ class Settings(BaseModel):
                 raise ValueError(
                     f"{origin!r} is not an origin (scheme://host[:port], no path), nor *"
                 )
-        return origins
+        return tuple(_as_browsers_send(origin) for origin in origins)
 
     @field_validator("log_level")
     @classmethod
