@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+from decimal import Decimal
 from multiprocessing.queues import Queue
 from multiprocessing.synchronize import Barrier
-from decimal import Decimal
 from pathlib import Path
 
 import pytest

@@ -9,7 +9,7 @@ import httpx
 
 from tests.conftest import TEST_SECRET, make_settings
 from tests.support.server import serve
-from tests.test_cli import run
+from tests.test_cli import run, run_many
 
 
 async def test_keys_made_by_the_cli_work_and_revoke_at_once(
@@ -79,20 +79,16 @@ async def test_names_and_ids_that_look_like_rich_markup_are_printed_as_they_are(
             )
             assert sent.status_code == 200
             assert '"done":true' in sent.text
-    listed, usage, report, unknown = (
-        run("keys", "list", "--user", user, cwd=tmp_path, database_url=database_url, **env),
-        run("users", "usage", user, cwd=tmp_path, database_url=database_url, **env),
-        run("usage", "report", "--by", "user", cwd=tmp_path, database_url=database_url, **env),
-        run(
-            "keys",
-            "revoke",
-            "00000000-0000-0000-0000-000000000000",
-            "--user",
-            "[/red]",
-            cwd=tmp_path,
-            database_url=database_url,
-            **env,
-        ),  # fmt: skip
+    no_key = "00000000-0000-0000-0000-000000000000"
+    listed, usage, report, unknown = run_many(
+        [
+            (["keys", "list", "--user", user], env),
+            (["users", "usage", user], env),
+            (["usage", "report", "--by", "user"], env),
+            (["keys", "revoke", no_key, "--user", "[/red]"], env),
+        ],
+        cwd=tmp_path,
+        database_url=database_url,
     )
     for result in (listed, usage, report):
         assert result.returncode == 0, result.stderr

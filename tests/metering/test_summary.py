@@ -20,7 +20,7 @@ def test_no_cell_starts_a_formula_whichever_separator_the_spreadsheet_uses() -> 
     bare: Excel in a locale whose list separator is `;` (German, French, ...) split
     `x;=HYPERLINK(...)` into two cells, the second a formula. Every text cell is now
     written in quotes, which every separator's reading keeps whole."""
-    users = ["x;=HYPERLINK(\"http://evil\")", "a;+1", "b;-1", "c;@SUM(A1)", "=1+1", "plain"]
+    users = ['x;=HYPERLINK("http://evil")', "a;+1", "b;-1", "c;@SUM(A1)", "=1+1", "plain"]
     text = as_csv([_row(user) for user in users], "user")
     for separator in (",", ";"):
         rows = list(csv.reader(io.StringIO(text), delimiter=separator))
