@@ -431,8 +431,13 @@ def _create_once(path: Path, text: str) -> None:
     try:
         with os.fdopen(handle, "w") as out:
             out.write(text)
-        os.link(draft, path)
-    except FileExistsError:
-        pass  # another worker's came first: it is the secret
+        try:
+            os.link(draft, path)
+        except FileExistsError:
+            pass  # another worker's came first: it is the secret
+        except OSError:
+            # a file system without hard links: moved into place (racy there alone)
+            if not path.exists():
+                os.replace(draft, path)
     finally:
         draft.unlink(missing_ok=True)
