@@ -39,6 +39,7 @@ DEFAULT_PLAN = "default"
 # the most money a limit or a price may name: micro-units fit a 64-bit integer
 MAX_AMOUNT = Decimal(10**12)
 _PLAN_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+MAX_MODEL_NAME = 100
 # the longest duration a setting may name: a year. Longer ones (or inf) passed the checks
 # and then failed at run time: a lease of 1e12 s put every reservation's expiry past year
 # 9999 (OverflowError), so every message was a 500
@@ -283,6 +284,16 @@ class Settings(BaseModel):
         if models is not None and value != "local" and value not in models:
             known = ", ".join(sorted({"local", *models}))
             raise ValueError(f"{value!r} is not a configured model (configured: {known})")
+        return value
+
+    @field_validator("models")
+    @classmethod
+    def _model_names(cls, value: dict[str, ModelConfig]) -> dict[str, ModelConfig]:
+        # chats.model and usage_events.model hold MAX_MODEL_NAME characters: PostgreSQL
+        # refused a longer name at the first chat and at every settlement
+        for name in value:
+            if not 1 <= len(name) <= MAX_MODEL_NAME:
+                raise ValueError(f"{name!r}: a model name is 1 to {MAX_MODEL_NAME} characters")
         return value
 
     @field_validator("plans")

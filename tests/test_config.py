@@ -192,6 +192,17 @@ def test_model_without_provider(tmp_path: Path) -> None:
     assert "models.fast.provider" in refused({"CHATMETER_CONFIG": path})
 
 
+@pytest.mark.parametrize("name", ["m" * 101, ""])
+def test_a_model_name_the_tables_cannot_hold_is_refused(tmp_path: Path, name: str) -> None:
+    """chats.model and usage_events.model hold 100 characters. A longer name was accepted:
+    on PostgreSQL a chat on it was a 500 and every settlement of a /v1 exchange on it
+    failed (value too long for varchar(100)), its usage never billed."""
+    path = write_toml(tmp_path, f'[models."{name}"]\nprovider = "scripted"\n')
+    assert "models" in refused({"CHATMETER_CONFIG": path})
+    fits = write_toml(tmp_path, f'[models."{"m" * 100}"]\nprovider = "scripted"\n')
+    assert "m" * 100 in load_settings({"CHATMETER_CONFIG": fits}).models
+
+
 def test_bad_model_value(tmp_path: Path) -> None:
     path = write_toml(tmp_path, '[models.fast]\nprovider = "scripted"\nmax_output_tokens = 0\n')
     assert "models.fast.max_output_tokens" in refused({"CHATMETER_CONFIG": path})
