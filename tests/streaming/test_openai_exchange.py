@@ -246,3 +246,24 @@ async def test_budget_caps_the_requested_tokens(stack: Stack) -> None:
     result = await stream_message(stack.client, chat, "hi", token_for("fay"))
     assert result.last["done"] is True
     assert stack.upstream.last_body["max_tokens"] == 25  # lowered from 300 to what is left
+
+
+async def test_a_finish_reason_longer_than_its_column_is_saved_and_billed(stack: Stack) -> None:
+    """The server names the finish reason, and messages.finish_reason holds 32
+    characters: on PostgreSQL a longer one failed the settlement's transaction every
+    time it was tried, so the reply was never saved and its usage never billed."""
+    reason = "end_turn_because_the_model_chose_to_stop_here"
+    stack.upstream.script = OpenAIScript(pieces=["a reply"], finish_reason=reason)
+    chat = await new_chat(stack.client, "fin")
+    result = await stream_message(stack.client, chat, "hello", token_for("fin"))
+    assert result.last["done"] is True, result.last
+    assert result.last["finish_reason"] == reason[:32]
+    rows = await chat_rows(stack.server.engine, chat)
+    assert [(row.role, row.finish_reason) for row in rows] == [
+        ("user", None),
+        ("assistant", reason[:32]),
+    ]
+    row = await ledger_row(stack.server.engine, result.last["message_id"])
+    assert row is not None and row.total_tokens == result.last["tokens_used"]
+    state = await books(stack.server.engine, "fin")
+    assert state.total == state.ledger == row.total_tokens and state.reserved == 0
