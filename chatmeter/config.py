@@ -30,13 +30,16 @@ ENV_PREFIX = "CHATMETER_"
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant. Answer clearly and concisely."
 DEV_SECRET_FILE = ".chatmeter/dev-jwt-secret"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-_ORIGIN = re.compile(r"\*|https?://[A-Za-z0-9.\-\[\]:]+")
+_ORIGIN = re.compile(r"\*|https?://[A-Za-z0-9.\-\[\]:]+", re.IGNORECASE)
+# the port a browser leaves out of an origin it sends
+_DEFAULT_PORTS = {"http": ":80", "https": ":443"}
 # settings that the environment gives as a comma-separated list
 _LIST_FIELDS = frozenset({"jwt_algorithms", "cors_origins"})
 DEFAULT_PLAN = "default"
 # the most money a limit or a price may name: micro-units fit a 64-bit integer
 MAX_AMOUNT = Decimal(10**12)
 _PLAN_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+MAX_MODEL_NAME = 100
 # the longest duration a setting may name: a year. Longer ones (or inf) passed the checks
 # and then failed at run time: a lease of 1e12 s put every reservation's expiry past year
 # 9999 (OverflowError), so every message was a 500
@@ -166,6 +169,14 @@ class PlanConfig(BaseModel):
         return int(self.spend_limit.scaleb(6))
 
 
+def _as_browsers_send(origin: str) -> str:
+    """An origin as a browser's `Origin` header has it (origins are compared as text):
+    scheme and host in lower case, no default port."""
+    origin = origin.lower()
+    scheme = origin.partition("://")[0]
+    return origin.removesuffix(_DEFAULT_PORTS.get(scheme, "\0"))
+
+
 def _builtin_local() -> ModelConfig:
     return ModelConfig(
         provider="local",
@@ -256,7 +267,7 @@ class Settings(BaseModel):
                 raise ValueError(
                     f"{origin!r} is not an origin (scheme://host[:port], no path), nor *"
                 )
-        return origins
+        return tuple(_as_browsers_send(origin) for origin in origins)
 
     @field_validator("log_level")
     @classmethod
@@ -273,6 +284,16 @@ class Settings(BaseModel):
         if models is not None and value != "local" and value not in models:
             known = ", ".join(sorted({"local", *models}))
             raise ValueError(f"{value!r} is not a configured model (configured: {known})")
+        return value
+
+    @field_validator("models")
+    @classmethod
+    def _model_names(cls, value: dict[str, ModelConfig]) -> dict[str, ModelConfig]:
+        # chats.model and usage_events.model hold MAX_MODEL_NAME characters: PostgreSQL
+        # refused a longer name at the first chat and at every settlement
+        for name in value:
+            if not 1 <= len(name) <= MAX_MODEL_NAME:
+                raise ValueError(f"{name!r}: a model name is 1 to {MAX_MODEL_NAME} characters")
         return value
 
     @field_validator("plans")
@@ -405,10 +426,29 @@ def dev_jwt_secret(settings: Settings) -> str:
     if settings.jwt_secret:
         return settings.jwt_secret
     path = Path(settings.dev_secret_file)
-    if path.exists():
-        return path.read_text().strip()
+    if not path.exists():
+        _create_once(path, secrets.token_urlsafe(48) + "\n")
+    return path.read_text().strip()
+
+
+def _create_once(path: Path, text: str) -> None:
+    """Write `path` whole, unless it exists. Workers start together and each makes the
+    development secret: the file appears at once with all of its text (a hard link of a
+    finished file; one that exists is never replaced), so every worker reads the one
+    that won, never another's half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    secret = secrets.token_urlsafe(48)
-    path.write_text(secret + "\n")
-    path.chmod(0o600)
-    return secret
+    draft = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    handle = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(handle, "w") as out:
+            out.write(text)
+        try:
+            os.link(draft, path)
+        except FileExistsError:
+            pass  # another worker's came first: it is the secret
+        except OSError:
+            # a file system without hard links: moved into place (racy there alone)
+            if not path.exists():
+                os.replace(draft, path)
+    finally:
+        draft.unlink(missing_ok=True)

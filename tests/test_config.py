@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 from decimal import Decimal
+from multiprocessing.queues import Queue
+from multiprocessing.synchronize import Barrier
 from pathlib import Path
 
 import pytest
 
-from chatmeter.config import ConfigError, Settings, load_settings
+from chatmeter.config import ConfigError, Settings, dev_jwt_secret, load_settings
 from chatmeter.db.sqlite_process import connect_sqlite
 
 
@@ -187,6 +190,17 @@ def test_unknown_provider(tmp_path: Path) -> None:
 def test_model_without_provider(tmp_path: Path) -> None:
     path = write_toml(tmp_path, '[models.fast]\nmodel = "x"\n')
     assert "models.fast.provider" in refused({"CHATMETER_CONFIG": path})
+
+
+@pytest.mark.parametrize("name", ["m" * 101, ""])
+def test_a_model_name_the_tables_cannot_hold_is_refused(tmp_path: Path, name: str) -> None:
+    """chats.model and usage_events.model hold 100 characters. A longer name was accepted:
+    on PostgreSQL a chat on it was a 500 and every settlement of a /v1 exchange on it
+    failed (value too long for varchar(100)), its usage never billed."""
+    path = write_toml(tmp_path, f'[models."{name}"]\nprovider = "scripted"\n')
+    assert "models" in refused({"CHATMETER_CONFIG": path})
+    fits = write_toml(tmp_path, f'[models."{"m" * 100}"]\nprovider = "scripted"\n')
+    assert "m" * 100 in load_settings({"CHATMETER_CONFIG": fits}).models
 
 
 def test_bad_model_value(tmp_path: Path) -> None:
@@ -443,3 +457,34 @@ def test_the_longest_sqlite_busy_timeout_is_one_sqlite_keeps(tmp_path: Path) -> 
         assert conn.execute("PRAGMA busy_timeout").fetchone() == (2**31 - 1,)
     finally:
         conn.close()
+
+
+def _dev_secret_of_a_worker(path: str, start: Barrier, secrets: Queue[str]) -> None:
+    settings = load_settings(environ={}, dev_secret_file=path)
+    start.wait()
+    secrets.put(dev_jwt_secret(settings))
+
+
+def test_workers_starting_together_share_one_development_secret(tmp_path: Path) -> None:
+    """`uvicorn --workers N` (or `chatmeter serve` with only a JWKS URL, which mints no
+    banner token first) starts N processes that each make the development secret: each
+    checked that the file was missing, then wrote its own, or read it while another had
+    it open but empty. Workers then disagreed on the HMAC secret, and on the API key
+    digests derived from it: a token or a key made through one worker was refused by
+    another. A race: on the old code about one round in seven lost it."""
+    context = multiprocessing.get_context("fork")
+    for attempt in range(60):
+        path = str(tmp_path / str(attempt) / "dev-jwt-secret")
+        start, secrets = context.Barrier(6), context.Queue()
+        workers = [
+            context.Process(target=_dev_secret_of_a_worker, args=(path, start, secrets))
+            for _ in range(6)
+        ]
+        for worker in workers:
+            worker.start()
+        seen = {secrets.get(timeout=30) for _ in workers}
+        for worker in workers:
+            worker.join(timeout=30)
+        assert seen == {Path(path).read_text().strip()}, attempt
+        assert len(seen.pop()) >= 32
+        assert Path(path).stat().st_mode & 0o777 == 0o600

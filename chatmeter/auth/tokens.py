@@ -139,12 +139,7 @@ def check_registered_claims(claims: dict[str, Any]) -> None:
     "1999999999"` as a number; a token that spells a claim otherwise than its issuer
     would is not one chatmeter trusts."""
     for name in NUMERIC_DATE_CLAIMS:
-        value = claims.get(name)
-        if name in claims and (
-            isinstance(value, bool)
-            or not isinstance(value, int | float)
-            or not math.isfinite(value)
-        ):
+        if name in claims and not _is_moment(claims[name]):
             raise InvalidToken(f"token claim {name} is not a number")
     for name in STRING_CLAIMS:
         if name in claims and not isinstance(claims[name], str):
@@ -155,6 +150,16 @@ def check_registered_claims(claims: dict[str, Any]) -> None:
             isinstance(audience, list) and all(isinstance(item, str) for item in audience)
         ):
             raise InvalidToken("token claim aud is not a string or a list of strings")
+
+
+def _is_moment(value: object) -> bool:
+    """A finite JSON number that a float holds (a longer integer overflows it)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def _storable_id(text: str) -> bool:

@@ -11,6 +11,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from chatmeter.auth.tokens import USER_ID_RULE, is_user_id, mint_token, parse_ttl
@@ -60,7 +61,7 @@ def settings_or_exit() -> Settings:
     try:
         return load_settings()
     except ConfigError as exc:
-        errors.print(f"[red]configuration error:[/red] {exc}")
+        errors.print(f"[red]configuration error:[/red] {escape(str(exc))}")
         raise typer.Exit(2) from None
 
 
@@ -140,7 +141,7 @@ def token(
     try:
         seconds = parse_ttl(ttl)
     except ValueError as exc:
-        errors.print(f"[red]--ttl:[/red] {exc}")
+        errors.print(f"[red]--ttl:[/red] {escape(str(exc))}")
         raise typer.Exit(2) from None
     if settings.jwt_jwks_url and not settings.jwt_secret:
         # the server would check an HS256 token against no secret: it could never pass
@@ -170,7 +171,9 @@ def db_upgrade() -> None:
     settings = settings_or_exit()
     with console.status("Migrating the database…"):
         upgrade(settings.database_url, default_plan=settings.default_plan)
-    console.print(f"[green]database is up to date[/green] ({_safe_url(settings.database_url)})")
+    console.print(
+        f"[green]database is up to date[/green] ({escape(_safe_url(settings.database_url))})"
+    )
 
 
 def _safe_url(url: str) -> str:
@@ -196,7 +199,7 @@ _USAGE_COLUMNS = ("total_tokens_used", "reserved_tokens", "token_limit", "tokens
 
 def _usage_table(usage: dict[str, Any]) -> Table:
     """The token figures as a table; the plan, its period and the spend as its caption."""
-    table = Table(title=f"Usage of {usage['user_id']}")
+    table = Table(title=f"Usage of {escape(usage['user_id'])}")
     for column in _USAGE_COLUMNS:
         table.add_column(column.replace("_", " "), justify="right")
     table.add_row(*("no limit" if usage[c] is None else f"{usage[c]:,}" for c in _USAGE_COLUMNS))
@@ -204,7 +207,9 @@ def _usage_table(usage: dict[str, Any]) -> Table:
     if usage["spend_limit_micros"] is not None:
         spend += f" of {money(usage['spend_limit_micros'])}"
     resets = f", resets {usage['resets_at']}" if usage["resets_at"] else ""
-    table.caption = f"plan {usage['plan']} (period {usage['period']}{resets}), spent {spend}"
+    table.caption = escape(
+        f"plan {usage['plan']} (period {usage['period']}{resets}), spent {spend}"
+    )
     return table
 
 
@@ -225,7 +230,7 @@ def _usage_or_exit(user: str, limit: int | None, plan: str | None = None) -> dic
         row = _run_or_exit(settings, work)
     except accounts.UnknownPlan:
         known = ", ".join(sorted(settings.plans))
-        errors.print(f"[red]unknown plan[/red] {plan!r} (configured: {known})")
+        errors.print(f"[red]unknown plan[/red] {escape(repr(plan))} (configured: {escape(known)})")
         raise typer.Exit(2) from None
     return accounts.usage_json(row, book)
 
@@ -242,7 +247,7 @@ def _database_errors() -> tuple[type[Exception], ...]:
 def _database_error(settings: Settings, exc: Exception) -> typer.Exit:
     cause = (str(exc) or type(exc).__name__).splitlines()[0]
     errors.print(
-        f"[red]database error:[/red] {cause} ({_safe_url(settings.database_url)}). "
+        f"[red]database error:[/red] {escape(cause)} ({escape(_safe_url(settings.database_url))}). "
         "Is it reachable, and migrated with `chatmeter db upgrade`?"
     )
     return typer.Exit(1)
@@ -316,9 +321,11 @@ def keys_create(
             settings, _in_transaction(settings, create_key, digester, user, clean)
         )
     except ApiError as exc:
-        errors.print(f"[red]{exc.message}[/red]")
+        errors.print(f"[red]{escape(exc.message)}[/red]")
         raise typer.Exit(1) from None
-    errors.print(f"key {created['key_id']} ({created['name']}) for {user}; shown this once:")
+    errors.print(
+        escape(f"key {created['key_id']} ({created['name']}) for {user}; shown this once:")
+    )
     print(created["key"])
 
 
@@ -329,11 +336,13 @@ def keys_list(user: UserOption) -> None:
 
     settings = settings_or_exit()
     keys = _run_or_exit(settings, _in_transaction(settings, list_keys, user))
-    table = Table(title=f"API keys of {user}")
+    table = Table(title=f"API keys of {escape(user)}")
     for column in ("key_id", "name", "created_at", "last_used_at"):
         table.add_column(column.replace("_", " "))
     for key in keys:
-        table.add_row(key["key_id"], key["name"], key["created_at"], key["last_used_at"] or "-")
+        table.add_row(
+            key["key_id"], escape(key["name"]), key["created_at"], key["last_used_at"] or "-"
+        )
     console.print(table)
 
 
@@ -350,7 +359,7 @@ def keys_revoke(key_id: str, user: UserOption) -> None:
         raise typer.Exit(2) from None
     revoked = _run_or_exit(settings, _in_transaction(settings, revoke_key, user, key_uuid))
     if not revoked:
-        errors.print(f"[red]{user} holds no live key {key_id}[/red]")
+        errors.print(f"[red]{escape(user)} holds no live key {escape(key_id)}[/red]")
         raise typer.Exit(1)
     console.print(f"[green]revoked[/green] {key_id}")
 
@@ -375,14 +384,14 @@ def usage_report(
     try:
         rows = asyncio.run(_report_rows(settings, first, last, by))
     except ApiError as exc:
-        errors.print(f"[red]{exc.message.replace('from', '--from', 1)}[/red]")
+        errors.print(f"[red]{escape(exc.message.replace('from', '--from', 1))}[/red]")
         raise typer.Exit(2) from None
     except _database_errors() as exc:
         raise _database_error(settings, exc) from None
     if as_csv:
         sys.stdout.write(csv_text(rows, by))  # type: ignore[arg-type]
         return
-    table = Table(title=f"Usage by {by} ({settings.currency})")
+    table = Table(title=f"Usage by {escape(by)} ({settings.currency})")
     table.add_column(by)
     for column in ("requests", *SUM_FIELDS):
         table.add_column(
@@ -390,7 +399,7 @@ def usage_report(
         )
     for row in rows:
         figures = [f"{row[c]:,}" for c in ("requests", *SUM_FIELDS[:-1])]
-        table.add_row(str(row[by]), *figures, str(money(row["cost_micros"])))
+        table.add_row(escape(str(row[by])), *figures, str(money(row["cost_micros"])))
     if not rows:
         table.caption = "no usage in these days"
     console.print(table)
@@ -400,5 +409,5 @@ def main() -> None:
     try:
         app()
     except ConfigError as exc:
-        errors.print(f"[red]configuration error:[/red] {exc}")
+        errors.print(f"[red]configuration error:[/red] {escape(str(exc))}")
         sys.exit(2)

@@ -130,9 +130,11 @@ def summarize(
 
 def as_csv(rows: Iterable[dict[str, Any]], by: GroupBy) -> str:
     out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\r\n")
     columns = [by, "requests", *SUM_FIELDS]
-    writer.writerow(columns)
+    csv.writer(out, lineterminator="\r\n").writerow(columns)
+    # every text cell in quotes: one holding a `;` was written bare, and a spreadsheet
+    # whose list separator is `;` split it, a formula in the second part
+    writer = csv.writer(out, lineterminator="\r\n", quoting=csv.QUOTE_NONNUMERIC)
     for row in rows:
         writer.writerow([_safe_cell(row[c]) for c in columns])
     return out.getvalue()

@@ -306,9 +306,14 @@ class Exchange:
         return True
 
 
+# what messages.finish_reason holds: the provider names the reason, and a longer one
+# (or one with a NUL) failed the settlement on PostgreSQL every time it was tried
+FINISH_REASON_CHARS = 32
+
+
 def _finish_reason(status: str, outcome: StreamOutcome) -> str:
     if status == "complete":
-        return outcome.finish_reason or "stop"
+        return storable(outcome.finish_reason or "stop")[:FINISH_REASON_CHARS]
     return {"stopped": "stopped", "interrupted": "interrupted"}.get(status, "error")
 
 

@@ -133,6 +133,9 @@ WRONG_TYPES: dict[str, dict[str, object]] = {
     "aud a number": {"aud": 1},
     "aud a list holding a number": {"aud": ["chatmeter-api", 2]},
     "jti a number": {"jti": 12345},
+    # JSON integers past any float: math.isfinite and float() raised OverflowError, a 500
+    "exp past any float": {"exp": 10**400},
+    "iat past any float": {"iat": 10**400},
 }
 
 

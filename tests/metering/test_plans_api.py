@@ -423,7 +423,7 @@ async def test_summaries_by_day_model_and_user_and_as_csv(
         "model,requests,prompt_tokens,completion_tokens,thinking_tokens,cached_tokens,"
         "total_tokens,cost_micros"
     )
-    assert any(line.startswith("priced,") for line in lines[1:])
+    assert any(line.startswith('"priced",') for line in lines[1:])
     by_format = await client.get("/api/admin/usage/summary?format=csv", headers=admin())
     assert by_format.text.startswith("day,requests,")
 

@@ -246,3 +246,35 @@ async def test_budget_caps_the_requested_tokens(stack: Stack) -> None:
     result = await stream_message(stack.client, chat, "hi", token_for("fay"))
     assert result.last["done"] is True
     assert stack.upstream.last_body["max_tokens"] == 25  # lowered from 300 to what is left
+
+
+@pytest.mark.parametrize(
+    ("reason", "saved"),
+    [
+        ("end_turn_because_the_model_chose_to_stop_here", "end_turn_because_the_model_chose"),
+        ("stop\x00", "stop\ufffd"),
+        ("stop\ud800", "stop\ufffd"),
+    ],
+    ids=["long", "nul", "lone-surrogate"],
+)
+async def test_a_finish_reason_no_column_takes_is_saved_and_billed(
+    stack: Stack, reason: str, saved: str
+) -> None:
+    """The server names the finish reason, and messages.finish_reason holds 32
+    characters of text: on PostgreSQL a longer one, or one with a NUL, failed the
+    settlement's transaction every time it was tried (a lone surrogate failed it on
+    SQLite too), so the reply was never saved and its usage never billed."""
+    stack.upstream.script = OpenAIScript(pieces=["a reply"], finish_reason=reason)
+    chat = await new_chat(stack.client, "fin")
+    result = await stream_message(stack.client, chat, "hello", token_for("fin"))
+    assert result.last["done"] is True, result.last
+    assert result.last["finish_reason"] == saved
+    rows = await chat_rows(stack.server.engine, chat)
+    assert [(row.role, row.finish_reason) for row in rows] == [
+        ("user", None),
+        ("assistant", saved),
+    ]
+    row = await ledger_row(stack.server.engine, result.last["message_id"])
+    assert row is not None and row.total_tokens == result.last["tokens_used"]
+    state = await books(stack.server.engine, "fin")
+    assert state.total == state.ledger == row.total_tokens and state.reserved == 0

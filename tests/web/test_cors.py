@@ -200,3 +200,23 @@ def test_origins_come_from_a_comma_separated_variable() -> None:
     assert load_settings({}).cors_origins == ()
     with pytest.raises(ConfigError, match="CHATMETER_CORS_ORIGINS"):
         load_settings({"CHATMETER_CORS_ORIGINS": "https://app.example/path"})
+
+
+async def test_an_origin_is_matched_as_a_browser_writes_it(sqlite_url: str) -> None:
+    """A browser sends its origin with the scheme and host in lower case and without
+    the scheme's default port. The setting took `https://App.Example:443` as it was
+    written, and Starlette compares origins as strings: that page was refused, with no
+    word at start-up of why."""
+    written = ["https://App.Example:443/", "http://LOCALHOST:80", "http://127.0.0.1:8080"]
+    settings = make_settings(sqlite_url, cors_origins=written)
+    assert settings.cors_origins == (
+        "https://app.example",
+        "http://localhost",
+        "http://127.0.0.1:8080",
+    )
+    ask = {"Access-Control-Request-Method": "POST"}
+    async with serve(settings) as server, httpx.AsyncClient(base_url=server.url) as client:
+        for origin in ("https://app.example", "http://localhost"):
+            answer = await client.options("/api/chat", headers={"Origin": origin, **ask})
+            assert answer.status_code == 200, (origin, answer.text)
+            assert answer.headers["access-control-allow-origin"] == origin
