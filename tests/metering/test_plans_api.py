@@ -435,6 +435,30 @@ async def test_a_row_in_the_last_moment_of_a_day_is_summed_in_that_day(
     ]
 
 
+async def test_csv_is_answered_to_an_accept_that_prefers_it(client: httpx.AsyncClient) -> None:
+    # the header was searched for the text "text/csv": a client that refuses CSV
+    # (q=0) or prefers JSON got CSV all the same
+    for accept, csv_wanted in (
+        ("text/csv", True),
+        ("text/csv, application/json;q=0.5", True),
+        ("text/csv;q=0.8, */*;q=0.1", True),
+        ("TEXT/CSV; charset=utf-8", True),
+        ("text/csv;q=0", False),
+        ("text/csv;q=0.000, application/json", False),
+        ("application/json, text/csv;q=0.1", False),
+        ("application/json;q=0.9, text/csv;q=0.5", False),
+        ("*/*", False),
+        ("text/csvx", False),
+        ("text/csv;q=nonsense", False),
+    ):
+        response = await client.get(
+            "/api/admin/usage/summary", headers={**admin(), "Accept": accept}
+        )
+        assert response.status_code == 200, (accept, response.text)
+        is_csv = response.headers["content-type"].startswith("text/csv")
+        assert is_csv == csv_wanted, accept
+
+
 async def test_summary_refuses_bad_input_with_the_error_shape(client: httpx.AsyncClient) -> None:
     user = fresh("bad")
     queries = [
