@@ -25,8 +25,12 @@ log = logging.getLogger("chatmeter.metering")
 
 Source = Literal["provider", "counted", "estimated"]
 EXCHANGE_OVERHEAD_TOKENS = 10
-# per message of the prompt: role markers and separators of chat templates
-PER_MESSAGE_OVERHEAD = 4
+# per message of the prompt: role markers and separators of chat templates. ChatML
+# (SmolLM2, Qwen) adds 5 tokens to a user's message and 6 to an assistant's (SmolLM2
+# splits the role's name in two), Llama 3 and Gemma 5: 8 keeps `text_bound` a bound for
+# a message of one byte too (4 did not: a prompt of many short messages was billed past
+# the budget that reserved it, and passed a context it did not fit)
+PER_MESSAGE_OVERHEAD = 8
 
 
 def estimate_tokens(text: str) -> int:

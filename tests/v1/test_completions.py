@@ -13,7 +13,7 @@ import pytest
 import sqlalchemy as sa
 
 from chatmeter.db.tables import chats, messages
-from chatmeter.metering.counting import EXCHANGE_OVERHEAD_TOKENS
+from chatmeter.metering.counting import EXCHANGE_OVERHEAD_TOKENS, PER_MESSAGE_OVERHEAD
 from chatmeter.providers.scripted import scripted_count
 from tests.conftest import auth
 from tests.support.db import books, ledger_row
@@ -192,7 +192,7 @@ async def test_max_tokens_is_lowered_to_what_the_budget_allows(v1: V1) -> None:
     # a budget with room for the prompt's bound and 4 tokens of output, no more
     used = (await books(v1.server.engine, "olga")).total
     system = "You are a helpful assistant. Answer clearly and concisely."
-    bound = len(system) + 4 + len("Hi") + 4 + EXCHANGE_OVERHEAD_TOKENS
+    bound = len(system) + len("Hi") + 2 * PER_MESSAGE_OVERHEAD + EXCHANGE_OVERHEAD_TOKENS
     limit = used + bound + 4
     admin = auth("root", admin=True)
     set_limit = await v1.http.put(
