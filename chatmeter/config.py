@@ -31,6 +31,19 @@ DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant. Answer clearly and concise
 DEV_SECRET_FILE = ".chatmeter/dev-jwt-secret"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _ORIGIN = re.compile(r"\*|https?://[A-Za-z0-9.\-\[\]:]+")
+_DEFAULT_PORTS = (("http://", ":80"), ("https://", ":443"))
+
+
+def _as_browsers_send(origin: str) -> str:
+    """An origin as a browser writes it in `Origin`, which CORS compares as a string:
+    scheme and host in lower case, no default port, no trailing slash."""
+    origin = origin.rstrip("/").lower()
+    for scheme, port in _DEFAULT_PORTS:
+        if origin.startswith(scheme) and origin.endswith(port):
+            return origin.removesuffix(port)
+    return origin
+
+
 # settings that the environment gives as a comma-separated list
 _LIST_FIELDS = frozenset({"jwt_algorithms", "cors_origins"})
 DEFAULT_PLAN = "default"
@@ -250,7 +263,7 @@ class Settings(BaseModel):
     @field_validator("cors_origins")
     @classmethod
     def _origins(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        origins = tuple(origin.rstrip("/") for origin in value if origin.strip())
+        origins = tuple(_as_browsers_send(origin) for origin in value if origin.strip())
         for origin in origins:
             if not _ORIGIN.fullmatch(origin):
                 raise ValueError(

@@ -200,3 +200,22 @@ def test_origins_come_from_a_comma_separated_variable() -> None:
     assert load_settings({}).cors_origins == ()
     with pytest.raises(ConfigError, match="CHATMETER_CORS_ORIGINS"):
         load_settings({"CHATMETER_CORS_ORIGINS": "https://app.example/path"})
+
+
+async def test_an_origin_is_matched_as_browsers_write_it(sqlite_url: str) -> None:
+    # a browser's Origin has its scheme and host in lower case and no default port: an
+    # origin configured as "https://App.Example:443" was accepted and never matched
+    env = {"CHATMETER_CORS_ORIGINS": "https://App.Example:443,HTTP://127.0.0.1:80,http://[::1]:80"}
+    assert load_settings(env).cors_origins == (
+        "https://app.example",
+        "http://127.0.0.1",
+        "http://[::1]",
+    )
+    kept = "http://app.example:8080,https://app.example:80,http://[::80]"
+    assert load_settings({"CHATMETER_CORS_ORIGINS": kept}).cors_origins == tuple(kept.split(","))
+    settings = make_settings(sqlite_url, cors_origins=["https://App.Example:443"])
+    ask = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST"}
+    async with serve(settings) as server, httpx.AsyncClient(base_url=server.url) as client:
+        preflight = await client.options("/v1/chat/completions", headers=ask)
+        assert preflight.status_code == 200, preflight.text
+        assert preflight.headers["access-control-allow-origin"] == "https://app.example"
