@@ -25,12 +25,14 @@ log = logging.getLogger("chatmeter.metering")
 
 Source = Literal["provider", "counted", "estimated"]
 EXCHANGE_OVERHEAD_TOKENS = 10
-# per message of the prompt: role markers and separators of chat templates
-PER_MESSAGE_OVERHEAD = 4
-# the same, over a text's own count (`counted_prompt`), where no byte slack covers them:
-# SmolLM2's ChatML template measured 5-6 tokens a message (ten turns: 69 tokens above
-# the texts' counts); Llama 3's and Gemma's add 5
-TEMPLATE_TOKENS_PER_MESSAGE = 8
+# per message of the prompt: role markers and separators of chat templates. ChatML
+# (SmolLM2, Qwen) adds 5 tokens to a user's message and 6 to an assistant's (SmolLM2
+# splits the role's name in two; ten turns measured 69 tokens above the texts' own
+# counts), Llama 3 and Gemma 5: 8 keeps `text_bound` a bound for a message of one byte
+# too (4 did not: a prompt of many short messages was billed past the budget that
+# reserved it, and passed a context it did not fit), and `counted_prompt` one above
+# what the provider bills
+PER_MESSAGE_OVERHEAD = 8
 
 
 def estimate_tokens(text: str) -> int:
@@ -51,7 +53,7 @@ def counted_prompt(counted: int, texts: int) -> int:
     """A prompt's size from its count, at most what the provider will bill: `counted`
     tokens of the system prompt and of `texts` other texts, plus each message's chat
     template tokens and the exchange's overhead."""
-    return counted + (texts + 1) * TEMPLATE_TOKENS_PER_MESSAGE + EXCHANGE_OVERHEAD_TOKENS
+    return counted + (texts + 1) * PER_MESSAGE_OVERHEAD + EXCHANGE_OVERHEAD_TOKENS
 
 
 @dataclass(frozen=True, slots=True)

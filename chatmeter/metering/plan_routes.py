@@ -163,7 +163,34 @@ def _wants_csv(request: Request, fmt: str | None) -> bool:
         if fmt not in ("json", "csv"):
             raise ApiError(400, "INVALID_REQUEST", "format: must be json or csv")
         return fmt == "csv"
-    return "text/csv" in request.headers.get("accept", "")
+    return _prefers_csv(request.headers.get("accept", ""))
+
+
+_JSON_TYPES = frozenset({"application/json", "application/*", "*/*"})
+
+
+def _prefers_csv(accept: str) -> bool:
+    """Whether an Accept header asks for CSV: `text/csv` with a weight above 0 that no
+    type JSON answers (`application/json`, `application/*`, `*/*`) passes."""
+    csv_q = json_q = 0.0
+    for item in accept.split(","):
+        media, *params = (part.strip() for part in item.split(";"))
+        q = 1.0
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        if not 0 <= q <= 1:  # NaN and weights out of range count as refusals
+            q = 0.0
+        media = media.lower()
+        if media == "text/csv":
+            csv_q = max(csv_q, q)
+        elif media in _JSON_TYPES:
+            json_q = max(json_q, q)
+    return csv_q > 0 and csv_q >= json_q
 
 
 async def _summary(

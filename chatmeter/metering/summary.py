@@ -91,9 +91,13 @@ def group_by(raw: str, allowed: tuple[str, ...]) -> GroupBy:
 
 
 # the quarter hour (since the epoch, UTC) of a ledger row: the one expression the two
-# databases spell differently
+# databases spell differently. SQLite's strftime rounds to the millisecond (a row at
+# 23:59:59.9995 would be 00:00:00, the next day): it is given the whole seconds only
 _QUARTER = {
-    True: f"CAST(CAST(strftime('%s', created_at) AS INTEGER) / {QUARTER_SECONDS} AS INTEGER)",
+    True: (
+        "CAST(CAST(strftime('%s', substr(created_at, 1, 19)) AS INTEGER) "
+        f"/ {QUARTER_SECONDS} AS INTEGER)"
+    ),
     False: f"CAST(floor(extract(epoch FROM created_at) / {QUARTER_SECONDS}) AS BIGINT)",
 }
 _KEYS = {"model": "model", "user": "user_id"}

@@ -27,7 +27,7 @@ from chatmeter.db.transactor import OutcomeUnknown
 from chatmeter.errors import ApiError
 from chatmeter.ids import new_id
 from chatmeter.metering.cost import cost_micros
-from chatmeter.metering.counting import TEMPLATE_TOKENS_PER_MESSAGE, Metered, counted_prompt
+from chatmeter.metering.counting import PER_MESSAGE_OVERHEAD, Metered, counted_prompt
 from chatmeter.metering.reservations import Reservation
 from chatmeter.metering.settlement import Settlement, settle_with_retries, settled_at
 from chatmeter.providers.base import (
@@ -112,7 +112,7 @@ async def with_counted_history(services: Services, opened: Opened) -> Generation
     room = opened.reservation.prompt_estimate - size
     back = 0
     for tokens in reversed(older):
-        room -= tokens + TEMPLATE_TOKENS_PER_MESSAGE
+        room -= tokens + PER_MESSAGE_OVERHEAD
         if room < 0:
             break
         back += 1

@@ -150,17 +150,27 @@ def _allow(method: str, allowed: str) -> None:
 
 async def _bound_to_client(receive: Receive, work: Any) -> Response:
     """Await `work`, cancelling it if the client goes away (the exchange then settles
-    what was generated as interrupted)."""
+    what was generated as interrupted); the answer is then one nobody reads."""
     task: asyncio.Task[Response] = asyncio.ensure_future(work)
+    gone = False
 
     async def watch() -> None:
+        nonlocal gone
         while (await receive())["type"] != "http.disconnect":
             pass
+        gone = True
         task.cancel()
 
     watcher = asyncio.ensure_future(watch())
     try:
         return await task
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if not gone or (current is not None and current.cancelling()):
+            raise  # this request itself is cancelled (a server shutdown): pass it on
+        # the client left: not an error of the application's (uvicorn logs one at
+        # ERROR, with a traceback, for an exception it is handed)
+        return Response(status_code=499)
     finally:
         watcher.cancel()
 

@@ -5,6 +5,7 @@ at once after a boundary nobody was there for; assigning plans; the models and p
 from __future__ import annotations
 
 import asyncio
+import uuid
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -426,6 +427,74 @@ async def test_summaries_by_day_model_and_user_and_as_csv(
     assert any(line.startswith('"priced",') for line in lines[1:])
     by_format = await client.get("/api/admin/usage/summary?format=csv", headers=admin())
     assert by_format.text.startswith("day,requests,")
+
+
+async def test_a_row_in_the_last_moment_of_a_day_is_summed_in_that_day(
+    client: httpx.AsyncClient, server: RunningServer
+) -> None:
+    # SQLite's strftime rounds to the millisecond: a row in the last half millisecond
+    # of a quarter hour was grouped in the next one, so one written just before local
+    # midnight was reported on the following day, outside the range asked for
+    user = fresh("midnight")
+    midnight = datetime(2026, 3, 30, tzinfo=PARIS)  # the day before changed to summer time
+    moments = [midnight - timedelta(microseconds=1), midnight - timedelta(microseconds=400)]
+    async with server.engine.begin() as conn:
+        await conn.execute(
+            usage_events.insert(),
+            [
+                {
+                    "event_id": uuid.uuid4(),
+                    "user_id": user,
+                    "chat_id": None,
+                    "message_id": uuid.uuid4(),
+                    "model": "scripted",
+                    "prompt_tokens": 1,
+                    "completion_tokens": 1,
+                    "thinking_tokens": 0,
+                    "cached_tokens": 0,
+                    "total_tokens": 2,
+                    "source": "provider",
+                    "created_at": moment,
+                }
+                for moment in [*moments, midnight]
+            ],
+        )
+    one_day = await client.get(
+        "/api/usage/summary?from=2026-03-29&to=2026-03-29", headers=auth(user)
+    )
+    assert one_day.status_code == 200, one_day.text
+    assert [(r["day"], r["requests"]) for r in one_day.json()["rows"]] == [("2026-03-29", 2)]
+    both = await client.get(
+        "/api/admin/usage/summary?from=2026-03-29&to=2026-03-30&format=csv", headers=admin()
+    )
+    assert both.text.splitlines()[1:] == [
+        '"2026-03-29",2,2,2,0,0,4,0',
+        '"2026-03-30",1,1,1,0,0,2,0',
+    ]
+
+
+async def test_csv_is_answered_to_an_accept_that_prefers_it(client: httpx.AsyncClient) -> None:
+    # the header was searched for the text "text/csv": a client that refuses CSV
+    # (q=0) or prefers JSON got CSV all the same
+    for accept, csv_wanted in (
+        ("text/csv", True),
+        ("text/csv, application/json;q=0.5", True),
+        ("text/csv;q=0.8, */*;q=0.1", True),
+        ("TEXT/CSV; charset=utf-8", True),
+        ("text/csv;q=0", False),
+        ("text/csv;q=0.000, application/json", False),
+        ("application/json, text/csv;q=0.1", False),
+        ("application/json;q=0.9, text/csv;q=0.5", False),
+        ("*/*", False),
+        ("text/csvx", False),
+        ("text/csv;q=nonsense", False),
+    ):
+        response = await client.get(
+            "/api/admin/usage/summary", headers={**admin(), "Accept": accept}
+        )
+        assert response.status_code == 200, (accept, response.text)
+        is_csv = response.headers["content-type"].startswith("text/csv")
+        assert is_csv == csv_wanted, accept
 
 
 async def test_summary_refuses_bad_input_with_the_error_shape(client: httpx.AsyncClient) -> None:

@@ -114,3 +114,36 @@ async def test_the_local_model_gets_the_history_its_count_fits(database_url: str
             assert last.last["usage"]["prompt_tokens"] == whole[0]
             state = await books(server.engine, "noor")
             assert state.total == state.ledger and state.reserved == 0
+
+
+async def test_a_prompt_of_many_short_messages_never_passes_the_token_limit(
+    database_url: str,
+) -> None:
+    # the reservation's bound of each message was its bytes plus 4 tokens, but SmolLM2's
+    # chat template alone adds 5 to a user's message and 6 to an assistant's: 201 messages
+    # of one letter were reserved 1,020 tokens and billed about 1,320, past a limit of 1,100
+    settings = make_settings(database_url, models={"local": LOCAL}, default_model="local")
+    turns = [{"role": "user" if i % 2 == 0 else "assistant", "content": "a"} for i in range(201)]
+    request = {
+        "model": "local",
+        "messages": [{"role": "system", "content": "s"}, *turns],
+        "max_tokens": 1,
+    }
+    async with serve(settings) as server:
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
+            for user, limit in (("tight", 1100), ("roomy", 5000)):
+                limited = await client.put(
+                    f"/api/admin/users/{user}/limit",
+                    json={"token_limit": limit},
+                    headers=auth("root", admin=True),
+                )
+                assert limited.status_code == 200, limited.text
+                answer = await client.post("/v1/chat/completions", json=request, headers=auth(user))
+                state = await books(server.engine, user)
+                assert state.total == state.ledger <= limit and state.reserved == 0, (
+                    answer.status_code,
+                    answer.text,
+                )
+                if limit == 5000:  # room for the real prompt: served, billed its size
+                    assert answer.status_code == 200, answer.text
+                    assert state.total == answer.json()["usage"]["total_tokens"] > 1100

@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from chatmeter.config import ModelConfig
+from chatmeter.metering.counting import PER_MESSAGE_OVERHEAD
 from tests.conftest import auth, make_settings, token_for
 from tests.fakes.openai_server import OpenAIScript, OpenAIServer, fake_token_count
 from tests.streaming.test_exchange import new_chat
@@ -238,7 +239,7 @@ async def test_budget_caps_the_requested_tokens(stack: Stack) -> None:
     admin = auth("root", admin=True)
     chat = await new_chat(stack.client, "fay")
     system = "You are terse."
-    bound = len(system.encode()) + 4 + len(b"hi") + 4 + 10
+    bound = len(system.encode()) + len(b"hi") + 2 * PER_MESSAGE_OVERHEAD + 10
     await stack.client.put(
         "/api/admin/users/fay/limit", json={"token_limit": bound + 25}, headers=admin
     )

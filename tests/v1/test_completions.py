@@ -4,6 +4,8 @@ ledger and budget after each request (one exchange, `chat_id` null, nothing stor
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import uuid
 
 import openai
@@ -11,7 +13,7 @@ import pytest
 import sqlalchemy as sa
 
 from chatmeter.db.tables import chats, messages
-from chatmeter.metering.counting import EXCHANGE_OVERHEAD_TOKENS
+from chatmeter.metering.counting import EXCHANGE_OVERHEAD_TOKENS, PER_MESSAGE_OVERHEAD
 from chatmeter.providers.scripted import scripted_count
 from tests.conftest import auth
 from tests.support.db import books, ledger_row
@@ -190,7 +192,7 @@ async def test_max_tokens_is_lowered_to_what_the_budget_allows(v1: V1) -> None:
     # a budget with room for the prompt's bound and 4 tokens of output, no more
     used = (await books(v1.server.engine, "olga")).total
     system = "You are a helpful assistant. Answer clearly and concisely."
-    bound = len(system) + 4 + len("Hi") + 4 + EXCHANGE_OVERHEAD_TOKENS
+    bound = len(system) + len("Hi") + 2 * PER_MESSAGE_OVERHEAD + EXCHANGE_OVERHEAD_TOKENS
     limit = used + bound + 4
     admin = auth("root", admin=True)
     set_limit = await v1.http.put(
@@ -269,3 +271,46 @@ async def test_a_client_that_leaves_mid_stream_is_billed_what_was_generated(v1: 
     assert row.source == "counted"
     assert 0 < row.completion_tokens < scripted_count(SLOW_REPLY)
     assert row.chat_id is None
+
+
+class Records(logging.Handler):
+    def __init__(self, level: int) -> None:
+        super().__init__(level)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+async def test_a_client_that_leaves_a_whole_completion_is_billed_and_logs_no_error(
+    v1: V1,
+) -> None:
+    # the request's task re-raised the cancel of its exchange to uvicorn, which logged
+    # "Exception in ASGI application" with a traceback at ERROR for every client that
+    # gave up on a completion (an SDK's timeout)
+    handler = Records(logging.ERROR)
+    uvicorn_log = logging.getLogger("uvicorn.error")
+    uvicorn_log.addHandler(handler)
+    try:
+        async with openai.AsyncOpenAI(
+            base_url=v1.server.url + "/v1", api_key=v1.key, max_retries=0, timeout=0.3
+        ) as impatient:
+            with pytest.raises(openai.APITimeoutError):
+                await impatient.chat.completions.create(
+                    model="slow", messages=[{"role": "user", "content": "long please"}]
+                )
+
+        async def settled() -> bool:
+            state = await books(v1.server.engine, v1.user)
+            return state.ledger_rows == 1 and state.open_reservations == 0
+
+        def requests_done() -> bool:
+            running = (task.get_coro() for task in asyncio.all_tasks())
+            return not any("run_asgi" in getattr(coro, "__qualname__", "") for coro in running)
+
+        await eventually(settled, within=20)
+        await eventually(requests_done, within=20)
+    finally:
+        uvicorn_log.removeHandler(handler)
+    await assert_books_balance(v1)
+    assert [r.getMessage() for r in handler.records] == []
