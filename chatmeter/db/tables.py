@@ -93,10 +93,12 @@ user_usage = sa.Table(
     sa.Column("token_limit", sa.BigInteger, nullable=False),
     sa.Column("reserved_tokens", sa.BigInteger, nullable=False, default=0),
     sa.Column("updated_at", UtcDateTime, nullable=False),
-    # SPEC section 10. The plan an admin assigned; NULL: the configured default plan,
-    # whichever it is now. `token_limit` is the plan's, unless an admin set one for this
+    # SPEC section 10. The plan an admin assigned; '' (`plans.UNASSIGNED`, no plan's
+    # name): the configured default plan, whichever it is now. Not NULL: the release
+    # before read a NULL plan as a refused opening, and runs on this schema during a
+    # rolling upgrade. `token_limit` is the plan's, unless an admin set one for this
     # user (`token_limit_overridden`) until a plan is assigned again.
-    sa.Column("plan", sa.String(64), nullable=True),
+    sa.Column("plan", sa.String(64), nullable=False, server_default=""),
     sa.Column("token_limit_overridden", sa.Boolean, nullable=False, server_default=sa.false()),
     # the start of the period the totals belong to, in Unix microseconds; the reserve and
     # settle statements roll it over when the plan's current period began later

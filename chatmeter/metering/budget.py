@@ -34,7 +34,13 @@ from chatmeter.errors import ApiError
 from chatmeter.ids import new_id
 from chatmeter.metering.cost import reserve_micros, tokens_for_micros
 from chatmeter.metering.periods import to_micros
-from chatmeter.metering.plans import STANDING_COLUMNS, PlanBook, Standing, retry_after_seconds
+from chatmeter.metering.plans import (
+    STANDING_COLUMNS,
+    UNASSIGNED,
+    PlanBook,
+    Standing,
+    retry_after_seconds,
+)
 from chatmeter.metering.reservations import Reservation, claim_chat, lock_user
 
 
@@ -106,11 +112,12 @@ def ensure_user(user_id: str, book: PlanBook, now: datetime) -> Steps[None]:
         "INSERT INTO user_usage (user_id, total_tokens_used, token_limit, reserved_tokens, "
         "updated_at, plan, token_limit_overridden, period_start, spend_micros, "
         "reserved_micros, active_replies, rate_tat) VALUES (:user_id, 0, :limit, 0, :now, "
-        "NULL, :no, 0, 0, 0, 0, 0) ON CONFLICT (user_id) DO NOTHING",
+        ":plan, :no, 0, 0, 0, 0, 0) ON CONFLICT (user_id) DO NOTHING",
         {
             "user_id": user_id,
             "limit": book.plan(book.default).stored_token_limit,
             "now": now,
+            "plan": UNASSIGNED,
             "no": False,
         },
     )

@@ -81,19 +81,26 @@ class TokenCounter:
         keys = [
             (provider.name, hashlib.blake2b(t.encode(), digest_size=16).digest()) for t in texts
         ]
+        # this call's counts, apart from the cache: the bounded cache may evict some of
+        # them (other calls' counts while this one awaits, or this call's own when it
+        # counts more texts than the cache holds), and an evicted count is not 0 tokens
+        known: dict[tuple[str, bytes], int] = {}
         missing: dict[tuple[str, bytes], str] = {}
         for key, text in zip(keys, texts, strict=True):
-            if key in self._texts:
+            cached = self._texts.get(key)
+            if cached is not None:
                 self._texts.move_to_end(key)
                 self._metrics.count_cache_hits.inc()
+                known[key] = cached
             elif text:
                 missing[key] = text
         if missing:
             self._metrics.count_calls.inc(len(missing))
             counts = await provider.count_tokens(list(missing.values()))
             for key, value in zip(missing, counts, strict=True):
+                known[key] = value
                 self._remember(key, value)
-        return [self._texts.get(key, 0) for key in keys]
+        return [known.get(key, 0) for key in keys]
 
     async def _count_system(self, provider: Provider, system_prompt: str) -> int:
         key = (provider.name, system_prompt)

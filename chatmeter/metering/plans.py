@@ -24,6 +24,10 @@ UNLIMITED = 2**62
 # the highest token limit an admin may set (API and CLI alike): "no limit" itself
 MAX_TOKEN_LIMIT = UNLIMITED
 MINUTE_US = 60 * MICROS
+# `user_usage.plan` of a user no admin assigned a plan: the configured default, whichever
+# it is now (SPEC section 10). No plan has this name (names are 1 to 64 characters), so
+# every statement resolves it as it resolves a plan no longer configured: the default
+UNASSIGNED = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +111,7 @@ class PlanBook:
     emission_sql: str
     tolerance_sql: str
     concurrency_sql: str
-    plan_sql: str  # the name of the row's plan (NULL: the default)
+    plan_sql: str  # the name of the row's plan (`UNASSIGNED`: the default's)
     # the last bounds computed per period: a period changes rarely, and computing one in
     # a timezone costs ~10 us per statement (an object's cache, not the module's)
     recent: dict[str, Bounds] = field(default_factory=dict)

@@ -4,10 +4,12 @@ transactor, on SQLite and PostgreSQL."""
 from __future__ import annotations
 
 from datetime import UTC, date, datetime
+from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from chatmeter.config import PlanConfig
+from chatmeter.db.steps import Sql, Steps
 from chatmeter.db.tables import usage_events
 from chatmeter.db.transactor import Transactor
 from chatmeter.ids import new_id
@@ -61,6 +63,34 @@ async def test_a_user_is_created_on_the_default_plan_when_first_seen(
         await transactor.run(accounts.set_limit, "stranger", 77, plans), plans
     )
     assert limited["token_limit"] == 77 and limited["tokens_remaining"] == 77
+
+
+def previous_take(user_id: str) -> Steps[list[tuple[Any, ...]]]:
+    """What the reserve statement of the release before 0005 returned: the row's plan as
+    it is stored (`RETURNING plan`)."""
+    rows = yield Sql(
+        "UPDATE user_usage SET reserved_tokens = reserved_tokens WHERE user_id = :user_id "
+        "RETURNING plan",
+        {"user_id": user_id},
+    )
+    return rows
+
+
+async def test_a_user_no_admin_assigned_is_on_the_default_for_the_release_before_too(
+    transactor: Transactor, database_url: str
+) -> None:
+    """A rolling upgrade (README: `chatmeter db upgrade` once, then the replicas one by
+    one) runs the release before on the migrated schema. Its one-statement opening on
+    PostgreSQL reads a NULL plan as a refused reservation, though the statement had
+    committed it with the user message: it then answered 409 for the chat it held
+    itself. An unassigned user's plan is a name no plan has, which that release reads
+    as the default, as it reads a plan no longer configured."""
+    plans = book(database_url)
+    row = await transactor.run(accounts.usage_steps, "unassigned", plans)
+    [(stored,)] = await transactor.run(previous_take, "unassigned")
+    assert stored is not None and stored not in plans.plans
+    assert plans.plan(stored) == plans.plans[plans.default]
+    assert accounts.usage_json(row, plans)["plan"] == plans.default
 
 
 async def test_a_plan_with_a_period_takes_the_ledger_sums_of_its_current_period(

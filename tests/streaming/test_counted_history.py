@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import httpx
 
+from chatmeter.providers.base import ChatTurn
 from chatmeter.providers.scripted import scripted_count
+from chatmeter.streaming.opening import fit_to_context
 from tests.conftest import make_settings, scripted, token_for
 from tests.streaming.test_exchange import new_chat
-from tests.support.db import balanced, period_books
+from tests.support.db import balanced, chat_rows, period_books
 from tests.support.server import serve
 from tests.support.sse import stream_message
 
@@ -37,4 +39,43 @@ async def test_history_the_bound_left_out_is_sent_when_its_count_fits(database_u
             sent = [SYSTEM, *(t for q in questions[:-1] for t in (q, REPLY)), questions[-1]]
             assert result.last["usage"]["prompt_tokens"] == sum(map(scripted_count, sent))
             books = await period_books(running.engine, "long")
+            assert balanced(books) and (books.reserved, books.active) == (0, 0)
+
+
+# 240 ASCII characters, a count of 60: ten earlier exchanges hold more than the context
+LONG_REPLY = (REPLY * 2)[:240]
+LONG = scripted(
+    reply=LONG_REPLY, chunks=2, context_window=400, max_output_tokens=50, system_prompt=SYSTEM
+)
+
+
+async def test_history_put_back_stays_within_the_context_whatever_the_cache_holds(
+    database_url: str,
+) -> None:
+    """Counts the bounded cache cannot hold all at once (`count_cache_size`, here 2) are
+    still each text's own: counts read back as 0 put back turns past the prompt's
+    reservation (SPEC section 6: the reservation holds the prompt billed; 336 tokens
+    sent of 317 reserved, before)."""
+    settings = make_settings(
+        database_url, models={"long": LONG}, history_messages=20, count_cache_size=2
+    )
+    async with serve(settings) as running:
+        async with httpx.AsyncClient(base_url=running.url, timeout=30) as http:
+            chat = await new_chat(http, "lena", model="long")
+            for n in range(10):
+                done = await stream_message(http, chat, f"Question {n}?", token_for("lena"))
+                assert done.last["done"] is True
+            said = [
+                ChatTurn(row.role, row.content) for row in await chat_rows(running.engine, chat)
+            ]
+            limits = running.services.opening_rules.models["long"]
+            kept, reserved, _ = fit_to_context(limits, said, "Question 10?")
+            result = await stream_message(http, chat, "Question 10?", token_for("lena"))
+            assert result.last["done"] is True
+            prompt = result.last["usage"]["prompt_tokens"]
+            # more than the bound kept, and no more than the opening reserved for it
+            kept_count = sum(scripted_count(t.content) for t in kept)
+            assert scripted_count(SYSTEM) + kept_count + scripted_count("Question 10?") < prompt
+            assert prompt <= reserved, (prompt, reserved)
+            books = await period_books(running.engine, "lena")
             assert balanced(books) and (books.reserved, books.active) == (0, 0)

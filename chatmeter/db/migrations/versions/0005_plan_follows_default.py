@@ -2,11 +2,14 @@
 
 Every user has the default plan "until an admin assigns another": the plan of a user's
 row was the default's name written when the user was first seen, so changing
-CHATMETER_DEFAULT_PLAN moved nobody. `plan` is now NULL for such users, read as the
-default plan of the configuration running, and set only by an admin's assignment.
+CHATMETER_DEFAULT_PLAN moved nobody. `plan` is now '' for such users (no plan's name),
+read as the default plan of the configuration running, and set only by an admin's
+assignment. Not NULL: during a rolling upgrade the release before runs on this schema,
+and it reads '' as a plan no longer configured (the default), where its one-statement
+opening on PostgreSQL read NULL as refused, after it had committed.
 
 Rows whose plan is the default plan configured when this migration runs (`chatmeter db
-upgrade` reads it; otherwise `default`) become NULL: they are the users on the default.
+upgrade` reads it; otherwise `default`) become '': they are the users on the default.
 A user an admin put on that same plan cannot be told apart from them, and follows the
 default too from now on.
 
@@ -33,18 +36,20 @@ def _default_plan() -> str:
 def upgrade() -> None:
     with op.batch_alter_table("user_usage", schema=None) as batch_op:
         batch_op.alter_column(
-            "plan", existing_type=sa.String(length=64), nullable=True, server_default=None
+            "plan", existing_type=sa.String(length=64), existing_nullable=False, server_default=""
         )
     op.execute(
-        sa.text("UPDATE user_usage SET plan = NULL WHERE plan = :plan").bindparams(
+        sa.text("UPDATE user_usage SET plan = '' WHERE plan = :plan").bindparams(
             plan=_default_plan()
         )
     )
 
 
 def downgrade() -> None:
+    # NULL too: a database migrated by this revision's first version (commit 26cb25b) has
+    # NULL for an unassigned plan
     op.execute(
-        sa.text("UPDATE user_usage SET plan = :plan WHERE plan IS NULL").bindparams(
+        sa.text("UPDATE user_usage SET plan = :plan WHERE plan = '' OR plan IS NULL").bindparams(
             plan=_default_plan()
         )
     )
