@@ -114,10 +114,17 @@ class Chats:
                 )
         return chat_id
 
-    async def open(self, user_id: str, chat_id: uuid.UUID, message: str) -> tuple[Opened, int]:
+    async def open(
+        self, user_id: str, chat_id: uuid.UUID, message: str
+    ) -> tuple[Opened, int | None]:
+        """The opening, and on PostgreSQL how many statements it ran. On SQLite the
+        transaction may go to the writer process, its arguments pickled: no generator
+        (and no list of the statements seen there) can go with it."""
+        args = (self.rules, user_id, chat_id, message, None, new_id())
+        if not self.transactor.writable_ctes:
+            return await self.transactor.run(open_steps, *args), None
         seen: list[Sql] = []
-        steps = open_steps(self.rules, user_id, chat_id, message, None, new_id())
-        opened = await self.transactor.run(counted, steps, seen)
+        opened = await self.transactor.run(counted, open_steps(*args), seen)
         return opened, len(seen)
 
 
