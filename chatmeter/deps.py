@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from chatmeter.auth.keys import authenticate_key, looks_like_key
-from chatmeter.auth.tokens import InvalidToken, Principal
+from chatmeter.auth.tokens import InvalidToken, KeysUnavailable, Principal
 from chatmeter.errors import ApiError
 from chatmeter.services import Services
 
@@ -36,6 +36,15 @@ async def current_user(request: Request, services: ServicesDep) -> Principal:
         return await services.verifier.verify(token)
     except InvalidToken as exc:
         raise ApiError(401, "UNAUTHORIZED", f"Sign in again: {exc}.") from None
+    except KeysUnavailable:
+        # not the token's fault: a 401 would sign the user out (the web page drops it)
+        raise ApiError(
+            503,
+            "AUTH_UNAVAILABLE",
+            "Sign-in cannot be checked right now: the identity provider's keys cannot be "
+            "fetched. Try again shortly.",
+            headers={"Retry-After": "5"},
+        ) from None
 
 
 CurrentUser = Annotated[Principal, Depends(current_user)]

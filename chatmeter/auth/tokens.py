@@ -18,10 +18,17 @@ ASYMMETRIC_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "ES256", "ES384", 
 MAX_TOKEN_CHARS = 8192
 VERIFIED_TTL = 300.0
 VERIFIED_MAX = 10_000
+# signing keys seen in the identity provider's key set, kept for when it cannot be reached
+SEEN_KEYS_MAX = 64
 
 
 class InvalidToken(Exception):
     """Any reason a token is refused. The message is safe to show (it names no secret)."""
+
+
+class KeysUnavailable(Exception):
+    """The identity provider's key set cannot be fetched, and the token's key was never
+    seen in it: the token may well be good, and nothing can tell yet."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,9 +55,16 @@ class TokenVerifier:
         audience: str | None = None,
         issuer: str | None = None,
         algorithms: tuple[str, ...] = ("HS256", "RS256", "ES256"),
+        jwks_lifespan: float = 300.0,
     ) -> None:
         self._secret = secret
-        self._jwks = jwt.PyJWKClient(jwks_url, cache_keys=True, lifespan=300) if jwks_url else None
+        self._jwks = (
+            jwt.PyJWKClient(jwks_url, cache_keys=True, lifespan=jwks_lifespan) if jwks_url else None
+        )
+        # the signing keys the key set held, by kid: while it cannot be fetched (the
+        # identity provider's outage), tokens signed with them still verify, instead of
+        # every user being signed out when the cached set's lifespan ends
+        self._seen_keys: OrderedDict[str, Any] = OrderedDict()
         self._audience = audience
         self._issuer = issuer
         self._algorithms = frozenset(algorithms)
@@ -97,11 +111,26 @@ class TokenVerifier:
         try:
             # PyJWKClient fetches over blocking urllib (cached afterwards): keep it off the loop
             signing_key = await asyncio.to_thread(self._jwks.get_signing_key_from_jwt, token)
+        except jwt.PyJWKClientConnectionError:
+            return self._key_seen_before(token)
         except jwt.PyJWKClientError:
             raise InvalidToken("token signing key not found") from None
         except jwt.PyJWTError:
             raise InvalidToken("malformed token") from None
+        if signing_key.key_id:
+            self._seen_keys[signing_key.key_id] = signing_key.key
+            self._seen_keys.move_to_end(signing_key.key_id)
+            if len(self._seen_keys) > SEEN_KEYS_MAX:
+                self._seen_keys.popitem(last=False)
         return signing_key.key
+
+    def _key_seen_before(self, token: str) -> Any:
+        """The key set cannot be fetched: the token's key if an earlier fetch had it."""
+        kid = jwt.get_unverified_header(token).get("kid")
+        key = self._seen_keys.get(kid) if isinstance(kid, str) else None
+        if key is None:
+            raise KeysUnavailable("the identity provider's signing keys cannot be fetched")
+        return key
 
     def _decode(self, token: str, key: Any, algorithm: str) -> dict[str, Any]:
         try:

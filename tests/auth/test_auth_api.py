@@ -261,3 +261,23 @@ async def test_jwks_only_refuses_hs256(
         chat = await client.post("/api/chat", json={}, headers=bearer(jwks.es256(claims_for("e"))))
         assert chat.status_code == 201, chat.text
         uuid.UUID(chat.json()["chat_id"])
+
+
+async def test_an_unreachable_key_set_is_503_not_a_sign_out(
+    settings_factory: Callable[..., Settings], jwks: JwksServer
+) -> None:
+    """The identity provider's keys cannot be fetched (never were): the token is not at
+    fault, so no 401 (the web page signs its user out on one) but 503 AUTH_UNAVAILABLE,
+    to retry; /v1 answers it in OpenAI's shape."""
+    settings = settings_factory(jwt_jwks_url="http://127.0.0.1:9/.well-known/jwks.json")
+    token = jwks.rs256(claims_for("waiting"))
+    async with serve(settings) as running, httpx.AsyncClient(base_url=running.url) as client:
+        response = await client.get("/api/usage", headers=bearer(token))
+        assert response.status_code == 503, response.text
+        assert response.json()["code"] == "AUTH_UNAVAILABLE"
+        assert response.headers["Retry-After"] == "5"
+        models = await client.get("/v1/models", headers=bearer(token))
+        assert models.status_code == 503, models.text
+        assert models.json()["error"]["code"] == "auth_unavailable"
+        # an HS256 token is still checked against the secret: no key set involved
+        assert (await client.get("/api/usage", headers=auth("hs-user"))).status_code == 200

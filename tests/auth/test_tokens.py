@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from chatmeter.auth.tokens import (
     InvalidToken,
+    KeysUnavailable,
     TokenVerifier,
     mint_token,
     parse_ttl,
@@ -305,11 +306,28 @@ async def test_hs256_signed_with_the_jwks_public_key_is_refused(jwks: JwksServer
     assert await refused(no_secret, token) == "token algorithm not accepted"
 
 
-async def test_unreachable_jwks_refuses_instead_of_failing(jwks: JwksServer) -> None:
+async def test_unreachable_jwks_is_not_the_tokens_fault(jwks: JwksServer) -> None:
+    """A key set never fetched: nothing can tell a good token from a bad one yet, and a
+    401 would sign the user out (the API answers 503 AUTH_UNAVAILABLE)."""
     verifier = TokenVerifier(secret=None, jwks_url="http://127.0.0.1:9/jwks.json")
-    assert await refused(verifier, jwks.rs256(claims_for("alice"))) == (
-        "token signing key not found"
-    )
+    with pytest.raises(KeysUnavailable):
+        await verifier.verify(jwks.rs256(claims_for("alice")))
+
+
+async def test_keys_seen_before_still_verify_while_the_key_set_is_unreachable() -> None:
+    """The identity provider's outage outlasts the cached key set's lifespan: tokens
+    signed with a key the set held still verify; a key it never held cannot be checked
+    (KeysUnavailable), and a bad signature is still refused."""
+    provider = JwksServer()
+    provider.start()
+    verifier = TokenVerifier(secret=None, jwks_url=provider.url, jwks_lifespan=0.001)
+    assert (await verifier.verify(provider.rs256(claims_for("before")))).user_id == "before"
+    provider.stop()
+    assert (await verifier.verify(provider.rs256(claims_for("during")))).user_id == "during"
+    with pytest.raises(KeysUnavailable):
+        await verifier.verify(provider.es256(claims_for("never-seen")))
+    forged = JwksServer().rs256(claims_for("mallory"))  # another key, the same kid
+    assert await refused(verifier, forged) == "invalid token"
 
 
 async def test_jwks_is_fetched_once_and_cached(jwks: JwksServer) -> None:
