@@ -21,8 +21,9 @@ async def get_services(request: Request) -> Services:
 ServicesDep = Annotated[Services, Depends(get_services)]
 
 
-async def current_user(request: Request, services: ServicesDep) -> Principal:
-    """The caller, from `Authorization: Bearer` with a JWT or an API key (`cm-…`)."""
+async def caller(request: Request, services: ServicesDep) -> Principal:
+    """Who calls, from `Authorization: Bearer` with a JWT or an API key (`cm-…`): a user,
+    or a service that names none (`Principal.is_service`), which only `/api/admin` takes."""
     headers = request.headers.getlist("authorization")
     # two credentials are ambiguous: a proxy in front may have checked the other one
     header = headers[0] if len(headers) == 1 else ""
@@ -47,10 +48,18 @@ async def current_user(request: Request, services: ServicesDep) -> Principal:
         ) from None
 
 
+async def current_user(request: Request, services: ServicesDep) -> Principal:
+    """The user who calls: a credential that names none has nobody to act as."""
+    user = await caller(request, services)
+    if user.is_service:
+        raise ApiError(401, "UNAUTHORIZED", "Sign in again: token names no user.")
+    return user
+
+
 CurrentUser = Annotated[Principal, Depends(current_user)]
 
 
-async def admin_user(user: CurrentUser) -> Principal:
+async def admin_user(user: Annotated[Principal, Depends(caller)]) -> Principal:
     if not user.is_admin:
         raise ApiError(403, "FORBIDDEN", "Only an admin may do this.")
     return user

@@ -33,11 +33,19 @@ class KeysUnavailable(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Principal:
-    user_id: str
+    user_id: str  # NO_USER: a service (Supabase's service-role key names no user)
     email: str | None = None
     user_type: str | None = None
     email_verified: bool | None = None
     is_admin: bool = False
+
+    @property
+    def is_service(self) -> bool:
+        return self.user_id == NO_USER
+
+
+NO_USER = ""
+SERVICE_ROLE = "service_role"
 
 
 class TokenVerifier:
@@ -209,6 +217,10 @@ def is_user_id(text: str) -> bool:
 
 def principal_from_claims(claims: dict[str, Any]) -> Principal:
     user_id = claims.get("user_id") or claims.get("sub")
+    if user_id is None and claims.get("role") == SERVICE_ROLE:
+        # Supabase's service-role key names no user, and SPEC section 3 lets its role
+        # use /api/admin: an admin that is nobody (`deps.current_user` refuses it)
+        return Principal(user_id=NO_USER, is_admin=True)
     # bool is an int to Python, but `true` names nobody
     if isinstance(user_id, bool) or not isinstance(user_id, str | int):
         raise InvalidToken("token names no user")
@@ -224,7 +236,7 @@ def principal_from_claims(claims: dict[str, Any]) -> Principal:
         email=email if isinstance(email, str) else None,
         user_type=user_type,
         email_verified=verified if isinstance(verified, bool) else None,
-        is_admin=user_type == "admin" or claims.get("role") == "service_role",
+        is_admin=user_type == "admin" or claims.get("role") == SERVICE_ROLE,
     )
 
 

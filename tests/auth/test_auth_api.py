@@ -171,6 +171,31 @@ async def test_admin_by_user_type_and_by_service_role(client: httpx.AsyncClient)
         assert (got.json()["user_id"], got.json()["token_limit"]) == (bob, 77 + n)
 
 
+async def test_supabases_service_role_key_which_names_no_user_is_an_admin_only(
+    client: httpx.AsyncClient,
+) -> None:
+    """Supabase's service-role key carries `role: service_role` and no `sub`: SPEC
+    section 3 lets that role use /api/admin, so it does; it names nobody to chat as, so
+    the user endpoints refuse it (401), as they refuse any token that names no user."""
+    now = int(time.time())
+    service = bearer(
+        hs256({"iss": "supabase", "ref": "p", "role": "service_role", "iat": now, "exp": now + 60})
+    )
+    bob = fresh("bob")
+    put = await client.put(
+        f"/api/admin/users/{bob}/plan", json={"plan": "default"}, headers=service
+    )
+    assert put.status_code == 200, put.text
+    listed = await client.get("/api/admin/users", headers=service)
+    assert listed.status_code == 200, listed.text
+    for method, path in (("GET", "/api/usage"), ("POST", "/api/chat"), ("GET", "/v1/models")):
+        refused = await client.request(method, path, json={}, headers=service)
+        assert refused.status_code == 401, (path, refused.text)
+    nobody = bearer(hs256({"role": "authenticated", "iat": now, "exp": now + 60}))
+    forbidden = await client.get("/api/admin/users", headers=nobody)
+    assert forbidden.status_code == 401, forbidden.text
+
+
 async def test_non_admin_is_forbidden_on_admin_endpoints(client: httpx.AsyncClient) -> None:
     bob = fresh("bob")
     non_admins = {
