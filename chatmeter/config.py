@@ -243,6 +243,15 @@ class Settings(BaseModel):
             raise ValueError("must start with sqlite+aiosqlite:// or postgresql+asyncpg://")
         return value
 
+    @field_validator("jwt_secret", "jwt_jwks_url", "jwt_audience", "jwt_issuer")
+    @classmethod
+    def _not_blank(cls, value: str | None) -> str | None:
+        # `CHATMETER_JWT_SECRET=` left empty read as no secret: development mode, which
+        # prints a week-long admin token at start-up; an empty audience refused every token
+        if value is not None and not value.strip():
+            raise ValueError("is set but empty: give it a value, or leave it unset")
+        return value
+
     @field_validator("redis_url")
     @classmethod
     def _redis_scheme(cls, value: str | None) -> str | None:

@@ -488,3 +488,20 @@ def test_workers_starting_together_share_one_development_secret(tmp_path: Path) 
         assert seen == {Path(path).read_text().strip()}, attempt
         assert len(seen.pop()) >= 32
         assert Path(path).stat().st_mode & 0o777 == 0o600
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "CHATMETER_JWT_SECRET",
+        "CHATMETER_JWT_JWKS_URL",
+        "CHATMETER_JWT_AUDIENCE",
+        "CHATMETER_JWT_ISSUER",
+    ],
+)
+def test_an_auth_setting_set_but_empty_stops_start_up(name: str) -> None:
+    """An empty CHATMETER_JWT_SECRET read as none: development mode, a printed admin
+    token, in what was meant to be production; an empty audience refused every token."""
+    for blank in ("", "  "):
+        message = refused({name: blank})
+        assert name in message and "empty" in message
