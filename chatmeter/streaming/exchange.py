@@ -63,6 +63,11 @@ STREAM_ERROR_MESSAGES = {
 }
 
 
+# the longest an opening waits for the count that puts history back: the reply is not
+# held up for it longer than that (the provider's own timeout may be a minute)
+HISTORY_COUNT_SECONDS = 2.0
+
+
 def message_too_long() -> ApiError:
     return ApiError(400, "INVALID_MESSAGE", "The message is too long for this chat's model.")
 
@@ -92,7 +97,8 @@ async def with_counted_history(services: Services, opened: Opened) -> Generation
     the context window is full (SPEC section 5 trims only what would overflow it). Only
     for a model whose tokenizer costs no provider call (`Provider.counts_locally`): no
     count call otherwise. The reservation is unchanged: the prompt stays within the
-    size it reserved, so the budget holds as before; a count that fails changes nothing."""
+    size it reserved, so the budget holds as before; a count that fails, or takes longer
+    than HISTORY_COUNT_SECONDS (a tokenizer that hangs), changes nothing."""
     request = opened.request
     if not opened.dropped:
         return request
@@ -102,10 +108,11 @@ async def with_counted_history(services: Services, opened: Opened) -> Generation
             return request
         counter = services.counter
         texts = [*(turn.content for turn in request.history), request.message]
-        size = counted_prompt(
-            await counter.count(provider, request.system_prompt, texts), len(texts)
-        )
-        older = await counter.sizes(provider, [turn.content for turn in opened.dropped])
+        async with asyncio.timeout(HISTORY_COUNT_SECONDS):
+            size = counted_prompt(
+                await counter.count(provider, request.system_prompt, texts), len(texts)
+            )
+            older = await counter.sizes(provider, [turn.content for turn in opened.dropped])
     except Exception:
         log.warning("the history left out could not be counted; sent without it", exc_info=True)
         return request

@@ -5,11 +5,14 @@ back as far as the prompt's reservation holds (`exchange.with_counted_history`).
 
 from __future__ import annotations
 
+import asyncio
+
 import httpx
+import pytest
 
 from chatmeter.providers.base import ChatTurn
 from chatmeter.providers.scripted import scripted_count
-from chatmeter.streaming.opening import fit_to_context
+from chatmeter.streaming.opening import ModelLimits, fit_to_context
 from tests.conftest import make_settings, scripted, token_for
 from tests.streaming.test_exchange import new_chat
 from tests.support.db import balanced, chat_rows, period_books
@@ -79,3 +82,34 @@ async def test_history_put_back_stays_within_the_context_whatever_the_cache_hold
             assert prompt <= reserved, (prompt, reserved)
             books = await period_books(running.engine, "lena")
             assert balanced(books) and (books.reserved, books.active) == (0, 0)
+
+
+async def test_a_tokenizer_that_hangs_holds_the_reply_up_briefly_then_sends_what_the_bound_kept(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The count that puts history back waits HISTORY_COUNT_SECONDS at most: a tokenizer
+    that never answers (the provider's own timeout may be a minute) costs the reply that,
+    and the prompt is what the opening's bound kept."""
+    settings = make_settings(database_url, models={"short": SHORT}, history_messages=10)
+    async with serve(settings) as running:
+        async with httpx.AsyncClient(base_url=running.url, timeout=30) as http:
+            chat = await new_chat(http, "hung", model="short")
+            questions = [f"Question {n}?" for n in range(6)]
+            for question in questions[:-1]:
+                assert (await stream_message(http, chat, question, token_for("hung"))).last["done"]
+            provider = await running.services.providers.get("short")
+            never = asyncio.Event()
+
+            async def hangs(texts: list[str]) -> list[int]:
+                await never.wait()
+                return []
+
+            monkeypatch.setattr(provider, "count_tokens", hangs)
+            result = await stream_message(http, chat, questions[-1], token_for("hung"))
+            assert result.last["done"] is True, result.last
+            rows = await chat_rows(running.engine, chat)
+            turns = [ChatTurn(row.role, row.content) for row in rows[:-2]]  # before the last
+            kept, _, _ = fit_to_context(ModelLimits(SYSTEM, 400, 50), turns, questions[-1])
+            sent = [SYSTEM, *(turn.content for turn in kept), questions[-1]]
+            assert len(kept) < len(turns)
+            assert result.last["usage"]["prompt_tokens"] == sum(map(scripted_count, sent))
