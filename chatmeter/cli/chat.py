@@ -15,7 +15,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import FrameType
 from typing import Annotated, Any
 
@@ -153,6 +153,9 @@ class ReplyReading:
     previous: str = ""
     reply_id: str = ""
     last_id: int = 0
+    # set when the first event names the reply (the server has opened it), or when the
+    # reading is over: a stop asked for before then waits for it (`StopRequest`)
+    opened: threading.Event = field(default_factory=threading.Event)
 
 
 # pauses before each attempt to resume a reply whose connection dropped
@@ -167,20 +170,33 @@ class StopRequest:
     base_url: str
     headers: dict[str, str]
     chat_id: str
+    reading: ReplyReading
     sent: bool = False
+    over: bool = False  # the reading ended
     problem: str | None = None
 
     def send(self) -> None:
+        if self._post() and not self.over:
+            # Ctrl-C as the message went out, before the server had opened its reply (or
+            # as it did): stop the reply once its first event says it is open
+            self.reading.opened.wait()
+            if not self.over:
+                self._post()
+
+    def _post(self) -> bool:
+        """POST the stop; True if the server had no reply to stop."""
         try:
             with httpx.Client(base_url=self.base_url, headers=self.headers, timeout=10) as http:
                 response = http.post(f"/api/chat/{self.chat_id}/stop")
         except httpx.HTTPError:
             self.problem = "The stop request did not reach the server."
-            return
+            return False
         if response.is_error:
             problem = _problem(response)
-            if problem.code != "NO_ACTIVE_REPLY":  # it had just finished
-                self.problem = str(problem)
+            if problem.code == "NO_ACTIVE_REPLY":  # not open yet, or it had just finished
+                return True
+            self.problem = str(problem)
+        return False
 
 
 class ChatSession:
@@ -253,7 +269,8 @@ class ChatSession:
 
     def send(self, text: str) -> None:
         http = self.api.http
-        stop = StopRequest(str(http.base_url), dict(http.headers), self.chat_id)
+        reading = ReplyReading(previous=self.last_reply_id)
+        stop = StopRequest(str(http.base_url), dict(http.headers), self.chat_id, reading)
         stopper = threading.Thread(target=stop.send, daemon=True)
 
         def on_interrupt(signum: int, frame: FrameType | None) -> None:
@@ -264,7 +281,7 @@ class ChatSession:
 
         previous = signal.signal(signal.SIGINT, on_interrupt)
         try:
-            end = self._stream(text)
+            end = self._stream(text, reading)
         except KeyboardInterrupt:
             self.console.print("\n[yellow]Left the reply; what arrived is saved.[/yellow]")
             return
@@ -278,17 +295,18 @@ class ChatSession:
             return
         finally:
             signal.signal(signal.SIGINT, previous)
+            stop.over = True
+            reading.opened.set()  # a stop waiting for the reply to open waits no more
         if stop.sent:
             stopper.join(timeout=10)
         if stop.problem:
             self.console.print(f"[red]{escape(stop.problem)}[/red]")
         self._report(end)
 
-    def _stream(self, text: str) -> dict[str, Any]:
+    def _stream(self, text: str, reading: ReplyReading) -> dict[str, Any]:
         """Print the reply as it streams; return the end or error event. A connection
         that drops mid-reply is resumed where it broke (SPEC section 11): the reply goes
         on on the server meanwhile."""
-        reading = ReplyReading(previous=self.last_reply_id)
         try:
             end = self._post(text, reading)
         except httpx.ConnectError:
@@ -346,6 +364,7 @@ class ChatSession:
             if "message_id" in event:
                 reading.reply_id = str(event["message_id"])  # the first event names it
                 self.last_reply_id = reading.reply_id
+                reading.opened.set()
                 self.console.print(f"[bold green]model {ARROW}[/bold green] ", end="")
                 continue
             self.console.out(terminal_safe(str(event.get("chunk", ""))), end="")

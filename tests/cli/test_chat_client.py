@@ -21,6 +21,7 @@ from rich.console import Console
 
 from chatmeter.cli.chat import ApiProblem, ChatApi, ChatSession, ReplyReading
 from chatmeter.config import ModelConfig, PlanConfig
+from chatmeter.streaming.stopping import flag_stop
 from tests.conftest import TEST_SECRET, auth, make_settings, scripted, token_for
 from tests.support.proxy import CuttingProxy, cutting_proxy
 from tests.support.server import RunningServer, serve
@@ -206,6 +207,45 @@ async def test_ctrl_c_stops_the_reply_and_the_session_goes_on(
         chat = await only_chat(server, "milo")
         assert [m["status"] for m in chat["messages"]] == ["complete", "stopped"] * 2
         assert [m["content"] for m in chat["messages"]][::2] == ["Count slowly", "Again"]
+
+
+async def test_ctrl_c_as_the_message_goes_out_stops_the_reply_once_it_opens(
+    chatmeter: ServerFactory, terminal: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C right after Enter: the stop reaches the server before the message's opening
+    has committed, and is answered that no reply is live (404). The client stops the
+    reply as soon as its first event says it opened, instead of letting it run."""
+    async with chatmeter(scripted(reply=SLOW, chunks=SLOW_WORDS, delay_ms=100)) as server:
+        transactor = server.services.transactor
+        opening, release, stop_answered = asyncio.Event(), asyncio.Event(), asyncio.Event()
+        open_together, run = transactor.run_together, transactor.run
+
+        async def held_opening(*args: Any, **kwargs: Any) -> Any:
+            opening.set()
+            await release.wait()
+            return await open_together(*args, **kwargs)
+
+        async def noting_stops(steps: Any, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return await run(steps, *args, **kwargs)
+            finally:
+                if steps is flag_stop:
+                    stop_answered.set()
+
+        monkeypatch.setattr(transactor, "run_together", held_opening)
+        monkeypatch.setattr(transactor, "run", noting_stops)
+        term: Terminal = await terminal("--url", server.url, "--token", token_for("nia"))
+        await term.expect(PROMPT)
+        await term.type("Count slowly")
+        await asyncio.wait_for(opening.wait(), WAIT)
+        term.process.send_signal(signal.SIGINT)
+        await asyncio.wait_for(stop_answered.wait(), WAIT)  # no live reply yet: 404
+        release.set()
+        await term.expect(r"stopped · ")
+        await term.expect(PROMPT)
+        chat = await only_chat(server, "nia")
+        assert [m["status"] for m in chat["messages"]] == ["complete", "stopped"]
+        assert "There was no reply to stop" not in term.output
 
 
 async def count_through_one_cut(term: Terminal, proxy: CuttingProxy) -> Any:
