@@ -6,7 +6,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from playwright.async_api import Page, expect
+import httpx
+from playwright.async_api import Page, Route, expect
 
 from tests.conftest import scripted, token_for
 from tests.support.proxy import cutting_proxy
@@ -75,3 +76,40 @@ async def test_a_reply_survives_the_network_dropping_mid_reply(
         chat = (await api(server, "GET", f"/api/chat/{chat_id_of(page)}", "quin")).json()
         assert [m["content"] for m in chat["messages"]] == ["Count again", REPLY]
         await shot(page, "desktop-resumed")
+
+
+async def test_a_message_whose_answer_never_came_is_found_and_its_reply_followed(
+    chatmeter: ServerFactory, open_page: Callable[..., Any]
+) -> None:
+    """The network fails after the message reached the server, before its answer came:
+    the page looks at the chat before saying it was not sent. The message is there and
+    its reply streams, so the page follows it (not the text back in the box, and a
+    second send refused as a reply in progress)."""
+    async with chatmeter(scripted(reply=REPLY, chunks=WORDS, delay_ms=100)) as server:
+        page: Page = await open_page(f"{server.url}/#token={token_for('ugo')}")
+
+        async def answer_lost(route: Route) -> None:
+            request = route.request
+            headers = {
+                name: value
+                for name, value in (await request.all_headers()).items()
+                if name in ("authorization", "content-type")
+            }
+            async with httpx.AsyncClient(timeout=30) as http:
+                async with http.stream(
+                    "POST", request.url, content=request.post_data_buffer, headers=headers
+                ) as response:
+                    assert response.status_code == 200  # opened: the reply goes on
+            await route.abort("connectionreset")
+
+        await page.route("**/api/chat/*/message", answer_lost, times=1)
+        message = page.get_by_role("textbox", name="Message")
+        await message.fill("Count to sixty")
+        await message.press("Enter")
+        await expect(page.get_by_role("button", name="Stop")).to_be_visible()
+        await expect(reply_text(page)).to_have_text(REPLY)
+        await expect(message).to_have_value("")
+        await expect(page.locator("#messages .msg.user .msg-body")).to_have_text(["Count to sixty"])
+        await expect(assistant_replies(page)).to_have_count(1)
+        chat = (await api(server, "GET", f"/api/chat/{chat_id_of(page)}", "ugo")).json()
+        assert [m["content"] for m in chat["messages"]] == ["Count to sixty", REPLY]

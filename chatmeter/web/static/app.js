@@ -480,9 +480,12 @@ async function send() {
   ui.stop.disabled = true; // until the reply has started
   let userNode = null;
   let view = null;
+  let unanswered = null; // the network failed before the answer's head
+  let sentAfter = 0; // the chat's messages before this one
   try {
     const chat = await ensureChat();
     stream.chatId = chat.chat_id;
+    sentAfter = chat.messages.length;
     const firstMessage = chat.messages.length === 0;
     userNode = messageNode({ role: "user", content: text });
     appendNode(userNode);
@@ -508,6 +511,10 @@ async function send() {
       if (err.name !== "AbortError") showNotice(describe("CONNECTION_LOST"));
       view.finish("interrupted", 0);
       if (state.api && stream.chatId) await resync(stream.chatId);
+    } else if (err instanceof ApiError && err.code === "NETWORK" && stream.chatId) {
+      // no answer came: the message may have reached the server, which then replies
+      userNode?.remove();
+      unanswered = err;
     } else if (err.name !== "AbortError") {
       // refused before streaming: nothing was saved, so the text goes back in the box
       userNode?.remove();
@@ -529,6 +536,23 @@ async function send() {
     setStreaming(false);
     if (state.api) ui.message.focus();
   }
+  if (unanswered) await lookForUnanswered(stream.chatId, sentAfter, text, unanswered);
+}
+
+/** The network failed before the message's answer came: the server may have saved the
+ *  message and be replying (a second send would then be refused, a reply in progress).
+ *  The chat is loaded again: if the message is in it, its reply shows as after a reload
+ *  (followed live if it still streams); if not, it was not sent, and the text goes back. */
+async function lookForUnanswered(chatId, sentAfter, text, err) {
+  await resync(chatId);
+  const chat = state.current;
+  const saved = chat && chat.chat_id === chatId ? chat.messages[sentAfter] : null;
+  if (saved && saved.role === "user" && saved.content === text) return;
+  if (!ui.message.value) {
+    ui.message.value = text;
+    autosize();
+  }
+  report(err);
 }
 
 /** The reply is saved: show what it cost, title a new chat, refresh the list. */
