@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import re
 import secrets
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from chatmeter.db.tables import utcnow
 if TYPE_CHECKING:  # the SQLite writer process imports this module: keep it light
     from chatmeter.db.transactor import Transactor
 
+log = logging.getLogger("chatmeter.auth")
 KEY_PREFIX = "cm-"
 _KEY_SHAPE = re.compile(r"cm-[A-Za-z0-9_-]{43}")
 # `last_used_at` is written at most this often per key: a write per request would turn
@@ -46,6 +48,15 @@ def key_digest_secret(settings: Settings) -> bytes:
     """The HMAC key of digests: `CHATMETER_API_KEY_SECRET`, else one derived from the
     JWT secret (the development secret in development), kept apart by a label so a
     digest never doubles as anything signed with the JWT secret."""
+    if not settings.api_key_secret and not settings.jwt_secret and settings.jwt_jwks_url:
+        # tokens come from an identity provider, keys from a file of this host's: they
+        # break on another host, and on this one when the file is lost (a container's)
+        log.warning(
+            "API key digests use this host's development secret (%s): set "
+            "CHATMETER_API_KEY_SECRET, or keys will not work on other hosts or after "
+            "that file is lost",
+            settings.dev_secret_file,
+        )
     base = settings.api_key_secret or dev_jwt_secret(settings)
     return hmac.new(base.encode(), b"chatmeter api key digest v1", hashlib.sha256).digest()
 

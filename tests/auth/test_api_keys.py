@@ -4,11 +4,14 @@ user on `/api` (the message route too), revoked at once."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import uuid
 from datetime import datetime
+from pathlib import Path
 
 import httpx
+import pytest
 import sqlalchemy as sa
 
 from chatmeter.auth.key_store import MAX_KEYS_PER_USER
@@ -184,3 +187,25 @@ def test_the_digest_secret_is_the_configured_one_or_derived(tmp_path: object) ->
     assert key_digest_secret(base) == key_digest_secret(base)
     # derived, never the JWT secret itself
     assert key_digest_secret(base) != (base.jwt_secret or "").encode()
+
+
+def test_keys_on_a_hosts_own_secret_are_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Tokens from an identity provider (JWKS alone) and no CHATMETER_API_KEY_SECRET:
+    key digests come from this host's development secret file, so keys break on another
+    host or when the file is lost (a container's): start-up says so."""
+    jwks_only = make_settings(
+        "sqlite+aiosqlite:///unused.db",
+        jwt_secret=None,
+        jwt_jwks_url="https://idp.example/.well-known/jwks.json",
+        dev_secret_file=str(tmp_path / "dev-secret"),
+    )
+    with caplog.at_level(logging.WARNING, logger="chatmeter.auth"):
+        key_digest_secret(jwks_only)
+    assert "CHATMETER_API_KEY_SECRET" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="chatmeter.auth"):
+        key_digest_secret(jwks_only.model_copy(update={"api_key_secret": "k" * 32}))
+        key_digest_secret(make_settings("sqlite+aiosqlite:///unused.db"))
+    assert caplog.text == ""
