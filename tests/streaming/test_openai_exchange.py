@@ -259,9 +259,7 @@ async def test_an_estimated_reply_is_never_billed_past_the_limit(stack: Stack) -
     system = "You are terse."
     bound = len(system.encode()) + len(b"hi") + 2 * PER_MESSAGE_OVERHEAD + 10
     limit = bound + 25
-    await stack.client.put(
-        "/api/admin/users/gus/limit", json={"token_limit": limit}, headers=admin
-    )
+    await stack.client.put("/api/admin/users/gus/limit", json={"token_limit": limit}, headers=admin)
     stack.upstream.script = OpenAIScript(pieces=[" whatever"] * 25, usage=False, tokenize=False)
     result = await stream_message(stack.client, chat, "hi", token_for("gus"))
     assert stack.upstream.streams[-1].request.body["max_tokens"] == 25
