@@ -129,23 +129,29 @@ class TokenCounter:
     ) -> Metered:
         """The figure to bill for one exchange, and where it came from. A report no
         exchange can have (a negative figure, billions of tokens) is not believed: the
-        exchange is counted as if the provider had reported nothing."""
+        exchange is counted as if the provider had reported nothing. A counted or
+        estimated reply is billed at most the output cap the provider was sent: it cannot
+        have generated more, and the reservation (the budget) holds that cap, where
+        ceil(chars / 4 x 1.05) of long words, or a tokenizer's count of the reply's text
+        run together, may be more."""
         if reported is not None:
             if reported.is_possible:
                 return Metered(reported, "provider")
             log.warning("the provider reported impossible usage (%s); counting instead", reported)
         prompt_texts = [*(turn.content for turn in request.history), request.message]
+        cap = max(request.max_output_tokens, 0)
         try:
             if provider is None:
                 raise ProviderError("PROVIDER_ERROR", "the provider is not available")
             prompt = await self.count(provider, request.system_prompt, prompt_texts)
             completion = await self.count(provider, "", [reply]) if reply else 0
-            usage = Usage(prompt + EXCHANGE_OVERHEAD_TOKENS, completion)
+            usage = Usage(prompt + EXCHANGE_OVERHEAD_TOKENS, min(completion, cap))
             return Metered(usage, "counted")
         except ProviderError as exc:
             log.warning("token counting failed (%s); estimating", exc)
         except Exception:
             log.exception("token counting failed; estimating")
         prompt = sum(estimate_tokens(t) for t in [request.system_prompt, *prompt_texts])
-        usage = Usage(prompt + EXCHANGE_OVERHEAD_TOKENS, estimate_tokens(reply) if reply else 0)
+        completion = min(estimate_tokens(reply), cap) if reply else 0
+        usage = Usage(prompt + EXCHANGE_OVERHEAD_TOKENS, completion)
         return Metered(usage, "estimated")

@@ -274,6 +274,10 @@ async def stop_while_opening(a: RunningServer, b: RunningServer) -> None:
             await held.entered.wait()
             stop = await on_b.post(f"/api/chat/{chat_id}/stop", headers=auth("max"))
             assert stop.status_code == 202
+            # the announcement reaches `a` when it does (a NOTIFY, a Redis message): the
+            # opening is held until `a` has it, else under load the job registered first
+            # and asked the provider (stopped all the same, its prompt billed: 1 run in 4)
+            await eventually(lambda: bool(a.services.replies._early))
             held.release.set()
             result = await reading
     assert result.last["finish_reason"] == "stopped", result.last

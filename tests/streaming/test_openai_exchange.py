@@ -249,6 +249,28 @@ async def test_budget_caps_the_requested_tokens(stack: Stack) -> None:
     assert stack.upstream.last_body["max_tokens"] == 25  # lowered from 300 to what is left
 
 
+async def test_an_estimated_reply_is_never_billed_past_the_limit(stack: Stack) -> None:
+    """A server that reports no usage and has no /tokenize is estimated, at
+    ceil(chars / 4 x 1.05): a reply of long words (one token each, 9 characters with its
+    space) ran 2.4x the tokens the server could generate under max_tokens, billed past
+    the reservation and the user's limit. Billed completion stays within the cap sent."""
+    admin = auth("root", admin=True)
+    chat = await new_chat(stack.client, "gus")
+    system = "You are terse."
+    bound = len(system.encode()) + len(b"hi") + 2 * PER_MESSAGE_OVERHEAD + 10
+    limit = bound + 25
+    await stack.client.put("/api/admin/users/gus/limit", json={"token_limit": limit}, headers=admin)
+    stack.upstream.script = OpenAIScript(pieces=[" whatever"] * 25, usage=False, tokenize=False)
+    result = await stream_message(stack.client, chat, "hi", token_for("gus"))
+    assert stack.upstream.streams[-1].request.body["max_tokens"] == 25
+    usage = result.last["usage"]
+    assert usage["source"] == "estimated"
+    assert usage["completion_tokens"] <= 25  # was 60
+    state = await books(stack.server.engine, "gus")
+    assert state.total == state.ledger == usage["total_tokens"] <= limit
+    assert state.reserved == 0
+
+
 @pytest.mark.parametrize(
     ("reason", "saved"),
     [
