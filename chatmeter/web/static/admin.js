@@ -252,7 +252,11 @@ async function start(token) {
       deny();
       return;
     }
-    throw err;
+    // the server or the identity provider is failing, not the token (503
+    // AUTH_UNAVAILABLE in a key set outage): keep it, so a reload tries again
+    sessionStorage.setItem(TOKEN_KEY, token);
+    showSignin(err instanceof ApiError ? err.message : describe("INTERNAL_ERROR", "", 500));
+    return;
   }
   sessionStorage.setItem(TOKEN_KEY, token);
   state.plans = plans.plans;

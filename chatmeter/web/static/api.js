@@ -5,6 +5,9 @@ const WORDS = {
   UNAUTHORIZED:
     "You are signed out: your token has expired or is not valid here. " +
     "Sign in again with a new token.",
+  AUTH_UNAVAILABLE:
+    "Your sign-in cannot be checked right now: the identity provider cannot be reached. " +
+    "You are still signed in; try again in a moment.",
   INVALID_CHAT_ID: "That chat address is not valid. Pick a chat from the list.",
   CHAT_NOT_FOUND: "This chat no longer exists; it may have been deleted in another window.",
   FORBIDDEN: "This chat belongs to another account.",
