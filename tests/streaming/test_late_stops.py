@@ -155,10 +155,9 @@ async def test_a_late_announcement_through_redis_spares_the_next_reply(
         await late_stop(a, b, held)
 
 
+# PostgreSQL LISTEN/NOTIFY alone: SQLite has no announcement, only the poll
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
 async def test_a_late_notification_spares_the_next_reply(database_url: str) -> None:
-    """PostgreSQL LISTEN/NOTIFY (SQLite has no announcement, only the poll)."""
-    if database_url.startswith("sqlite"):
-        pytest.skip("SQLite announces nothing")
     async with two_workers(database_url) as (a, b):
         held = HeldSignals(b.services.stop_signals)
         b.services.stop_signals = held
@@ -299,8 +298,7 @@ async def test_a_stop_from_another_worker_while_the_reply_opens_stops_it(
         await stop_while_opening(a, b)
 
 
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
 async def test_a_notified_stop_while_the_reply_opens_stops_it(database_url: str) -> None:
-    if database_url.startswith("sqlite"):
-        pytest.skip("SQLite announces nothing")
     async with two_workers(database_url) as (a, b):
         await stop_while_opening(a, b)
