@@ -28,18 +28,27 @@ SHORT = scripted(
 )
 
 
+# the chat's five earlier messages, then the one that is answered with that history
+QUESTIONS = [f"Question {n}?" for n in range(6)]
+
+
+async def chat_of_five_exchanges(http: httpx.AsyncClient, user: str) -> str:
+    """A chat on SHORT whose first five questions are answered: ten earlier turns."""
+    chat = await new_chat(http, user, model="short")
+    for question in QUESTIONS[:-1]:
+        done = await stream_message(http, chat, question, token_for(user))
+        assert done.last["done"] is True, done.last
+    return chat
+
+
 async def test_history_the_bound_left_out_is_sent_when_its_count_fits(database_url: str) -> None:
     assert len(REPLY) == 120
     settings = make_settings(database_url, models={"short": SHORT}, history_messages=10)
     async with serve(settings) as running:
         async with httpx.AsyncClient(base_url=running.url, timeout=30) as http:
-            chat = await new_chat(http, "long", model="short")
-            questions = [f"Question {n}?" for n in range(6)]
-            for question in questions[:-1]:
-                done = await stream_message(http, chat, question, token_for("long"))
-                assert done.last["done"] is True
-            result = await stream_message(http, chat, questions[-1], token_for("long"))
-            sent = [SYSTEM, *(t for q in questions[:-1] for t in (q, REPLY)), questions[-1]]
+            chat = await chat_of_five_exchanges(http, "long")
+            result = await stream_message(http, chat, QUESTIONS[-1], token_for("long"))
+            sent = [SYSTEM, *(t for q in QUESTIONS[:-1] for t in (q, REPLY)), QUESTIONS[-1]]
             assert result.last["usage"]["prompt_tokens"] == sum(map(scripted_count, sent))
             books = await period_books(running.engine, "long")
             assert balanced(books) and (books.reserved, books.active) == (0, 0)
@@ -93,10 +102,7 @@ async def test_a_tokenizer_that_hangs_holds_the_reply_up_briefly_then_sends_what
     settings = make_settings(database_url, models={"short": SHORT}, history_messages=10)
     async with serve(settings) as running:
         async with httpx.AsyncClient(base_url=running.url, timeout=30) as http:
-            chat = await new_chat(http, "hung", model="short")
-            questions = [f"Question {n}?" for n in range(6)]
-            for question in questions[:-1]:
-                assert (await stream_message(http, chat, question, token_for("hung"))).last["done"]
+            chat = await chat_of_five_exchanges(http, "hung")
             provider = await running.services.providers.get("short")
             never = asyncio.Event()
 
@@ -105,11 +111,11 @@ async def test_a_tokenizer_that_hangs_holds_the_reply_up_briefly_then_sends_what
                 return []
 
             monkeypatch.setattr(provider, "count_tokens", hangs)
-            result = await stream_message(http, chat, questions[-1], token_for("hung"))
+            result = await stream_message(http, chat, QUESTIONS[-1], token_for("hung"))
             assert result.last["done"] is True, result.last
             rows = await chat_rows(running.engine, chat)
             turns = [ChatTurn(row.role, row.content) for row in rows[:-2]]  # before the last
-            kept, _, _ = fit_to_context(ModelLimits(SYSTEM, 400, 50), turns, questions[-1])
-            sent = [SYSTEM, *(turn.content for turn in kept), questions[-1]]
+            kept, _, _ = fit_to_context(ModelLimits(SYSTEM, 400, 50), turns, QUESTIONS[-1])
+            sent = [SYSTEM, *(turn.content for turn in kept), QUESTIONS[-1]]
             assert len(kept) < len(turns)
             assert result.last["usage"]["prompt_tokens"] == sum(map(scripted_count, sent))
