@@ -321,3 +321,17 @@ def test_users_set_plan_and_usage_report(database_url: str, tmp_path: Path) -> N
         "total_tokens,cost_micros"
     ]
     assert bad.returncode == 2 and "after" in bad.stderr
+    # back on the configured default (the built-in plan, here), or a clear refusal
+    unassigned, neither, both = run_many(
+        [
+            (["users", "set-plan", user, "--unassign"], config),
+            (["users", "set-plan", user], config),
+            (["users", "set-plan", user, "free", "--unassign"], config),
+        ],
+        cwd=tmp_path,
+        database_url=database_url,
+    )
+    assert unassigned.returncode == 0, unassigned.stderr
+    assert "plan default (period none" in " ".join(unassigned.stdout.split())
+    for refused in (neither, both):
+        assert refused.returncode == 2 and "--unassign" in refused.stderr, refused.stderr

@@ -213,14 +213,16 @@ def _usage_table(usage: dict[str, Any]) -> Table:
     return table
 
 
-def _usage_or_exit(user: str, limit: int | None, plan: str | None = None) -> dict[str, Any]:
+def _usage_or_exit(
+    user: str, limit: int | None, plan: str | None = None, unassign: bool = False
+) -> dict[str, Any]:
     from chatmeter.metering import accounts
     from chatmeter.metering.plans import PlanBook
 
     settings = settings_or_exit()
     book = PlanBook.of(settings)
     work: Coroutine[Any, Any, accounts.UsageRow]
-    if plan is not None:
+    if plan is not None or unassign:
         work = _in_transaction(settings, accounts.set_plan, user, plan, book)
     elif limit is not None:
         work = _in_transaction(settings, accounts.set_limit, user, limit, book)
@@ -270,9 +272,21 @@ def users_set_limit(
 
 
 @users_app.command("set-plan")
-def users_set_plan(user: UserArgument, plan: str) -> None:
-    """Put a user on a plan (SPEC section 10)."""
-    console.print(_usage_table(_usage_or_exit(user, None, plan)))
+def users_set_plan(
+    user: UserArgument,
+    plan: Annotated[str | None, typer.Argument(show_default=False)] = None,
+    unassign: Annotated[
+        bool,
+        typer.Option(
+            "--unassign", help="Back on CHATMETER_DEFAULT_PLAN, followed when it changes."
+        ),
+    ] = False,
+) -> None:
+    """Put a user on a plan (SPEC section 10), or with --unassign back on the default."""
+    if (plan is None) != unassign:
+        errors.print("[red]name a plan, or --unassign[/red] (one of them)")
+        raise typer.Exit(2)
+    console.print(_usage_table(_usage_or_exit(user, None, plan, unassign)))
 
 
 @users_app.command("usage")

@@ -13,7 +13,7 @@ from chatmeter.db.steps import Sql, Steps
 from chatmeter.db.tables import utcnow
 from chatmeter.ids import as_uuid
 from chatmeter.metering.budget import ensure_user
-from chatmeter.metering.plans import STANDING_COLUMNS, PlanBook, Standing
+from chatmeter.metering.plans import STANDING_COLUMNS, UNASSIGNED, PlanBook, Standing
 
 # a user's budget row as `usage_json` reads it: the user id, then `Standing`'s columns
 UsageRow = tuple[Any, ...]
@@ -101,16 +101,18 @@ class UnknownPlan(ValueError):
 
 
 def set_plan(
-    user_id: str, plan: str, book: PlanBook, now: datetime | None = None
+    user_id: str, plan: str | None, book: PlanBook, now: datetime | None = None
 ) -> Steps[UsageRow]:
-    """Put the user on `plan`; its token limit replaces an admin's override. With a
-    period, the totals become the ledger's sums in the new plan's current period (so
-    they stay equal to them); without one, they go on from where they are: the sums in
-    the old plan's current period, which start again from 0 if it ended even though no
-    statement rolled the row over yet."""
-    if plan not in book.plans:
+    """Put the user on `plan`, or with None back on the configured default, followed
+    from then on as by a user no admin assigned (`UNASSIGNED`); the plan's token limit
+    replaces an admin's override. With a period, the totals become the ledger's sums in
+    the new plan's current period (so they stay equal to them); without one, they go on
+    from where they are: the sums in the old plan's current period, which start again
+    from 0 if it ended even though no statement rolled the row over yet."""
+    if plan is not None and plan not in book.plans:
         raise UnknownPlan(plan)
-    chosen = book.plans[plan]
+    chosen = book.plan(plan)
+    stored = UNASSIGNED if plan is None else plan
     now = now or utcnow()
     yield from ensure_user(user_id, book, now)
     # the plan it leaves, read under the row's lock (a write) so no other change interleaves
@@ -122,7 +124,7 @@ def set_plan(
         "UPDATE user_usage SET plan = :plan, token_limit = :limit, "
         "token_limit_overridden = :no, updated_at = :now WHERE user_id = :user_id",
         {
-            "plan": plan,
+            "plan": stored,
             "limit": chosen.stored_token_limit,
             "no": False,
             "now": now,

@@ -63,8 +63,10 @@ class PlanList(BaseModel):
 
 
 class NewPlan(BaseModel):
+    """A plan's name; null: back on the configured default, followed from then on."""
+
     model_config = ConfigDict(extra="forbid", strict=True)
-    plan: str = Field(min_length=1, max_length=64)
+    plan: str | None = Field(min_length=1, max_length=64)
 
 
 class SummaryRow(BaseModel):

@@ -312,6 +312,43 @@ async def test_changing_the_default_plan_moves_every_user_no_admin_assigned(
             assert (await usage(http, "newcomer"))["plan"] == "daily"
 
 
+async def test_an_admin_puts_a_user_back_on_the_default_followed_from_then_on(
+    database_url: str,
+) -> None:
+    """`{"plan": null}` undoes an assignment: the user is on the configured default, and
+    on the next default after a restart, as a user no admin assigned; assigning the
+    default's name instead pins that plan."""
+    plans = {
+        "starter": PlanConfig(token_limit=5000),
+        "daily": PlanConfig(token_limit=300, period="day"),
+        "pro": PlanConfig(token_limit=90_000),
+    }
+    before = make_settings(database_url, plans=plans, default_plan="starter")
+    async with serve(before) as running:
+        async with httpx.AsyncClient(base_url=running.url, timeout=30) as http:
+            for user in ("back", "pinned"):
+                await on_plan(http, user, "pro")
+            limited = await http.put(
+                "/api/admin/users/back/limit", json={"token_limit": 7}, headers=admin()
+            )
+            assert limited.status_code == 200, limited.text
+            await on_plan(http, "pinned", "starter")
+            response = await http.put(
+                "/api/admin/users/back/plan", json={"plan": None}, headers=admin()
+            )
+            assert response.status_code == 200, response.text
+            # the default's limit, not the admin's override of the plan it left
+            assert (response.json()["plan"], response.json()["token_limit"]) == ("starter", 5000)
+            assert await usage(http, "back") == response.json()
+    after = make_settings(database_url, plans=plans, default_plan="daily")
+    async with serve(after) as running:
+        async with httpx.AsyncClient(base_url=running.url, timeout=30) as http:
+            moved = await usage(http, "back")
+            assert (moved["plan"], moved["token_limit"]) == ("daily", 300)
+            pinned = await usage(http, "pinned")
+            assert (pinned["plan"], pinned["token_limit"]) == ("starter", 5000)
+
+
 async def test_unknown_plan_is_refused_and_changes_nothing(client: httpx.AsyncClient) -> None:
     user = fresh("uma")
     before = await usage(client, user)
