@@ -71,19 +71,21 @@ WRITE_RETRY_SECONDS = 0.5  # while Redis is away, a write is tried again this of
 
 # One call writes every reply that has something to write: redis-py spends about as much
 # CPU on each command of a pipeline as Redis does, and on each argument of a command
-# (its buffer is copied again for each small one), so a write is one command with one
-# argument however many replies it holds. KEYS: each reply's stream and its chat's key.
-# ARGV[1]: a JSON array, for each reply [the entry's id (empty: no entry), its `n`, its
-# `d`, the chat id (`c`, on the first entry), the record (`m`, on the first entry, may be
-# empty), 1 if it holds the end (`e`), the TTL for both keys (0: leave them), the reply id
-# to SET as the chat's latest (empty: leave it)]. Returns the (1-based) indexes of the
-# replies whose log Redis no longer has (a restart without its data): nothing is written
-# for them, and the writer writes their log again whole.
+# (its buffer is copied again for each small one, and each is encoded on its own), so a
+# write is one command with one argument however many replies it holds: the keys too
+# are in it, not in KEYS (the keys of one call are those of many replies, so the
+# script could never run on Redis Cluster anyway). ARGV[1]: a JSON array, for each reply
+# [the entry's id (empty: no entry), its `n`, its `d`, the chat id (`c`, on the first
+# entry), the record (`m`, on the first entry, may be empty), 1 if it holds the end
+# (`e`), the TTL for both keys (0: leave them), the reply id to SET as the chat's latest
+# (empty: leave it), the reply's stream key, its chat's key]. Returns the (1-based)
+# indexes of the replies whose log Redis no longer has (a restart without its data):
+# nothing is written for them, and the writer writes their log again whole.
 WRITE_SCRIPT = """
 local writes = cjson.decode(ARGV[1])
 local lost = {}
 for i, w in ipairs(writes) do
-  local stream, chat, ttl = KEYS[2 * i - 1], KEYS[2 * i], w[7]
+  local stream, chat, ttl = w[9], w[10], w[7]
   if w[4] == '' and redis.call('EXISTS', stream) == 0 then
     table.insert(lost, i)
   elseif w[1] ~= '' then
@@ -120,15 +122,19 @@ def stream_key(reply_id: uuid.UUID) -> str:
     return f"{PREFIX}reply:{reply_id}"
 
 
-def chat_key(chat_id: uuid.UUID) -> str:
+def chat_key(chat_id: uuid.UUID | str) -> str:
     return f"{PREFIX}chat:{chat_id}:reply"
 
 
 @dataclass(eq=False, slots=True)
 class _Writing:
-    """A reply this process writes to Redis: what is queued, and what was written."""
+    """A reply this process writes to Redis: what is queued, and what was written; its
+    keys and ids as text, made once (a UUID's text is made in Python, each time)."""
 
-    chat_id: uuid.UUID
+    stream: str  # `stream_key`
+    chat: str  # `chat_key`
+    chat_id: str
+    reply_id: str
     record: bytes | None = None  # the ReplyRecord, written with the first entry
     queued: list[bytes] = field(default_factory=list)
     written: int = 0  # events already in Redis
@@ -147,6 +153,7 @@ class _Taken(NamedTuple):
 
 
 def _script_write(
+    keys: tuple[str, str],
     entry_id: str,
     first: int,
     data: str,
@@ -158,10 +165,11 @@ def _script_write(
     latest: str = "",
     elsewhere: bool = False,
 ) -> tuple[str | int, ...]:
-    """One reply's part of `WRITE_SCRIPT`'s argument, in the order the script reads it.
-    `elsewhere`: the end is a sweeper's, for a reply whose process died."""
+    """One reply's part of `WRITE_SCRIPT`'s argument, in the order the script reads it:
+    `keys` are its stream's and its chat's. `elsewhere`: the end is a sweeper's, for a
+    reply whose process died."""
     ended = int(ENDED_ELSEWHERE if elsewhere else ENDED) if end else 0
-    return (entry_id, first, data, chat, record, ended, ttl, latest)
+    return (entry_id, first, data, chat, record, ended, ttl, latest, *keys)
 
 
 def _number(entry_id: bytes) -> int:
@@ -222,7 +230,10 @@ class RedisLog:
     ) -> None:
         await self._local.begin(reply_id, chat_id, first)
         encoded = record.encode() if record is not None else None
-        self._writing[reply_id] = _Writing(chat_id, encoded, [dumps(first)])
+        chat = str(chat_id)
+        self._writing[reply_id] = _Writing(
+            stream_key(reply_id), chat_key(chat), chat, str(reply_id), encoded, [dumps(first)]
+        )
         self._schedule()
 
     async def append(self, reply_id: uuid.UUID, event: dict[str, Any]) -> None:
@@ -276,17 +287,15 @@ class RedisLog:
             if not due:
                 self._renew_later()
                 return
-            keys: list[str] = []
             writes: list[tuple[str | int, ...]] = []
             taken: list[_Taken] = []
             for reply_id, writing in due:
                 taken.append(_Taken(reply_id, writing, writing.written, writing.queued))
-                keys += (stream_key(reply_id), chat_key(writing.chat_id))
-                writes.append(self._writes(reply_id, writing, now))
+                writes.append(self._writes(writing, now))
                 if writing.finished:
                     del self._writing[reply_id]
             try:
-                lost = await self._script(keys=keys, args=[dumps(writes)])
+                lost = await self._script(args=[dumps(writes)])
             except (RedisError, OSError) as exc:
                 log.warning("could not write %d replies to Redis: %r", len(due), exc)
                 self._put_back(taken, now)
@@ -329,7 +338,7 @@ class RedisLog:
             writing.renewed_at = 0.0  # its TTL is set again with the next entry
             self._writing[reply_id] = writing
 
-    def _writes(self, reply_id: uuid.UUID, writing: _Writing, now: float) -> tuple[str | int, ...]:
+    def _writes(self, writing: _Writing, now: float) -> tuple[str | int, ...]:
         """What the script writes for one reply: its entry, if any, the TTL of its keys,
         the chat's latest reply."""
         started = writing.written == 0 and bool(writing.queued)
@@ -350,14 +359,15 @@ class RedisLog:
             writing.renewed_at = now
             ttl = self._streaming_ttl
         return _script_write(
+            (writing.stream, writing.chat),
             entry_id,
             first,
             data,
-            chat=str(writing.chat_id) if started else "",
+            chat=writing.chat_id if started else "",
             record=writing.record.decode() if started and writing.record is not None else "",
             end=writing.finished,
             ttl=ttl,
-            latest=str(reply_id) if started else "",
+            latest=writing.reply_id if started else "",
         )
 
     # -- reading: any process -----------------------------------------------------------
@@ -463,6 +473,7 @@ class RedisLog:
         see it end; its keys then expire as a finished reply's."""
         number = left.last_event + 1
         end = _script_write(
+            (stream_key(left.reply_id), chat_key(left.record.chat_id)),
             f"0-{number}",
             number,
             dumps(event).decode(),
@@ -470,8 +481,7 @@ class RedisLog:
             ttl=self._replay,
             elsewhere=True,
         )
-        keys = [stream_key(left.reply_id), chat_key(left.record.chat_id)]
-        await self._script(keys=keys, args=[dumps([end])])
+        await self._script(args=[dumps([end])])
 
     async def aclose(self) -> None:
         if self._retry is not None:
