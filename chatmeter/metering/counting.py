@@ -19,7 +19,13 @@ from dataclasses import dataclass
 from typing import Literal
 
 from chatmeter.observability.metrics import Metrics
-from chatmeter.providers.base import GenerationRequest, Provider, ProviderError, Usage
+from chatmeter.providers.base import (
+    MOST_TOKENS_REPORTED,
+    GenerationRequest,
+    Provider,
+    ProviderError,
+    Usage,
+)
 
 log = logging.getLogger("chatmeter.metering")
 
@@ -54,6 +60,17 @@ def counted_prompt(counted: int, texts: int) -> int:
     tokens of the system prompt and of `texts` other texts, plus each message's chat
     template tokens and the exchange's overhead."""
     return counted + (texts + 1) * PER_MESSAGE_OVERHEAD + EXCHANGE_OVERHEAD_TOKENS
+
+
+def _believable(counts: list[int]) -> list[int]:
+    """A tokenizer's counts, if texts can have them: whole, not below 0 and not past
+    `MOST_TOKENS_REPORTED`, as a report of usage must be. A broken upstream's (a proxy's
+    countTokens answering -1000) is a failed count: believed, a negative prompt reserved
+    less than nothing and a counted reply credited the user."""
+    for count in counts:
+        if type(count) is not int or not 0 <= count <= MOST_TOKENS_REPORTED:
+            raise ProviderError("PROVIDER_ERROR", f"the tokenizer counted {count!r} tokens")
+    return counts
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,7 +113,7 @@ class TokenCounter:
                 missing[key] = text
         if missing:
             self._metrics.count_calls.inc(len(missing))
-            counts = await provider.count_tokens(list(missing.values()))
+            counts = _believable(await provider.count_tokens(list(missing.values())))
             for key, value in zip(missing, counts, strict=True):
                 known[key] = value
                 self._remember(key, value)
@@ -110,7 +127,7 @@ class TokenCounter:
         if not system_prompt:
             return 0
         self._metrics.count_calls.inc()
-        (value,) = await provider.count_tokens([system_prompt])
+        (value,) = _believable(await provider.count_tokens([system_prompt]))
         self._system[key] = value
         return value
 
