@@ -134,11 +134,13 @@ async def test_no_usage_is_counted_with_count_tokens(stack: Stack) -> None:
     assert stack.gemini.count_calls == calls + 1
 
 
-async def test_a_count_no_text_can_have_is_estimated_instead(stack: Stack) -> None:
-    """countTokens of a broken proxy answering a negative figure: billed as it came, the
-    reply credited the user; it is not believed, as a report of usage is not."""
+@pytest.mark.parametrize("answer", [-1000, 2**31 - 1], ids=["negative", "past-the-bytes"])
+async def test_a_count_no_text_can_have_is_estimated_instead(stack: Stack, answer: int) -> None:
+    """countTokens of a broken proxy answering a negative figure (billed as it came, the
+    reply credited the user), or more tokens than the text has bytes (billions for a few
+    words): it is not believed, as a report of usage is not."""
     stack.gemini.script = GeminiScript(pieces=["three word reply"], usage="none")
-    stack.gemini.count_answer = -1000
+    stack.gemini.count_answer = answer
     chat = await new_chat(stack.client, "wynn")
     result = await stream_message(stack.client, chat, "count me please", token_for("wynn"))
     usage = result.last["usage"]
