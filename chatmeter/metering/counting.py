@@ -56,6 +56,18 @@ def counted_prompt(counted: int, texts: int) -> int:
     return counted + (texts + 1) * PER_MESSAGE_OVERHEAD + EXCHANGE_OVERHEAD_TOKENS
 
 
+def _believable(texts: Sequence[str], counts: list[int]) -> list[int]:
+    """A tokenizer's counts of `texts`, if the texts can have them: whole, not below 0
+    and within `text_bound` (no tokenizer makes more tokens than a text has bytes). A
+    broken upstream's (a proxy's countTokens answering -1000, or 2**31 - 1 for a word) is
+    a failed count: believed, a negative prompt reserved less than nothing, a counted
+    reply credited the user, or was billed billions of tokens."""
+    for text, count in zip(texts, counts, strict=True):
+        if type(count) is not int or not 0 <= count <= text_bound(text):
+            raise ProviderError("PROVIDER_ERROR", f"the tokenizer counted {count!r} tokens")
+    return counts
+
+
 @dataclass(frozen=True, slots=True)
 class Metered:
     usage: Usage
@@ -96,7 +108,8 @@ class TokenCounter:
                 missing[key] = text
         if missing:
             self._metrics.count_calls.inc(len(missing))
-            counts = await provider.count_tokens(list(missing.values()))
+            texts_missing = list(missing.values())
+            counts = _believable(texts_missing, await provider.count_tokens(texts_missing))
             for key, value in zip(missing, counts, strict=True):
                 known[key] = value
                 self._remember(key, value)
@@ -110,7 +123,7 @@ class TokenCounter:
         if not system_prompt:
             return 0
         self._metrics.count_calls.inc()
-        (value,) = await provider.count_tokens([system_prompt])
+        (value,) = _believable([system_prompt], await provider.count_tokens([system_prompt]))
         self._system[key] = value
         return value
 

@@ -43,11 +43,14 @@ class Usage:
 
     @property
     def is_possible(self) -> bool:
-        """Whether one exchange can have used this: no figure below 0 (a bill that would
-        credit the user) or past `MOST_TOKENS_REPORTED`, no more cached than prompt."""
+        """Whether one exchange can have used this: whole tokens only (an SDK passes a
+        stream's usage on unchecked: 10.5 was billed as it came), no figure below 0 (a bill
+        that would credit the user) or past `MOST_TOKENS_REPORTED`, no more cached than
+        prompt."""
         figures = (self.prompt_tokens, self.completion_tokens, self.thinking_tokens)
         return (
-            all(0 <= figure <= MOST_TOKENS_REPORTED for figure in figures)
+            all(type(figure) is int for figure in (*figures, self.cached_tokens))
+            and all(0 <= figure <= MOST_TOKENS_REPORTED for figure in figures)
             and 0 <= self.cached_tokens <= self.prompt_tokens
         )
 

@@ -96,6 +96,7 @@ class GeminiServer(LoopbackServer):
         self.streams: list[StreamRecord] = []
         self.count_calls = 0
         self.count_error_status: int | None = None
+        self.count_answer: int | None = None  # every countTokens answers this (a broken proxy)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._gate: asyncio.Semaphore | None = None
 
@@ -108,6 +109,7 @@ class GeminiServer(LoopbackServer):
         self.streams.clear()
         self.count_calls = 0
         self.count_error_status = None
+        self.count_answer = None
 
     # -- test helpers ----------------------------------------------------------------
 
@@ -168,7 +170,8 @@ class GeminiServer(LoopbackServer):
             for content in request.body.get("contents", [])
             for part in content.get("parts", [])
         ]
-        await _send_json(send, 200, {"totalTokens": count_rule(texts)})
+        answer = count_rule(texts) if self.count_answer is None else self.count_answer
+        await _send_json(send, 200, {"totalTokens": answer})
 
     def _script(self, request: ReceivedRequest) -> GeminiScript:
         return self.script if self.script_for is None else self.script_for(request)

@@ -60,7 +60,7 @@ class OpenAIScript:
     delay: float = 0.0  # seconds before each piece
     finish_reason: str | None = "stop"
     usage: bool = True  # send the usage chunk when the request asks for it
-    prompt_tokens: int = 11
+    prompt_tokens: float = 11  # a float too: what a broken upstream may send
     completion_tokens: int | None = None  # None: one per piece
     reasoning_tokens: int | None = None  # completion_tokens_details.reasoning_tokens
     cached_tokens: int = 0

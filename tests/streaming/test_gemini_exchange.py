@@ -13,7 +13,7 @@ import pytest
 
 from chatmeter.config import ModelConfig
 from chatmeter.db.engine import make_engine
-from tests.conftest import make_settings, token_for
+from tests.conftest import auth, make_settings, token_for
 from tests.fakes.gemini_server import GeminiScript, GeminiServer, count_rule, running_gemini_server
 from tests.streaming.test_exchange import new_chat
 from tests.support.db import books, chat_rows, ledger_row
@@ -132,6 +132,33 @@ async def test_no_usage_is_counted_with_count_tokens(stack: Stack) -> None:
     # a new message costs one call: only its own text is new
     await stream_message(stack.client, chat, "something new", token_for("wade"))
     assert stack.gemini.count_calls == calls + 1
+
+
+@pytest.mark.parametrize("answer", [-1000, 2**31 - 1], ids=["negative", "past-the-bytes"])
+async def test_a_count_no_text_can_have_is_estimated_instead(stack: Stack, answer: int) -> None:
+    """countTokens of a broken proxy answering a negative figure (billed as it came, the
+    reply credited the user), or more tokens than the text has bytes (billions for a few
+    words): it is not believed, as a report of usage is not."""
+    stack.gemini.script = GeminiScript(pieces=["three word reply"], usage="none")
+    stack.gemini.count_answer = answer
+    chat = await new_chat(stack.client, "wynn")
+    result = await stream_message(stack.client, chat, "count me please", token_for("wynn"))
+    usage = result.last["usage"]
+    assert usage["source"] == "estimated" and usage["total_tokens"] > 0
+    state = await books(stack.server.engine, "wynn")
+    assert state.total == state.ledger == usage["total_tokens"] and state.reserved == 0
+
+
+async def test_an_exact_count_no_text_can_have_reserves_nothing(stack: Stack) -> None:
+    """A message whose byte bound passes the context is counted exactly and reserved for
+    at that count: a negative one reserved less than nothing, and the user's reserved
+    tokens went below 0 while it streamed, room for other replies past the limit."""
+    stack.gemini.count_answer = -1_000_000
+    chat = await new_chat(stack.client, "wolf")
+    result = await stream_message(stack.client, chat, "é" * 5000, token_for("wolf"))
+    assert result.status == 400 and result.body["code"] == "INVALID_MESSAGE"
+    usage = await stack.client.get("/api/usage", headers=auth("wolf"))
+    assert usage.json()["reserved_tokens"] == usage.json()["total_tokens_used"] == 0
 
 
 async def test_rate_limited_up_front_bills_nothing(stack: Stack) -> None:

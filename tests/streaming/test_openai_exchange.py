@@ -125,8 +125,11 @@ async def test_no_usage_is_counted_with_tokenize(stack: Stack) -> None:
         OpenAIScript(pieces=["a reply"], completion_tokens=2**63),  # past every column
         OpenAIScript(pieces=["a reply"], prompt_tokens=10, cached_tokens=-3),
         OpenAIScript(pieces=["a reply"], prompt_tokens=10, cached_tokens=11),
+        # the SDK passes a stream's usage on unchecked: a fraction of a token was billed
+        # as it came, a REAL in SQLite's ledger and message, cut off in the total
+        OpenAIScript(pieces=["a reply"], prompt_tokens=10.5),
     ],
-    ids=["negative", "past-bigint", "negative-cached", "more-cached-than-prompt"],
+    ids=["negative", "past-bigint", "negative-cached", "more-cached-than-prompt", "fraction"],
 )
 async def test_usage_no_exchange_can_have_is_counted_instead(
     stack: Stack, script: OpenAIScript
