@@ -91,7 +91,9 @@ class OpenAICompatibleProvider:
                 # continuous usage) repeat it on every chunk, so the last one wins.
                 if chunk.usage is not None:
                     outcome.usage = usage_from(chunk.usage)
-                for choice in chunk.choices[:1]:
+                # one choice is asked for; a server that sends others too (ignoring
+                # `n`) may put one first, which is not the reply
+                for choice in (c for c in chunk.choices if c.index == 0):
                     if choice.finish_reason:
                         outcome.finish_reason = choice.finish_reason
                     if choice.delta.content:

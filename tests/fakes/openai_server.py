@@ -70,6 +70,9 @@ class OpenAIScript:
     hang: bool = False  # never answer at all (no status line)
     error_status: int | None = None  # answer with OpenAI's error JSON instead
     tokenize: bool = True  # whether `/tokenize` exists (404 otherwise)
+    # a second choice (index 1) before the first in every chunk, as a server that ignores
+    # `n` (or answers several) may send: never part of the reply
+    other_choice: str | None = None
 
 
 @dataclass
@@ -210,7 +213,10 @@ def _chunks(script: OpenAIScript, *, model: str, include_usage: bool) -> Iterato
 
     def chunk(delta: Json, finish_reason: str | None = None) -> Json:
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-        return {**base, "choices": [choice]}
+        if script.other_choice is None:
+            return {**base, "choices": [choice]}
+        other = {**choice, "index": 1, "delta": {"content": script.other_choice}}
+        return {**base, "choices": [other, choice]}
 
     yield "role", chunk({"role": "assistant", "content": "", "refusal": None})
     for piece in script.pieces:

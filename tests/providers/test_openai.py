@@ -149,6 +149,17 @@ async def test_pieces_are_yielded_as_they_arrive(
     assert outcome.finish_reason == "stop"
 
 
+async def test_only_the_first_choice_is_the_reply(
+    provider: OpenAICompatibleProvider, openai_server: OpenAIServer
+) -> None:
+    # one choice is asked for (n = 1); another that comes first in a chunk was joined to
+    # the reply ("SECONDHello...") and saved as its text
+    openai_server.script = OpenAIScript(other_choice="SECOND", finish_reason="length")
+    pieces, outcome = await run(provider)
+    assert "".join(pieces) == "Hello, world!"
+    assert outcome.finish_reason == "length"
+
+
 async def test_usage_is_the_servers_exactly(
     provider: OpenAICompatibleProvider, openai_server: OpenAIServer
 ) -> None:
