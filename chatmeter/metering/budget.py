@@ -9,8 +9,9 @@ Each reservation is also a row of `reservations` (`reservations.py`: the chat's 
 its lease, the stop flag).
 
 Plans (SPEC section 10) live in the same statement: the user's plan is resolved in SQL
-(`plans.PlanBook`), an ended period is rolled over (`period_start` older than the current
-one: the totals start again from 0, reservations stay), the rate limits pass (a GCRA
+(`plans.PlanBook`), a period that is no longer the current one is rolled over (the totals
+become the ledger's sums in the current period: 0 after a boundary, more when a plan's
+period changed by configuration; reservations stay), the rate limits pass (a GCRA
 arrival time and the count of active replies) and money is reserved beside the tokens
 (the tokens at the model's highest price). Only when it matches no row does a read say
 why (429, 403) or how much less still fits.
@@ -35,7 +36,6 @@ from chatmeter.ids import new_id
 from chatmeter.metering.cost import reserve_micros, tokens_for_micros
 from chatmeter.metering.periods import to_micros
 from chatmeter.metering.plans import (
-    STANDING_COLUMNS,
     UNASSIGNED,
     PlanBook,
     Standing,
@@ -154,19 +154,20 @@ ASKED = Amounts("ask.tokens", "ask.micros", "FROM ask ")
 def take_statement(
     book: PlanBook, user_id: str, amounts: Amounts, now: datetime, also: str = ""
 ) -> Sql:
-    """The one atomic statement of SPEC sections 6 and 10: roll the period over if it
-    ended, pass the rate limits, and add the `amounts` of tokens and money to the
-    user's reservation if both fit under the limits (and the condition `also`, if
-    given). Returns the user's plan's name; no row when a limit refuses (or the user was
-    never seen)."""
-    start = book.period_start_sql
-    ended = f"period_start < {start}"
+    """The one atomic statement of SPEC sections 6 and 10: roll the period over if it is
+    not the current one (the totals become the ledger's sums in the current period,
+    `PlanBook.tokens_sql`; reservations stay), pass the rate limits, and add the
+    `amounts` of tokens and money to the user's reservation if both fit under the limits
+    (and the condition `also`, if given). Returns the user's plan's name; no row when a
+    limit refuses (or the user was never seen)."""
+    rolls = book.rolls_sql
+    total, spend = book.tokens_sql, book.spend_sql  # the ledger's sums on a rollover
     tokens, micros = amounts.tokens, amounts.micros
     return Sql(
         "UPDATE user_usage SET "
-        f"total_tokens_used = CASE WHEN {ended} THEN 0 ELSE total_tokens_used END, "
-        f"spend_micros = CASE WHEN {ended} THEN 0 ELSE spend_micros END, "
-        f"period_start = CASE WHEN {ended} THEN {start} ELSE period_start END, "
+        f"total_tokens_used = {total}, "
+        f"spend_micros = {spend}, "
+        f"period_start = CASE WHEN {rolls} THEN {book.period_start_sql} ELSE period_start END, "
         f"reserved_tokens = reserved_tokens + {tokens}, "
         f"reserved_micros = reserved_micros + {micros}, "
         "active_replies = active_replies + 1, "
@@ -175,10 +176,8 @@ def take_statement(
         f"{amounts.source}WHERE user_id = :user_id "
         f"AND rate_tat <= CAST(:now_us AS BIGINT) + {book.tolerance_sql} "
         f"AND active_replies < {book.concurrency_sql} "
-        f"AND {book.token_limit_sql} - (CASE WHEN {ended} THEN 0 ELSE total_tokens_used END) "
-        f"- reserved_tokens >= {tokens} "
-        f"AND ({micros} = 0 OR {book.spend_limit_sql} - "
-        f"(CASE WHEN {ended} THEN 0 ELSE spend_micros END) - reserved_micros "
+        f"AND {book.token_limit_sql} - {total} - reserved_tokens >= {tokens} "
+        f"AND ({micros} = 0 OR {book.spend_limit_sql} - {spend} - reserved_micros "
         f">= {micros}) {also}"
         f"RETURNING {book.plan_sql} AS plan",
         {
@@ -292,8 +291,8 @@ def reserve_at_once(
 
 def _standing(book: PlanBook, user_id: str, now: datetime) -> Steps[Standing | None]:
     rows = yield Sql(
-        f"SELECT {STANDING_COLUMNS} FROM user_usage WHERE user_id = :user_id",
-        {"user_id": user_id},
+        f"SELECT {book.standing_columns} FROM user_usage WHERE user_id = :user_id",
+        {"user_id": user_id, **book.standing_params(now)},
     )
     return Standing.of(book, rows[0], now) if rows else None
 

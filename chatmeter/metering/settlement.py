@@ -53,16 +53,18 @@ def settled_at(user_message_at: datetime | None) -> datetime:
     return max(now, user_message_at + timedelta(microseconds=1))
 
 
-def _in_period(column: str, amount: str, start: str) -> str:
+def _in_period(column: str, amount: str, start: str, ledger_sum: str) -> str:
     """`column` plus `amount`, in the period the exchange settles in, which starts at
     `start` (SQL over the user's row): the stored period rolls over first if it ended
-    (SPEC section 10), so that `column` stays the sum of the ledger rows since
+    (SPEC section 10), to `ledger_sum`, the ledger's sum in the new period (0 unless the
+    period changed by configuration, or a statement of another process settled in it
+    without rolling it), so that `column` stays the sum of the ledger rows since
     `period_start`. The ledger row is in the period the row holds after this statement:
     always, unless it is a settlement replayed late, from a period that has ended since."""
     ended = f"period_start < {start}"
     counts = f"CAST(:at AS BIGINT) >= (CASE WHEN {ended} THEN {start} ELSE period_start END)"
     return (
-        f"(CASE WHEN {ended} THEN 0 ELSE {column} END) "
+        f"(CASE WHEN {ended} THEN {ledger_sum} ELSE {column} END) "
         f"+ (CASE WHEN {counts} THEN {amount} ELSE 0 END)"
     )
 
@@ -87,7 +89,6 @@ def settle_steps(
         if done:
             return
     params = {**_params(s), **book.period_params(s.created_at)}
-    start = book.period_start_sql
     writes = _writes(s)
     if writable_ctes:
         # the lock order of `reservations.py` inside one statement: `locked` takes the user's
@@ -100,24 +101,27 @@ def settle_steps(
             "AND EXISTS (SELECT 1 FROM locked) RETURNING tokens, micros)",
             *(f"w{i} AS ({write})" for i, write in enumerate(writes)),
         ]
-        text = f"WITH {', '.join(ctes)} {_user_update('gone', start)}"
+        text = f"WITH {', '.join(ctes)} {_user_update('gone', book)}"
         yield Sql(text, params, alone=True, keyed_by="message_id")  # it returns no rows
         return
     # SQLite: one writer at a time, so the reservation read under the user's row update
     # is still there for the DELETE after it
     held = "(SELECT tokens, micros FROM reservations WHERE reservation_id = :reservation_id)"
-    yield Sql(_user_update(held, start), params)
+    yield Sql(_user_update(held, book), params)
     yield Sql("DELETE FROM reservations WHERE reservation_id = :reservation_id", params)
     for write in writes:
         yield Sql(write, params)
 
 
-def _user_update(held: str, start: str) -> str:
+def _user_update(held: str, book: PlanBook) -> str:
     """The user's row: the exchange added to the totals of its period, which starts at
-    `start` (rolled over first if it ended, SPEC section 10), the reservation `held` (a
-    query of at most one row of tokens and micros) handed back."""
-    total = _in_period("total_tokens_used", "CAST(:total AS BIGINT)", start)
-    spend = _in_period("spend_micros", "CAST(:cost AS BIGINT)", start)
+    `book.period_start_sql` (rolled over first if it ended, SPEC section 10), the
+    reservation `held` (a query of at most one row of tokens and micros) handed back.
+    The ledger row it writes is not in the sums: the statement (PostgreSQL) or the
+    transaction's earlier statement (SQLite) does not see it."""
+    start = book.period_start_sql
+    total = _in_period("total_tokens_used", "CAST(:total AS BIGINT)", start, book.ledger_tokens_sql)
+    spend = _in_period("spend_micros", "CAST(:cost AS BIGINT)", start, book.ledger_spend_sql)
     return (
         f"UPDATE user_usage SET total_tokens_used = {total}, spend_micros = {spend}, "
         f"period_start = CASE WHEN period_start < {start} THEN {start} ELSE period_start END, "
