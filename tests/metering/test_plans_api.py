@@ -367,7 +367,9 @@ async def test_a_plan_whose_period_became_a_day_keeps_todays_usage_and_budget(
     async with serve(before) as running:
         async with httpx.AsyncClient(base_url=running.url, timeout=30) as http:
             chat = await new_chat(http, "daisy", model="priced")
-            spent = await stream_message(http, chat, "Spend some today", token_for("daisy"))
+            # a long question: today's usage is more than the next request's prompt
+            question = "How much does this cost me today? " * 12
+            spent = await stream_message(http, chat, question, token_for("daisy"))
             assert spent.last["done"] is True
     today = spent.last["tokens_used"]
     # the day allows 5 tokens more than today's: no prompt fits in them
