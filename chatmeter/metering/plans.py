@@ -10,12 +10,12 @@ from `now`.
 
 The totals of a user's row are always the sums of the user's ledger rows since its
 `period_start`. When the row's period is not the plan's current one, the totals become
-the sums of the current period's ledger rows: 0 when time passed a boundary (nothing
-settled in the new period yet), but not when the period itself changed by
-configuration (a plan's period, or the default plan): the current period may then
-already hold ledger rows (SPEC section 10). The sums are subqueries in a branch of a
-CASE, which both engines evaluate only when the branch is taken: the statement of
-every message reads the ledger only on a rollover."""
+the sums of the current period's ledger rows: 0 when time passed a boundary and nothing
+settled since, but not when the period itself changed by configuration (a plan's period,
+or the default plan): the current period may then already hold ledger rows, and a
+period that now starts earlier holds days before the stored one (SPEC section 10). The
+reads count the sums at once (`tokens_sql`, in a CASE branch that both engines evaluate
+only when taken); the reservation's slow path writes them (`budget.roll_over`)."""
 
 from __future__ import annotations
 
@@ -125,12 +125,9 @@ class PlanBook:
     # the row's period is not its plan's current one (needs `:now_us` and `:ps_N`)
     rolls_sql: str
     # the row's totals as of now: the stored ones, or on a rollover the ledger's sums in
-    # the current period (`:pt_N`); what the reserve statement and every read count
+    # the current period (`:pt_N`); what the reads and `budget.roll_over` count
     tokens_sql: str
     spend_sql: str
-    # the ledger's sums in the current period of the row's plan (`:pt_N`)
-    ledger_tokens_sql: str
-    ledger_spend_sql: str
     # the last bounds computed per period: a period changes rarely, and computing one in
     # a timezone costs ~10 us per statement (an object's cache, not the module's)
     recent: dict[str, Bounds] = field(default_factory=dict)
@@ -179,8 +176,6 @@ class PlanBook:
             rolls_sql=rolls,
             tokens_sql=f"(CASE WHEN {rolls} THEN {ledger_tokens} ELSE total_tokens_used END)",
             spend_sql=f"(CASE WHEN {rolls} THEN {ledger_spend} ELSE spend_micros END)",
-            ledger_tokens_sql=ledger_tokens,
-            ledger_spend_sql=ledger_spend,
         )
 
     def plan(self, name: str | None) -> Plan:
@@ -210,20 +205,25 @@ class PlanBook:
         current = self.bounds(self.plan(plan_name), moment)
         return current.start_micros if current is not None else None
 
-    def period_params(self, now: datetime) -> dict[str, object]:
-        """`:ps_N` and `:pt_N` of the statements: each period's current start, in Unix
-        microseconds and as a timestamp."""
-        params: dict[str, object] = {}
+    def period_params(self, now: datetime) -> dict[str, int]:
+        """`:ps_N` of the statements: each period's current start."""
+        params: dict[str, int] = {}
         for index, period in enumerate(self.periods):
             current = self.current(period, now)
             assert current is not None
             params[f"ps_{index}"] = current.start_micros
-            params[f"pt_{index}"] = current.start
         return params
 
     def standing_params(self, now: datetime) -> dict[str, object]:
-        """The parameters of `standing_columns` (and of `rolls_sql`)."""
-        return {"now_us": to_micros(now), **self.period_params(now)}
+        """The parameters of `rolls_sql`, `tokens_sql` and `spend_sql` (of
+        `standing_columns`): `:now_us`, `:ps_N`, and `:pt_N`, each period's current
+        start as a timestamp, which the ledger's index is ordered by."""
+        params: dict[str, object] = {"now_us": to_micros(now), **self.period_params(now)}
+        for index, period in enumerate(self.periods):
+            current = self.current(period, now)
+            assert current is not None
+            params[f"pt_{index}"] = current.start
+        return params
 
     @property
     def standing_columns(self) -> str:
@@ -241,7 +241,7 @@ def _ledger_sum(column: str, index: str, periods: int) -> str:
     start is compared as it is bound, a timestamp, so the index on (user_id, created_at)
     serves the sum on both engines."""
     sums = [
-        f"(SELECT COALESCE(SUM(e.{column}), 0) FROM usage_events AS e "
+        f"(SELECT CAST(COALESCE(SUM(e.{column}), 0) AS BIGINT) FROM usage_events AS e "
         f"WHERE e.user_id = user_usage.user_id AND e.created_at >= :pt_{n})"
         for n in range(periods)
     ]

@@ -120,6 +120,12 @@ class Books:
         )
         return settlement
 
+    async def shown(self, user_id: str, at: datetime) -> tuple[int, int]:
+        """The user's totals as the API shows them at `at`: tokens, money."""
+        row = await self.transactor.run(accounts.usage_steps, user_id, self.book, at)
+        usage = accounts.usage_json(row, self.book, at)
+        return usage["total_tokens_used"], usage["spend_micros"]
+
     async def exchange(self, user_id: str, chat_id: uuid.UUID, at: datetime, usage: Usage) -> None:
         reservation = await self.reserve(user_id, at)
         await self.settle(chat_id, reservation, at + timedelta(milliseconds=1), usage)
@@ -184,15 +190,23 @@ async def test_a_boundary_crossed_while_replies_stream(ledger: Books) -> None:
     second = await ledger.reserve("bea", eve)
     state = await period_books(ledger.engine, "bea")
     assert state.total == 1000 and state.reserved == 240 and state.active == 2
-    # the first settles in February: it counts there, January's usage is gone
-    await ledger.settle(chat, first, utc(2026, 2, 1, 5, 0, 1), Usage(50, 50))
+    # the first settles in February: it counts there, January's usage is gone (the row
+    # keeps January's period, with this exchange in it, until the next reservation
+    # starts February's; what it shows is February's)
+    february = utc(2026, 2, 1, 5, 0, 1)
+    await ledger.settle(chat, first, february, Usage(50, 50))
     state = await period_books(ledger.engine, "bea")
-    assert state.total == 100 and balanced(state)
+    assert (await ledger.shown("bea", february))[0] == 100 and balanced(state)
     assert state.reserved == 120 and state.active == 1, "the reservation in flight carries over"
     await ledger.settle(chat, second, utc(2026, 2, 1, 5, 0, 2), Usage(20, 30))
     state = await period_books(ledger.engine, "bea")
-    assert state.total == 150 and balanced(state)
+    assert (await ledger.shown("bea", february))[0] == 150 and balanced(state)
     assert (state.reserved, state.reserved_micros, state.active) == (0, 0, 0)
+    # the next reservation starts February's period: its totals are the two exchanges
+    await ledger.reserve("bea", utc(2026, 2, 1, 6))
+    state = await period_books(ledger.engine, "bea")
+    assert (state.total, state.period_start) == (150, to_micros(utc(2026, 2, 1, 5)))
+    assert balanced(state)
 
 
 async def test_a_settlement_replayed_after_its_period_ended_stays_in_it(ledger: Books) -> None:
@@ -240,9 +254,11 @@ async def test_spend_limit_holds_and_resets_with_the_period(ledger: Books) -> No
     assert refused.value.extra["resets_at"] == "2026-06-02T04:00:00+00:00"
     # the next day the money is there again
     await ledger.settle(chat, lowered, utc(2026, 6, 2, 4, 0, 1), Usage(20, 10))
+    assert (await ledger.shown("sam", utc(2026, 6, 2, 4, 0, 1)))[1] == 25
+    assert balanced(await period_books(ledger.engine, "sam"))
+    assert (await ledger.reserve("sam", utc(2026, 6, 2, 5))).tokens == 120
     state = await period_books(ledger.engine, "sam")
     assert state.spend == 25 and balanced(state)
-    assert (await ledger.reserve("sam", utc(2026, 6, 2, 5))).tokens == 120
 
 
 async def test_a_settlement_whose_reservation_the_sweeper_released_hands_back_nothing_twice(
@@ -439,7 +455,7 @@ async def test_a_reply_settling_first_after_a_new_default_plan_counts_the_day(
 ) -> None:
     # the default plan has no period; the user spends, and a reply is still streaming
     # when the server restarts on a daily default. That reply's settlement is the first
-    # statement to meet the row: the day's ledger rows are counted with it
+    # statement to meet the row: it counts in the day, with the day's earlier usage
     chat = await ledger.user("dax", "")
     await ledger.exchange("dax", chat, utc(2026, 11, 30, 17), Usage(70, 30))
     await ledger.exchange("dax", chat, utc(2026, 12, 2, 14), Usage(200, 50))
@@ -447,11 +463,17 @@ async def test_a_reply_settling_first_after_a_new_default_plan_counts_the_day(
     state = await period_books(ledger.engine, "dax")
     assert state.total == 350 and state.period_start == 0 and balanced(state)
     daily = restarted(ledger, DAILY, default_plan="shifting")
-    await daily.settle(chat, streaming, utc(2026, 12, 2, 15, 0, 5), Usage(5, 5))
+    settled = utc(2026, 12, 2, 15, 0, 5)
+    await daily.settle(chat, streaming, settled, Usage(5, 5))
+    state = await period_books(ledger.engine, "dax")
+    assert balanced(state)
+    assert (state.reserved, state.reserved_micros, state.active) == (0, 0, 0)
+    assert (await daily.shown("dax", settled))[0] == 260
+    # and the next reservation starts the day's period with the same sums
+    await daily.reserve("dax", settled + timedelta(seconds=1))
     state = await period_books(ledger.engine, "dax")
     assert state.period_start == to_micros(utc(2026, 12, 2, 5))
     assert state.total == 260 and balanced(state)
-    assert (state.reserved, state.reserved_micros, state.active) == (0, 0, 0)
 
 
 async def test_a_ledger_row_at_the_new_periods_first_instant_is_in_it(ledger: Books) -> None:
