@@ -20,7 +20,14 @@ from chatmeter.db.transactor import Transactor, make_transactor
 from chatmeter.errors import ApiError
 from chatmeter.ids import new_id
 from chatmeter.metering import accounts
-from chatmeter.metering.budget import Ask, reserve_budget
+from chatmeter.metering.budget import (
+    ASKED,
+    Amounts,
+    Ask,
+    at_once_ctes,
+    reserve_budget,
+    take_statement,
+)
 from chatmeter.metering.cost import Prices, cost_micros
 from chatmeter.metering.periods import to_micros
 from chatmeter.metering.plans import PlanBook
@@ -507,3 +514,31 @@ async def test_a_period_rolled_by_a_clock_ahead_is_not_rolled_back(ledger: Books
     await ledger.settle(chat, behind, boundary + timedelta(milliseconds=200), Usage(1, 1))
     state = await period_books(ledger.engine, "cleo")
     assert state.total == 7 and balanced(state)
+
+
+def test_the_statements_of_every_message_never_read_the_ledger() -> None:
+    # a sum over the ledger in the reserve or the settle statement, even in a CASE
+    # branch never taken, costs PostgreSQL a subplan to set up on every message; the
+    # rollover that reads the ledger is the reservation's slow path (`roll_over`)
+    book = PlanBook.of(make_settings("sqlite+aiosqlite:///unused.db", plans=PLANS))
+    now = utcnow()
+    take = take_statement(book, "u", Amounts.of(1, 1), now)
+    opening = at_once_ctes(Ask("u", new_id(), 1, 1, book, Decimal(1), "w", 60, now), ASKED)
+    settlement = Settlement(
+        "u",
+        new_id(),
+        "m",
+        new_id(),
+        new_id(),
+        "r",
+        "complete",
+        "stop",
+        Usage(1, 1),
+        "provider",
+        now,
+    )
+    settles = [
+        next(settle_steps(settlement, book, writable_ctes=ctes)).text for ctes in (True, False)
+    ]
+    for text in (take.text, *opening[0], *settles):
+        assert "SUM(" not in text.upper() and "FROM usage_events" not in text
