@@ -100,8 +100,9 @@ user_usage = sa.Table(
     # user (`token_limit_overridden`) until a plan is assigned again.
     sa.Column("plan", sa.String(64), nullable=False, server_default=""),
     sa.Column("token_limit_overridden", sa.Boolean, nullable=False, server_default=sa.false()),
-    # the start of the period the totals belong to, in Unix microseconds; the reserve and
-    # settle statements roll it over when the plan's current period began later
+    # the start of the period the totals belong to (they are the sums of the user's ledger
+    # rows since), in Unix microseconds; the reservation rolls it over when it is not the
+    # plan's current period's (`budget.roll_over`)
     sa.Column("period_start", sa.BigInteger, nullable=False, server_default="0"),
     sa.Column("spend_micros", sa.BigInteger, nullable=False, server_default="0"),
     sa.Column("reserved_micros", sa.BigInteger, nullable=False, server_default="0"),

@@ -13,11 +13,14 @@ from chatmeter.db.steps import Sql, Steps
 from chatmeter.db.tables import utcnow
 from chatmeter.ids import as_uuid
 from chatmeter.metering.budget import ensure_user
-from chatmeter.metering.plans import STANDING_COLUMNS, UNASSIGNED, PlanBook, Standing
+from chatmeter.metering.plans import UNASSIGNED, PlanBook, Standing
 
 # a user's budget row as `usage_json` reads it: the user id, then `Standing`'s columns
 UsageRow = tuple[Any, ...]
-USAGE_COLUMNS = f"user_id, {STANDING_COLUMNS}"
+
+
+def _usage_columns(book: PlanBook) -> str:
+    return f"user_id, {book.standing_columns}"
 
 
 def usage_json(row: UsageRow, book: PlanBook, now: datetime | None = None) -> dict[str, Any]:
@@ -47,21 +50,23 @@ def usage_json(row: UsageRow, book: PlanBook, now: datetime | None = None) -> di
     }
 
 
-def _read(user_id: str) -> Steps[UsageRow | None]:
+def _read(user_id: str, book: PlanBook, now: datetime) -> Steps[UsageRow | None]:
     rows = yield Sql(
-        f"SELECT {USAGE_COLUMNS} FROM user_usage WHERE user_id = :user_id",
-        {"user_id": user_id},
+        f"SELECT {_usage_columns(book)} FROM user_usage WHERE user_id = :user_id",
+        {"user_id": user_id, **book.standing_params(now)},
         alone=True,
     )
     return rows[0] if rows else None
 
 
-def usage_steps(user_id: str, book: PlanBook) -> Steps[UsageRow]:
-    """The user's budget row, created on the default plan when first seen."""
-    row = yield from _read(user_id)
+def usage_steps(user_id: str, book: PlanBook, now: datetime | None = None) -> Steps[UsageRow]:
+    """The user's budget row as of `now` (`Standing`), created on the default plan when
+    first seen."""
+    now = now or utcnow()
+    row = yield from _read(user_id, book, now)
     if row is None:
-        yield from ensure_user(user_id, book, utcnow())
-        row = yield from _read(user_id)
+        yield from ensure_user(user_id, book, now)
+        row = yield from _read(user_id, book, now)
     assert row is not None
     return row
 
@@ -78,7 +83,9 @@ def set_limit(user_id: str, limit: int, book: PlanBook) -> Steps[UsageRow]:
     return (yield from usage_steps(user_id, book))
 
 
-def find_users(part: str, limit: int, offset: int) -> Steps[tuple[int, list[UsageRow]]]:
+def find_users(
+    part: str, limit: int, offset: int, book: PlanBook
+) -> Steps[tuple[int, list[UsageRow]]]:
     """How many users' ids hold `part` (any case; every user when empty), and a page of
     their rows, ordered by id."""
     # `part` is matched as it is: LIKE's wildcards in it are escaped
@@ -87,9 +94,9 @@ def find_users(part: str, limit: int, offset: int) -> Steps[tuple[int, list[Usag
     pattern = {"pattern": f"%{escaped}%"} if part else {}
     counted = yield Sql(f"SELECT COUNT(*) FROM user_usage {where}", pattern, alone=True, wide=True)
     rows = yield Sql(
-        f"SELECT {USAGE_COLUMNS} FROM user_usage {where} ORDER BY user_id "
+        f"SELECT {_usage_columns(book)} FROM user_usage {where} ORDER BY user_id "
         "LIMIT :limit OFFSET :offset",
-        {**pattern, "limit": limit, "offset": offset},
+        {**pattern, "limit": limit, "offset": offset, **book.standing_params(utcnow())},
         alone=True,
         wide=True,
     )
@@ -141,7 +148,7 @@ def set_plan(
             "WHERE user_id = :user_id",
             {"start_us": current.start_micros, "start": current.start, "user_id": user_id},
         )
-    return (yield from usage_steps(user_id, book))
+    return (yield from usage_steps(user_id, book, now))
 
 
 # the columns `event_json` reads, in its order

@@ -39,7 +39,9 @@ async def list_users(
         # no user id holds a NUL (PostgreSQL text cannot): nothing to match, and asking
         # PostgreSQL would fail
         raise ApiError(400, "INVALID_REQUEST", "q: must not contain NUL characters")
-    total, rows = await services.transactor.run(accounts.find_users, q, limit, offset)
+    total, rows = await services.transactor.run(
+        accounts.find_users, q, limit, offset, services.plans
+    )
     users = [accounts.usage_json(row, services.plans) for row in rows]
     body = {"users": users, "total": total, "limit": limit, "offset": offset}
     return json_response(body)

@@ -9,11 +9,13 @@ Each reservation is also a row of `reservations` (`reservations.py`: the chat's 
 its lease, the stop flag).
 
 Plans (SPEC section 10) live in the same statement: the user's plan is resolved in SQL
-(`plans.PlanBook`), an ended period is rolled over (`period_start` older than the current
-one: the totals start again from 0, reservations stay), the rate limits pass (a GCRA
-arrival time and the count of active replies) and money is reserved beside the tokens
-(the tokens at the model's highest price). Only when it matches no row does a read say
-why (429, 403) or how much less still fits.
+(`plans.PlanBook`), the rate limits pass (a GCRA arrival time and the count of active
+replies) and money is reserved beside the tokens (the tokens at the model's highest
+price). Only when it matches no row does a read say why (429, 403) or how much less
+still fits. A row whose period is no longer the current one matches no row either: it
+is rolled over then, in that transaction (`roll_over`: the totals become the ledger's
+sums in the current period; reservations stay), so the statement of every message
+never reads the ledger.
 
 The functions are transaction steps (`chatmeter.db.steps`): they yield SQL and are
 composed with `yield from` into the transactions of the message path.
@@ -35,7 +37,6 @@ from chatmeter.ids import new_id
 from chatmeter.metering.cost import reserve_micros, tokens_for_micros
 from chatmeter.metering.periods import to_micros
 from chatmeter.metering.plans import (
-    STANDING_COLUMNS,
     UNASSIGNED,
     PlanBook,
     Standing,
@@ -107,18 +108,21 @@ def reply_in_progress() -> ApiError:
 
 def ensure_user(user_id: str, book: PlanBook, now: datetime) -> Steps[None]:
     """Create the user's budget row on first sight, with no plan: the default one,
-    whichever is configured (SPEC section 10), until an admin assigns one."""
+    whichever is configured (SPEC section 10), until an admin assigns one. Its totals
+    are those of the default plan's current period (0: a user first seen has no
+    ledger rows), so the first reservation need not roll it over."""
     yield Sql(
         "INSERT INTO user_usage (user_id, total_tokens_used, token_limit, reserved_tokens, "
         "updated_at, plan, token_limit_overridden, period_start, spend_micros, "
         "reserved_micros, active_replies, rate_tat) VALUES (:user_id, 0, :limit, 0, :now, "
-        ":plan, :no, 0, 0, 0, 0, 0) ON CONFLICT (user_id) DO NOTHING",
+        ":plan, :no, CAST(:start AS BIGINT), 0, 0, 0, 0) ON CONFLICT (user_id) DO NOTHING",
         {
             "user_id": user_id,
             "limit": book.plan(book.default).stored_token_limit,
             "now": now,
             "plan": UNASSIGNED,
             "no": False,
+            "start": book.period_start_at(book.default, now) or 0,
         },
     )
 
@@ -154,31 +158,27 @@ ASKED = Amounts("ask.tokens", "ask.micros", "FROM ask ")
 def take_statement(
     book: PlanBook, user_id: str, amounts: Amounts, now: datetime, also: str = ""
 ) -> Sql:
-    """The one atomic statement of SPEC sections 6 and 10: roll the period over if it
-    ended, pass the rate limits, and add the `amounts` of tokens and money to the
-    user's reservation if both fit under the limits (and the condition `also`, if
-    given). Returns the user's plan's name; no row when a limit refuses (or the user was
-    never seen)."""
-    start = book.period_start_sql
-    ended = f"period_start < {start}"
+    """The one atomic statement of SPEC sections 6 and 10: pass the rate limits, and add
+    the `amounts` of tokens and money to the user's reservation if both fit under the
+    limits (and the condition `also`, if given). Returns the user's plan's name; no row
+    when a limit refuses, the user was never seen, or the row's period is not the
+    current one: `roll_over` then starts it, in the transaction of `reserve_budget`.
+    The statement of every message so never reads the ledger, nor carries the
+    subqueries that would (PostgreSQL prepares each subquery of a statement every
+    time it runs it, read or not)."""
     tokens, micros = amounts.tokens, amounts.micros
     return Sql(
         "UPDATE user_usage SET "
-        f"total_tokens_used = CASE WHEN {ended} THEN 0 ELSE total_tokens_used END, "
-        f"spend_micros = CASE WHEN {ended} THEN 0 ELSE spend_micros END, "
-        f"period_start = CASE WHEN {ended} THEN {start} ELSE period_start END, "
         f"reserved_tokens = reserved_tokens + {tokens}, "
         f"reserved_micros = reserved_micros + {micros}, "
         "active_replies = active_replies + 1, "
         "rate_tat = (CASE WHEN rate_tat > CAST(:now_us AS BIGINT) THEN rate_tat "
         f"ELSE CAST(:now_us AS BIGINT) END) + {book.emission_sql} "
-        f"{amounts.source}WHERE user_id = :user_id "
+        f"{amounts.source}WHERE user_id = :user_id AND NOT {book.rolls_sql} "
         f"AND rate_tat <= CAST(:now_us AS BIGINT) + {book.tolerance_sql} "
         f"AND active_replies < {book.concurrency_sql} "
-        f"AND {book.token_limit_sql} - (CASE WHEN {ended} THEN 0 ELSE total_tokens_used END) "
-        f"- reserved_tokens >= {tokens} "
-        f"AND ({micros} = 0 OR {book.spend_limit_sql} - "
-        f"(CASE WHEN {ended} THEN 0 ELSE spend_micros END) - reserved_micros "
+        f"AND {book.token_limit_sql} - total_tokens_used - reserved_tokens >= {tokens} "
+        f"AND ({micros} = 0 OR {book.spend_limit_sql} - spend_micros - reserved_micros "
         f">= {micros}) {also}"
         f"RETURNING {book.plan_sql} AS plan",
         {
@@ -187,6 +187,25 @@ def take_statement(
             **amounts.params,
             **book.period_params(now),
         },
+    )
+
+
+def roll_over(book: PlanBook, user_id: str, now: datetime) -> Steps[None]:
+    """Lock the user's row and, if its period is not the plan's current one, start the
+    current one (SPEC section 10): the totals become the sums of the user's ledger rows
+    in it. That is 0 when time passed a boundary and nothing settled since, but not
+    when the period changed by configuration (a plan's period, the default plan): the
+    current period may hold ledger rows already, and a period that now starts earlier
+    holds the days before the stored one. Reservations stay. The row is locked before
+    the ledger is read (PostgreSQL: by an earlier statement, whose snapshot the sums do
+    not use), so no settlement of the user's can be missing from the sums."""
+    yield from lock_user(user_id)
+    yield Sql(
+        f"UPDATE user_usage SET total_tokens_used = {book.tokens_sql}, "
+        f"spend_micros = {book.spend_sql}, period_start = CASE WHEN {book.rolls_sql} "
+        f"THEN {book.period_start_sql} ELSE period_start END "
+        f"WHERE user_id = :user_id AND {book.rolls_sql}",
+        {"user_id": user_id, **book.standing_params(now)},
     )
 
 
@@ -292,8 +311,8 @@ def reserve_at_once(
 
 def _standing(book: PlanBook, user_id: str, now: datetime) -> Steps[Standing | None]:
     rows = yield Sql(
-        f"SELECT {STANDING_COLUMNS} FROM user_usage WHERE user_id = :user_id",
-        {"user_id": user_id},
+        f"SELECT {book.standing_columns} FROM user_usage WHERE user_id = :user_id",
+        {"user_id": user_id, **book.standing_params(now)},
     )
     return Standing.of(book, rows[0], now) if rows else None
 
@@ -339,8 +358,9 @@ def _reserve(
         # the user's row locked before it is read: what the read finds is what the take
         # then meets. Unlocked, other openings of the user's that committed in between
         # made each take miss, and the third miss refused a request that had room (or
-        # that the rate limits refuse: 429, not 403)
-        yield from lock_user(user_id)
+        # that the rate limits refuse: 429, not 403). A period no longer current is
+        # started here, the one place that reads the ledger (`roll_over`)
+        yield from roll_over(book, user_id, now)
         standing = yield from _standing(book, user_id, now)
         if standing is None:
             yield from ensure_user(user_id, book, now)

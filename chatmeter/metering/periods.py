@@ -2,9 +2,10 @@
 timezone, or fixed lengths aligned to the Unix epoch.
 
 A period is named by its start as an integer of Unix microseconds: that is what
-`user_usage.period_start` holds and what the reserve and settle statements compare, the
-same way on SQLite and PostgreSQL. Nothing here runs on a schedule: the statements
-compare the stored start with the current one (`bounds`) and roll over when it is older.
+`user_usage.period_start` holds and what the statements compare, the same way on SQLite
+and PostgreSQL. Nothing here runs on a schedule: the statements compare the stored start
+with the current one (`bounds`), and the reservation rolls over when they differ
+(`plans`, `budget.roll_over`).
 """
 
 from __future__ import annotations

@@ -4,8 +4,18 @@ and as the SQL fragments the reserve statement evaluates per row.
 The plans are few and fixed for the life of a process, so the one reserve statement
 carries them in its text (`CASE plan WHEN 'free' THEN 50000 … END`): a user's plan is
 resolved by the database in the same UPDATE that reserves, with no read before it. Only
-the current periods' starts change over time; they are parameters (`:ps_N`), computed
-here from `now`."""
+the current periods' starts change over time; they are parameters (`:ps_N` in Unix
+microseconds, `:pt_N` the same instant as a timestamp, for the ledger), computed here
+from `now`.
+
+The totals of a user's row are always the sums of the user's ledger rows since its
+`period_start`. When the row's period is not the plan's current one, the totals become
+the sums of the current period's ledger rows: 0 when time passed a boundary and nothing
+settled since, but not when the period itself changed by configuration (a plan's period,
+or the default plan): the current period may then already hold ledger rows, and a
+period that now starts earlier holds days before the stored one (SPEC section 10). The
+reads count the sums at once (`tokens_sql`, in a CASE branch that both engines evaluate
+only when taken); the reservation's slow path writes them (`budget.roll_over`)."""
 
 from __future__ import annotations
 
@@ -112,6 +122,12 @@ class PlanBook:
     tolerance_sql: str
     concurrency_sql: str
     plan_sql: str  # the name of the row's plan (`UNASSIGNED`: the default's)
+    # the row's period is not its plan's current one (needs `:now_us` and `:ps_N`)
+    rolls_sql: str
+    # the row's totals as of now: the stored ones, or on a rollover the ledger's sums in
+    # the current period (`:pt_N`); what the reads and `budget.roll_over` count
+    tokens_sql: str
+    spend_sql: str
     # the last bounds computed per period: a period changes rarely, and computing one in
     # a timezone costs ~10 us per statement (an object's cache, not the module's)
     recent: dict[str, Bounds] = field(default_factory=dict)
@@ -132,13 +148,23 @@ class PlanBook:
             return {name: str(value(plan)) for name, plan in plans.items()}
 
         plan_limit = _by_plan(each(lambda p: p.stored_token_limit), default)
+        period_start = _by_plan(each(start), default)
+        # a period that is not the current one rolls over, earlier or later (a plan's
+        # period changed by configuration), unless it lies ahead of `now`: then another
+        # process whose clock runs ahead rolled it, and the totals go on
+        rolls = f"(period_start <> {period_start} AND period_start <= CAST(:now_us AS BIGINT))"
+        index = _by_plan(
+            each(lambda p: periods.index(p.period) if p.period in periods else -1), default
+        )
+        ledger_tokens = _ledger_sum("total_tokens", index, len(periods))
+        ledger_spend = _ledger_sum("cost_micros", index, len(periods))
         return cls(
             plans=plans,
             default=default,
             timezone=settings.timezone,
             currency=settings.currency,
             periods=periods,
-            period_start_sql=_by_plan(each(start), default),
+            period_start_sql=period_start,
             token_limit_sql=(
                 f"(CASE WHEN token_limit_overridden THEN token_limit ELSE {plan_limit} END)"
             ),
@@ -147,6 +173,9 @@ class PlanBook:
             tolerance_sql=_by_plan(each(lambda p: p.tolerance_us), default),
             concurrency_sql=_by_plan(each(lambda p: p.concurrency), default),
             plan_sql=_by_plan({name: f"'{name}'" for name in plans}, default),
+            rolls_sql=rolls,
+            tokens_sql=f"(CASE WHEN {rolls} THEN {ledger_tokens} ELSE total_tokens_used END)",
+            spend_sql=f"(CASE WHEN {rolls} THEN {ledger_spend} ELSE spend_micros END)",
         )
 
     def plan(self, name: str | None) -> Plan:
@@ -177,13 +206,51 @@ class PlanBook:
         return current.start_micros if current is not None else None
 
     def period_params(self, now: datetime) -> dict[str, int]:
-        """`:ps_N` of the reserve statement: each period's current start."""
+        """`:ps_N` of the statements: each period's current start."""
         params: dict[str, int] = {}
         for index, period in enumerate(self.periods):
             current = self.current(period, now)
             assert current is not None
             params[f"ps_{index}"] = current.start_micros
         return params
+
+    def standing_params(self, now: datetime) -> dict[str, object]:
+        """The parameters of `rolls_sql`, `tokens_sql` and `spend_sql` (of
+        `standing_columns`): `:now_us`, `:ps_N`, and `:pt_N`, each period's current
+        start as a timestamp, which the ledger's index is ordered by."""
+        params: dict[str, object] = {"now_us": to_micros(now), **self.period_params(now)}
+        for index, period in enumerate(self.periods):
+            current = self.current(period, now)
+            assert current is not None
+            params[f"pt_{index}"] = current.start
+        return params
+
+    @property
+    def standing_columns(self) -> str:
+        """The columns `Standing.of` reads, in its order, as of `standing_params`: the
+        totals rolled over as the next reserve statement would roll them."""
+        return (
+            f"plan, token_limit_overridden, token_limit, {self.tokens_sql}, reserved_tokens, "
+            f"{self.spend_sql}, reserved_micros, active_replies, rate_tat"
+        )
+
+
+def _ledger_sum(column: str, index: str, periods: int) -> str:
+    """The sum of `column` over the row's user's ledger rows in the current period of
+    the row's plan, whose period is `periods[index]` (-1: none, never asked for). The
+    start is compared as it is bound, a timestamp, so the index on (user_id, created_at)
+    serves the sum on both engines."""
+    sums = [
+        f"(SELECT CAST(COALESCE(SUM(e.{column}), 0) AS BIGINT) FROM usage_events AS e "
+        f"WHERE e.user_id = user_usage.user_id AND e.created_at >= :pt_{n})"
+        for n in range(periods)
+    ]
+    if not sums:
+        return "0"
+    if len(sums) == 1:
+        return sums[0]
+    branches = " ".join(f"WHEN {n} THEN {sql}" for n, sql in enumerate(sums))
+    return f"(CASE {index} {branches} ELSE 0 END)"
 
 
 def limit_of(plan: Plan, token_limit: int, overridden: bool) -> int | None:
@@ -196,17 +263,11 @@ def retry_after_seconds(micros: int) -> int:
     return max(1, math.ceil(micros / MICROS))
 
 
-# the columns `Standing.of` reads, in its order
-STANDING_COLUMNS = (
-    "plan, token_limit_overridden, token_limit, total_tokens_used, reserved_tokens, "
-    "spend_micros, reserved_micros, period_start, active_replies, rate_tat"
-)
-
-
 @dataclass(frozen=True, slots=True)
 class Standing:
     """A user's budget row as of `now`: what the reserve statement sees, rollover
-    included (a period that ended counts as 0 even before a statement rolled it)."""
+    included (`PlanBook.standing_columns`: a period no longer current counts as the
+    current one's ledger sums even before a statement rolled it)."""
 
     plan: Plan
     bounds: Bounds | None
@@ -220,11 +281,9 @@ class Standing:
 
     @classmethod
     def of(cls, book: PlanBook, row: tuple[Any, ...], now: datetime) -> Standing:
-        name, overridden, limit, total, reserved, spend, reserved_micros, start, active, tat = row
+        name, overridden, limit, total, reserved, spend, reserved_micros, active, tat = row
         plan = book.plan(name)
         current = book.bounds(plan, now)
-        if current is not None and int(start) < current.start_micros:
-            total = spend = 0  # the period ended: the next statement starts it again
         return cls(
             plan=plan,
             bounds=current,

@@ -53,18 +53,15 @@ def settled_at(user_message_at: datetime | None) -> datetime:
     return max(now, user_message_at + timedelta(microseconds=1))
 
 
-def _in_period(column: str, amount: str, start: str) -> str:
-    """`column` plus `amount`, in the period the exchange settles in, which starts at
-    `start` (SQL over the user's row): the stored period rolls over first if it ended
-    (SPEC section 10), so that `column` stays the sum of the ledger rows since
-    `period_start`. The ledger row is in the period the row holds after this statement:
-    always, unless it is a settlement replayed late, from a period that has ended since."""
-    ended = f"period_start < {start}"
-    counts = f"CAST(:at AS BIGINT) >= (CASE WHEN {ended} THEN {start} ELSE period_start END)"
-    return (
-        f"(CASE WHEN {ended} THEN 0 ELSE {column} END) "
-        f"+ (CASE WHEN {counts} THEN {amount} ELSE 0 END)"
-    )
+def _in_period(column: str, amount: str) -> str:
+    """`column` plus `amount` if the exchange settles in the row's period, the one that
+    starts at `period_start`, or a later one (SPEC section 10): `column` stays the sum
+    of the user's ledger rows since `period_start`. The settlement never moves the
+    period: a later one is started by the next reservation (`budget.roll_over`), and
+    the reads count it at once (`PlanBook.tokens_sql`), with this exchange in it. A
+    settlement replayed late, from a period that ended before the row's, counts in
+    none of the row's."""
+    return f"{column} + (CASE WHEN CAST(:at AS BIGINT) >= period_start THEN {amount} ELSE 0 END)"
 
 
 def settle_steps(
@@ -74,10 +71,10 @@ def settle_steps(
     one round trip; on SQLite a few statements in the writer's transaction. A retry first
     checks whether an earlier attempt committed after all.
 
-    The exchange counts in the period, at `created_at`, of the plan the user is on as it
-    settles (resolved in SQL from `book`, as the reserve statement does): not of the plan
-    it opened on, which an admin may have changed meanwhile (the totals then became the
-    ledger's sums in the new plan's period, or go on if it has none)."""
+    The exchange counts in the period in which it settles, at `created_at`, of the plan
+    the user is on then: the ledger row is in it, and the totals are always the ledger's
+    sums in the row's period (`_in_period`). So the settlement is the same under every
+    plan (`book`, the worker's plans, is not needed here)."""
     if is_retry:
         # the user's row locked first: a settlement of the same message committing
         # meanwhile (another process replaying the same outbox) is then seen here
@@ -86,8 +83,7 @@ def settle_steps(
         done = yield Sql(f"SELECT 1 FROM {table} WHERE message_id = :id", {"id": s.message_id})
         if done:
             return
-    params = {**_params(s), **book.period_params(s.created_at)}
-    start = book.period_start_sql
+    params = _params(s)
     writes = _writes(s)
     if writable_ctes:
         # the lock order of `reservations.py` inside one statement: `locked` takes the user's
@@ -100,27 +96,26 @@ def settle_steps(
             "AND EXISTS (SELECT 1 FROM locked) RETURNING tokens, micros)",
             *(f"w{i} AS ({write})" for i, write in enumerate(writes)),
         ]
-        text = f"WITH {', '.join(ctes)} {_user_update('gone', start)}"
+        text = f"WITH {', '.join(ctes)} {_user_update('gone')}"
         yield Sql(text, params, alone=True, keyed_by="message_id")  # it returns no rows
         return
     # SQLite: one writer at a time, so the reservation read under the user's row update
     # is still there for the DELETE after it
     held = "(SELECT tokens, micros FROM reservations WHERE reservation_id = :reservation_id)"
-    yield Sql(_user_update(held, start), params)
+    yield Sql(_user_update(held), params)
     yield Sql("DELETE FROM reservations WHERE reservation_id = :reservation_id", params)
     for write in writes:
         yield Sql(write, params)
 
 
-def _user_update(held: str, start: str) -> str:
-    """The user's row: the exchange added to the totals of its period, which starts at
-    `start` (rolled over first if it ended, SPEC section 10), the reservation `held` (a
-    query of at most one row of tokens and micros) handed back."""
-    total = _in_period("total_tokens_used", "CAST(:total AS BIGINT)", start)
-    spend = _in_period("spend_micros", "CAST(:cost AS BIGINT)", start)
+def _user_update(held: str) -> str:
+    """The user's row: the exchange added to the totals of its period (`_in_period`),
+    the reservation `held` (a query of at most one row of tokens and micros) handed
+    back."""
+    total = _in_period("total_tokens_used", "CAST(:total AS BIGINT)")
+    spend = _in_period("spend_micros", "CAST(:cost AS BIGINT)")
     return (
         f"UPDATE user_usage SET total_tokens_used = {total}, spend_micros = {spend}, "
-        f"period_start = CASE WHEN period_start < {start} THEN {start} ELSE period_start END, "
         f"reserved_tokens = reserved_tokens - COALESCE((SELECT tokens FROM {held} AS h), 0), "
         f"reserved_micros = reserved_micros - COALESCE((SELECT micros FROM {held} AS h), 0), "
         f"active_replies = active_replies - (SELECT COUNT(*) FROM {held} AS h), "

@@ -19,7 +19,7 @@ from chatmeter.config import PlanConfig
 from chatmeter.db.steps import PostgresStatements, Steps, run_asyncpg
 from chatmeter.db.tables import utcnow
 from chatmeter.metering.budget import Amounts, Ask, reserve_budget, take_statement
-from chatmeter.metering.plans import STANDING_COLUMNS, PlanBook
+from chatmeter.metering.plans import PlanBook
 from chatmeter.metering.reservations import Reservation
 from tests.conftest import make_settings
 from tests.support.postgres import PostgresServer
@@ -85,7 +85,7 @@ async def test_openings_committing_between_the_read_and_the_take_do_not_refuse_i
             while True:
                 text, args = statements.convert(statement)
                 rows = [tuple(r) for r in await ours.fetch(text, *args)]
-                if statement.text.startswith(f"SELECT {STANDING_COLUMNS}"):
+                if statement.text.startswith(f"SELECT {BOOK.standing_columns}"):
                     # another opening of the user's between our read and our take: it
                     # commits, or waits for a lock our transaction holds
                     other = asyncio.create_task(

@@ -119,7 +119,7 @@ async def test_user_search_takes_like_wildcards_and_the_escape_literally(
         await transactor.run(accounts.usage_steps, name, plans)
 
     async def found(part: str) -> list[str]:
-        total, rows = await transactor.run(accounts.find_users, part, 50, 0)
+        total, rows = await transactor.run(accounts.find_users, part, 50, 0, plans)
         assert total == len(rows)
         return [row[0] for row in rows]
 
@@ -129,7 +129,7 @@ async def test_user_search_takes_like_wildcards_and_the_escape_literally(
     assert await found("a/b") == ["A/B2", "a/b"]  # any case
     assert await found("\\") == ["a\\b"]
     assert await found("") == sorted(names)
-    total, page = await transactor.run(accounts.find_users, "", 2, 1)
+    total, page = await transactor.run(accounts.find_users, "", 2, 1, plans)
     assert total == len(names) and [row[0] for row in page] == sorted(names)[1:3]
 
 

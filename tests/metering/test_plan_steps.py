@@ -20,7 +20,14 @@ from chatmeter.db.transactor import Transactor, make_transactor
 from chatmeter.errors import ApiError
 from chatmeter.ids import new_id
 from chatmeter.metering import accounts
-from chatmeter.metering.budget import Ask, reserve_budget
+from chatmeter.metering.budget import (
+    ASKED,
+    Amounts,
+    Ask,
+    at_once_ctes,
+    reserve_budget,
+    take_statement,
+)
 from chatmeter.metering.cost import Prices, cost_micros
 from chatmeter.metering.periods import to_micros
 from chatmeter.metering.plans import PlanBook
@@ -49,10 +56,13 @@ def utc(
 
 
 class Books:
-    def __init__(self, engine: AsyncEngine, transactor: Transactor, book: PlanBook) -> None:
+    def __init__(
+        self, engine: AsyncEngine, transactor: Transactor, book: PlanBook, url: str
+    ) -> None:
         self.engine = engine
         self.transactor = transactor
         self.book = book
+        self.url = url
 
     async def user(self, user_id: str, plan: str) -> uuid.UUID:
         chat_id = new_id()
@@ -117,6 +127,12 @@ class Books:
         )
         return settlement
 
+    async def shown(self, user_id: str, at: datetime) -> tuple[int, int]:
+        """The user's totals as the API shows them at `at`: tokens, money."""
+        row = await self.transactor.run(accounts.usage_steps, user_id, self.book, at)
+        usage = accounts.usage_json(row, self.book, at)
+        return usage["total_tokens_used"], usage["spend_micros"]
+
     async def exchange(self, user_id: str, chat_id: uuid.UUID, at: datetime, usage: Usage) -> None:
         reservation = await self.reserve(user_id, at)
         await self.settle(chat_id, reservation, at + timedelta(milliseconds=1), usage)
@@ -129,7 +145,7 @@ async def ledger(database_url: str) -> AsyncIterator[Books]:
     transactor = make_transactor(database_url, 30_000)
     await transactor.start()
     try:
-        yield Books(engine, transactor, PlanBook.of(settings))
+        yield Books(engine, transactor, PlanBook.of(settings), database_url)
     finally:
         await transactor.close()
         await engine.dispose()
@@ -181,15 +197,23 @@ async def test_a_boundary_crossed_while_replies_stream(ledger: Books) -> None:
     second = await ledger.reserve("bea", eve)
     state = await period_books(ledger.engine, "bea")
     assert state.total == 1000 and state.reserved == 240 and state.active == 2
-    # the first settles in February: it counts there, January's usage is gone
-    await ledger.settle(chat, first, utc(2026, 2, 1, 5, 0, 1), Usage(50, 50))
+    # the first settles in February: it counts there, January's usage is gone (the row
+    # keeps January's period, with this exchange in it, until the next reservation
+    # starts February's; what it shows is February's)
+    february = utc(2026, 2, 1, 5, 0, 1)
+    await ledger.settle(chat, first, february, Usage(50, 50))
     state = await period_books(ledger.engine, "bea")
-    assert state.total == 100 and balanced(state)
+    assert (await ledger.shown("bea", february))[0] == 100 and balanced(state)
     assert state.reserved == 120 and state.active == 1, "the reservation in flight carries over"
     await ledger.settle(chat, second, utc(2026, 2, 1, 5, 0, 2), Usage(20, 30))
     state = await period_books(ledger.engine, "bea")
-    assert state.total == 150 and balanced(state)
+    assert (await ledger.shown("bea", february))[0] == 150 and balanced(state)
     assert (state.reserved, state.reserved_micros, state.active) == (0, 0, 0)
+    # the next reservation starts February's period: its totals are the two exchanges
+    await ledger.reserve("bea", utc(2026, 2, 1, 6))
+    state = await period_books(ledger.engine, "bea")
+    assert (state.total, state.period_start) == (150, to_micros(utc(2026, 2, 1, 5)))
+    assert balanced(state)
 
 
 async def test_a_settlement_replayed_after_its_period_ended_stays_in_it(ledger: Books) -> None:
@@ -237,9 +261,11 @@ async def test_spend_limit_holds_and_resets_with_the_period(ledger: Books) -> No
     assert refused.value.extra["resets_at"] == "2026-06-02T04:00:00+00:00"
     # the next day the money is there again
     await ledger.settle(chat, lowered, utc(2026, 6, 2, 4, 0, 1), Usage(20, 10))
+    assert (await ledger.shown("sam", utc(2026, 6, 2, 4, 0, 1)))[1] == 25
+    assert balanced(await period_books(ledger.engine, "sam"))
+    assert (await ledger.reserve("sam", utc(2026, 6, 2, 5))).tokens == 120
     state = await period_books(ledger.engine, "sam")
     assert state.spend == 25 and balanced(state)
-    assert (await ledger.reserve("sam", utc(2026, 6, 2, 5))).tokens == 120
 
 
 async def test_a_settlement_whose_reservation_the_sweeper_released_hands_back_nothing_twice(
@@ -359,3 +385,160 @@ async def message_ids(engine: AsyncEngine, chat_id: uuid.UUID) -> list[uuid.UUID
     async with engine.connect() as conn:
         query = sa.select(messages.c.message_id).where(messages.c.chat_id == chat_id)
         return list((await conn.execute(query)).scalars())
+
+
+# -- a period changed by configuration -------------------------------------------------
+#
+# A restart with another period for a plan (or another default plan) leaves the rows'
+# stored periods as they were; the current period may already hold ledger rows, which
+# the totals must count from the first statement on (SPEC section 10: the totals always
+# equal the sums of the current period's ledger rows).
+
+MONTHLY = PlanConfig(token_limit=5000, spend_limit=Decimal("1"), period="month")
+DAILY = PlanConfig(token_limit=1000, spend_limit=Decimal("1"), period="day")
+
+
+def restarted(ledger: Books, period: PlanConfig, **settings: object) -> Books:
+    """The same database after a restart on which the plan `shifting` has `period`."""
+    plans = {**PLANS, "shifting": period}
+    book = PlanBook.of(
+        make_settings(ledger.url, plans=plans, timezone="America/New_York", **settings)
+    )
+    return Books(ledger.engine, ledger.transactor, book, ledger.url)
+
+
+async def test_a_period_shortened_by_configuration_keeps_the_current_days_usage(
+    ledger: Books,
+) -> None:
+    # 1 and 2 December 2026 in New York (EST, UTC-5), on a monthly plan
+    monthly = restarted(ledger, MONTHLY)
+    chat = await monthly.user("mia", "shifting")
+    await monthly.exchange("mia", chat, utc(2026, 12, 1, 17), Usage(30, 10))
+    await monthly.exchange("mia", chat, utc(2026, 12, 2, 14), Usage(900, 90))
+    state = await period_books(ledger.engine, "mia")
+    assert state.total == 1030 and balanced(state)
+    # restarted with the plan's period a day: today's 990 tokens are the new period's,
+    # shown as such before any statement rolled the row over
+    daily = restarted(ledger, DAILY)
+    afternoon = utc(2026, 12, 2, 20)
+    row = await ledger.transactor.run(accounts.usage_steps, "mia", daily.book, afternoon)
+    shown = accounts.usage_json(row, daily.book, afternoon)
+    assert (shown["total_tokens_used"], shown["tokens_remaining"]) == (990, 10)
+    assert shown["spend_micros"] == cost_micros(Usage(900, 90), PRICES)
+    # and the budget holds them: 10 tokens left do not fit a prompt of 20
+    with pytest.raises(ApiError) as refused:
+        await daily.reserve("mia", afternoon)
+    assert refused.value.code == "TOKEN_BUDGET_EXCEEDED"
+    assert refused.value.extra["resets_at"] == "2026-12-03T05:00:00+00:00"
+    # the next day starts again from 0
+    reservation = await daily.reserve("mia", utc(2026, 12, 3, 5, 30))
+    assert reservation.tokens == 120
+    state = await period_books(ledger.engine, "mia")
+    assert (state.total, state.spend) == (0, 0) and balanced(state)
+    assert state.period_start == to_micros(utc(2026, 12, 3, 5))
+
+
+async def test_a_period_lengthened_by_configuration_counts_the_earlier_days(
+    ledger: Books,
+) -> None:
+    daily = restarted(ledger, DAILY)
+    chat = await daily.user("max", "shifting")
+    await daily.exchange("max", chat, utc(2026, 12, 1, 17), Usage(300, 100))
+    await daily.exchange("max", chat, utc(2026, 12, 2, 14), Usage(200, 50))
+    state = await period_books(ledger.engine, "max")
+    assert state.total == 250 and balanced(state)
+    # restarted with the plan's period a month: the month began before the stored day
+    monthly = restarted(ledger, MONTHLY)
+    await monthly.reserve("max", utc(2026, 12, 2, 20))
+    state = await period_books(ledger.engine, "max")
+    assert state.period_start == to_micros(utc(2026, 12, 1, 5))
+    assert state.total == 650 and balanced(state)
+    assert state.spend == cost_micros(Usage(300, 100), PRICES) + cost_micros(Usage(200, 50), PRICES)
+    assert (state.reserved, state.active) == (120, 1), "the reservation is the one asked"
+
+
+async def test_a_reply_settling_first_after_a_new_default_plan_counts_the_day(
+    ledger: Books,
+) -> None:
+    # the default plan has no period; the user spends, and a reply is still streaming
+    # when the server restarts on a daily default. That reply's settlement is the first
+    # statement to meet the row: it counts in the day, with the day's earlier usage
+    chat = await ledger.user("dax", "")
+    await ledger.exchange("dax", chat, utc(2026, 11, 30, 17), Usage(70, 30))
+    await ledger.exchange("dax", chat, utc(2026, 12, 2, 14), Usage(200, 50))
+    streaming = await ledger.reserve("dax", utc(2026, 12, 2, 15))
+    state = await period_books(ledger.engine, "dax")
+    assert state.total == 350 and state.period_start == 0 and balanced(state)
+    daily = restarted(ledger, DAILY, default_plan="shifting")
+    settled = utc(2026, 12, 2, 15, 0, 5)
+    await daily.settle(chat, streaming, settled, Usage(5, 5))
+    state = await period_books(ledger.engine, "dax")
+    assert balanced(state)
+    assert (state.reserved, state.reserved_micros, state.active) == (0, 0, 0)
+    assert (await daily.shown("dax", settled))[0] == 260
+    # and the next reservation starts the day's period with the same sums
+    await daily.reserve("dax", settled + timedelta(seconds=1))
+    state = await period_books(ledger.engine, "dax")
+    assert state.period_start == to_micros(utc(2026, 12, 2, 5))
+    assert state.total == 260 and balanced(state)
+
+
+async def test_a_ledger_row_at_the_new_periods_first_instant_is_in_it(ledger: Books) -> None:
+    monthly = restarted(ledger, MONTHLY)
+    chat = await monthly.user("ada", "shifting")
+    midnight = utc(2026, 12, 2, 5)  # 2 December, 00:00 EST
+    before = await monthly.reserve("ada", midnight - timedelta(seconds=1))
+    at = await monthly.reserve("ada", midnight - timedelta(seconds=1))
+    await monthly.settle(chat, before, midnight - timedelta(microseconds=1), Usage(5, 6))
+    await monthly.settle(chat, at, midnight, Usage(3, 4))
+    daily = restarted(ledger, DAILY)
+    await daily.reserve("ada", midnight + timedelta(hours=1))
+    state = await period_books(ledger.engine, "ada")
+    assert state.period_start == to_micros(midnight)
+    assert (state.total, state.spend) == (7, cost_micros(Usage(3, 4), PRICES))
+    assert balanced(state)
+
+
+async def test_a_period_rolled_by_a_clock_ahead_is_not_rolled_back(ledger: Books) -> None:
+    # another worker's clock runs 0.6 s ahead: it settled in the next minute and rolled
+    # the row into it. A statement whose clock is still in the minute before does not
+    # take the row back to that minute (nor sum the ledger again): the totals go on
+    chat = await ledger.user("cleo", "minute")
+    boundary = utc(2026, 4, 1, 12, 1)
+    await ledger.exchange("cleo", chat, boundary - timedelta(seconds=20), Usage(50, 50))
+    await ledger.exchange("cleo", chat, boundary + timedelta(milliseconds=100), Usage(2, 3))
+    behind = await ledger.reserve("cleo", boundary - timedelta(milliseconds=500))
+    state = await period_books(ledger.engine, "cleo")
+    assert state.period_start == to_micros(boundary)
+    assert state.total == 5 and balanced(state)
+    await ledger.settle(chat, behind, boundary + timedelta(milliseconds=200), Usage(1, 1))
+    state = await period_books(ledger.engine, "cleo")
+    assert state.total == 7 and balanced(state)
+
+
+def test_the_statements_of_every_message_never_read_the_ledger() -> None:
+    # a sum over the ledger in the reserve or the settle statement, even in a CASE
+    # branch never taken, costs PostgreSQL a subplan to set up on every message; the
+    # rollover that reads the ledger is the reservation's slow path (`roll_over`)
+    book = PlanBook.of(make_settings("sqlite+aiosqlite:///unused.db", plans=PLANS))
+    now = utcnow()
+    take = take_statement(book, "u", Amounts.of(1, 1), now)
+    opening = at_once_ctes(Ask("u", new_id(), 1, 1, book, Decimal(1), "w", 60, now), ASKED)
+    settlement = Settlement(
+        "u",
+        new_id(),
+        "m",
+        new_id(),
+        new_id(),
+        "r",
+        "complete",
+        "stop",
+        Usage(1, 1),
+        "provider",
+        now,
+    )
+    settles = [
+        next(settle_steps(settlement, book, writable_ctes=ctes)).text for ctes in (True, False)
+    ]
+    for text in (take.text, *opening[0], *settles):
+        assert "SUM(" not in text.upper() and "FROM usage_events" not in text

@@ -290,7 +290,7 @@ async def test_changing_the_default_plan_moves_every_user_no_admin_assigned(
     async with serve(before) as running:
         async with httpx.AsyncClient(base_url=running.url, timeout=30) as http:
             chat = await new_chat(http, "seen", model="priced")
-            await stream_message(http, chat, "On the first default", token_for("seen"))
+            first = await stream_message(http, chat, "On the first default", token_for("seen"))
             await on_plan(http, "kept", "starter")
             assert (await usage(http, "seen"))["plan"] == "starter"
     after = make_settings(
@@ -301,12 +301,15 @@ async def test_changing_the_default_plan_moves_every_user_no_admin_assigned(
             moved = await usage(http, "seen")
             assert (moved["plan"], moved["period"], moved["token_limit"]) == ("daily", "day", 300)
             assert moved["requests_per_minute"] == 7
-            # the day's usage so far is the new period's: nothing spent before it counts
-            assert moved["total_tokens_used"] == 0
+            # the day's usage so far is the new period's: what was spent today counts
+            spent_today = first.last["tokens_used"]
+            assert moved["total_tokens_used"] == spent_today
             chat = await new_chat(http, "seen", model="priced")
             result = await stream_message(http, chat, "On the second", token_for("seen"))
             assert result.last["done"] is True
-            assert (await usage(http, "seen"))["total_tokens_used"] == result.last["tokens_used"]
+            both = spent_today + result.last["tokens_used"]
+            assert (await usage(http, "seen"))["total_tokens_used"] == both
+            assert balanced(await period_books(running.engine, "seen"))
             kept = await usage(http, "kept")
             assert (kept["plan"], kept["token_limit"]) == ("starter", 5000)
             assert (await usage(http, "newcomer"))["plan"] == "daily"
@@ -347,6 +350,47 @@ async def test_an_admin_puts_a_user_back_on_the_default_followed_from_then_on(
             assert (moved["plan"], moved["token_limit"]) == ("daily", 300)
             pinned = await usage(http, "pinned")
             assert (pinned["plan"], pinned["token_limit"]) == ("starter", 5000)
+
+
+async def test_a_plan_whose_period_became_a_day_keeps_todays_usage_and_budget(
+    database_url: str,
+) -> None:
+    """SPEC section 10: the totals are always the sums of the current period's ledger
+    rows. A restart on which a plan's period is a day instead of a month starts the
+    users' totals with what they spent today (not from 0), and the day's budget
+    holds it: the API shows it, the admin's list too, and a request it leaves no
+    room for is refused."""
+    month = {"metered": PlanConfig(token_limit=100_000, period="month")}
+    before = make_settings(
+        database_url, models={"priced": PRICED}, plans=month, default_plan="metered"
+    )
+    async with serve(before) as running:
+        async with httpx.AsyncClient(base_url=running.url, timeout=30) as http:
+            chat = await new_chat(http, "daisy", model="priced")
+            # a long question: today's usage is more than the next request's prompt
+            question = "How much does this cost me today? " * 12
+            spent = await stream_message(http, chat, question, token_for("daisy"))
+            assert spent.last["done"] is True
+    today = spent.last["tokens_used"]
+    # the day allows 5 tokens more than today's: no prompt fits in them
+    day = {"metered": PlanConfig(token_limit=today + 5, period="day")}
+    after = make_settings(
+        database_url, models={"priced": PRICED}, plans=day, default_plan="metered"
+    )
+    async with serve(after) as running:
+        async with httpx.AsyncClient(base_url=running.url, timeout=30) as http:
+            shown = await usage(http, "daisy")
+            assert (shown["period"], shown["total_tokens_used"]) == ("day", today)
+            assert shown["tokens_remaining"] == 5
+            assert shown["spend_micros"] == spent.last["usage"]["cost_micros"]
+            listed = await http.get("/api/admin/users?q=daisy", headers=admin())
+            assert listed.json()["users"][0]["total_tokens_used"] == today
+            chat = await new_chat(http, "daisy", model="priced")
+            refused = await stream_message(http, chat, "And more", token_for("daisy"))
+            assert refused.status == 403, refused.body
+            assert refused.body["code"] == "TOKEN_BUDGET_EXCEEDED"
+            state = await period_books(running.engine, "daisy")
+            assert state.total == today and balanced(state)
 
 
 async def test_unknown_plan_is_refused_and_changes_nothing(client: httpx.AsyncClient) -> None:
