@@ -74,22 +74,35 @@ def _resets(resets_at: datetime | None) -> dict[str, str]:
     return {"resets_at": resets_at.isoformat()} if resets_at is not None else {}
 
 
-def budget_exceeded(resets_at: datetime | None = None) -> ApiError:
-    return ApiError(
+class BudgetRefused(ApiError):
+    """403 TOKEN_BUDGET_EXCEEDED or SPEND_LIMIT_EXCEEDED, with `room`: the most tokens
+    the user's limits still held when it was decided (0 when not known). The prompt's
+    estimate is a bound that may run well above its real size: a prompt counted exactly
+    that fits `room` is worth opening again (`exchange.py`). `room` is never sent."""
+
+    room: int = 0
+
+
+def budget_exceeded(resets_at: datetime | None = None, room: int = 0) -> BudgetRefused:
+    refused = BudgetRefused(
         403,
         "TOKEN_BUDGET_EXCEEDED",
         "Your token budget is spent. Ask an admin to raise it.",
         _resets(resets_at),
     )
+    refused.room = room
+    return refused
 
 
-def spend_exceeded(resets_at: datetime | None = None) -> ApiError:
-    return ApiError(
+def spend_exceeded(resets_at: datetime | None = None, room: int = 0) -> BudgetRefused:
+    refused = BudgetRefused(
         403,
         "SPEND_LIMIT_EXCEEDED",
         "Your spending limit is reached. Ask an admin to raise it.",
         _resets(resets_at),
     )
+    refused.room = room
+    return refused
 
 
 def rate_limited(retry_after: int) -> ApiError:
@@ -365,12 +378,14 @@ def _allowed(
         raise rate_limited(retry_after_seconds(wait))
     if standing.active_replies >= standing.plan.concurrency:
         raise rate_limited(1)
+    affordable = tokens_for_micros(standing.spend_room, highest_price)
+    # what a smaller (counted) prompt could still be given: both limits' room
+    room = standing.tokens_room if affordable is None else min(standing.tokens_room, affordable)
     wanted = min(full, standing.tokens_room)
     if wanted < prompt_estimate + 1:
-        raise budget_exceeded(standing.resets_at)
-    affordable = tokens_for_micros(standing.spend_room, highest_price)
+        raise budget_exceeded(standing.resets_at, room)
     if affordable is not None and affordable < wanted:
         wanted = affordable
         if wanted < prompt_estimate + 1:
-            raise spend_exceeded(standing.resets_at)
+            raise spend_exceeded(standing.resets_at, room)
     return wanted

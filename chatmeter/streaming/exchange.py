@@ -27,7 +27,13 @@ from chatmeter.db.transactor import OutcomeUnknown
 from chatmeter.errors import ApiError
 from chatmeter.ids import new_id
 from chatmeter.metering.cost import cost_micros
-from chatmeter.metering.counting import PER_MESSAGE_OVERHEAD, Metered, counted_prompt
+from chatmeter.metering.budget import BudgetRefused
+from chatmeter.metering.counting import (
+    EXCHANGE_OVERHEAD_TOKENS,
+    PER_MESSAGE_OVERHEAD,
+    Metered,
+    counted_prompt,
+)
 from chatmeter.metering.reservations import Reservation
 from chatmeter.metering.settlement import Settlement, settle_with_retries, settled_at
 from chatmeter.providers.base import (
@@ -43,7 +49,9 @@ from chatmeter.streaming.opening import (
     Opened,
     Prompt,
     PromptTooLarge,
+    chat_and_history,
     context_length_exceeded,
+    fit_to_context,
     open_prompt_steps,
     open_steps,
     undo_opening,
@@ -88,6 +96,39 @@ async def count_bare_prompt(
     except Exception:
         raise refusal() from None
     return counted_prompt(counts, len(texts))
+
+
+# the least a prompt of one message can be by exact count: the template's tokens of the
+# system prompt and the message, and the exchange's overhead (`counted_prompt`). A budget
+# with less room than that (and one token of output) is spent whatever the count says:
+# its refusal stands without one
+SMALLEST_COUNTED_PROMPT = 2 * PER_MESSAGE_OVERHEAD + EXCHANGE_OVERHEAD_TOKENS
+
+
+def worth_counting(refused: BudgetRefused) -> bool:
+    """Whether a budget refusal may be the prompt's bound's doing: the limits still held
+    room for some prompt and a token of output."""
+    return refused.room >= SMALLEST_COUNTED_PROMPT + 1
+
+
+async def local_counts(
+    services: Services, model: str, texts: list[str]
+) -> dict[str, int] | None:
+    """Each of `texts` counted by the model's tokenizer, if it counts locally (no
+    provider call: `Provider.counts_locally`) and within HISTORY_COUNT_SECONDS; else
+    None (a provider whose count is an API call keeps zero count calls per exchange,
+    SPEC section 9)."""
+    try:
+        provider = await services.providers.get(model)
+        if not provider.counts_locally:
+            return None
+        distinct = list(dict.fromkeys(texts))
+        async with asyncio.timeout(HISTORY_COUNT_SECONDS):
+            sizes = await services.counter.sizes(provider, distinct)
+    except Exception:
+        log.warning("a prompt refused by its bound could not be counted", exc_info=True)
+        return None
+    return dict(zip(distinct, sizes, strict=True))
 
 
 async def with_counted_history(services: Services, opened: Opened) -> GenerationRequest:
@@ -335,18 +376,67 @@ async def open_exchange(
 ) -> Exchange:
     """The checks of the contract in order (chat 404/403, budget 403, reply 409), the
     history, the reservation and the user message: one write transaction, so a refusal
-    leaves nothing behind."""
+    leaves nothing behind. A budget refusal of the prompt's bound is asked again with
+    the prompt counted, for a model that counts locally (`_open_counted_chat`)."""
     user_message_id = new_id()
     try:
-        return await _open_chat(services, user, chat_id, message, None, user_message_id)
-    except PromptTooLarge as too_large:
-        exact = await count_bare_prompt(
-            services,
-            too_large.args[0],
-            services.settings.system_prompt_for(too_large.args[0]),
-            [message],
-        )
-        return await _open_chat(services, user, chat_id, message, exact, user_message_id)
+        try:
+            return await _open_chat(services, user, chat_id, message, None, user_message_id)
+        except PromptTooLarge as too_large:
+            exact = await count_bare_prompt(
+                services,
+                too_large.args[0],
+                services.settings.system_prompt_for(too_large.args[0]),
+                [message],
+            )
+            return await _open_chat(services, user, chat_id, message, exact, user_message_id)
+        except BudgetRefused as refused:
+            if not worth_counting(refused):
+                raise
+            opened = await _open_counted_chat(
+                services, user, chat_id, message, user_message_id, refused.room
+            )
+            if opened is None:
+                raise
+            return opened
+    except ApiError as exc:
+        services.metrics.count_refusal(exc.code)
+        raise
+
+
+async def _open_counted_chat(
+    services: Services,
+    user: Principal,
+    chat_id: uuid.UUID,
+    message: str,
+    user_message_id: uuid.UUID,
+    room: int,
+) -> Exchange | None:
+    """The opening again, its prompt sized by the model's tokenizer's count (system
+    prompt, history and message) where the bound made the budget refuse it: None when
+    the model does not count locally, or the counted prompt does not fit `room` either
+    (the refusal stands). The opening is the same one transaction, which reads the chat
+    and checks every limit again: a text it reads that was not counted here (the chat
+    moved on) is sized by its bound, so the reservation always holds the prompt sent."""
+    chat, history = await services.transactor.run(
+        chat_and_history, chat_id, services.settings.history_messages
+    )
+    if chat is None or chat.user_id != user.user_id or not chat.is_active:
+        return None  # deleted or handed on since: the refusal stands
+    limits = services.opening_rules.models.get(chat.model)
+    if limits is None:
+        return None
+    texts = [limits.system_prompt, *(turn.content for turn in history), message]
+    counts = await local_counts(services, chat.model, texts)
+    if counts is None:
+        return None
+    try:
+        _, size, _ = fit_to_context(limits, history, message, counts=counts)
+    except PromptTooLarge:
+        return None
+    if size + 1 > room:
+        return None
+    return await _open_chat(services, user, chat_id, message, None, user_message_id, counts)
 
 
 async def _open_chat(
@@ -356,6 +446,7 @@ async def _open_chat(
     message: str,
     exact_prompt: int | None,
     user_message_id: uuid.UUID,
+    counts: dict[str, int] | None = None,
 ) -> Exchange:
     async def undo() -> bool:
         return await services.transactor.run(
@@ -367,7 +458,7 @@ async def _open_chat(
             services.plans,
         )
 
-    args = (chat_id, message, exact_prompt, user_message_id)
+    args = (chat_id, message, exact_prompt, user_message_id, counts)
     return await _open_or_take_back(services, user, chat_id, open_steps, args, undo)
 
 
@@ -416,16 +507,32 @@ async def open_prompt_exchange(services: Services, user: Principal, prompt: Prom
     reservation, provider, metering and settlement as a chat's, with no chat. Refusals:
     budget 403, context 400 (`ApiError`)."""
     reservation_id = new_id()
+    system = prompt.system_prompt
+    if system is None:
+        system = services.settings.system_prompt_for(prompt.model)
     try:
-        return await _open_prompt(services, user, prompt, None, reservation_id)
-    except PromptTooLarge:
-        system = prompt.system_prompt
-        if system is None:
-            system = services.settings.system_prompt_for(prompt.model)
-        exact = await count_bare_prompt(
-            services, prompt.model, system, prompt.texts(), context_length_exceeded
-        )
-        return await _open_prompt(services, user, prompt, exact, reservation_id)
+        try:
+            return await _open_prompt(services, user, prompt, None, reservation_id)
+        except PromptTooLarge:
+            exact = await count_bare_prompt(
+                services, prompt.model, system, prompt.texts(), context_length_exceeded
+            )
+            return await _open_prompt(services, user, prompt, exact, reservation_id)
+        except BudgetRefused as refused:
+            # the bound may be what the budget refused: counted, the prompt may fit
+            if not worth_counting(refused):
+                raise
+            texts = prompt.texts()
+            counts = await local_counts(services, prompt.model, [system, *texts])
+            if counts is None:
+                raise
+            exact = counted_prompt(sum(counts[text] for text in [system, *texts]), len(texts))
+            if exact + 1 > refused.room:
+                raise
+            return await _open_prompt(services, user, prompt, exact, reservation_id)
+    except ApiError as exc:
+        services.metrics.count_refusal(exc.code)
+        raise
 
 
 async def _open_prompt(
@@ -454,13 +561,9 @@ async def _open(
     """Run an opening transaction, `steps(rules, user_id, *args)`, and make its exchange.
     It goes with the others of the moment (`run_together`: on PostgreSQL a chat's
     opening is one statement keyed by its user message)."""
-    try:
-        opened = await services.transactor.run_together(
-            user.user_id, steps, services.opening_rules, user.user_id, *args
-        )
-    except ApiError as exc:
-        services.metrics.count_refusal(exc.code)
-        raise
+    opened = await services.transactor.run_together(
+        user.user_id, steps, services.opening_rules, user.user_id, *args
+    )
     return Exchange(
         services=services,
         user_id=user.user_id,

@@ -210,21 +210,24 @@ def fit_to_context(
     history: Sequence[ChatTurn],
     message: str,
     exact_prompt: int | None = None,
+    counts: Mapping[str, int] | None = None,
 ) -> tuple[tuple[ChatTurn, ...], int, int]:
     """Drop the oldest history until the prompt and the output cap fit the model's
     context window; lower the cap if even the bare message leaves too little room.
     Returns the history kept, the prompt size and the output cap. `exact_prompt`, the
     counted size of system prompt and message alone, replaces the bound (no history).
-    The bound is `counting.text_bound` of each text, each measured once."""
+    The bound is `counting.text_bound` of each text, each measured once; `counts`, the
+    model's tokenizer's count of texts (`message_size`), replaces it for those texts."""
     cap = limits.max_output_tokens
     if exact_prompt is not None:
         turns: Sequence[ChatTurn] = ()
         size = exact_prompt
     else:
-        sizes = [text_bound(turn.content) for turn in history]
+        counted = counts or {}
+        sizes = [message_size(turn.content, counted) for turn in history]
         size = (
-            text_bound(limits.system_prompt)
-            + text_bound(message)
+            message_size(limits.system_prompt, counted)
+            + message_size(message, counted)
             + sum(sizes)
             + EXCHANGE_OVERHEAD_TOKENS
         )
@@ -239,6 +242,15 @@ def fit_to_context(
             raise PromptTooLarge
         raise ApiError(400, "INVALID_MESSAGE", "The message is too long for this chat's model.")
     return tuple(turns), size, min(cap, room)
+
+
+def message_size(text: str, counts: Mapping[str, int]) -> int:
+    """The most tokens `text` is as one message of a prompt: its count in `counts` (the
+    model's tokenizer's) plus the chat template's PER_MESSAGE_OVERHEAD, as
+    `counting.counted_prompt` adds them up, else its `text_bound`."""
+    bound = text_bound(text)
+    counted = counts.get(text)
+    return bound if counted is None else min(bound, counted + PER_MESSAGE_OVERHEAD)
 
 
 # the user message, saved by the opening: as a statement of its own, and as the last
@@ -292,14 +304,17 @@ def open_steps(
     message: str,
     exact_prompt: int | None,
     user_message_id: uuid.UUID,
+    counts: Mapping[str, int] | None = None,
 ) -> Steps[Opened]:
     """The checks of the contract in order (chat 404/403, rate 429, budget 403, reply
     409), the history, the reservation (its output cap is the request's) and the user
     message, whose id the caller chose (`undo_opening` looks for it). On PostgreSQL the
     common case is one statement (`_open_at_once`); whatever it does not settle is done
-    here, step by step."""
+    here, step by step. `counts`: texts the model's tokenizer counted, sized by their
+    count instead of their bound (`fit_to_context`): the opening asked again after the
+    bound was refused by the budget (`exchange.open_exchange`)."""
     now = utcnow()
-    tried = bool(rules.fitted_read_sql) and exact_prompt is None
+    tried = bool(rules.fitted_read_sql) and exact_prompt is None and not counts
     read: tuple[ChatRef | None, list[ChatTurn]] | None = None
     if tried:
         answer = yield from _open_at_once(rules, user_id, chat_id, message, user_message_id, now)
@@ -315,7 +330,9 @@ def open_steps(
     if limits is None:
         raise ApiError(400, "INVALID_REQUEST", f"model {chat.model!r} is not configured")
     try:
-        kept, prompt_size, output_cap = fit_to_context(limits, history, message, exact_prompt)
+        kept, prompt_size, output_cap = fit_to_context(
+            limits, history, message, exact_prompt, counts
+        )
     except PromptTooLarge:
         raise PromptTooLarge(chat.model) from None
     reservation = yield from rules.reserve(

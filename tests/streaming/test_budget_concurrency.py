@@ -81,7 +81,13 @@ async def test_output_cap_is_lowered_to_what_the_budget_allows(database_url: str
             state = await books(server.engine, "ivan")
             assert state.total <= state.limit
             assert state.reserved == 0
-            # the budget is now too small for another prompt: refused up front, nothing saved
+            # a budget too small for another prompt, even counted exactly (what is left of
+            # the one above may hold the count: `exchange.open_exchange` asks again with
+            # it): refused up front, nothing saved
+            limit = await client.put(
+                "/api/admin/users/ivan/limit", json={"token_limit": state.total + 20}, headers=admin
+            )
+            assert limit.status_code == 200
             again = await stream_message(client, chat, "hi", token_for("ivan"))
             assert again.status == 403 and again.body["code"] == "TOKEN_BUDGET_EXCEEDED"
             after = await books(server.engine, "ivan")

@@ -7,6 +7,7 @@ import httpx
 import pytest
 
 from chatmeter.config import ModelConfig
+from chatmeter.metering.counting import counted_prompt
 from chatmeter.providers.local import LocalProvider
 from tests.conftest import auth, make_settings, token_for
 from tests.streaming.test_exchange import new_chat
@@ -148,3 +149,32 @@ async def test_a_prompt_of_many_short_messages_never_passes_the_token_limit(
                 if limit == 5000:  # room for the real prompt: served, billed its size
                     assert answer.status_code == 200, answer.text
                     assert state.total == answer.json()["usage"]["total_tokens"] > 1100
+
+
+async def test_a_request_its_bound_refused_is_served_when_llama_cpps_count_fits(
+    database_url: str,
+) -> None:
+    """69 tokens left: the bound of a /v1 "hi" under the default system prompt (its bytes,
+    86) was refused, where llama.cpp bills some thirty. Counted with the model's
+    tokenizer it is served, the reservation holds llama.cpp's own count of the prompt,
+    and the budget holds."""
+    settings = make_settings(database_url, models={"local": LOCAL}, default_model="local")
+    request = {"model": "local", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
+    async with serve(settings) as server:
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
+            limited = await client.put(
+                "/api/admin/users/near/limit",
+                json={"token_limit": 69},
+                headers=auth("root", admin=True),
+            )
+            assert limited.status_code == 200, limited.text
+            answer = await client.post("/v1/chat/completions", json=request, headers=auth("near"))
+            assert answer.status_code == 200, answer.text
+            usage = answer.json()["usage"]
+            provider = await server.services.providers.get("local")
+            counts = await provider.count_tokens([settings.system_prompt_for("local"), "hi"])
+            reserved_prompt = counted_prompt(sum(counts), 1)
+            assert usage["prompt_tokens"] <= reserved_prompt, (usage, reserved_prompt)
+            state = await books(server.engine, "near")
+            assert state.total == state.ledger == usage["total_tokens"] <= 69
+            assert state.reserved == 0
