@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from decimal import Decimal
 
@@ -174,25 +174,21 @@ def take_statement(
     never seen)."""
     start = book.period_start_sql
     ended = f"period_start < {start}"
-    tokens, micros = amounts.tokens, amounts.micros
+    tokens = amounts.tokens
     return Sql(
         "UPDATE user_usage SET "
         f"total_tokens_used = CASE WHEN {ended} THEN 0 ELSE total_tokens_used END, "
         f"spend_micros = CASE WHEN {ended} THEN 0 ELSE spend_micros END, "
         f"period_start = CASE WHEN {ended} THEN {start} ELSE period_start END, "
         f"reserved_tokens = reserved_tokens + {tokens}, "
-        f"reserved_micros = reserved_micros + {micros}, "
+        f"reserved_micros = reserved_micros + {amounts.micros}, "
         "active_replies = active_replies + 1, "
         "rate_tat = (CASE WHEN rate_tat > CAST(:now_us AS BIGINT) THEN rate_tat "
         f"ELSE CAST(:now_us AS BIGINT) END) + {book.emission_sql} "
         f"{amounts.source}WHERE user_id = :user_id "
         f"AND rate_tat <= CAST(:now_us AS BIGINT) + {book.tolerance_sql} "
         f"AND active_replies < {book.concurrency_sql} "
-        f"AND {book.token_limit_sql} - (CASE WHEN {ended} THEN 0 ELSE total_tokens_used END) "
-        f"- reserved_tokens >= {tokens} "
-        f"AND ({micros} = 0 OR {book.spend_limit_sql} - "
-        f"(CASE WHEN {ended} THEN 0 ELSE spend_micros END) - reserved_micros "
-        f">= {micros}) {also}"
+        f"AND {_room_for(book, amounts)} {also}"
         f"RETURNING {book.plan_sql} AS plan",
         {
             "user_id": user_id,
@@ -200,6 +196,68 @@ def take_statement(
             **amounts.params,
             **book.period_params(now),
         },
+    )
+
+
+def _room_for(book: PlanBook, amounts: Amounts) -> str:
+    """The condition of a `user_usage` row whose token and spend limits still hold
+    `amounts` beside what is used and reserved (in the current period: an ended one's
+    totals count as 0, as the take that rolls it over makes them)."""
+    ended = f"period_start < {book.period_start_sql}"
+    tokens, micros = amounts.tokens, amounts.micros
+    return (
+        f"{book.token_limit_sql} - (CASE WHEN {ended} THEN 0 ELSE total_tokens_used END) "
+        f"- reserved_tokens >= {tokens} "
+        f"AND ({micros} = 0 OR {book.spend_limit_sql} - "
+        f"(CASE WHEN {ended} THEN 0 ELSE spend_micros END) - reserved_micros "
+        f">= {micros})"
+    )
+
+
+class ReservationGone(Exception):
+    """The reservation to widen was released before it could be (a stop, its lease run
+    out): the widening is rolled back."""
+
+
+def widen_reservation(
+    book: PlanBook,
+    reservation: Reservation,
+    extra: int,
+    highest_price: Decimal,
+    now: datetime,
+) -> Steps[Reservation | None]:
+    """Add `extra` prompt tokens (and their money at `highest_price`) to a reservation
+    made by an opening, if the user's limits still hold them: the reservation grown, or
+    None (nothing changed). The user's row is taken under the same condition as the
+    opening's take (`_room_for`), so concurrent openings and widenings of the user's
+    never together pass a limit; the reservation's row grows in the same transaction,
+    after the user's row is locked (the lock order of `reservations.py`), so that what
+    settlement or a release hands back is what was taken. Raises `ReservationGone`
+    (rolling the take back) if the reservation was released meanwhile."""
+    total = reserve_micros(reservation.tokens + extra, highest_price)
+    micros = max(0, total - reservation.micros)
+    amounts = Amounts.of(extra, micros)
+    rows = yield Sql(
+        "UPDATE user_usage SET reserved_tokens = reserved_tokens + CAST(:tokens AS BIGINT), "
+        "reserved_micros = reserved_micros + CAST(:micros AS BIGINT) "
+        f"WHERE user_id = :user_id AND {_room_for(book, amounts)} RETURNING user_id",
+        {"user_id": reservation.user_id, **amounts.params, **book.period_params(now)},
+    )
+    if not rows:
+        return None
+    grown = yield Sql(
+        "UPDATE reservations SET tokens = tokens + CAST(:tokens AS BIGINT), "
+        "micros = micros + CAST(:micros AS BIGINT) WHERE reservation_id = :reservation_id "
+        "RETURNING tokens",
+        {"reservation_id": reservation.reservation_id, **amounts.params},
+    )
+    if not grown:
+        raise ReservationGone
+    return replace(
+        reservation,
+        tokens=reservation.tokens + extra,
+        prompt_estimate=reservation.prompt_estimate + extra,
+        micros=reservation.micros + micros,
     )
 
 

@@ -23,11 +23,12 @@ from typing import Any
 
 from chatmeter.auth.tokens import Principal
 from chatmeter.db.steps import Steps
+from chatmeter.db.tables import utcnow
 from chatmeter.db.transactor import OutcomeUnknown
 from chatmeter.errors import ApiError
 from chatmeter.ids import new_id
+from chatmeter.metering.budget import BudgetRefused, widen_reservation
 from chatmeter.metering.cost import cost_micros
-from chatmeter.metering.budget import BudgetRefused
 from chatmeter.metering.counting import (
     EXCHANGE_OVERHEAD_TOKENS,
     PER_MESSAGE_OVERHEAD,
@@ -46,6 +47,7 @@ from chatmeter.providers.base import (
 from chatmeter.services import Services
 from chatmeter.streaming.events import end_event
 from chatmeter.streaming.opening import (
+    ModelLimits,
     Opened,
     Prompt,
     PromptTooLarge,
@@ -111,9 +113,7 @@ def worth_counting(refused: BudgetRefused) -> bool:
     return refused.room >= SMALLEST_COUNTED_PROMPT + 1
 
 
-async def local_counts(
-    services: Services, model: str, texts: list[str]
-) -> dict[str, int] | None:
+async def local_counts(services: Services, model: str, texts: list[str]) -> dict[str, int] | None:
     """Each of `texts` counted by the model's tokenizer, if it counts locally (no
     provider call: `Provider.counts_locally`) and within HISTORY_COUNT_SECONDS; else
     None (a provider whose count is an API call keeps zero count calls per exchange,
@@ -131,22 +131,29 @@ async def local_counts(
     return dict(zip(distinct, sizes, strict=True))
 
 
-async def with_counted_history(services: Services, opened: Opened) -> GenerationRequest:
-    """The opening's request, with the newest of the turns its bound left out put back,
-    as many as the prompt's reservation holds by exact count. The bound (UTF-8 bytes)
-    runs 3-4x the real count of English text, so it trims a chat's history long before
-    the context window is full (SPEC section 5 trims only what would overflow it). Only
-    for a model whose tokenizer costs no provider call (`Provider.counts_locally`): no
-    count call otherwise. The reservation is unchanged: the prompt stays within the
-    size it reserved, so the budget holds as before; a count that fails, or takes longer
-    than HISTORY_COUNT_SECONDS (a tokenizer that hangs), changes nothing."""
-    request = opened.request
+async def with_counted_history(
+    services: Services, opened: Opened
+) -> tuple[GenerationRequest, Reservation]:
+    """The opening's request, with the newest of the turns its bound left out put back
+    as far as the model's context window holds them by exact count, and its reservation,
+    grown to hold them. The bound (UTF-8 bytes) runs 3-4x the real count of English
+    text, so it trims a chat's history long before the context window is full (SPEC
+    section 5 trims only what would overflow it). Only for a model whose tokenizer costs
+    no provider call (`Provider.counts_locally`): no count call otherwise.
+
+    What the prompt's reservation already holds is put back at no cost; more takes a
+    second, atomic take on the user's budget (`budget.widen_reservation`, one statement
+    more, only for such trimmed chats): if the limits do not hold it, the prompt stays
+    within the reservation the opening made. Either way the prompt sent stays within
+    what is reserved. A count that fails, or takes longer than HISTORY_COUNT_SECONDS (a
+    tokenizer that hangs), changes nothing."""
+    request, reservation = opened.request, opened.reservation
     if not opened.dropped:
-        return request
+        return request, reservation
     try:
         provider = await services.providers.get(opened.model)
         if not provider.counts_locally:
-            return request
+            return request, reservation
         counter = services.counter
         texts = [*(turn.content for turn in request.history), request.message]
         async with asyncio.timeout(HISTORY_COUNT_SECONDS):
@@ -156,18 +163,48 @@ async def with_counted_history(services: Services, opened: Opened) -> Generation
             older = await counter.sizes(provider, [turn.content for turn in opened.dropped])
     except Exception:
         log.warning("the history left out could not be counted; sent without it", exc_info=True)
-        return request
-    room = opened.reservation.prompt_estimate - size
-    back = 0
-    for tokens in reversed(older):
-        room -= tokens + PER_MESSAGE_OVERHEAD
-        if room < 0:
-            break
-        back += 1
+        return request, reservation
+    # the newest turns first, each with its template's tokens: `sums[n]`, the last n
+    added = [tokens + PER_MESSAGE_OVERHEAD for tokens in reversed(older)]
+    sums = [sum(added[:n]) for n in range(len(added) + 1)]
+    back = _fitting(sums, reservation.prompt_estimate - size)
+    limits = services.opening_rules.models.get(opened.model)
+    if limits is not None:
+        # the context leaves room for the model's whole output cap, as `fit_to_context`
+        wanted = _fitting(sums, limits.context_window - limits.max_output_tokens - size)
+        if wanted > back:
+            widened = await _widened(services, reservation, size + sums[wanted], limits)
+            if widened is not None:
+                reservation, back = widened, wanted
     if back == 0:
-        return request
+        return request, reservation
     history = (*opened.dropped[len(older) - back :], *request.history)
-    return replace(request, history=history)
+    return replace(request, history=history), reservation
+
+
+def _fitting(sums: list[int], room: int) -> int:
+    """How many of the newest turns fit `room` (`sums[n]`: the last n's tokens)."""
+    return max((n for n, total in enumerate(sums) if total <= room), default=0)
+
+
+async def _widened(
+    services: Services, reservation: Reservation, prompt: int, limits: ModelLimits
+) -> Reservation | None:
+    """The reservation grown to hold a prompt of `prompt` tokens, or None when the user's
+    limits do not hold the difference (or it could not be written: then whatever was
+    written holds in the reservation's row, which is what settlement hands back)."""
+    try:
+        return await services.transactor.run(
+            widen_reservation,
+            services.plans,
+            reservation,
+            prompt - reservation.prompt_estimate,
+            limits.highest_price,
+            utcnow(),
+        )
+    except Exception:
+        log.warning("the reservation could not be widened for history", exc_info=True)
+        return None
 
 
 @dataclass(eq=False)
@@ -564,13 +601,14 @@ async def _open(
     opened = await services.transactor.run_together(
         user.user_id, steps, services.opening_rules, user.user_id, *args
     )
+    request, reservation = await with_counted_history(services, opened)
     return Exchange(
         services=services,
         user_id=user.user_id,
         chat_id=chat_id,
         model=opened.model,
-        request=await with_counted_history(services, opened),
-        reservation=opened.reservation,
+        request=request,
+        reservation=reservation,
         user_message_id=opened.user_message_id,
         user_message_at=opened.user_message_at,
     )

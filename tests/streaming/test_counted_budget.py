@@ -193,7 +193,9 @@ async def test_a_prompt_its_bound_priced_past_the_spend_limit_is_served_when_its
     async with serve(settings) as running:
         async with httpx.AsyncClient(base_url=running.url, timeout=30) as http:
             assigned = await http.put(
-                "/api/admin/users/sam/plan", json={"plan": "tight"}, headers=auth("root", admin=True)
+                "/api/admin/users/sam/plan",
+                json={"plan": "tight"},
+                headers=auth("root", admin=True),
             )
             assert assigned.status_code == 200, assigned.text
             answer = await http.post(
