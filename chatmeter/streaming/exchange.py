@@ -182,6 +182,33 @@ async def with_counted_history(
     return replace(request, history=history), reservation
 
 
+async def with_counted_cap(
+    services: Services, opened: Opened, request: GenerationRequest, reservation: Reservation
+) -> tuple[GenerationRequest, Reservation]:
+    """The request with the output cap the reservation holds once its prompt is counted,
+    where the budget or the context lowered it below the one asked for: the opening
+    reserved the prompt's bound (3-4x the real count of English) and gave the output
+    what was left of it, so near the end of a budget a reply was cut short by tokens the
+    prompt never used. The reservation's tokens (and money) stay as they are, and the
+    budget with them: only its split between prompt and output moves, the prompt part
+    still holding the counted prompt that is sent, prompt and cap within the context.
+    Only for a model that counts locally and a lowered cap; a count that fails or hangs
+    changes nothing (HISTORY_COUNT_SECONDS)."""
+    if request.max_output_tokens >= opened.output_asked:
+        return request, reservation
+    limits = services.opening_rules.models.get(opened.model)
+    texts = [*(turn.content for turn in request.history), request.message]
+    counts = await local_counts(services, opened.model, [request.system_prompt, *texts])
+    if limits is None or counts is None:
+        return request, reservation
+    size = counted_prompt(sum(counts[text] for text in [request.system_prompt, *texts]), len(texts))
+    cap = min(opened.output_asked, limits.context_window - size, reservation.tokens - size)
+    if cap <= request.max_output_tokens:
+        return request, reservation
+    reservation = replace(reservation, prompt_estimate=reservation.tokens - cap)
+    return replace(request, max_output_tokens=cap), reservation
+
+
 def _fitting(sums: list[int], room: int) -> int:
     """How many of the newest turns fit `room` (`sums[n]`: the last n's tokens)."""
     return max((n for n, total in enumerate(sums) if total <= room), default=0)
@@ -602,6 +629,7 @@ async def _open(
         user.user_id, steps, services.opening_rules, user.user_id, *args
     )
     request, reservation = await with_counted_history(services, opened)
+    request, reservation = await with_counted_cap(services, opened, request, reservation)
     return Exchange(
         services=services,
         user_id=user.user_id,

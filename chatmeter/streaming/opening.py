@@ -181,6 +181,10 @@ class Opened:
     # the older turns of the chat's history that the prompt's bound left out, oldest
     # first: an exact count may put some back (`exchange.with_counted_history`)
     dropped: tuple[ChatTurn, ...] = ()
+    # the output cap asked for (the model's, or less if the client asked less): the
+    # budget or the context may have lowered the request's below it, sizing the prompt
+    # by its bound (`exchange.with_counted_cap`); 0: not known
+    output_asked: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -352,7 +356,9 @@ def open_steps(
     # the budget may allow less output than the context: the reservation's cap is sent
     request = GenerationRequest(limits.system_prompt, kept, message, reservation.output_cap)
     dropped = tuple(history[: len(history) - len(kept)])
-    return Opened(chat.model, request, reservation, user_message_id, now, dropped)
+    return Opened(
+        chat.model, request, reservation, user_message_id, now, dropped, limits.max_output_tokens
+    )
 
 
 # PostgreSQL's opening of a chat in one statement: `open_steps`'s read, `fit_to_context`
@@ -461,7 +467,8 @@ def _open_at_once(
     )
     system_prompt = rules.models[model].system_prompt
     request = GenerationRequest(system_prompt, kept, message, output_cap)
-    return Opened(model, request, reservation, user_message_id, now, dropped)
+    cap = rules.models[model].max_output_tokens
+    return Opened(model, request, reservation, user_message_id, now, dropped, cap)
 
 
 def undo_opening(
@@ -529,11 +536,12 @@ def open_prompt_steps(
         if exact_prompt is None:
             raise PromptTooLarge(prompt.model)
         raise context_length_exceeded()
-    cap = min(limits.max_output_tokens, room, prompt.max_output_tokens or room)
+    asked = min(limits.max_output_tokens, prompt.max_output_tokens or limits.max_output_tokens)
+    cap = min(asked, room)
     reservation = yield from rules.reserve(
         user_id, None, limits, size, cap, utcnow(), reservation_id=reservation_id
     )
     request = GenerationRequest(
         system, prompt.history, prompt.message, reservation.output_cap, prompt.sampling
     )
-    return Opened(prompt.model, request, reservation, None, None)
+    return Opened(prompt.model, request, reservation, None, None, output_asked=asked)

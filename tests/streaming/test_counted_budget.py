@@ -206,3 +206,33 @@ async def test_a_prompt_its_bound_priced_past_the_spend_limit_is_served_when_its
             state = await period_books(running.engine, "sam")
             assert balanced(state) and state.spend <= (exact + 10) * 10
             assert (state.reserved, state.reserved_micros, state.active) == (0, 0, 0)
+
+
+async def test_an_output_cap_the_bound_lowered_is_raised_to_what_the_counted_prompt_leaves(
+    database_url: str,
+) -> None:
+    """A budget with room for the prompt's bound and 5 tokens more: the bound gave the
+    reply 5 tokens (cut short, `length`) where the counted prompt leaves room for all
+    of it. The reservation is the same (the budget holds as before): only its split
+    between prompt and output follows the count."""
+    texts = [SYSTEM, QUESTION]
+    assert bound(texts) + 5 - counted(texts) > scripted_count(REPLY) > 5
+    settings = make_settings(database_url, models={"short": SHORT})
+    async with serve(settings) as running:
+        async with httpx.AsyncClient(base_url=running.url, timeout=30) as http:
+            await leave(running, http, "ola", bound(texts) + 5)
+            answer = await http.post(
+                "/v1/chat/completions", json=completion(QUESTION), headers=auth("ola")
+            )
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["choices"][0]["finish_reason"] == "stop"
+            assert answer.json()["usage"]["completion_tokens"] == scripted_count(REPLY)
+            chat = await new_chat(http, "ola", model="short")
+            await leave(running, http, "ola", bound(texts) + 5)
+            result = await stream_message(http, chat, QUESTION, token_for("ola"))
+            assert result.status == 200, result.status
+            assert result.last["finish_reason"] == "stop", result.last
+            state = await period_books(running.engine, "ola")
+            assert balanced(state) and (state.reserved, state.active) == (0, 0)
+            totals = await books(running.engine, "ola")
+            assert totals.total == totals.ledger <= totals.limit
