@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from decimal import Decimal
 
@@ -75,22 +75,35 @@ def _resets(resets_at: datetime | None) -> dict[str, str]:
     return {"resets_at": resets_at.isoformat()} if resets_at is not None else {}
 
 
-def budget_exceeded(resets_at: datetime | None = None) -> ApiError:
-    return ApiError(
+class BudgetRefused(ApiError):
+    """403 TOKEN_BUDGET_EXCEEDED or SPEND_LIMIT_EXCEEDED, with `room`: the most tokens
+    the user's limits still held when it was decided (0 when not known). The prompt's
+    estimate is a bound that may run well above its real size: a prompt counted exactly
+    that fits `room` is worth opening again (`exchange.py`). `room` is never sent."""
+
+    room: int = 0
+
+
+def budget_exceeded(resets_at: datetime | None = None, room: int = 0) -> BudgetRefused:
+    refused = BudgetRefused(
         403,
         "TOKEN_BUDGET_EXCEEDED",
         "Your token budget is spent. Ask an admin to raise it.",
         _resets(resets_at),
     )
+    refused.room = room
+    return refused
 
 
-def spend_exceeded(resets_at: datetime | None = None) -> ApiError:
-    return ApiError(
+def spend_exceeded(resets_at: datetime | None = None, room: int = 0) -> BudgetRefused:
+    refused = BudgetRefused(
         403,
         "SPEND_LIMIT_EXCEEDED",
         "Your spending limit is reached. Ask an admin to raise it.",
         _resets(resets_at),
     )
+    refused.room = room
+    return refused
 
 
 def rate_limited(retry_after: int) -> ApiError:
@@ -166,20 +179,18 @@ def take_statement(
     The statement of every message so never reads the ledger, nor carries the
     subqueries that would (PostgreSQL prepares each subquery of a statement every
     time it runs it, read or not)."""
-    tokens, micros = amounts.tokens, amounts.micros
+    tokens = amounts.tokens
     return Sql(
         "UPDATE user_usage SET "
         f"reserved_tokens = reserved_tokens + {tokens}, "
-        f"reserved_micros = reserved_micros + {micros}, "
+        f"reserved_micros = reserved_micros + {amounts.micros}, "
         "active_replies = active_replies + 1, "
         "rate_tat = (CASE WHEN rate_tat > CAST(:now_us AS BIGINT) THEN rate_tat "
         f"ELSE CAST(:now_us AS BIGINT) END) + {book.emission_sql} "
         f"{amounts.source}WHERE user_id = :user_id AND NOT {book.rolls_sql} "
         f"AND rate_tat <= CAST(:now_us AS BIGINT) + {book.tolerance_sql} "
         f"AND active_replies < {book.concurrency_sql} "
-        f"AND {book.token_limit_sql} - total_tokens_used - reserved_tokens >= {tokens} "
-        f"AND ({micros} = 0 OR {book.spend_limit_sql} - spend_micros - reserved_micros "
-        f">= {micros}) {also}"
+        f"AND {_room_for(book, amounts)} {also}"
         f"RETURNING {book.plan_sql} AS plan",
         {
             "user_id": user_id,
@@ -206,6 +217,70 @@ def roll_over(book: PlanBook, user_id: str, now: datetime) -> Steps[None]:
         f"THEN {book.period_start_sql} ELSE period_start END "
         f"WHERE user_id = :user_id AND {book.rolls_sql}",
         {"user_id": user_id, **book.standing_params(now)},
+    )
+
+
+def _room_for(book: PlanBook, amounts: Amounts) -> str:
+    """The condition of a `user_usage` row whose token and spend limits still hold
+    `amounts` beside what is used and reserved in its period."""
+    tokens, micros = amounts.tokens, amounts.micros
+    return (
+        f"{book.token_limit_sql} - total_tokens_used - reserved_tokens >= {tokens} "
+        f"AND ({micros} = 0 OR {book.spend_limit_sql} - spend_micros - reserved_micros "
+        f">= {micros})"
+    )
+
+
+class ReservationGone(Exception):
+    """The reservation to widen was released before it could be (a stop, its lease run
+    out): the widening is rolled back."""
+
+
+def widen_reservation(
+    book: PlanBook,
+    reservation: Reservation,
+    extra: int,
+    highest_price: Decimal,
+    now: datetime,
+) -> Steps[Reservation | None]:
+    """Add `extra` prompt tokens (and their money at `highest_price`) to a reservation
+    made by an opening, if the user's limits still hold them: the reservation grown, or
+    None (nothing changed). The user's row is taken under the same condition as the
+    opening's take (`_room_for`), so concurrent openings and widenings of the user's
+    never together pass a limit; the reservation's row grows in the same transaction,
+    after the user's row is locked (the lock order of `reservations.py`), so that what
+    settlement or a release hands back is what was taken. Raises `ReservationGone`
+    (rolling the take back) if the reservation was released meanwhile."""
+    total = reserve_micros(reservation.tokens + extra, highest_price)
+    micros = max(0, total - reservation.micros)
+    amounts = Amounts.of(extra, micros)
+    rows = yield Sql(
+        "UPDATE user_usage SET reserved_tokens = reserved_tokens + CAST(:tokens AS BIGINT), "
+        "reserved_micros = reserved_micros + CAST(:micros AS BIGINT) "
+        f"WHERE user_id = :user_id AND NOT {book.rolls_sql} AND {_room_for(book, amounts)} "
+        "RETURNING user_id",
+        {
+            "user_id": reservation.user_id,
+            **amounts.params,
+            **book.period_params(now),
+            "now_us": to_micros(now),
+        },
+    )
+    if not rows:
+        return None
+    grown = yield Sql(
+        "UPDATE reservations SET tokens = tokens + CAST(:tokens AS BIGINT), "
+        "micros = micros + CAST(:micros AS BIGINT) WHERE reservation_id = :reservation_id "
+        "RETURNING tokens",
+        {"reservation_id": reservation.reservation_id, **amounts.params},
+    )
+    if not grown:
+        raise ReservationGone
+    return replace(
+        reservation,
+        tokens=reservation.tokens + extra,
+        prompt_estimate=reservation.prompt_estimate + extra,
+        micros=reservation.micros + micros,
     )
 
 
@@ -385,12 +460,14 @@ def _allowed(
         raise rate_limited(retry_after_seconds(wait))
     if standing.active_replies >= standing.plan.concurrency:
         raise rate_limited(1)
+    affordable = tokens_for_micros(standing.spend_room, highest_price)
+    # what a smaller (counted) prompt could still be given: both limits' room
+    room = standing.tokens_room if affordable is None else min(standing.tokens_room, affordable)
     wanted = min(full, standing.tokens_room)
     if wanted < prompt_estimate + 1:
-        raise budget_exceeded(standing.resets_at)
-    affordable = tokens_for_micros(standing.spend_room, highest_price)
+        raise budget_exceeded(standing.resets_at, room)
     if affordable is not None and affordable < wanted:
         wanted = affordable
         if wanted < prompt_estimate + 1:
-            raise spend_exceeded(standing.resets_at)
+            raise spend_exceeded(standing.resets_at, room)
     return wanted

@@ -23,11 +23,18 @@ from typing import Any
 
 from chatmeter.auth.tokens import Principal
 from chatmeter.db.steps import Steps
+from chatmeter.db.tables import utcnow
 from chatmeter.db.transactor import OutcomeUnknown
 from chatmeter.errors import ApiError
 from chatmeter.ids import new_id
+from chatmeter.metering.budget import BudgetRefused, widen_reservation
 from chatmeter.metering.cost import cost_micros
-from chatmeter.metering.counting import PER_MESSAGE_OVERHEAD, Metered, counted_prompt
+from chatmeter.metering.counting import (
+    EXCHANGE_OVERHEAD_TOKENS,
+    PER_MESSAGE_OVERHEAD,
+    Metered,
+    counted_prompt,
+)
 from chatmeter.metering.reservations import Reservation
 from chatmeter.metering.settlement import Settlement, settle_with_retries, settled_at
 from chatmeter.providers.base import (
@@ -40,10 +47,13 @@ from chatmeter.providers.base import (
 from chatmeter.services import Services
 from chatmeter.streaming.events import end_event
 from chatmeter.streaming.opening import (
+    ModelLimits,
     Opened,
     Prompt,
     PromptTooLarge,
+    chat_and_history,
     context_length_exceeded,
+    fit_to_context,
     open_prompt_steps,
     open_steps,
     undo_opening,
@@ -90,22 +100,60 @@ async def count_bare_prompt(
     return counted_prompt(counts, len(texts))
 
 
-async def with_counted_history(services: Services, opened: Opened) -> GenerationRequest:
-    """The opening's request, with the newest of the turns its bound left out put back,
-    as many as the prompt's reservation holds by exact count. The bound (UTF-8 bytes)
-    runs 3-4x the real count of English text, so it trims a chat's history long before
-    the context window is full (SPEC section 5 trims only what would overflow it). Only
-    for a model whose tokenizer costs no provider call (`Provider.counts_locally`): no
-    count call otherwise. The reservation is unchanged: the prompt stays within the
-    size it reserved, so the budget holds as before; a count that fails, or takes longer
-    than HISTORY_COUNT_SECONDS (a tokenizer that hangs), changes nothing."""
-    request = opened.request
+# the least a prompt of one message can be by exact count: the template's tokens of the
+# system prompt and the message, and the exchange's overhead (`counted_prompt`). A budget
+# with less room than that (and one token of output) is spent whatever the count says:
+# its refusal stands without one
+SMALLEST_COUNTED_PROMPT = 2 * PER_MESSAGE_OVERHEAD + EXCHANGE_OVERHEAD_TOKENS
+
+
+def worth_counting(refused: BudgetRefused) -> bool:
+    """Whether a budget refusal may be the prompt's bound's doing: the limits still held
+    room for some prompt and a token of output."""
+    return refused.room >= SMALLEST_COUNTED_PROMPT + 1
+
+
+async def local_counts(services: Services, model: str, texts: list[str]) -> dict[str, int] | None:
+    """Each of `texts` counted by the model's tokenizer, if it counts locally (no
+    provider call: `Provider.counts_locally`) and within HISTORY_COUNT_SECONDS; else
+    None (a provider whose count is an API call keeps zero count calls per exchange,
+    SPEC section 9)."""
+    try:
+        provider = await services.providers.get(model)
+        if not provider.counts_locally:
+            return None
+        distinct = list(dict.fromkeys(texts))
+        async with asyncio.timeout(HISTORY_COUNT_SECONDS):
+            sizes = await services.counter.sizes(provider, distinct)
+    except Exception:
+        log.warning("a prompt refused by its bound could not be counted", exc_info=True)
+        return None
+    return dict(zip(distinct, sizes, strict=True))
+
+
+async def with_counted_history(
+    services: Services, opened: Opened
+) -> tuple[GenerationRequest, Reservation]:
+    """The opening's request, with the newest of the turns its bound left out put back
+    as far as the model's context window holds them by exact count, and its reservation,
+    grown to hold them. The bound (UTF-8 bytes) runs 3-4x the real count of English
+    text, so it trims a chat's history long before the context window is full (SPEC
+    section 5 trims only what would overflow it). Only for a model whose tokenizer costs
+    no provider call (`Provider.counts_locally`): no count call otherwise.
+
+    What the prompt's reservation already holds is put back at no cost; more takes a
+    second, atomic take on the user's budget (`budget.widen_reservation`, one statement
+    more, only for such trimmed chats): if the limits do not hold it, the prompt stays
+    within the reservation the opening made. Either way the prompt sent stays within
+    what is reserved. A count that fails, or takes longer than HISTORY_COUNT_SECONDS (a
+    tokenizer that hangs), changes nothing."""
+    request, reservation = opened.request, opened.reservation
     if not opened.dropped:
-        return request
+        return request, reservation
     try:
         provider = await services.providers.get(opened.model)
         if not provider.counts_locally:
-            return request
+            return request, reservation
         counter = services.counter
         texts = [*(turn.content for turn in request.history), request.message]
         async with asyncio.timeout(HISTORY_COUNT_SECONDS):
@@ -115,18 +163,75 @@ async def with_counted_history(services: Services, opened: Opened) -> Generation
             older = await counter.sizes(provider, [turn.content for turn in opened.dropped])
     except Exception:
         log.warning("the history left out could not be counted; sent without it", exc_info=True)
-        return request
-    room = opened.reservation.prompt_estimate - size
-    back = 0
-    for tokens in reversed(older):
-        room -= tokens + PER_MESSAGE_OVERHEAD
-        if room < 0:
-            break
-        back += 1
+        return request, reservation
+    # the newest turns first, each with its template's tokens: `sums[n]`, the last n
+    added = [tokens + PER_MESSAGE_OVERHEAD for tokens in reversed(older)]
+    sums = [sum(added[:n]) for n in range(len(added) + 1)]
+    back = _fitting(sums, reservation.prompt_estimate - size)
+    limits = services.opening_rules.models.get(opened.model)
+    if limits is not None:
+        # the context leaves room for the model's whole output cap, as `fit_to_context`
+        wanted = _fitting(sums, limits.context_window - limits.max_output_tokens - size)
+        if wanted > back:
+            widened = await _widened(services, reservation, size + sums[wanted], limits)
+            if widened is not None:
+                reservation, back = widened, wanted
     if back == 0:
-        return request
+        return request, reservation
     history = (*opened.dropped[len(older) - back :], *request.history)
-    return replace(request, history=history)
+    return replace(request, history=history), reservation
+
+
+async def with_counted_cap(
+    services: Services, opened: Opened, request: GenerationRequest, reservation: Reservation
+) -> tuple[GenerationRequest, Reservation]:
+    """The request with the output cap the reservation holds once its prompt is counted,
+    where the budget or the context lowered it below the one asked for: the opening
+    reserved the prompt's bound (3-4x the real count of English) and gave the output
+    what was left of it, so near the end of a budget a reply was cut short by tokens the
+    prompt never used. The reservation's tokens (and money) stay as they are, and the
+    budget with them: only its split between prompt and output moves, the prompt part
+    still holding the counted prompt that is sent, prompt and cap within the context.
+    Only for a model that counts locally and a lowered cap; a count that fails or hangs
+    changes nothing (HISTORY_COUNT_SECONDS)."""
+    if request.max_output_tokens >= opened.output_asked:
+        return request, reservation
+    limits = services.opening_rules.models.get(opened.model)
+    texts = [*(turn.content for turn in request.history), request.message]
+    counts = await local_counts(services, opened.model, [request.system_prompt, *texts])
+    if limits is None or counts is None:
+        return request, reservation
+    size = counted_prompt(sum(counts[text] for text in [request.system_prompt, *texts]), len(texts))
+    cap = min(opened.output_asked, limits.context_window - size, reservation.tokens - size)
+    if cap <= request.max_output_tokens:
+        return request, reservation
+    reservation = replace(reservation, prompt_estimate=reservation.tokens - cap)
+    return replace(request, max_output_tokens=cap), reservation
+
+
+def _fitting(sums: list[int], room: int) -> int:
+    """How many of the newest turns fit `room` (`sums[n]`: the last n's tokens)."""
+    return max((n for n, total in enumerate(sums) if total <= room), default=0)
+
+
+async def _widened(
+    services: Services, reservation: Reservation, prompt: int, limits: ModelLimits
+) -> Reservation | None:
+    """The reservation grown to hold a prompt of `prompt` tokens, or None when the user's
+    limits do not hold the difference (or it could not be written: then whatever was
+    written holds in the reservation's row, which is what settlement hands back)."""
+    try:
+        return await services.transactor.run(
+            widen_reservation,
+            services.plans,
+            reservation,
+            prompt - reservation.prompt_estimate,
+            limits.highest_price,
+            utcnow(),
+        )
+    except Exception:
+        log.warning("the reservation could not be widened for history", exc_info=True)
+        return None
 
 
 @dataclass(eq=False)
@@ -335,18 +440,67 @@ async def open_exchange(
 ) -> Exchange:
     """The checks of the contract in order (chat 404/403, budget 403, reply 409), the
     history, the reservation and the user message: one write transaction, so a refusal
-    leaves nothing behind."""
+    leaves nothing behind. A budget refusal of the prompt's bound is asked again with
+    the prompt counted, for a model that counts locally (`_open_counted_chat`)."""
     user_message_id = new_id()
     try:
-        return await _open_chat(services, user, chat_id, message, None, user_message_id)
-    except PromptTooLarge as too_large:
-        exact = await count_bare_prompt(
-            services,
-            too_large.args[0],
-            services.settings.system_prompt_for(too_large.args[0]),
-            [message],
-        )
-        return await _open_chat(services, user, chat_id, message, exact, user_message_id)
+        try:
+            return await _open_chat(services, user, chat_id, message, None, user_message_id)
+        except PromptTooLarge as too_large:
+            exact = await count_bare_prompt(
+                services,
+                too_large.args[0],
+                services.settings.system_prompt_for(too_large.args[0]),
+                [message],
+            )
+            return await _open_chat(services, user, chat_id, message, exact, user_message_id)
+        except BudgetRefused as refused:
+            if not worth_counting(refused):
+                raise
+            opened = await _open_counted_chat(
+                services, user, chat_id, message, user_message_id, refused.room
+            )
+            if opened is None:
+                raise
+            return opened
+    except ApiError as exc:
+        services.metrics.count_refusal(exc.code)
+        raise
+
+
+async def _open_counted_chat(
+    services: Services,
+    user: Principal,
+    chat_id: uuid.UUID,
+    message: str,
+    user_message_id: uuid.UUID,
+    room: int,
+) -> Exchange | None:
+    """The opening again, its prompt sized by the model's tokenizer's count (system
+    prompt, history and message) where the bound made the budget refuse it: None when
+    the model does not count locally, or the counted prompt does not fit `room` either
+    (the refusal stands). The opening is the same one transaction, which reads the chat
+    and checks every limit again: a text it reads that was not counted here (the chat
+    moved on) is sized by its bound, so the reservation always holds the prompt sent."""
+    chat, history = await services.transactor.run(
+        chat_and_history, chat_id, services.settings.history_messages
+    )
+    if chat is None or chat.user_id != user.user_id or not chat.is_active:
+        return None  # deleted or handed on since: the refusal stands
+    limits = services.opening_rules.models.get(chat.model)
+    if limits is None:
+        return None
+    texts = [limits.system_prompt, *(turn.content for turn in history), message]
+    counts = await local_counts(services, chat.model, texts)
+    if counts is None:
+        return None
+    try:
+        _, size, _ = fit_to_context(limits, history, message, counts=counts)
+    except PromptTooLarge:
+        return None
+    if size + 1 > room:
+        return None
+    return await _open_chat(services, user, chat_id, message, None, user_message_id, counts)
 
 
 async def _open_chat(
@@ -356,6 +510,7 @@ async def _open_chat(
     message: str,
     exact_prompt: int | None,
     user_message_id: uuid.UUID,
+    counts: dict[str, int] | None = None,
 ) -> Exchange:
     async def undo() -> bool:
         return await services.transactor.run(
@@ -367,7 +522,7 @@ async def _open_chat(
             services.plans,
         )
 
-    args = (chat_id, message, exact_prompt, user_message_id)
+    args = (chat_id, message, exact_prompt, user_message_id, counts)
     return await _open_or_take_back(services, user, chat_id, open_steps, args, undo)
 
 
@@ -416,16 +571,32 @@ async def open_prompt_exchange(services: Services, user: Principal, prompt: Prom
     reservation, provider, metering and settlement as a chat's, with no chat. Refusals:
     budget 403, context 400 (`ApiError`)."""
     reservation_id = new_id()
+    system = prompt.system_prompt
+    if system is None:
+        system = services.settings.system_prompt_for(prompt.model)
     try:
-        return await _open_prompt(services, user, prompt, None, reservation_id)
-    except PromptTooLarge:
-        system = prompt.system_prompt
-        if system is None:
-            system = services.settings.system_prompt_for(prompt.model)
-        exact = await count_bare_prompt(
-            services, prompt.model, system, prompt.texts(), context_length_exceeded
-        )
-        return await _open_prompt(services, user, prompt, exact, reservation_id)
+        try:
+            return await _open_prompt(services, user, prompt, None, reservation_id)
+        except PromptTooLarge:
+            exact = await count_bare_prompt(
+                services, prompt.model, system, prompt.texts(), context_length_exceeded
+            )
+            return await _open_prompt(services, user, prompt, exact, reservation_id)
+        except BudgetRefused as refused:
+            # the bound may be what the budget refused: counted, the prompt may fit
+            if not worth_counting(refused):
+                raise
+            texts = prompt.texts()
+            counts = await local_counts(services, prompt.model, [system, *texts])
+            if counts is None:
+                raise
+            exact = counted_prompt(sum(counts[text] for text in [system, *texts]), len(texts))
+            if exact + 1 > refused.room:
+                raise
+            return await _open_prompt(services, user, prompt, exact, reservation_id)
+    except ApiError as exc:
+        services.metrics.count_refusal(exc.code)
+        raise
 
 
 async def _open_prompt(
@@ -454,20 +625,18 @@ async def _open(
     """Run an opening transaction, `steps(rules, user_id, *args)`, and make its exchange.
     It goes with the others of the moment (`run_together`: on PostgreSQL a chat's
     opening is one statement keyed by its user message)."""
-    try:
-        opened = await services.transactor.run_together(
-            user.user_id, steps, services.opening_rules, user.user_id, *args
-        )
-    except ApiError as exc:
-        services.metrics.count_refusal(exc.code)
-        raise
+    opened = await services.transactor.run_together(
+        user.user_id, steps, services.opening_rules, user.user_id, *args
+    )
+    request, reservation = await with_counted_history(services, opened)
+    request, reservation = await with_counted_cap(services, opened, request, reservation)
     return Exchange(
         services=services,
         user_id=user.user_id,
         chat_id=chat_id,
         model=opened.model,
-        request=await with_counted_history(services, opened),
-        reservation=opened.reservation,
+        request=request,
+        reservation=reservation,
         user_message_id=opened.user_message_id,
         user_message_at=opened.user_message_at,
     )

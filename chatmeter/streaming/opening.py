@@ -181,6 +181,10 @@ class Opened:
     # the older turns of the chat's history that the prompt's bound left out, oldest
     # first: an exact count may put some back (`exchange.with_counted_history`)
     dropped: tuple[ChatTurn, ...] = ()
+    # the output cap asked for (the model's, or less if the client asked less): the
+    # budget or the context may have lowered the request's below it, sizing the prompt
+    # by its bound (`exchange.with_counted_cap`); 0: not known
+    output_asked: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,21 +214,24 @@ def fit_to_context(
     history: Sequence[ChatTurn],
     message: str,
     exact_prompt: int | None = None,
+    counts: Mapping[str, int] | None = None,
 ) -> tuple[tuple[ChatTurn, ...], int, int]:
     """Drop the oldest history until the prompt and the output cap fit the model's
     context window; lower the cap if even the bare message leaves too little room.
     Returns the history kept, the prompt size and the output cap. `exact_prompt`, the
     counted size of system prompt and message alone, replaces the bound (no history).
-    The bound is `counting.text_bound` of each text, each measured once."""
+    The bound is `counting.text_bound` of each text, each measured once; `counts`, the
+    model's tokenizer's count of texts (`message_size`), replaces it for those texts."""
     cap = limits.max_output_tokens
     if exact_prompt is not None:
         turns: Sequence[ChatTurn] = ()
         size = exact_prompt
     else:
-        sizes = [text_bound(turn.content) for turn in history]
+        counted = counts or {}
+        sizes = [message_size(turn.content, counted) for turn in history]
         size = (
-            text_bound(limits.system_prompt)
-            + text_bound(message)
+            message_size(limits.system_prompt, counted)
+            + message_size(message, counted)
             + sum(sizes)
             + EXCHANGE_OVERHEAD_TOKENS
         )
@@ -239,6 +246,15 @@ def fit_to_context(
             raise PromptTooLarge
         raise ApiError(400, "INVALID_MESSAGE", "The message is too long for this chat's model.")
     return tuple(turns), size, min(cap, room)
+
+
+def message_size(text: str, counts: Mapping[str, int]) -> int:
+    """The most tokens `text` is as one message of a prompt: its count in `counts` (the
+    model's tokenizer's) plus the chat template's PER_MESSAGE_OVERHEAD, as
+    `counting.counted_prompt` adds them up, else its `text_bound`."""
+    bound = text_bound(text)
+    counted = counts.get(text)
+    return bound if counted is None else min(bound, counted + PER_MESSAGE_OVERHEAD)
 
 
 # the user message, saved by the opening: as a statement of its own, and as the last
@@ -292,14 +308,17 @@ def open_steps(
     message: str,
     exact_prompt: int | None,
     user_message_id: uuid.UUID,
+    counts: Mapping[str, int] | None = None,
 ) -> Steps[Opened]:
     """The checks of the contract in order (chat 404/403, rate 429, budget 403, reply
     409), the history, the reservation (its output cap is the request's) and the user
     message, whose id the caller chose (`undo_opening` looks for it). On PostgreSQL the
     common case is one statement (`_open_at_once`); whatever it does not settle is done
-    here, step by step."""
+    here, step by step. `counts`: texts the model's tokenizer counted, sized by their
+    count instead of their bound (`fit_to_context`): the opening asked again after the
+    bound was refused by the budget (`exchange.open_exchange`)."""
     now = utcnow()
-    tried = bool(rules.fitted_read_sql) and exact_prompt is None
+    tried = bool(rules.fitted_read_sql) and exact_prompt is None and not counts
     read: tuple[ChatRef | None, list[ChatTurn]] | None = None
     if tried:
         answer = yield from _open_at_once(rules, user_id, chat_id, message, user_message_id, now)
@@ -315,7 +334,9 @@ def open_steps(
     if limits is None:
         raise ApiError(400, "INVALID_REQUEST", f"model {chat.model!r} is not configured")
     try:
-        kept, prompt_size, output_cap = fit_to_context(limits, history, message, exact_prompt)
+        kept, prompt_size, output_cap = fit_to_context(
+            limits, history, message, exact_prompt, counts
+        )
     except PromptTooLarge:
         raise PromptTooLarge(chat.model) from None
     reservation = yield from rules.reserve(
@@ -335,7 +356,9 @@ def open_steps(
     # the budget may allow less output than the context: the reservation's cap is sent
     request = GenerationRequest(limits.system_prompt, kept, message, reservation.output_cap)
     dropped = tuple(history[: len(history) - len(kept)])
-    return Opened(chat.model, request, reservation, user_message_id, now, dropped)
+    return Opened(
+        chat.model, request, reservation, user_message_id, now, dropped, limits.max_output_tokens
+    )
 
 
 # PostgreSQL's opening of a chat in one statement: `open_steps`'s read, `fit_to_context`
@@ -444,7 +467,8 @@ def _open_at_once(
     )
     system_prompt = rules.models[model].system_prompt
     request = GenerationRequest(system_prompt, kept, message, output_cap)
-    return Opened(model, request, reservation, user_message_id, now, dropped)
+    cap = rules.models[model].max_output_tokens
+    return Opened(model, request, reservation, user_message_id, now, dropped, cap)
 
 
 def undo_opening(
@@ -512,11 +536,12 @@ def open_prompt_steps(
         if exact_prompt is None:
             raise PromptTooLarge(prompt.model)
         raise context_length_exceeded()
-    cap = min(limits.max_output_tokens, room, prompt.max_output_tokens or room)
+    asked = min(limits.max_output_tokens, prompt.max_output_tokens or limits.max_output_tokens)
+    cap = min(asked, room)
     reservation = yield from rules.reserve(
         user_id, None, limits, size, cap, utcnow(), reservation_id=reservation_id
     )
     request = GenerationRequest(
         system, prompt.history, prompt.message, reservation.output_cap, prompt.sampling
     )
-    return Opened(prompt.model, request, reservation, None, None)
+    return Opened(prompt.model, request, reservation, None, None, output_asked=asked)

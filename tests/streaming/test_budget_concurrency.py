@@ -7,6 +7,8 @@ import asyncio
 
 import httpx
 
+from chatmeter.metering.counting import counted_prompt
+from chatmeter.providers.scripted import scripted_count
 from tests.conftest import auth, make_settings, scripted, token_for
 from tests.streaming.test_exchange import new_chat
 from tests.support.db import Books, books
@@ -66,11 +68,12 @@ async def test_output_cap_is_lowered_to_what_the_budget_allows(database_url: str
             chat = await new_chat(client, "ivan", model="m")
             prompt_bound = (await client.get("/api/usage", headers=auth("ivan"))).json()
             assert prompt_bound["token_limit"] == 10_000
-            # leave room for the prompt's reservation and 20 output tokens only
+            # leave room for the prompt and 20 output tokens only: the scripted model
+            # counts locally, so the prompt is reserved by its count (`exchange.py`)
             system = settings.system_prompt_for("m")
-            bound = len(system.encode()) + 4 + len(b"hi") + 4 + 10
+            prompt = counted_prompt(scripted_count(system) + scripted_count("hi"), 1)
             limit = await client.put(
-                "/api/admin/users/ivan/limit", json={"token_limit": bound + 20}, headers=admin
+                "/api/admin/users/ivan/limit", json={"token_limit": prompt + 20}, headers=admin
             )
             assert limit.status_code == 200
             result = await stream_message(client, chat, "hi", token_for("ivan"))
@@ -81,7 +84,13 @@ async def test_output_cap_is_lowered_to_what_the_budget_allows(database_url: str
             state = await books(server.engine, "ivan")
             assert state.total <= state.limit
             assert state.reserved == 0
-            # the budget is now too small for another prompt: refused up front, nothing saved
+            # a budget too small for another prompt, even counted exactly (what is left of
+            # the one above may hold the count: `exchange.open_exchange` asks again with
+            # it): refused up front, nothing saved
+            limit = await client.put(
+                "/api/admin/users/ivan/limit", json={"token_limit": state.total + 20}, headers=admin
+            )
+            assert limit.status_code == 200
             again = await stream_message(client, chat, "hi", token_for("ivan"))
             assert again.status == 403 and again.body["code"] == "TOKEN_BUDGET_EXCEEDED"
             after = await books(server.engine, "ivan")

@@ -9,15 +9,20 @@ import asyncio
 
 import httpx
 import pytest
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine
 
+from chatmeter.db.tables import reservations
+from chatmeter.metering.counting import EXCHANGE_OVERHEAD_TOKENS, counted_prompt, text_bound
 from chatmeter.providers.base import ChatTurn
 from chatmeter.providers.scripted import scripted_count
 from chatmeter.streaming.opening import ModelLimits, fit_to_context
-from tests.conftest import make_settings, scripted, token_for
+from tests.conftest import auth, make_settings, scripted, token_for
 from tests.streaming.test_exchange import new_chat
 from tests.support.db import balanced, chat_rows, period_books
+from tests.support.db import books as books_of
 from tests.support.server import serve
-from tests.support.sse import stream_message
+from tests.support.sse import StreamResult, parse_events, stream_message
 
 SYSTEM = "Be brief."
 # 120 ASCII characters: a bound of 124, a count of 30
@@ -119,3 +124,84 @@ async def test_a_tokenizer_that_hangs_holds_the_reply_up_briefly_then_sends_what
             sent = [SYSTEM, *(turn.content for turn in kept), QUESTIONS[-1]]
             assert len(kept) < len(turns)
             assert result.last["usage"]["prompt_tokens"] == sum(map(scripted_count, sent))
+
+
+# a question the bound reads as 1,208 tokens, of 300 by count: alone it passes the bound
+# of a 600-token context (the opening counts it), and in the history it is left out by
+# the bound where its count fits the context with hundreds of tokens to spare
+LONG_QUESTION = ("Tell me all about the colours of the sea at dawn, please. " * 21)[:1200]
+WIDE = scripted(
+    reply=REPLY,
+    chunks=4,
+    delay_ms=100,
+    context_window=600,
+    max_output_tokens=50,
+    system_prompt=SYSTEM,
+)
+
+
+async def open_reservation_rows(engine: AsyncEngine, user: str) -> list[int]:
+    """The tokens each of the user's reservations holds."""
+    async with engine.connect() as conn:
+        query = sa.select(reservations.c.tokens).where(reservations.c.user_id == user)
+        return [int(tokens) for tokens in (await conn.execute(query)).scalars()]
+
+
+def counted_texts(texts: list[str]) -> int:
+    """The counted size of a prompt of these texts, system prompt first (`counted_prompt`)."""
+    return counted_prompt(sum(map(scripted_count, texts)), len(texts) - 1)
+
+
+async def test_history_whose_count_fits_the_context_widens_the_reservation_if_the_budget_holds(
+    database_url: str,
+) -> None:
+    """The put-back history was held to the prompt's reservation, which the bound sized
+    from what it kept: a 300-token turn was left out with 480 of the context's tokens
+    free. Now the reservation is widened for it when the budget holds the difference
+    (`budget.widen_reservation`), and the prompt sent stays within what is reserved;
+    when the budget does not hold it, the prompt stays within the opening's reservation."""
+    texts = [SYSTEM, LONG_QUESTION, REPLY, "And?"]
+    settings = make_settings(database_url, models={"wide": WIDE})
+    async with serve(settings) as running:
+        async with httpx.AsyncClient(base_url=running.url, timeout=30) as http:
+            for user, widens in (("tight", False), ("roomy", True)):
+                chat = await new_chat(http, user, model="wide")
+                first = await stream_message(http, chat, LONG_QUESTION, token_for(user))
+                assert first.last["done"] is True, first.last
+                if not widens:
+                    # room for the opening's reservation (the bound of what it keeps and
+                    # the output cap), not for the widening
+                    used = first.last["tokens_used"]
+                    kept = [SYSTEM, REPLY, "And?"]
+                    opening = sum(map(text_bound, kept)) + EXCHANGE_OVERHEAD_TOKENS + 50
+                    assert opening < counted_texts(texts) + 50
+                    limited = await http.put(
+                        f"/api/admin/users/{user}/limit",
+                        json={"token_limit": used + opening},
+                        headers=auth("root", admin=True),
+                    )
+                    assert limited.status_code == 200, limited.text
+                result = StreamResult(0, httpx.Headers())
+                held = 0
+                async with http.stream(
+                    "POST",
+                    f"/api/chat/{chat}/message",
+                    json={"message": "And?"},
+                    headers=auth(user),
+                ) as response:
+                    assert response.status_code == 200
+                    async for _ in parse_events(response.aiter_lines(), result):
+                        if len(result.events) == 1:  # the reply is named: its opening is done
+                            rows = await open_reservation_rows(running.engine, user)
+                            (held,) = rows
+                prompt = result.last["usage"]["prompt_tokens"]
+                if widens:
+                    assert prompt == sum(map(scripted_count, texts))
+                    # the prompt counted, within the reservation beside the output cap
+                    assert held - 50 >= counted_texts(texts), held
+                else:
+                    assert prompt == sum(map(scripted_count, [SYSTEM, REPLY, "And?"]))
+                books = await period_books(running.engine, user)
+                assert balanced(books) and (books.reserved, books.active) == (0, 0)
+                state = await books_of(running.engine, user)
+                assert state.total == state.ledger <= state.limit

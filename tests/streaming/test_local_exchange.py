@@ -7,6 +7,7 @@ import httpx
 import pytest
 
 from chatmeter.config import ModelConfig
+from chatmeter.metering.counting import counted_prompt
 from chatmeter.providers.local import LocalProvider
 from tests.conftest import auth, make_settings, token_for
 from tests.streaming.test_exchange import new_chat
@@ -148,3 +149,63 @@ async def test_a_prompt_of_many_short_messages_never_passes_the_token_limit(
                 if limit == 5000:  # room for the real prompt: served, billed its size
                     assert answer.status_code == 200, answer.text
                     assert state.total == answer.json()["usage"]["total_tokens"] > 1100
+
+
+async def test_a_request_its_bound_refused_is_served_when_llama_cpps_count_fits(
+    database_url: str,
+) -> None:
+    """69 tokens left: the bound of a /v1 "hi" under the default system prompt (its bytes,
+    86) was refused, where llama.cpp bills some thirty. Counted with the model's
+    tokenizer it is served, the reservation holds llama.cpp's own count of the prompt,
+    and the budget holds."""
+    settings = make_settings(database_url, models={"local": LOCAL}, default_model="local")
+    request = {"model": "local", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
+    async with serve(settings) as server:
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
+            limited = await client.put(
+                "/api/admin/users/near/limit",
+                json={"token_limit": 69},
+                headers=auth("root", admin=True),
+            )
+            assert limited.status_code == 200, limited.text
+            answer = await client.post("/v1/chat/completions", json=request, headers=auth("near"))
+            assert answer.status_code == 200, answer.text
+            usage = answer.json()["usage"]
+            provider = await server.services.providers.get("local")
+            counts = await provider.count_tokens([settings.system_prompt_for("local"), "hi"])
+            reserved_prompt = counted_prompt(sum(counts), 1)
+            assert usage["prompt_tokens"] <= reserved_prompt, (usage, reserved_prompt)
+            state = await books(server.engine, "near")
+            assert state.total == state.ledger == usage["total_tokens"] <= 69
+            assert state.reserved == 0
+
+
+async def test_a_long_turn_whose_count_fits_the_context_is_sent_with_the_reservation_widened(
+    database_url: str,
+) -> None:
+    """A 1,024-token context: a turn of some 240 tokens (1,105 bytes) was left out of the
+    next prompt, with most of the context free, because the put-back history was held
+    to the reservation the bound sized from what it kept. The reservation is widened for
+    it; llama.cpp bills the prompt within the counted size the reservation holds, and
+    the books balance."""
+    small = LOCAL.model_copy(
+        update={"context_window": 1024, "system_prompt": "Be brief.", "max_output_tokens": 16}
+    )
+    settings = make_settings(database_url, models={"local": small}, default_model="local")
+    long_turn = "The quick brown fox jumps over the lazy dog near the river bank. " * 17
+    async with serve(settings) as server:
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
+            chat = await new_chat(client, "kai")
+            first = await stream_message(client, chat, long_turn, token_for("kai"))
+            assert first.last["done"] is True, first.last
+            last = await stream_message(client, chat, "And?", token_for("kai"))
+            assert last.last["done"] is True, last.last
+            said = [row.content for row in await chat_rows(server.engine, chat)][:2]
+            provider = await server.services.providers.get("local")
+            counts = await provider.count_tokens(["Be brief.", *said, "And?"])
+            assert len(long_turn.encode()) > 1024 > 2 * sum(counts)
+            prompt = last.last["usage"]["prompt_tokens"]
+            assert prompt > counts[1], "the long turn was sent"
+            assert prompt <= counted_prompt(sum(counts), 3), "within what was reserved"
+            state = await books(server.engine, "kai")
+            assert state.total == state.ledger and state.reserved == 0
