@@ -143,7 +143,6 @@ async def start_services(settings: Settings) -> Services:
             services.counter,
             services.providers,
             settings,
-            services.plans,
             metrics,
         )
     await transactor.start()
@@ -154,7 +153,7 @@ async def start_services(settings: Settings) -> Services:
     services.spawn(services.replies.run_watchdog(settings.provider_idle_timeout_seconds)).set_name(
         "housekeeping:watchdog"
     )
-    replay = services.outbox.run(transactor, services.plans, 1.0)
+    replay = services.outbox.run(transactor, 1.0)
     services.spawn(replay).set_name("housekeeping:outbox")
     services.spawn(
         services.stop_signals.run(services.replies.stop_local, services.replies.poll_stops)

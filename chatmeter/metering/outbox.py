@@ -32,7 +32,6 @@ from typing import Any, BinaryIO, TypeVar
 import orjson
 
 from chatmeter.db.transactor import Transactor, refused_for_good
-from chatmeter.metering.plans import PlanBook
 from chatmeter.metering.settlement import Settlement, settle
 from chatmeter.observability.metrics import Metrics
 from chatmeter.providers.base import Usage
@@ -141,18 +140,18 @@ class Outbox:
             return 0
         return sum(len(_lines(p.read_bytes())) for p in self.directory.glob("*.dead"))
 
-    async def run(self, transactor: Transactor, book: PlanBook, every_seconds: float) -> None:
+    async def run(self, transactor: Transactor, every_seconds: float) -> None:
         """Replay forever (a background task of the app)."""
         while True:
             await asyncio.sleep(every_seconds)
             try:
                 if self.pending():
-                    await self.replay(transactor, book)
+                    await self.replay(transactor)
             except Exception as exc:
                 log.warning("outbox replay failed (%s); will retry", exc)
 
-    async def replay(self, transactor: Transactor, book: PlanBook) -> int:
-        """Write every spooled settlement (of any process) under the plans of `book`;
+    async def replay(self, transactor: Transactor) -> int:
+        """Write every spooled settlement (of any process);
         returns how many were written. A bad line becomes a dead letter and replay goes
         on; any other failure (the database is still down) stops it and is raised.
 
@@ -163,12 +162,12 @@ class Outbox:
             return 0
         written = 0
         for path in sorted(self.directory.glob("*.jsonl")):
-            written += await self._replay_file(path, transactor, book)
+            written += await self._replay_file(path, transactor)
         if written:
             log.warning("replayed %d spooled settlements", written)
         return written
 
-    async def _replay_file(self, path: Path, transactor: Transactor, book: PlanBook) -> int:
+    async def _replay_file(self, path: Path, transactor: Transactor) -> int:
         lines = _locked(path, lambda handle: _lines(handle.read()))
         replayed: set[bytes] = set()
         dead: dict[bytes, str] = {}
@@ -180,7 +179,7 @@ class Outbox:
                     dead[line] = f"unreadable: {exc!r}"
                     continue
                 try:
-                    await settle(transactor, settlement, book, is_retry=True)
+                    await settle(transactor, settlement, is_retry=True)
                 except Exception as exc:
                     if not refused_for_good(exc):
                         raise  # the database is down: this line and the rest wait

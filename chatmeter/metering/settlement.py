@@ -21,7 +21,6 @@ from chatmeter.db.transactor import Transactor
 from chatmeter.ids import new_id
 from chatmeter.metering.counting import Source
 from chatmeter.metering.periods import to_micros
-from chatmeter.metering.plans import PlanBook
 from chatmeter.metering.reservations import lock_user
 from chatmeter.providers.base import Usage
 
@@ -65,7 +64,7 @@ def _in_period(column: str, amount: str) -> str:
 
 
 def settle_steps(
-    s: Settlement, book: PlanBook, *, writable_ctes: bool = False, is_retry: bool = False
+    s: Settlement, *, writable_ctes: bool = False, is_retry: bool = False
 ) -> Steps[None]:
     """The settlement, one transaction: on PostgreSQL (`writable_ctes`) one statement,
     one round trip; on SQLite a few statements in the writer's transaction. A retry first
@@ -74,7 +73,7 @@ def settle_steps(
     The exchange counts in the period in which it settles, at `created_at`, of the plan
     the user is on then: the ledger row is in it, and the totals are always the ledger's
     sums in the row's period (`_in_period`). So the settlement is the same under every
-    plan (`book`, the worker's plans, is not needed here)."""
+    plan: it needs no worker's plans."""
     if is_retry:
         # the user's row locked first: a settlement of the same message committing
         # meanwhile (another process replaying the same outbox) is then seen here
@@ -172,25 +171,21 @@ def _params(s: Settlement) -> dict[str, object]:
     }
 
 
-async def settle(
-    transactor: Transactor, s: Settlement, book: PlanBook, *, is_retry: bool = False
-) -> None:
-    """Write the settlement once, under the plans of `book`. Raises on database errors
+async def settle(transactor: Transactor, s: Settlement, *, is_retry: bool = False) -> None:
+    """Write the settlement once. Raises on database errors
     (the caller retries). A first attempt is sent with the others of the moment
     (`run_together`, in the lock order: by user); a retry first looks whether an earlier
     attempt was written, in a transaction of its own."""
     if is_retry:
-        await transactor.run(
-            settle_steps, s, book, writable_ctes=transactor.writable_ctes, is_retry=True
-        )
+        await transactor.run(settle_steps, s, writable_ctes=transactor.writable_ctes, is_retry=True)
         return
     await transactor.run_together(
-        s.user_id, settle_steps, s, book, writable_ctes=transactor.writable_ctes
+        s.user_id, settle_steps, s, writable_ctes=transactor.writable_ctes
     )
 
 
 async def settle_with_retries(
-    transactor: Transactor, s: Settlement, book: PlanBook, *, within_seconds: float
+    transactor: Transactor, s: Settlement, *, within_seconds: float
 ) -> None:
     """Settle, retrying with backoff for up to `within_seconds`; raises the last error."""
     loop = asyncio.get_running_loop()
@@ -199,7 +194,7 @@ async def settle_with_retries(
     attempt = 0
     while True:
         try:
-            await settle(transactor, s, book, is_retry=attempt > 0)
+            await settle(transactor, s, is_retry=attempt > 0)
             return
         except Exception as exc:
             if loop.time() + delay > deadline:

@@ -397,7 +397,6 @@ class Exchange:
             await settle_with_retries(
                 services.transactor,
                 settlement,
-                services.plans,
                 within_seconds=services.settings.settle_retry_seconds,
             )
         except Exception:

@@ -43,7 +43,6 @@ if TYPE_CHECKING:
     from chatmeter.config import Settings
     from chatmeter.db.transactor import Transactor
     from chatmeter.metering.counting import TokenCounter
-    from chatmeter.metering.plans import PlanBook
     from chatmeter.observability.metrics import Metrics
     from chatmeter.providers.base import Provider
     from chatmeter.providers.registry import ProviderRegistry
@@ -102,9 +101,7 @@ def prompt_of(record: ReplyRecord, system_prompt: str) -> Steps[GenerationReques
     return GenerationRequest(system_prompt, tuple(history), str(message[0][0]), record.output_cap)
 
 
-def settle_left_steps(
-    s: Settlement, book: PlanBook, now: datetime, writable_ctes: bool
-) -> Steps[bool]:
+def settle_left_steps(s: Settlement, now: datetime, writable_ctes: bool) -> Steps[bool]:
     """Settle a reply left by a dead process, if its reservation is still there and
     expired; False if not (another sweeper settled it, or its process renewed the lease
     after all). The user's row is locked first (the lock order of `reservations.py`), and every
@@ -118,7 +115,7 @@ def settle_left_steps(
     )
     if not held:
         return False
-    yield from settle_steps(s, book, writable_ctes=writable_ctes)
+    yield from settle_steps(s, writable_ctes=writable_ctes)
     return True
 
 
@@ -131,7 +128,6 @@ class OrphanSettler:
     counter: TokenCounter
     providers: ProviderRegistry
     settings: Settings
-    plans: PlanBook
     metrics: Metrics
 
     async def settle_expired(self, now: datetime) -> int:
@@ -178,7 +174,7 @@ class OrphanSettler:
             cost_micros=cost_micros(metered.usage, model.prices if model else Prices()),
         )
         settled = await self.transactor.run(
-            settle_left_steps, settlement, self.plans, now, self.transactor.writable_ctes
+            settle_left_steps, settlement, now, self.transactor.writable_ctes
         )
         if not settled:
             return False

@@ -240,7 +240,7 @@ async def test_a_message_right_after_a_settlement_never_deadlocks(
     async with connections(dsn, 3) as (one, two, monitor):
         chat = await new_chat(monitor, user)
         opened = await transactor.run(open_steps, RULES, user, chat, "first", None, new_id())
-        settle = Driven(one, [lambda: settle_steps(settlement_of(opened, user, chat), RULES.plans)])
+        settle = Driven(one, [lambda: settle_steps(settlement_of(opened, user, chat))])
         opening = Driven(two, [lambda: open_steps(RULES, user, chat, "second", None, new_id())])
         first, second = (opening, settle) if starter == "a" else (settle, opening)
         await interleave(monitor, first, second, ahead)
@@ -303,7 +303,7 @@ async def test_housekeeping_and_a_settlement_never_deadlock(
             ],
         )
         settled = settlement_of(live, user, live_chat)
-        settle = Driven(two, [lambda: settle_steps(settled, RULES.plans)])
+        settle = Driven(two, [lambda: settle_steps(settled)])
         first, second = (housekeeping, settle) if starter == "a" else (settle, housekeeping)
         await interleave(monitor, first, second, ahead)
 
@@ -383,7 +383,7 @@ async def test_a_delete_and_the_settlement_of_its_reply_never_deadlock(
             one,
             [lambda: deactivate_chat(chat, user, row_locks=True), lambda: request_stop(chat, now)],
         )
-        settle = Driven(two, [lambda: settle_steps(settlement_of(opened, user, chat), RULES.plans)])
+        settle = Driven(two, [lambda: settle_steps(settlement_of(opened, user, chat))])
         first, second = (delete, settle) if starter == "a" else (settle, delete)
         await interleave(monitor, first, second, ahead)
 
@@ -512,7 +512,7 @@ async def test_settlements_asked_for_at_once_are_written_in_one_transaction(
             chat = await new_chat(monitor, user)
             opening = await transactor.run(open_steps, RULES, user, chat, f"hi {n}", None, new_id())
             opened.append(settlement_of(opening, user, chat))
-        await asyncio.gather(*(settle(transactor, s, RULES.plans) for s in opened))
+        await asyncio.gather(*(settle(transactor, s) for s in opened))
         writers = await monitor.fetch(
             "SELECT DISTINCT xmin::text FROM messages WHERE message_id = ANY($1::uuid[])",
             [s.message_id for s in opened],
@@ -549,9 +549,9 @@ async def test_a_settlement_that_fails_among_others_fails_alone(
             settlements.append(settlement_of(opening, user, chat))
         twice, other = settlements
         outcomes = await asyncio.gather(
-            settle(transactor, twice, RULES.plans),
-            settle(transactor, twice, RULES.plans),
-            settle(transactor, other, RULES.plans),
+            settle(transactor, twice),
+            settle(transactor, twice),
+            settle(transactor, other),
             return_exceptions=True,
         )
         assert [type(o) for o in outcomes].count(type(None)) == 2
@@ -825,7 +825,7 @@ async def test_steps_that_fail_before_their_statement_fail_alone(
         outcomes = await asyncio.wait_for(
             asyncio.gather(
                 transactor.run_together("a", broken_steps),
-                settle(transactor, s, RULES.plans),
+                settle(transactor, s),
                 return_exceptions=True,
             ),
             timeout=30,
@@ -896,11 +896,11 @@ async def test_settlements_sent_together_whose_answer_is_lost_are_billed_once(
             settlements.append(settlement_of(opening, user, chat))
         async with losing_the_answer_to(dsn, b"gone AS (DELETE FROM reservations") as losing:
             outcomes = await asyncio.gather(
-                *(settle(losing, s, RULES.plans) for s in settlements), return_exceptions=True
+                *(settle(losing, s) for s in settlements), return_exceptions=True
             )
             assert [type(outcome) for outcome in outcomes] == [ConnectionLost] * 3
             for s in settlements:
-                await settle(losing, s, RULES.plans, is_retry=True)
+                await settle(losing, s, is_retry=True)
         for s in settlements:
             row = await monitor.fetchrow(
                 "SELECT total_tokens_used, reserved_tokens FROM user_usage WHERE user_id = $1",

@@ -13,8 +13,6 @@ from pathlib import Path
 
 from chatmeter.db.transactor import make_transactor
 from chatmeter.metering.outbox import Outbox
-from chatmeter.metering.plans import PlanBook
-from tests.conftest import make_settings
 
 
 async def main(database_url: str, directory: str, go: Path) -> int:
@@ -27,9 +25,7 @@ async def main(database_url: str, directory: str, go: Path) -> int:
             if time.monotonic() > deadline:
                 return 2
             await asyncio.sleep(0.005)
-        written = await Outbox(directory, f"replayer-{os.getpid()}").replay(
-            transactor, PlanBook.of(make_settings(database_url))
-        )
+        written = await Outbox(directory, f"replayer-{os.getpid()}").replay(transactor)
         print(written)
         return 0
     finally:

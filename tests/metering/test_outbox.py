@@ -13,10 +13,8 @@ from typing import Any
 import pytest
 
 from chatmeter.metering.outbox import Outbox
-from chatmeter.metering.plans import PlanBook
 from chatmeter.metering.settlement import Settlement
 from chatmeter.providers.base import Usage
-from tests.conftest import make_settings
 from tests.support.waiting import eventually
 
 
@@ -69,9 +67,7 @@ async def test_append_during_a_stalled_replay_does_not_hang(tmp_path: Path) -> N
     first, second = settlement(), settlement()
     outbox.append(first)
     dead = DeadDatabase()
-    replay = asyncio.create_task(
-        outbox.replay(dead, PlanBook.of(make_settings("sqlite+aiosqlite://")))
-    )
+    replay = asyncio.create_task(outbox.replay(dead))
     await eventually(lambda: dead.calls == 1)  # the replay now waits on the database
     async with asyncio.timeout(2):
         # synchronous: with the lock held across the replay's await, this blocked the

@@ -82,7 +82,7 @@ async def test_a_torn_last_line_becomes_a_dead_letter_and_the_rest_is_written(
     outbox.path.write_bytes(outbox.path.read_bytes() + line)
 
     with caplog.at_level(logging.ERROR, logger="chatmeter.outbox"):
-        assert await outbox.replay(transactor, RULES.plans) == 1
+        assert await outbox.replay(transactor) == 1
 
     assert outbox.pending() == 0
     assert outbox.dead_letters() == 1
@@ -103,7 +103,7 @@ async def test_a_line_appended_after_a_torn_one_stays_whole(
     outbox.path.write_bytes(b'{"user_id":"rita-outb')  # the last process crashed here
     after = await reply_to_settle(transactor, 1)
     outbox.append(after)
-    assert await outbox.replay(transactor, RULES.plans) == 1
+    assert await outbox.replay(transactor) == 1
     assert outbox.dead_letters() == 1
     state = await books(audit_engine, USER)
     assert state.total == state.ledger == billed(after) and state.reserved == 0
@@ -134,7 +134,7 @@ async def test_a_settlement_refused_for_good_does_not_hold_back_the_others(
     other.append(elsewhere)
 
     with caplog.at_level(logging.ERROR, logger="chatmeter.outbox"):
-        assert await mine.replay(transactor, RULES.plans) == 2
+        assert await mine.replay(transactor) == 2
 
     assert mine.pending() == 0 and mine.dead_letters() == 1
     assert metrics.outbox_dead_letters._value.get() == 1
@@ -144,7 +144,7 @@ async def test_a_settlement_refused_for_good_does_not_hold_back_the_others(
     # the two others were released; the gone chat's reservation is left to its lease
     assert state.open_reservations == 1
     # and nothing happens on the next replay
-    assert await mine.replay(transactor, RULES.plans) == 0
+    assert await mine.replay(transactor) == 0
     assert mine.dead_letters() == 1
 
 
@@ -161,11 +161,11 @@ async def test_a_database_that_is_down_stops_replay_and_keeps_every_line(
                 outbox.append(s)
             outage.begin()
             with pytest.raises(Exception) as raised:
-                await outbox.replay(transactor, RULES.plans)
+                await outbox.replay(transactor)
             assert not isinstance(raised.value, AssertionError)
             assert outbox.pending() == 2 and outbox.dead_letters() == 0
             outage.end()
-            assert await outbox.replay(transactor, RULES.plans) == 2
+            assert await outbox.replay(transactor) == 2
         finally:
             await transactor.close()
     state = await books(audit_engine, USER)
@@ -221,7 +221,7 @@ async def test_a_figure_no_database_column_holds_is_a_dead_letter_on_both_databa
     absurd, kept = [await reply_to_settle(transactor, n) for n in (1, 2)]
     outbox.append(replace(absurd, usage=Usage(prompt_tokens=2**63, completion_tokens=1)))
     outbox.append(kept)
-    assert await outbox.replay(transactor, RULES.plans) == 1
+    assert await outbox.replay(transactor) == 1
     assert outbox.pending() == 0 and outbox.dead_letters() == 1
     state = await books(audit_engine, USER)
     assert state.total == state.ledger == billed(kept)

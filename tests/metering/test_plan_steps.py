@@ -123,7 +123,7 @@ class Books:
             cost_micros=cost_micros(usage, PRICES),
         )
         await self.transactor.run(
-            settle_steps, settlement, self.book, writable_ctes=self.transactor.writable_ctes
+            settle_steps, settlement, writable_ctes=self.transactor.writable_ctes
         )
         return settlement
 
@@ -537,8 +537,6 @@ def test_the_statements_of_every_message_never_read_the_ledger() -> None:
         "provider",
         now,
     )
-    settles = [
-        next(settle_steps(settlement, book, writable_ctes=ctes)).text for ctes in (True, False)
-    ]
+    settles = [next(settle_steps(settlement, writable_ctes=ctes)).text for ctes in (True, False)]
     for text in (take.text, *opening[0], *settles):
         assert "SUM(" not in text.upper() and "FROM usage_events" not in text

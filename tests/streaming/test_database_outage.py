@@ -16,7 +16,6 @@ import httpx
 from chatmeter.db.engine import make_engine
 from chatmeter.db.transactor import make_transactor
 from chatmeter.metering.outbox import Outbox
-from chatmeter.metering.plans import PlanBook
 from chatmeter.metering.settlement import Settlement
 from chatmeter.providers.base import Usage
 from tests.conftest import auth, make_settings, scripted, token_for
@@ -123,7 +122,7 @@ async def test_replaying_twice_bills_once(database_url: str, tmp_path: Path) -> 
         outbox.append(duplicate)
         transactor = make_transactor(database_url, 1000)
         try:
-            assert await outbox.replay(transactor, PlanBook.of(make_settings(database_url))) == 1
+            assert await outbox.replay(transactor) == 1
         finally:
             await transactor.close()
         after = await books(engine, "pia")

@@ -149,7 +149,7 @@ async def test_the_sweeper_settles_a_dead_reply_from_its_log(
         # the reply itself writes nothing (the message id is the settlement's key)
         assert await settler(a).settle_expired(utcnow()) == 0
         late = exchange._settlement(text + " and more", "complete", "stop", expected)
-        await settle_with_retries(a.services.transactor, late, a.services.plans, within_seconds=10)
+        await settle_with_retries(a.services.transactor, late, within_seconds=10)
         assert await books(b.engine, "olga") == state
         assert (await chat_rows(b.engine, chat_id))[-1].content == text
         async with httpx.AsyncClient(base_url=a.url, timeout=30) as on_a:
