@@ -481,6 +481,7 @@ async function send() {
   let userNode = null;
   let view = null;
   let unanswered = null; // the network failed before the answer's head
+  let busy = false; // another window's reply is streaming in this chat
   let sentAfter = 0; // the chat's messages before this one
   try {
     const chat = await ensureChat();
@@ -529,6 +530,7 @@ async function send() {
       if (err instanceof ApiError && err.code === "TOKEN_BUDGET_EXCEEDED") {
         await refreshUsage().catch(report);
       }
+      busy = err instanceof ApiError && err.code === "REPLY_IN_PROGRESS";
     }
   } finally {
     clearTimeout(stream.stopTimer);
@@ -537,6 +539,8 @@ async function send() {
     if (state.api) ui.message.focus();
   }
   if (unanswered) await lookForUnanswered(stream.chatId, sentAfter, text, unanswered);
+  // the words say to wait for that reply or stop it: load the chat so it shows, with Stop
+  if (busy) await resync(stream.chatId);
 }
 
 /** The network failed before the message's answer came: the server may have saved the
