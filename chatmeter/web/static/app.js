@@ -852,6 +852,14 @@ ui.messages.addEventListener("click", (event) => {
   if (button) copyCode(button);
 });
 
+// back online after an outage that outlasted the resumes: the reply went on without the
+// page (SPEC 11), so show the chat as the server has it, following a reply still streaming
+window.addEventListener("online", () => {
+  if (!state.api || !state.current || state.streaming) return;
+  hideNotice();
+  resync(state.current.chat_id);
+});
+
 // a `#token=` (or `#chat=`) link opened in a tab that already shows the page
 window.addEventListener("hashchange", () => {
   const params = new URLSearchParams(location.hash.slice(1));
