@@ -10,7 +10,7 @@ from typing import Any
 from playwright.async_api import Dialog, Page, Request, expect
 
 from tests.conftest import scripted, token_for
-from tests.web.pages import ServerFactory, api, chat_id_of, reply_text, shot
+from tests.web.pages import PHONE, ServerFactory, api, chat_id_of, reply_text, shot
 
 CODE = 'def greet(name):\n    return f"Hello, {name}!"\n'
 MARKDOWN = (
@@ -186,3 +186,31 @@ async def test_the_view_stays_where_the_reader_scrolled_while_a_reply_streams(
         await expect(page.get_by_role("button", name="Send")).to_be_visible()
         await expect(reply_text(page).get_by_role("listitem")).to_have_count(120)
         assert await messages.evaluate("m => m.scrollTop") == 40
+
+
+WIDE_TABLE = (
+    "| first column | second column | third column | fourth column |\n"
+    "|---|---|---|---|\n"
+    "| alphabetical | bibliography | chronological | documentation |\n"
+)
+
+
+async def test_a_wide_table_on_a_phone_scrolls_sideways_and_keeps_its_words_whole(
+    chatmeter: ServerFactory, open_page: Callable[..., Any]
+) -> None:
+    async with chatmeter(scripted(reply=WIDE_TABLE, chunks=3)) as server:
+        page: Page = await open_page(f"{server.url}/#token={token_for('tia')}", viewport=PHONE)
+        message = page.get_by_role("textbox", name="Message")
+        await message.fill("A table, please")
+        await message.press("Enter")
+        await expect(page.locator(".msg-tokens")).to_have_count(1)
+        cell = page.locator("#messages td", has_text="documentation")
+        # one line box: the word is not broken letter by letter to squeeze the table
+        lines = await cell.evaluate(
+            "td => { const r = document.createRange(); r.selectNodeContents(td);"
+            " return r.getClientRects().length; }"
+        )
+        assert lines == 1
+        scroller = page.locator("#messages .table-scroll")
+        assert await scroller.evaluate("box => box.scrollWidth > box.clientWidth")
+        assert await page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]

@@ -13,7 +13,7 @@ import httpx
 from playwright.async_api import Page, expect
 
 from chatmeter.providers.base import GenerationRequest, ProviderError, StreamOutcome
-from tests.conftest import auth, scripted, token_for
+from tests.conftest import scripted, token_for
 from tests.support.server import RunningServer
 from tests.support.sse import stream_message
 from tests.support.waiting import eventually
@@ -263,10 +263,16 @@ async def test_a_reply_already_in_progress_is_explained(
                 "A reply is still being written in this chat"
             )
             await expect(message).to_have_value("Me too")
-            await expect(page.get_by_role("button", name="Send")).to_be_enabled()
-            stopped = await http.post(f"/api/chat/{chat_id}/stop", headers=auth("gus"))
-            assert stopped.status_code == 202
+            # the page then follows that reply, so the Stop the words offer is there
+            await expect(page.locator("#messages .msg.user .msg-body")).to_have_text(
+                ["From another window"]
+            )
+            await expect(reply_text(page)).not_to_be_empty()
+            await page.get_by_role("button", name="Stop").click()
             result = await elsewhere
+            await expect(assistant_replies(page).last.locator(".badge")).to_have_text("Stopped")
+            await expect(page.get_by_role("button", name="Send")).to_be_enabled()
+            await expect(message).to_have_value("Me too")
         assert result.last["finish_reason"] == "stopped"
 
 

@@ -139,6 +139,13 @@ async def test_the_admin_sets_a_plan_and_downloads_the_csv(
         await limit.press("Enter")
         await expect(page.get_by_role("status")).to_have_text("uma may now use 777 tokens.")
         assert (await api(server, "GET", "/api/usage", "uma")).json()["token_limit"] == 777
+        # past what a page's number holds exactly: refused in words, not sent rounded
+        await limit.fill("9007199254740993")
+        await limit.press("Enter")
+        await expect(page.get_by_role("alert")).to_have_text(
+            "A token limit is a whole number from 0 to 9,007,199,254,740,991."
+        )
+        assert (await api(server, "GET", "/api/usage", "uma")).json()["token_limit"] == 777
 
         # search
         await page.get_by_label("Search users").fill("UM")

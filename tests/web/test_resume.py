@@ -113,3 +113,36 @@ async def test_a_message_whose_answer_never_came_is_found_and_its_reply_followed
         await expect(assistant_replies(page)).to_have_count(1)
         chat = (await api(server, "GET", f"/api/chat/{chat_id_of(page)}", "ugo")).json()
         assert [m["content"] for m in chat["messages"]] == ["Count to sixty", REPLY]
+
+
+async def test_a_reply_cut_off_by_an_outage_longer_than_the_retries_shows_once_back_online(
+    chatmeter: ServerFactory, open_page: Callable[..., Any]
+) -> None:
+    """The network is gone for longer than the page retries a resume: the reply shows as
+    interrupted. When the browser is online again the page loads the chat, and the reply,
+    which went on without it (SPEC 11), shows whole."""
+    async with (
+        chatmeter(scripted(reply=REPLY, chunks=WORDS, delay_ms=60)) as server,
+        cutting_proxy(server.url, events=8, request_marker=b"/message HTTP/1.1") as proxy,
+    ):
+        page: Page = await open_page(f"{proxy.url}/#token={token_for('vic')}")
+        outage = page.context
+        message = page.get_by_role("textbox", name="Message")
+        await message.fill("Count once more")
+        await expect(page.get_by_role("button", name="Send")).to_be_enabled()
+        # from the cut on, nothing reaches the server
+        await page.route(
+            "**/api/chat/*/stream**", lambda route: route.abort("internetdisconnected")
+        )
+        await page.route("**/api/chat/*", lambda route: route.abort("internetdisconnected"))
+        await page.route("**/api/usage", lambda route: route.abort("internetdisconnected"))
+        await message.press("Enter")
+        await expect(assistant_replies(page).last.locator(".badge")).to_have_text("Interrupted")
+        assert proxy.cuts == 1
+        await page.unroute_all()
+        await outage.set_offline(True)
+        await outage.set_offline(False)
+        await expect(reply_text(page)).to_have_text(REPLY)
+        await expect(assistant_replies(page)).to_have_count(1)
+        await expect(assistant_replies(page).last.locator(".badge")).to_have_count(0)
+        await expect(page.get_by_role("button", name="Send")).to_be_enabled()

@@ -171,8 +171,9 @@ async function setPlan(userId, plan, select) {
 async function setLimit(userId, raw) {
   notice("");
   const limit = Number(raw);
-  if (!Number.isInteger(limit) || limit < 0) {
-    notice("A token limit is a whole number, 0 or more.");
+  // past the safe integers a number is rounded: the limit set would not be the one typed
+  if (!Number.isSafeInteger(limit) || limit < 0) {
+    notice(`A token limit is a whole number from 0 to ${tokens(Number.MAX_SAFE_INTEGER)}.`);
     return;
   }
   try {

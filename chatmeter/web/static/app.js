@@ -481,6 +481,7 @@ async function send() {
   let userNode = null;
   let view = null;
   let unanswered = null; // the network failed before the answer's head
+  let busy = false; // another window's reply is streaming in this chat
   let sentAfter = 0; // the chat's messages before this one
   try {
     const chat = await ensureChat();
@@ -529,6 +530,7 @@ async function send() {
       if (err instanceof ApiError && err.code === "TOKEN_BUDGET_EXCEEDED") {
         await refreshUsage().catch(report);
       }
+      busy = err instanceof ApiError && err.code === "REPLY_IN_PROGRESS";
     }
   } finally {
     clearTimeout(stream.stopTimer);
@@ -537,6 +539,8 @@ async function send() {
     if (state.api) ui.message.focus();
   }
   if (unanswered) await lookForUnanswered(stream.chatId, sentAfter, text, unanswered);
+  // the words say to wait for that reply or stop it: load the chat so it shows, with Stop
+  if (busy) await resync(stream.chatId);
 }
 
 /** The network failed before the message's answer came: the server may have saved the
@@ -846,6 +850,14 @@ ui.stop.addEventListener("click", () => stopReply());
 ui.messages.addEventListener("click", (event) => {
   const button = event.target.closest?.("button.copy-code");
   if (button) copyCode(button);
+});
+
+// back online after an outage that outlasted the resumes: the reply went on without the
+// page (SPEC 11), so show the chat as the server has it, following a reply still streaming
+window.addEventListener("online", () => {
+  if (!state.api || !state.current || state.streaming) return;
+  hideNotice();
+  resync(state.current.chat_id);
 });
 
 // a `#token=` (or `#chat=`) link opened in a tab that already shows the page
