@@ -92,8 +92,9 @@ class OpenAICompatibleProvider:
                 if chunk.usage is not None:
                     outcome.usage = usage_from(chunk.usage)
                 # one choice is asked for; a server that sends others too (ignoring
-                # `n`) may put one first, which is not the reply
-                for choice in (c for c in chunk.choices if c.index == 0):
+                # `n`) may put one first, which is not the reply. A choice without an
+                # index (the SDK reads None) is a lone one's: the reply
+                for choice in (c for c in chunk.choices if not c.index):
                     if choice.finish_reason:
                         outcome.finish_reason = choice.finish_reason
                     if choice.delta.content:

@@ -113,17 +113,26 @@ def worth_counting(refused: BudgetRefused) -> bool:
     return refused.room >= SMALLEST_COUNTED_PROMPT + 1
 
 
-async def local_counts(services: Services, model: str, texts: list[str]) -> dict[str, int] | None:
+def count_deadline() -> float:
+    """The loop time by which the counts of one opening give up: HISTORY_COUNT_SECONDS
+    from now, for all of them together (the history's, then the output cap's: each
+    waiting for it in turn, a tokenizer that hangs held the reply up twice as long)."""
+    return asyncio.get_running_loop().time() + HISTORY_COUNT_SECONDS
+
+
+async def local_counts(
+    services: Services, model: str, texts: list[str], deadline: float | None = None
+) -> dict[str, int] | None:
     """Each of `texts` counted by the model's tokenizer, if it counts locally (no
-    provider call: `Provider.counts_locally`) and within HISTORY_COUNT_SECONDS; else
-    None (a provider whose count is an API call keeps zero count calls per exchange,
-    SPEC section 9)."""
+    provider call: `Provider.counts_locally`) and by `deadline` (`count_deadline`, from
+    now if not given); else None (a provider whose count is an API call keeps zero
+    count calls per exchange, SPEC section 9)."""
     try:
         provider = await services.providers.get(model)
         if not provider.counts_locally:
             return None
         distinct = list(dict.fromkeys(texts))
-        async with asyncio.timeout(HISTORY_COUNT_SECONDS):
+        async with asyncio.timeout_at(count_deadline() if deadline is None else deadline):
             sizes = await services.counter.sizes(provider, distinct)
     except Exception:
         log.warning("a prompt refused by its bound could not be counted", exc_info=True)
@@ -132,7 +141,7 @@ async def local_counts(services: Services, model: str, texts: list[str]) -> dict
 
 
 async def with_counted_history(
-    services: Services, opened: Opened
+    services: Services, opened: Opened, deadline: float
 ) -> tuple[GenerationRequest, Reservation]:
     """The opening's request, with the newest of the turns its bound left out put back
     as far as the model's context window holds them by exact count, and its reservation,
@@ -145,8 +154,8 @@ async def with_counted_history(
     second, atomic take on the user's budget (`budget.widen_reservation`, one statement
     more, only for such trimmed chats): if the limits do not hold it, the prompt stays
     within the reservation the opening made. Either way the prompt sent stays within
-    what is reserved. A count that fails, or takes longer than HISTORY_COUNT_SECONDS (a
-    tokenizer that hangs), changes nothing."""
+    what is reserved. A count that fails, or is not done by `deadline` (`count_deadline`:
+    a tokenizer that hangs), changes nothing."""
     request, reservation = opened.request, opened.reservation
     if not opened.dropped:
         return request, reservation
@@ -156,7 +165,7 @@ async def with_counted_history(
             return request, reservation
         counter = services.counter
         texts = [*(turn.content for turn in request.history), request.message]
-        async with asyncio.timeout(HISTORY_COUNT_SECONDS):
+        async with asyncio.timeout_at(deadline):
             size = counted_prompt(
                 await counter.count(provider, request.system_prompt, texts), len(texts)
             )
@@ -183,7 +192,11 @@ async def with_counted_history(
 
 
 async def with_counted_cap(
-    services: Services, opened: Opened, request: GenerationRequest, reservation: Reservation
+    services: Services,
+    opened: Opened,
+    request: GenerationRequest,
+    reservation: Reservation,
+    deadline: float,
 ) -> tuple[GenerationRequest, Reservation]:
     """The request with the output cap the reservation holds once its prompt is counted,
     where the budget or the context lowered it below the one asked for: the opening
@@ -193,12 +206,12 @@ async def with_counted_cap(
     budget with them: only its split between prompt and output moves, the prompt part
     still holding the counted prompt that is sent, prompt and cap within the context.
     Only for a model that counts locally and a lowered cap; a count that fails or hangs
-    changes nothing (HISTORY_COUNT_SECONDS)."""
+    changes nothing (by `deadline`, the one of `with_counted_history`'s count)."""
     if request.max_output_tokens >= opened.output_asked:
         return request, reservation
     limits = services.opening_rules.models.get(opened.model)
     texts = [*(turn.content for turn in request.history), request.message]
-    counts = await local_counts(services, opened.model, [request.system_prompt, *texts])
+    counts = await local_counts(services, opened.model, [request.system_prompt, *texts], deadline)
     if limits is None or counts is None:
         return request, reservation
     size = counted_prompt(sum(counts[text] for text in [request.system_prompt, *texts]), len(texts))
@@ -627,8 +640,10 @@ async def _open(
     opened = await services.transactor.run_together(
         user.user_id, steps, services.opening_rules, user.user_id, *args
     )
-    request, reservation = await with_counted_history(services, opened)
-    request, reservation = await with_counted_cap(services, opened, request, reservation)
+    # the counts after the opening hold the reply up HISTORY_COUNT_SECONDS at most, all
+    deadline = count_deadline()
+    request, reservation = await with_counted_history(services, opened, deadline)
+    request, reservation = await with_counted_cap(services, opened, request, reservation, deadline)
     return Exchange(
         services=services,
         user_id=user.user_id,

@@ -221,17 +221,21 @@ def fit_to_context(
     Returns the history kept, the prompt size and the output cap. `exact_prompt`, the
     counted size of system prompt and message alone, replaces the bound (no history).
     The bound is `counting.text_bound` of each text, each measured once; `counts`, the
-    model's tokenizer's count of texts (`message_size`), replaces it for those texts."""
+    model's tokenizer's count of texts (`message_size`), then sizes the prompt of the
+    history the bound kept. The history stays the bound's choice: more of it, which the
+    count may fit in the context, is put back only as far as the budget holds it too
+    (`exchange.with_counted_history`). Kept whole by count, it made the opening asked
+    again after a budget refusal of the bound (`exchange._open_counted_chat`) refuse a
+    budget with room for the counted prompt of the history the bound kept."""
     cap = limits.max_output_tokens
     if exact_prompt is not None:
         turns: Sequence[ChatTurn] = ()
         size = exact_prompt
     else:
-        counted = counts or {}
-        sizes = [message_size(turn.content, counted) for turn in history]
+        sizes = [text_bound(turn.content) for turn in history]
         size = (
-            message_size(limits.system_prompt, counted)
-            + message_size(message, counted)
+            text_bound(limits.system_prompt)
+            + text_bound(message)
             + sum(sizes)
             + EXCHANGE_OVERHEAD_TOKENS
         )
@@ -240,6 +244,13 @@ def fit_to_context(
             size -= sizes[dropped]
             dropped += 1
         turns = history[dropped:]
+        if counts:
+            size = (
+                message_size(limits.system_prompt, counts)
+                + message_size(message, counts)
+                + sum(message_size(turn.content, counts) for turn in turns)
+                + EXCHANGE_OVERHEAD_TOKENS
+            )
     room = limits.context_window - size
     if room < 1:
         if exact_prompt is None:

@@ -73,6 +73,8 @@ class OpenAIScript:
     # a second choice (index 1) before the first in every chunk, as a server that ignores
     # `n` (or answers several) may send: never part of the reply
     other_choice: str | None = None
+    # each choice without its `index`, as some OpenAI-compatible servers send a lone one
+    choice_index: bool = True
 
 
 @dataclass
@@ -213,6 +215,8 @@ def _chunks(script: OpenAIScript, *, model: str, include_usage: bool) -> Iterato
 
     def chunk(delta: Json, finish_reason: str | None = None) -> Json:
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        if not script.choice_index:
+            del choice["index"]
         if script.other_choice is None:
             return {**base, "choices": [choice]}
         other = {**choice, "index": 1, "delta": {"content": script.other_choice}}

@@ -160,6 +160,17 @@ async def test_only_the_first_choice_is_the_reply(
     assert outcome.finish_reason == "length"
 
 
+async def test_a_lone_choice_without_an_index_is_the_reply(
+    provider: OpenAICompatibleProvider, openai_server: OpenAIServer
+) -> None:
+    # a server that leaves `index` out of its one choice (the SDK does not check it: it
+    # reads None): its reply was dropped whole, an empty reply billed as complete
+    openai_server.script = OpenAIScript(choice_index=False, finish_reason="length")
+    pieces, outcome = await run(provider)
+    assert "".join(pieces) == "Hello, world!"
+    assert outcome.finish_reason == "length"
+
+
 async def test_usage_is_the_servers_exactly(
     provider: OpenAICompatibleProvider, openai_server: OpenAIServer
 ) -> None:

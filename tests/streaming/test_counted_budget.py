@@ -236,3 +236,41 @@ async def test_an_output_cap_the_bound_lowered_is_raised_to_what_the_counted_pro
             assert balanced(state) and (state.reserved, state.active) == (0, 0)
             totals = await books(running.engine, "ola")
             assert totals.total == totals.ledger <= totals.limit
+
+
+async def test_a_counted_opening_sends_the_history_the_bound_kept_when_more_does_not_fit(
+    database_url: str,
+) -> None:
+    """The context trims the history by the bound; counted, more of it fits the context.
+    A budget with room for the counted prompt of the history the bound kept (and ten
+    tokens of output), not for all the history the count fits: the counted opening was
+    asked only with all of it, and the refusal stood, though the request with the
+    history the bound itself kept was the bound's refusal to undo."""
+    model = SHORT.model_copy(update={"context_window": 700})
+    settings = make_settings(database_url, models={"short": model})
+    async with serve(settings) as running:
+        async with httpx.AsyncClient(base_url=running.url, timeout=30) as http:
+            chat = await new_chat(http, "una", model="short")
+            for n in range(2):
+                long_question = f"Question {n}: " + "and then some more words " * 16
+                done = await stream_message(http, chat, long_question, token_for("una"))
+                assert done.last["done"] is True, done.last
+            said = [row.content for row in await chat_rows(running.engine, chat)]
+            # the bound keeps the three newest turns in the context, the count all four
+            kept = said[1:]
+            assert bound([SYSTEM, *said, QUESTION]) + 50 > 700
+            assert bound([SYSTEM, *kept, QUESTION]) + 50 <= 700
+            room = counted([SYSTEM, *kept, QUESTION]) + 10
+            assert counted([SYSTEM, *said, QUESTION]) + 1 > room
+            assert bound([SYSTEM, *kept, QUESTION]) + 1 > room
+            await leave(running, http, "una", room)
+            result = await stream_message(http, chat, QUESTION, token_for("una"))
+            assert result.status == 200, result
+            assert result.last["done"] is True, result.last
+            usage = result.last["usage"]
+            assert usage["prompt_tokens"] == sum(map(scripted_count, [SYSTEM, *kept, QUESTION]))
+            assert 0 < usage["completion_tokens"] <= 10
+            state = await period_books(running.engine, "una")
+            assert balanced(state) and (state.reserved, state.active) == (0, 0)
+            totals = await books(running.engine, "una")
+            assert totals.total == totals.ledger <= totals.limit

@@ -6,6 +6,7 @@ back as far as the prompt's reservation holds (`exchange.with_counted_history`).
 from __future__ import annotations
 
 import asyncio
+import time
 
 import httpx
 import pytest
@@ -16,6 +17,7 @@ from chatmeter.db.tables import reservations
 from chatmeter.metering.counting import EXCHANGE_OVERHEAD_TOKENS, counted_prompt, text_bound
 from chatmeter.providers.base import ChatTurn
 from chatmeter.providers.scripted import scripted_count
+from chatmeter.streaming import exchange
 from chatmeter.streaming.opening import ModelLimits, fit_to_context
 from tests.conftest import auth, make_settings, scripted, token_for
 from tests.streaming.test_exchange import new_chat
@@ -124,6 +126,43 @@ async def test_a_tokenizer_that_hangs_holds_the_reply_up_briefly_then_sends_what
             sent = [SYSTEM, *(turn.content for turn in kept), QUESTIONS[-1]]
             assert len(kept) < len(turns)
             assert result.last["usage"]["prompt_tokens"] == sum(map(scripted_count, sent))
+
+
+async def test_a_tokenizer_that_hangs_holds_up_a_reply_whose_cap_was_lowered_no_longer(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HISTORY_COUNT_SECONDS is the most the counts after an opening hold the reply up,
+    all of them: the history's count and then the lowered cap's (`with_counted_cap`)
+    each waited for it in turn, twice as long, for a tokenizer that never answers."""
+    waited = 1.0
+    monkeypatch.setattr(exchange, "HISTORY_COUNT_SECONDS", waited)
+    settings = make_settings(database_url, models={"short": SHORT}, history_messages=10)
+    async with serve(settings) as running:
+        async with httpx.AsyncClient(base_url=running.url, timeout=30) as http:
+            chat = await chat_of_five_exchanges(http, "slow")
+            used = (await http.get("/api/usage", headers=auth("slow"))).json()
+            # room for the bound's prompt (which leaves history out) and a few tokens:
+            # the budget lowers the output cap
+            limited = await http.put(
+                "/api/admin/users/slow/limit",
+                json={"token_limit": used["total_tokens_used"] + 352},
+                headers=auth("root", admin=True),
+            )
+            assert limited.status_code == 200, limited.text
+            provider = await running.services.providers.get("short")
+            never = asyncio.Event()
+
+            async def hangs(texts: list[str]) -> list[int]:
+                await never.wait()
+                return []
+
+            monkeypatch.setattr(provider, "count_tokens", hangs)
+            started = time.monotonic()
+            result = await stream_message(http, chat, QUESTIONS[-1], token_for("slow"))
+            elapsed = time.monotonic() - started
+            assert result.status == 200 and result.last["done"] is True, result
+            assert result.last["finish_reason"] == "length"  # the cap was lowered
+            assert waited <= elapsed < 1.9 * waited
 
 
 # a question the bound reads as 1,208 tokens, of 300 by count: alone it passes the bound
