@@ -126,16 +126,20 @@ async def local_counts(
     """Each of `texts` counted by the model's tokenizer, if it counts locally (no
     provider call: `Provider.counts_locally`) and by `deadline` (`count_deadline`, from
     now if not given); else None (a provider whose count is an API call keeps zero
-    count calls per exchange, SPEC section 9)."""
+    count calls per exchange, SPEC section 9). A deadline already passed asks nothing."""
+    if deadline is None:
+        deadline = count_deadline()
+    elif deadline <= asyncio.get_running_loop().time():
+        return None
     try:
         provider = await services.providers.get(model)
         if not provider.counts_locally:
             return None
         distinct = list(dict.fromkeys(texts))
-        async with asyncio.timeout_at(count_deadline() if deadline is None else deadline):
+        async with asyncio.timeout_at(deadline):
             sizes = await services.counter.sizes(provider, distinct)
     except Exception:
-        log.warning("a prompt refused by its bound could not be counted", exc_info=True)
+        log.warning("a prompt could not be counted; its bound stands", exc_info=True)
         return None
     return dict(zip(distinct, sizes, strict=True))
 
