@@ -61,12 +61,16 @@ def trace_file(db_path: Path) -> Path:
 @contextlib.asynccontextmanager
 async def running(db_path: Path, *, inline: bool = True) -> AsyncIterator[SqliteTransactor]:
     """A transactor on `db_path` with its writer process up, closed afterwards;
-    `inline=False` sends every transaction to the writer."""
+    `inline=False` sends every transaction to the writer. The writer imports this module
+    as it starts, as the server's imports its transactions' modules: else it imports it
+    to read the first job (pytest and the whole app, 2-10 s on a busy machine), inside
+    the bounds some tests set on how long a transaction may take."""
     transactor = SqliteTransactor(
         f"sqlite+aiosqlite:///{db_path}",
         busy_timeout_ms=5000,
         inline=inline,
         trace_file=str(trace_file(db_path)),
+        preload=(__name__,),
     )
     try:
         await transactor.start()
