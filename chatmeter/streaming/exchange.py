@@ -17,23 +17,19 @@ import asyncio
 import logging
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from chatmeter.auth.tokens import Principal
 from chatmeter.db.steps import Steps
-from chatmeter.db.tables import utcnow
 from chatmeter.db.transactor import OutcomeUnknown
 from chatmeter.errors import ApiError
 from chatmeter.ids import new_id
-from chatmeter.metering.budget import BudgetRefused, widen_reservation
+from chatmeter.metering.budget import BudgetRefused
 from chatmeter.metering.cost import cost_micros
 from chatmeter.metering.counting import (
-    EXCHANGE_OVERHEAD_TOKENS,
-    PER_MESSAGE_OVERHEAD,
     Metered,
-    counted_prompt,
 )
 from chatmeter.metering.reservations import Reservation
 from chatmeter.metering.settlement import Settlement, settle_with_retries, settled_at
@@ -47,7 +43,6 @@ from chatmeter.providers.base import (
 from chatmeter.services import Services
 from chatmeter.streaming.events import end_event
 from chatmeter.streaming.opening import (
-    ModelLimits,
     Opened,
     Prompt,
     PromptTooLarge,
@@ -58,6 +53,15 @@ from chatmeter.streaming.opening import (
     open_steps,
     undo_opening,
     undo_prompt_opening,
+)
+from chatmeter.streaming.prompt_counts import (
+    count_bare_prompt,
+    count_deadline,
+    counted_size,
+    local_counts,
+    with_counted_cap,
+    with_counted_history,
+    worth_counting,
 )
 from chatmeter.streaming.text import storable
 
@@ -71,184 +75,6 @@ STREAM_ERROR_MESSAGES = {
     "DATABASE_ERROR": "The reply could not be saved yet; it will be recorded shortly.",
     "INTERNAL_ERROR": "Something went wrong on our side.",
 }
-
-
-# the longest an opening waits for the count that puts history back: the reply is not
-# held up for it longer than that (the provider's own timeout may be a minute)
-HISTORY_COUNT_SECONDS = 2.0
-
-
-def message_too_long() -> ApiError:
-    return ApiError(400, "INVALID_MESSAGE", "The message is too long for this chat's model.")
-
-
-async def count_bare_prompt(
-    services: Services,
-    model: str,
-    system: str,
-    texts: list[str],
-    refusal: Callable[[], ApiError] = message_too_long,
-) -> int:
-    """The exact size of system prompt plus `texts` with the model's tokenizer: only
-    asked when the cheap bound says they may not fit (long non-ASCII text), so such a
-    prompt is refused only when it really does not fit."""
-    try:
-        provider = await services.providers.get(model)
-        counts = await services.counter.count(provider, system, texts)
-    except Exception:
-        raise refusal() from None
-    return counted_prompt(counts, len(texts))
-
-
-# the least a prompt of one message can be by exact count: the template's tokens of the
-# system prompt and the message, and the exchange's overhead (`counted_prompt`). A budget
-# with less room than that (and one token of output) is spent whatever the count says:
-# its refusal stands without one
-SMALLEST_COUNTED_PROMPT = 2 * PER_MESSAGE_OVERHEAD + EXCHANGE_OVERHEAD_TOKENS
-
-
-def worth_counting(refused: BudgetRefused) -> bool:
-    """Whether a budget refusal may be the prompt's bound's doing: the limits still held
-    room for some prompt and a token of output."""
-    return refused.room >= SMALLEST_COUNTED_PROMPT + 1
-
-
-def count_deadline() -> float:
-    """The loop time by which the counts of one opening give up: HISTORY_COUNT_SECONDS
-    from now, for all of them together (the history's, then the output cap's: each
-    waiting for it in turn, a tokenizer that hangs held the reply up twice as long)."""
-    return asyncio.get_running_loop().time() + HISTORY_COUNT_SECONDS
-
-
-async def local_counts(
-    services: Services, model: str, texts: list[str], deadline: float | None = None
-) -> dict[str, int] | None:
-    """Each of `texts` counted by the model's tokenizer, if it counts locally (no
-    provider call: `Provider.counts_locally`) and by `deadline` (`count_deadline`, from
-    now if not given); else None (a provider whose count is an API call keeps zero
-    count calls per exchange, SPEC section 9). A deadline already passed asks nothing."""
-    if deadline is None:
-        deadline = count_deadline()
-    elif deadline <= asyncio.get_running_loop().time():
-        return None
-    try:
-        provider = await services.providers.get(model)
-        if not provider.counts_locally:
-            return None
-        distinct = list(dict.fromkeys(texts))
-        async with asyncio.timeout_at(deadline):
-            sizes = await services.counter.sizes(provider, distinct)
-    except Exception:
-        log.warning("a prompt could not be counted; its bound stands", exc_info=True)
-        return None
-    return dict(zip(distinct, sizes, strict=True))
-
-
-async def with_counted_history(
-    services: Services, opened: Opened, deadline: float
-) -> tuple[GenerationRequest, Reservation]:
-    """The opening's request, with the newest of the turns its bound left out put back
-    as far as the model's context window holds them by exact count, and its reservation,
-    grown to hold them. The bound (UTF-8 bytes) runs 3-4x the real count of English
-    text, so it trims a chat's history long before the context window is full (SPEC
-    section 5 trims only what would overflow it). Only for a model whose tokenizer costs
-    no provider call (`Provider.counts_locally`): no count call otherwise.
-
-    What the prompt's reservation already holds is put back at no cost; more takes a
-    second, atomic take on the user's budget (`budget.widen_reservation`, one statement
-    more, only for such trimmed chats): if the limits do not hold it, the prompt stays
-    within the reservation the opening made. Either way the prompt sent stays within
-    what is reserved. A count that fails, or is not done by `deadline` (`count_deadline`:
-    a tokenizer that hangs), changes nothing."""
-    request, reservation = opened.request, opened.reservation
-    if not opened.dropped:
-        return request, reservation
-    try:
-        provider = await services.providers.get(opened.model)
-        if not provider.counts_locally:
-            return request, reservation
-        counter = services.counter
-        texts = [*(turn.content for turn in request.history), request.message]
-        async with asyncio.timeout_at(deadline):
-            size = counted_prompt(
-                await counter.count(provider, request.system_prompt, texts), len(texts)
-            )
-            older = await counter.sizes(provider, [turn.content for turn in opened.dropped])
-    except Exception:
-        log.warning("the history left out could not be counted; sent without it", exc_info=True)
-        return request, reservation
-    # the newest turns first, each with its template's tokens: `sums[n]`, the last n
-    added = [tokens + PER_MESSAGE_OVERHEAD for tokens in reversed(older)]
-    sums = [sum(added[:n]) for n in range(len(added) + 1)]
-    back = _fitting(sums, reservation.prompt_estimate - size)
-    limits = services.opening_rules.models.get(opened.model)
-    if limits is not None:
-        # the context leaves room for the model's whole output cap, as `fit_to_context`
-        wanted = _fitting(sums, limits.context_window - limits.max_output_tokens - size)
-        if wanted > back:
-            widened = await _widened(services, reservation, size + sums[wanted], limits)
-            if widened is not None:
-                reservation, back = widened, wanted
-    if back == 0:
-        return request, reservation
-    history = (*opened.dropped[len(older) - back :], *request.history)
-    return replace(request, history=history), reservation
-
-
-async def with_counted_cap(
-    services: Services,
-    opened: Opened,
-    request: GenerationRequest,
-    reservation: Reservation,
-    deadline: float,
-) -> tuple[GenerationRequest, Reservation]:
-    """The request with the output cap the reservation holds once its prompt is counted,
-    where the budget or the context lowered it below the one asked for: the opening
-    reserved the prompt's bound (3-4x the real count of English) and gave the output
-    what was left of it, so near the end of a budget a reply was cut short by tokens the
-    prompt never used. The reservation's tokens (and money) stay as they are, and the
-    budget with them: only its split between prompt and output moves, the prompt part
-    still holding the counted prompt that is sent, prompt and cap within the context.
-    Only for a model that counts locally and a lowered cap; a count that fails or hangs
-    changes nothing (by `deadline`, the one of `with_counted_history`'s count)."""
-    if request.max_output_tokens >= opened.output_asked:
-        return request, reservation
-    limits = services.opening_rules.models.get(opened.model)
-    texts = [*(turn.content for turn in request.history), request.message]
-    counts = await local_counts(services, opened.model, [request.system_prompt, *texts], deadline)
-    if limits is None or counts is None:
-        return request, reservation
-    size = counted_prompt(sum(counts[text] for text in [request.system_prompt, *texts]), len(texts))
-    cap = min(opened.output_asked, limits.context_window - size, reservation.tokens - size)
-    if cap <= request.max_output_tokens:
-        return request, reservation
-    reservation = replace(reservation, prompt_estimate=reservation.tokens - cap)
-    return replace(request, max_output_tokens=cap), reservation
-
-
-def _fitting(sums: list[int], room: int) -> int:
-    """How many of the newest turns fit `room` (`sums[n]`: the last n's tokens)."""
-    return max((n for n, total in enumerate(sums) if total <= room), default=0)
-
-
-async def _widened(
-    services: Services, reservation: Reservation, prompt: int, limits: ModelLimits
-) -> Reservation | None:
-    """The reservation grown to hold a prompt of `prompt` tokens, or None when the user's
-    limits do not hold the difference (or it could not be written: then whatever was
-    written holds in the reservation's row, which is what settlement hands back)."""
-    try:
-        return await services.transactor.run(
-            widen_reservation,
-            services.plans,
-            reservation,
-            prompt - reservation.prompt_estimate,
-            limits.highest_price,
-            utcnow(),
-        )
-    except Exception:
-        log.warning("the reservation could not be widened for history", exc_info=True)
-        return None
 
 
 @dataclass(eq=False)
@@ -602,14 +428,10 @@ async def open_prompt_exchange(services: Services, user: Principal, prompt: Prom
             # the bound may be what the budget refused: counted, the prompt may fit
             if not worth_counting(refused):
                 raise
-            texts = prompt.texts()
-            counts = await local_counts(services, prompt.model, [system, *texts])
-            if counts is None:
+            counted = await counted_size(services, prompt.model, system, prompt.texts())
+            if counted is None or counted + 1 > refused.room:
                 raise
-            exact = counted_prompt(sum(counts[text] for text in [system, *texts]), len(texts))
-            if exact + 1 > refused.room:
-                raise
-            return await _open_prompt(services, user, prompt, exact, reservation_id)
+            return await _open_prompt(services, user, prompt, counted, reservation_id)
     except ApiError as exc:
         services.metrics.count_refusal(exc.code)
         raise

@@ -179,11 +179,11 @@ class Opened:
     user_message_id: uuid.UUID | None  # None without a chat: nothing is saved
     user_message_at: datetime | None
     # the older turns of the chat's history that the prompt's bound left out, oldest
-    # first: an exact count may put some back (`exchange.with_counted_history`)
+    # first: an exact count may put some back (`prompt_counts.with_counted_history`)
     dropped: tuple[ChatTurn, ...] = ()
     # the output cap asked for (the model's, or less if the client asked less): the
     # budget or the context may have lowered the request's below it, sizing the prompt
-    # by its bound (`exchange.with_counted_cap`); 0: not known
+    # by its bound (`prompt_counts.with_counted_cap`); 0: not known
     output_asked: int = 0
 
 
@@ -224,7 +224,7 @@ def fit_to_context(
     model's tokenizer's count of texts (`message_size`), then sizes the prompt of the
     history the bound kept. The history stays the bound's choice: more of it, which the
     count may fit in the context, is put back only as far as the budget holds it too
-    (`exchange.with_counted_history`). Kept whole by count, it made the opening asked
+    (`prompt_counts.with_counted_history`). Kept whole by count, it made the opening asked
     again after a budget refusal of the bound (`exchange._open_counted_chat`) refuse a
     budget with room for the counted prompt of the history the bound kept."""
     cap = limits.max_output_tokens

@@ -7,13 +7,10 @@ room left, or when the concurrent replies were full (429 RATE_LIMITED by SPEC 10
 from __future__ import annotations
 
 import asyncio
-import uuid
-from collections.abc import AsyncIterator
 from datetime import datetime
 from decimal import Decimal
 
 import asyncpg
-import pytest
 
 from chatmeter.config import PlanConfig
 from chatmeter.db.steps import PostgresStatements, Steps, run_asyncpg
@@ -22,7 +19,6 @@ from chatmeter.metering.budget import Amounts, Ask, reserve_budget, take_stateme
 from chatmeter.metering.plans import PlanBook
 from chatmeter.metering.reservations import Reservation
 from tests.conftest import make_settings
-from tests.support.postgres import PostgresServer
 from tests.support.waiting import eventually
 
 BOOK = PlanBook.of(
@@ -33,23 +29,6 @@ BOOK = PlanBook.of(
     )
 )
 USER = "contended"
-
-
-@pytest.fixture
-async def dsn(postgres: PostgresServer, postgres_template: str) -> str:
-    name = f"c_{uuid.uuid4().hex[:12]}"
-    postgres.createdb(name, postgres_template)
-    return postgres.url(name).replace("postgresql+asyncpg://", "postgresql://", 1)
-
-
-@pytest.fixture
-async def conns(dsn: str) -> AsyncIterator[list[asyncpg.Connection]]:
-    opened = [await asyncpg.connect(dsn) for _ in range(3)]
-    try:
-        yield opened
-    finally:
-        for conn in opened:
-            await conn.close()
 
 
 def another_opening(now: datetime) -> Steps[None]:

@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
 import asyncpg
-import pytest
 
 from chatmeter.config import PlanConfig
 from chatmeter.db.steps import PostgresStatements, run_asyncpg
@@ -22,7 +20,6 @@ from chatmeter.metering.budget import Ask, reserve_budget
 from chatmeter.metering.periods import to_micros
 from chatmeter.metering.plans import PlanBook
 from tests.conftest import make_settings
-from tests.support.postgres import PostgresServer
 from tests.support.waiting import eventually
 
 # restarted with the default plan's period a day instead of a month
@@ -37,19 +34,6 @@ USER = "racing"
 NOW = datetime(2026, 12, 15, 12, tzinfo=UTC)
 MONTH = datetime(2026, 12, 1, tzinfo=UTC)
 DAY = datetime(2026, 12, 15, tzinfo=UTC)
-
-
-@pytest.fixture
-async def conns(postgres: PostgresServer, postgres_template: str) -> AsyncIterator[list[Any]]:
-    name = f"r_{uuid.uuid4().hex[:12]}"
-    postgres.createdb(name, postgres_template)
-    dsn = postgres.url(name).replace("postgresql+asyncpg://", "postgresql://", 1)
-    opened = [await asyncpg.connect(dsn) for _ in range(3)]
-    try:
-        yield opened
-    finally:
-        for conn in opened:
-            await conn.close()
 
 
 async def spend(conn: asyncpg.Connection, at: datetime, tokens: int) -> None:

@@ -149,23 +149,22 @@ async def test_pieces_are_yielded_as_they_arrive(
     assert outcome.finish_reason == "stop"
 
 
-async def test_only_the_first_choice_is_the_reply(
-    provider: OpenAICompatibleProvider, openai_server: OpenAIServer
+@pytest.mark.parametrize(
+    "script",
+    [
+        # one choice is asked for (n = 1); another that came first in a chunk was joined
+        # to the reply ("SECONDHello...") and saved as its text
+        OpenAIScript(other_choice="SECOND", finish_reason="length"),
+        # a server that leaves `index` out of its one choice (the SDK does not check it:
+        # it reads None): its reply was dropped whole, an empty reply billed as complete
+        OpenAIScript(choice_index=False, finish_reason="length"),
+    ],
+    ids=["another-choice-first", "no-index"],
+)
+async def test_the_reply_is_the_first_choice(
+    provider: OpenAICompatibleProvider, openai_server: OpenAIServer, script: OpenAIScript
 ) -> None:
-    # one choice is asked for (n = 1); another that comes first in a chunk was joined to
-    # the reply ("SECONDHello...") and saved as its text
-    openai_server.script = OpenAIScript(other_choice="SECOND", finish_reason="length")
-    pieces, outcome = await run(provider)
-    assert "".join(pieces) == "Hello, world!"
-    assert outcome.finish_reason == "length"
-
-
-async def test_a_lone_choice_without_an_index_is_the_reply(
-    provider: OpenAICompatibleProvider, openai_server: OpenAIServer
-) -> None:
-    # a server that leaves `index` out of its one choice (the SDK does not check it: it
-    # reads None): its reply was dropped whole, an empty reply billed as complete
-    openai_server.script = OpenAIScript(choice_index=False, finish_reason="length")
+    openai_server.script = script
     pieces, outcome = await run(provider)
     assert "".join(pieces) == "Hello, world!"
     assert outcome.finish_reason == "length"

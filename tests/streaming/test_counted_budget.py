@@ -18,6 +18,7 @@ from chatmeter.metering.counting import EXCHANGE_OVERHEAD_TOKENS, counted_prompt
 from chatmeter.providers.scripted import scripted_count
 from tests.conftest import auth, make_settings, scripted, token_for
 from tests.streaming.test_exchange import new_chat
+from tests.support.admin import set_token_limit
 from tests.support.db import balanced, books, chat_rows, period_books
 from tests.support.server import RunningServer, serve
 from tests.support.sse import stream_message
@@ -42,13 +43,7 @@ async def leave(server: RunningServer, http: httpx.AsyncClient, user: str, room:
     """Set the user's limit so that `room` tokens of it are left."""
     usage = await http.get("/api/usage", headers=auth(user))
     assert usage.status_code == 200, usage.text
-    used = usage.json()["total_tokens_used"]
-    limited = await http.put(
-        f"/api/admin/users/{user}/limit",
-        json={"token_limit": used + room},
-        headers=auth("root", admin=True),
-    )
-    assert limited.status_code == 200, limited.text
+    await set_token_limit(http, user, usage.json()["total_tokens_used"] + room)
 
 
 def completion(message: str, max_tokens: int | None = None) -> dict[str, object]:

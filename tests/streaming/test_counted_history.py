@@ -1,7 +1,7 @@
 """A chat's history is trimmed only when it would overflow the context (SPEC section 5):
 the opening's cheap bound (UTF-8 bytes) runs 3-4x the real count of English text, so for
 a model whose tokenizer counts locally the turns it left out are counted exactly and put
-back as far as the prompt's reservation holds (`exchange.with_counted_history`)."""
+back as far as the prompt's reservation holds (`prompt_counts.with_counted_history`)."""
 
 from __future__ import annotations
 
@@ -16,10 +16,11 @@ from chatmeter.db.tables import reservations
 from chatmeter.metering.counting import EXCHANGE_OVERHEAD_TOKENS, counted_prompt, text_bound
 from chatmeter.providers.base import ChatTurn
 from chatmeter.providers.scripted import scripted_count
-from chatmeter.streaming import exchange
+from chatmeter.streaming import prompt_counts
 from chatmeter.streaming.opening import ModelLimits, fit_to_context
 from tests.conftest import auth, make_settings, scripted, token_for
 from tests.streaming.test_exchange import new_chat
+from tests.support.admin import set_token_limit
 from tests.support.db import balanced, chat_rows, period_books
 from tests.support.db import books as books_of
 from tests.support.server import serve
@@ -135,7 +136,7 @@ async def test_a_tokenizer_that_hangs_holds_up_a_reply_whose_cap_was_lowered_no_
     each waited for it in turn, twice as long, for a tokenizer that never answers. Once
     the opening's deadline has passed, the cap's count is not asked at all."""
     waited = 1.0
-    monkeypatch.setattr(exchange, "HISTORY_COUNT_SECONDS", waited)
+    monkeypatch.setattr(prompt_counts, "HISTORY_COUNT_SECONDS", waited)
     settings = make_settings(database_url, models={"short": SHORT}, history_messages=10)
     async with serve(settings) as running:
         async with httpx.AsyncClient(base_url=running.url, timeout=30) as http:
@@ -143,12 +144,7 @@ async def test_a_tokenizer_that_hangs_holds_up_a_reply_whose_cap_was_lowered_no_
             used = (await http.get("/api/usage", headers=auth("slow"))).json()
             # room for the bound's prompt (which leaves history out) and a few tokens:
             # the budget lowers the output cap
-            limited = await http.put(
-                "/api/admin/users/slow/limit",
-                json={"token_limit": used["total_tokens_used"] + 352},
-                headers=auth("root", admin=True),
-            )
-            assert limited.status_code == 200, limited.text
+            await set_token_limit(http, "slow", used["total_tokens_used"] + 352)
             provider = await running.services.providers.get("short")
             never = asyncio.Event()
             asked: list[list[str]] = []
@@ -215,12 +211,7 @@ async def test_history_whose_count_fits_the_context_widens_the_reservation_if_th
                     kept = [SYSTEM, REPLY, "And?"]
                     opening = sum(map(text_bound, kept)) + EXCHANGE_OVERHEAD_TOKENS + 50
                     assert opening < counted_texts(texts) + 50
-                    limited = await http.put(
-                        f"/api/admin/users/{user}/limit",
-                        json={"token_limit": used + opening},
-                        headers=auth("root", admin=True),
-                    )
-                    assert limited.status_code == 200, limited.text
+                    await set_token_limit(http, user, used + opening)
                 result = StreamResult(0, httpx.Headers())
                 held = 0
                 async with http.stream(

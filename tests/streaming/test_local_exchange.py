@@ -11,6 +11,7 @@ from chatmeter.metering.counting import counted_prompt
 from chatmeter.providers.local import LocalProvider
 from tests.conftest import auth, make_settings, token_for
 from tests.streaming.test_exchange import new_chat
+from tests.support.admin import set_token_limit
 from tests.support.db import books, chat_rows
 from tests.support.server import serve
 from tests.support.sse import StreamResult, parse_events, stream_message
@@ -134,12 +135,7 @@ async def test_a_prompt_of_many_short_messages_never_passes_the_token_limit(
     async with serve(settings) as server:
         async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
             for user, limit in (("tight", 1100), ("roomy", 5000)):
-                limited = await client.put(
-                    f"/api/admin/users/{user}/limit",
-                    json={"token_limit": limit},
-                    headers=auth("root", admin=True),
-                )
-                assert limited.status_code == 200, limited.text
+                await set_token_limit(client, user, limit)
                 answer = await client.post("/v1/chat/completions", json=request, headers=auth(user))
                 state = await books(server.engine, user)
                 assert state.total == state.ledger <= limit and state.reserved == 0, (
@@ -162,12 +158,7 @@ async def test_a_request_its_bound_refused_is_served_when_llama_cpps_count_fits(
     request = {"model": "local", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
     async with serve(settings) as server:
         async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
-            limited = await client.put(
-                "/api/admin/users/near/limit",
-                json={"token_limit": 69},
-                headers=auth("root", admin=True),
-            )
-            assert limited.status_code == 200, limited.text
+            await set_token_limit(client, "near", 69)
             answer = await client.post("/v1/chat/completions", json=request, headers=auth("near"))
             assert answer.status_code == 200, answer.text
             usage = answer.json()["usage"]
